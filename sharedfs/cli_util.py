@@ -1,0 +1,51 @@
+"""Pieces every command shares: sizes, logging, and turning errors into one line."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import re
+import sys
+from collections.abc import Callable
+
+from .errors import QuietError, StorageError
+
+_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40, "P": 1 << 50}
+
+
+def parse_size(text: str) -> int:
+    """'3G' -> 3221225472; plain numbers are bytes; K/M/G/T/P are powers of 1024."""
+    m = re.fullmatch(r"\s*(\d+)\s*([KMGTP]?)(i?B)?\s*", text, re.IGNORECASE)
+    if not m:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (try 512M or 3G)")
+    return int(m.group(1)) * _UNITS[m.group(2).upper()]
+
+
+def setup_logging(debug: bool = False, logfile: str | None = None) -> None:
+    handler: logging.Handler
+    if logfile:
+        handler = logging.FileHandler(logfile)
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.DEBUG if debug else logging.INFO)
+    # trio and pyfuse3 are chatty at debug level.
+    logging.getLogger("trio").setLevel(logging.WARNING)
+
+
+def run_tool(fn: Callable[[argparse.Namespace], int | None], args: argparse.Namespace) -> None:
+    """Run a command; user errors become one line on stderr and an exit code."""
+    try:
+        code = fn(args)
+    except QuietError as e:
+        print(f"sharedfs: {e}", file=sys.stderr)
+        sys.exit(e.exitcode)
+    except StorageError as e:
+        print(f"sharedfs: storage error: {e}", file=sys.stderr)
+        sys.exit(8)
+    except KeyboardInterrupt:
+        print("sharedfs: interrupted", file=sys.stderr)
+        sys.exit(130)
+    sys.exit(code or 0)

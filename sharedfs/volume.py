@@ -1,0 +1,126 @@
+"""Opening a volume: the superblock (or its backup) and the host slots.
+
+Each host owns one slot block on the volume, written only by that host: it
+says the slot is in use and carries a heartbeat, so that tools (fsck, mkfs)
+and other hosts can tell a live mount from one that died.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+from dataclasses import replace
+
+from . import format as fmt
+from .errors import CorruptVolume, QuietError
+from .storage import Storage
+
+log = logging.getLogger(__name__)
+
+HEARTBEAT_INTERVAL = 2.0
+#: A slot whose heartbeat is older than this belongs to a dead host.
+HEARTBEAT_TIMEOUT = 10.0
+_SIZES = (4096, 1024, 2048, 8192, 16384, 32768, 65536)
+
+
+def read_superblock(storage: Storage) -> fmt.Superblock:
+    """The primary superblock; CorruptVolume if it is damaged or absent."""
+    n = min(storage.size, 65536)
+    if n < 1024:
+        raise CorruptVolume(f"{storage.name}: too small to be a sharedfs volume")
+    sb = fmt.Superblock.unpack(storage.read_sync(0, n), 0)
+    if sb.volume_blocks * sb.block_size > storage.size:
+        raise CorruptVolume(
+            f"{storage.name}: volume is {storage.size} bytes but the superblock says "
+            f"{sb.volume_blocks * sb.block_size}"
+        )
+    return sb
+
+
+def read_backup_superblock(storage: Storage) -> fmt.Superblock:
+    """The backup copy in the last block, trying each block size."""
+    for bs in _SIZES:
+        blockno = storage.size // bs - 1
+        if blockno < 1:
+            continue
+        try:
+            sb = fmt.Superblock.unpack(storage.read_sync(blockno * bs, bs), blockno)
+        except CorruptVolume:
+            continue
+        if sb.block_size == bs and sb.backup_blockno == blockno:
+            return sb
+    raise CorruptVolume(f"{storage.name}: no valid backup superblock")
+
+
+def open_superblock(storage: Storage) -> fmt.Superblock:
+    """For mount and tools that need a sound volume: one clear line otherwise."""
+    try:
+        return read_superblock(storage)
+    except CorruptVolume as e:
+        try:
+            read_backup_superblock(storage)
+        except CorruptVolume:
+            raise QuietError(f"{storage.name}: not a sharedfs volume ({e})", 32) from None
+        raise QuietError(
+            f"{storage.name}: primary superblock is damaged ({e}); "
+            f"run 'sharedfs fsck -y {storage.name}' to restore it from the backup",
+            32,
+        ) from None
+
+
+# -- host slots ----------------------------------------------------------------
+
+
+def slot_blockno(sb: fmt.Superblock, node: int) -> int:
+    return sb.hosts_start + node
+
+
+def read_slot(storage: Storage, sb: fmt.Superblock, node: int) -> fmt.HostSlot:
+    blockno = slot_blockno(sb, node)
+    buf = storage.read_sync(blockno * sb.block_size, sb.block_size)
+    try:
+        fmt.verify(buf, fmt.BlockType.HOST, blockno)
+    except CorruptVolume:
+        return fmt.HostSlot()  # a damaged slot is a free slot: it holds no data
+    return fmt.HostSlot.unpack(buf)
+
+
+def write_slot(storage: Storage, sb: fmt.Superblock, node: int, slot: fmt.HostSlot) -> None:
+    blockno = slot_blockno(sb, node)
+    storage.write_sync(blockno * sb.block_size, slot.pack(sb.block_size, blockno))
+
+
+def slot_is_live(slot: fmt.HostSlot, now_ns: int | None = None) -> bool:
+    now_ns = time.time_ns() if now_ns is None else now_ns
+    return slot.in_use and now_ns - slot.heartbeat_ns < HEARTBEAT_TIMEOUT * 1e9
+
+
+def live_slots(storage: Storage, sb: fmt.Superblock) -> dict[int, fmt.HostSlot]:
+    return {n: s for n in range(sb.host_slots) if slot_is_live(s := read_slot(storage, sb, n))}
+
+
+def describe_slot(node: int, slot: fmt.HostSlot) -> str:
+    return f"node {node} (pid {slot.pid} on {slot.hostname or '?'})"
+
+
+def claim_slot(storage: Storage, sb: fmt.Superblock, node: int) -> fmt.HostSlot:
+    """Take slot `node` for this process; refuse while a live host holds it."""
+    if not 0 <= node < sb.host_slots:
+        raise QuietError(
+            f"node {node} is out of range: this volume has host slots 0..{sb.host_slots - 1}", 2
+        )
+    old = read_slot(storage, sb, node)
+    if slot_is_live(old):
+        raise QuietError(
+            f"{storage.name}: host slot {node} is held by live {describe_slot(node, old)}"
+        )
+    now = time.time_ns()
+    slot = fmt.HostSlot(True, os.getpid(), old.mount_count + 1, now, now, socket.gethostname())
+    write_slot(storage, sb, node, slot)
+    return slot
+
+
+def release_slot(storage: Storage, sb: fmt.Superblock, node: int, slot: fmt.HostSlot) -> None:
+    write_slot(storage, sb, node, replace(slot, in_use=False, heartbeat_ns=time.time_ns()))
