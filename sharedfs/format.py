@@ -363,7 +363,8 @@ def make_geometry(
 # --------------------------------------------------------------------------
 # Host slots: one block per host, written only by the host that holds it.
 
-_HOST = struct.Struct("<IIQqq64s")  # in_use, pid, mount_count, heartbeat_ns, since_ns, hostname
+# in_use, pid, mount_count, heartbeat_ns, since_ns, hostname, mountpoint
+_HOST = struct.Struct("<IIQqq64s512s")
 
 
 @dataclass(frozen=True, slots=True)
@@ -374,6 +375,7 @@ class HostSlot:
     heartbeat_ns: int = 0
     since_ns: int = 0
     hostname: str = ""
+    mountpoint: str = ""
 
     def pack(self, block_size: int, blockno: int) -> bytearray:
         buf = bytearray(block_size)
@@ -386,14 +388,23 @@ class HostSlot:
             self.heartbeat_ns,
             self.since_ns,
             self.hostname.encode()[:64],
+            self.mountpoint.encode()[:512],
         )
         seal(buf, BlockType.HOST, blockno, 0)
         return buf
 
     @classmethod
     def unpack(cls, buf: bytes | bytearray) -> HostSlot:
-        in_use, pid, count, hb, since, name = _HOST.unpack_from(buf, HDR_SIZE)
-        return cls(bool(in_use), pid, count, hb, since, name.rstrip(b"\0").decode(errors="replace"))
+        in_use, pid, count, hb, since, name, mnt = _HOST.unpack_from(buf, HDR_SIZE)
+        return cls(
+            bool(in_use),
+            pid,
+            count,
+            hb,
+            since,
+            name.rstrip(b"\0").decode(errors="replace"),
+            mnt.rstrip(b"\0").decode(errors="replace"),
+        )
 
 
 # --------------------------------------------------------------------------
@@ -561,7 +572,7 @@ def all_ptrs(buf: bytes | bytearray, block_size: int) -> tuple[int, ...]:
 # 47-bit hash; each slot holds the lbn of a bucket.  An entry's readdir cookie
 # is (hash << 16 | seq) with seq >= 1 chosen to be unique among names sharing
 # a hash, so cookies stay valid while the directory changes and readdir walks
-# entries in cookie order.
+# entries in cookie order.  Cookies 1 and 2 stand for "." and "..".
 
 HASH_BITS = 47
 TABLE_BASE = 1 << 24
@@ -574,7 +585,8 @@ _EH_OFF = HDR_SIZE + _BUCKET.size
 
 
 def name_hash(name: bytes) -> int:
-    return xxhash.xxh3_64_intdigest(name) >> (64 - HASH_BITS)
+    # Never 0, so every cookie is > 0xFFFF and readdir can use 1 and 2 for "." and "..".
+    return max(xxhash.xxh3_64_intdigest(name) >> (64 - HASH_BITS), 1)
 
 
 def hdr_table_slots(block_size: int) -> int:

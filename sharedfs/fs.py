@@ -34,6 +34,8 @@ RENAME_NOREPLACE = 1
 RENAME_EXCHANGE = 2
 MAX_HEIGHT = 5
 MAX_DIR_DEPTH = 24  # bucket table of 16M slots
+DOT_COOKIE = 1
+DOTDOT_COOKIE = 2
 
 
 @dataclass(frozen=True, slots=True)
@@ -969,10 +971,18 @@ class FileSystem:
 
     @operation
     async def readdir(self, ino: int, after: int, limit: int = 256) -> list[tuple[DirEntry, Attr]]:
-        """Up to `limit` entries with cookie > after, each with its attributes."""
+        """Up to `limit` entries with cookie > after, each with its attributes;
+        "." and ".." come first, with cookies 1 and 2."""
         dino = await self._dir(ino)
         out: list[tuple[DirEntry, Attr]] = []
-        async for e in self._dir_entries(dino, after):
+        if after < DOT_COOKIE:
+            out.append((DirEntry(DOT_COOKIE, ino, _dtype(dino.mode), b"."), self.attr(dino)))
+        if after < DOTDOT_COOKIE:
+            parent = await self._iget(dino.parent)
+            out.append(
+                (DirEntry(DOTDOT_COOKIE, parent.ino, _dtype(parent.mode), b".."), self.attr(parent))
+            )
+        async for e in self._dir_entries(dino, max(after, DOTDOT_COOKIE)):
             try:
                 out.append((e, self.attr(await self._iget(e.ino))))
             except FsError:

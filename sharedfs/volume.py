@@ -93,8 +93,23 @@ def write_slot(storage: Storage, sb: fmt.Superblock, node: int, slot: fmt.HostSl
 
 
 def slot_is_live(slot: fmt.HostSlot, now_ns: int | None = None) -> bool:
+    """In use with a fresh heartbeat, and (when the holder ran on this
+    machine) its process still exists: a crashed local mount frees its slot
+    at once instead of after the heartbeat timeout."""
     now_ns = time.time_ns() if now_ns is None else now_ns
-    return slot.in_use and now_ns - slot.heartbeat_ns < HEARTBEAT_TIMEOUT * 1e9
+    if not slot.in_use or now_ns - slot.heartbeat_ns >= HEARTBEAT_TIMEOUT * 1e9:
+        return False
+    return not (slot.hostname == socket.gethostname() and not _pid_alive(slot.pid))
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def live_slots(storage: Storage, sb: fmt.Superblock) -> dict[int, fmt.HostSlot]:
@@ -105,7 +120,32 @@ def describe_slot(node: int, slot: fmt.HostSlot) -> str:
     return f"node {node} (pid {slot.pid} on {slot.hostname or '?'})"
 
 
-def claim_slot(storage: Storage, sb: fmt.Superblock, node: int) -> fmt.HostSlot:
+def wait_for_local_unmounts(storage: Storage, sb: fmt.Superblock, timeout: float = 20.0) -> None:
+    """Give local hosts whose mountpoint is already gone (an unmount in
+    progress: they are writing back) time to finish and free their slots."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        busy = [
+            s
+            for s in live_slots(storage, sb).values()
+            if s.hostname == socket.gethostname() and not is_mounted(s.mountpoint)
+        ]
+        if not busy:
+            return
+        time.sleep(0.1)
+
+
+def is_mounted(path: str) -> bool:
+    try:
+        with open("/proc/self/mountinfo") as f:
+            return any(line.split()[4] == path for line in f)
+    except OSError:
+        return os.path.ismount(path)
+
+
+def claim_slot(
+    storage: Storage, sb: fmt.Superblock, node: int, mountpoint: str = ""
+) -> fmt.HostSlot:
     """Take slot `node` for this process; refuse while a live host holds it."""
     if not 0 <= node < sb.host_slots:
         raise QuietError(
@@ -117,7 +157,15 @@ def claim_slot(storage: Storage, sb: fmt.Superblock, node: int) -> fmt.HostSlot:
             f"{storage.name}: host slot {node} is held by live {describe_slot(node, old)}"
         )
     now = time.time_ns()
-    slot = fmt.HostSlot(True, os.getpid(), old.mount_count + 1, now, now, socket.gethostname())
+    slot = fmt.HostSlot(
+        True, os.getpid(), old.mount_count + 1, now, now, socket.gethostname(), mountpoint
+    )
+    write_slot(storage, sb, node, slot)
+    return slot
+
+
+def heartbeat(storage: Storage, sb: fmt.Superblock, node: int, slot: fmt.HostSlot) -> fmt.HostSlot:
+    slot = replace(slot, heartbeat_ns=time.time_ns())
     write_slot(storage, sb, node, slot)
     return slot
 

@@ -1,0 +1,47 @@
+"""The `sharedfs` command: one subcommand per tool module's main()."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from collections.abc import Callable
+
+USAGE = """usage: sharedfs COMMAND [ARGS...]
+
+commands:
+  mkfs     make a volume                 (sharedfs mkfs VOLUME --size 3G)
+  mount    mount a volume on this host   (sharedfs mount VOLUME MOUNTPOINT)
+  umount   unmount and wait until clean  (sharedfs umount MOUNTPOINT)
+  fsck     check and repair a volume     (sharedfs fsck -n|-y VOLUME)
+  status   show the hosts of a volume    (sharedfs status VOLUME)
+
+'sharedfs COMMAND --help' tells more."""
+
+
+COMMANDS = ("mkfs", "mount", "umount", "fsck", "status")
+
+
+def _command(name: str) -> Callable[[list[str]], None]:
+    # Import only the module asked for: `mkfs` need not load pyfuse3.
+    module = importlib.import_module(f"sharedfs.{name}")
+    return module.main  # type: ignore[no-any-return]
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(USAGE)
+        sys.exit(0 if argv else 2)
+    if argv[0] == "--version":
+        from . import __version__
+
+        print(f"sharedfs {__version__}")
+        sys.exit(0)
+    if argv[0] not in COMMANDS:
+        print(f"sharedfs: unknown command {argv[0]!r}\n\n{USAGE}", file=sys.stderr)
+        sys.exit(2)
+    _command(argv[0])(argv[1:])
+
+
+if __name__ == "__main__":
+    main()

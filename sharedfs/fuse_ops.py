@@ -1,0 +1,281 @@
+"""The pyfuse3 Operations adapter: translates FUSE requests into FileSystem calls.
+
+Nothing here decides filesystem semantics; it converts types (Attr ->
+EntryAttributes), errors (FsError -> FUSEError; storage failures -> EIO and
+a failsafe that refuses further changes), and keeps file handles.  Only
+FUSEError may leave a handler: anything else would end pyfuse3.main().
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import logging
+import os
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import pyfuse3
+
+from .errors import FsError, StorageError
+from .fs import Attr, Ctx, FileSystem
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+@dataclass(slots=True)
+class Handle:
+    ino: int
+    append: bool
+
+
+def fuse_errors(fn: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
+    """Map every failure of a handler to a FUSEError."""
+
+    @functools.wraps(fn)
+    async def wrapper(self: Operations, *args: Any) -> T:
+        try:
+            return await fn(self, *args)
+        except pyfuse3.FUSEError:
+            raise
+        except FsError as e:
+            raise pyfuse3.FUSEError(e.errno) from None
+        except StorageError as e:
+            log.error("host %d: storage failed in %s: %s", self.fs.host, fn.__name__, e)
+            self.failsafe = True
+            raise pyfuse3.FUSEError(errno.EIO) from None
+        except Exception:
+            log.exception("host %d: internal error in %s", self.fs.host, fn.__name__)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+
+    return wrapper
+
+
+def mutating(fn: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
+    """After a storage failure, refuse changes: they could not be written back."""
+
+    @functools.wraps(fn)
+    async def wrapper(self: Operations, *args: Any) -> T:
+        if self.failsafe:
+            raise pyfuse3.FUSEError(errno.EPERM)
+        return await fn(self, *args)
+
+    return fuse_errors(wrapper)
+
+
+def _ctx(ctx: pyfuse3.RequestContext) -> Ctx:
+    return Ctx(ctx.uid, ctx.gid)
+
+
+class Operations(pyfuse3.Operations):
+    """Attributes:
+    fs: the filesystem core.
+    timeout: how long the kernel may cache attributes and entries.
+    failsafe: set after a storage failure; further changes get EPERM.
+    """
+
+    supports_dot_lookup = True
+    enable_writeback_cache = False
+    enable_acl = False
+
+    def __init__(self, fs: FileSystem, *, timeout: float = 60.0) -> None:
+        super().__init__()
+        self.fs = fs
+        self.timeout = timeout
+        self.failsafe = False
+        self._handles: dict[int, Handle] = {}
+        self._next_fh = 1
+
+    # -- conversions -----------------------------------------------------
+    def _entry(self, a: Attr) -> pyfuse3.EntryAttributes:
+        e = pyfuse3.EntryAttributes()
+        e.st_ino = a.ino
+        e.generation = a.generation
+        e.st_mode = a.mode
+        e.st_nlink = a.nlink
+        e.st_uid = a.uid
+        e.st_gid = a.gid
+        e.st_rdev = a.rdev
+        e.st_size = a.size
+        e.st_blksize = a.blksize
+        e.st_blocks = a.blocks
+        e.st_atime_ns = a.atime_ns
+        e.st_mtime_ns = a.mtime_ns
+        e.st_ctime_ns = a.ctime_ns
+        e.attr_timeout = self.timeout
+        e.entry_timeout = self.timeout
+        return e
+
+    def _open_handle(self, ino: int, flags: int) -> pyfuse3.FileInfo:
+        fh = self._next_fh
+        self._next_fh += 1
+        self._handles[fh] = Handle(ino, bool(flags & os.O_APPEND))
+        return pyfuse3.FileInfo(fh=fh, keep_cache=True)
+
+    # -- lifecycle -------------------------------------------------------
+    def init(self) -> None:
+        log.info("host %d: FUSE session started", self.fs.host)
+
+    async def forget(self, inode_list: list[tuple[int, int]]) -> None:
+        # forget() must never raise: log and go on.
+        try:
+            await self.fs.forget(list(inode_list))
+        except Exception:
+            log.exception("host %d: forget failed", self.fs.host)
+
+    # -- names -----------------------------------------------------------
+    @fuse_errors
+    async def lookup(self, parent_inode: int, name: bytes, ctx: Any = None) -> Any:
+        return self._entry(await self.fs.lookup(parent_inode, name))
+
+    @fuse_errors
+    async def getattr(self, inode: int, ctx: Any = None) -> Any:
+        return self._entry(await self.fs.getattr(inode))
+
+    @mutating
+    async def setattr(self, inode: int, attr: Any, fields: Any, fh: Any, ctx: Any) -> Any:
+        a = await self.fs.setattr(
+            inode,
+            mode=attr.st_mode if fields.update_mode else None,
+            uid=attr.st_uid if fields.update_uid else None,
+            gid=attr.st_gid if fields.update_gid else None,
+            size=attr.st_size if fields.update_size else None,
+            atime_ns=attr.st_atime_ns if fields.update_atime else None,
+            mtime_ns=attr.st_mtime_ns if fields.update_mtime else None,
+            ctime_ns=attr.st_ctime_ns if fields.update_ctime else None,
+        )
+        return self._entry(a)
+
+    @fuse_errors
+    async def readlink(self, inode: int, ctx: Any) -> bytes:
+        return await self.fs.readlink(inode)
+
+    @mutating
+    async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: Any) -> Any:
+        return self._entry(await self.fs.mknod(parent_inode, name, mode, rdev, _ctx(ctx)))
+
+    @mutating
+    async def mkdir(self, parent_inode: int, name: bytes, mode: int, ctx: Any) -> Any:
+        return self._entry(await self.fs.mkdir(parent_inode, name, mode, _ctx(ctx)))
+
+    @mutating
+    async def unlink(self, parent_inode: int, name: bytes, ctx: Any) -> None:
+        await self.fs.unlink(parent_inode, name)
+
+    @mutating
+    async def rmdir(self, parent_inode: int, name: bytes, ctx: Any) -> None:
+        await self.fs.rmdir(parent_inode, name)
+
+    @mutating
+    async def symlink(self, parent_inode: int, name: bytes, target: bytes, ctx: Any) -> Any:
+        return self._entry(await self.fs.symlink(parent_inode, name, target, _ctx(ctx)))
+
+    @mutating
+    async def rename(
+        self,
+        parent_old: int,
+        name_old: bytes,
+        parent_new: int,
+        name_new: bytes,
+        flags: int,
+        ctx: Any,
+    ) -> None:
+        await self.fs.rename(parent_old, name_old, parent_new, name_new, flags)
+
+    @mutating
+    async def link(self, inode: int, new_parent: int, new_name: bytes, ctx: Any) -> Any:
+        return self._entry(await self.fs.link(inode, new_parent, new_name))
+
+    # -- files -----------------------------------------------------------
+    @fuse_errors
+    async def open(self, inode: int, flags: int, ctx: Any) -> Any:
+        if self.failsafe and flags & (os.O_WRONLY | os.O_RDWR):
+            raise pyfuse3.FUSEError(errno.EPERM)
+        await self.fs.open(inode)
+        return self._open_handle(inode, flags)
+
+    @mutating
+    async def create(self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: Any) -> Any:
+        a = await self.fs.create(parent_inode, name, mode, _ctx(ctx))
+        return self._open_handle(a.ino, flags), self._entry(a)
+
+    @fuse_errors
+    async def read(self, fh: int, off: int, size: int) -> bytes:
+        return await self.fs.read(self._handles[fh].ino, off, size)
+
+    @mutating
+    async def write(self, fh: int, off: int, buf: bytes) -> int:
+        h = self._handles[fh]
+        return await self.fs.write(h.ino, off, buf, append=h.append)
+
+    async def flush(self, fh: int) -> None:
+        pass
+
+    async def release(self, fh: int) -> None:
+        self._handles.pop(fh, None)
+
+    @fuse_errors
+    async def fsync(self, fh: int, datasync: bool) -> None:
+        await self.fs.fsync(self._handles[fh].ino, datasync)
+
+    # -- directories -----------------------------------------------------
+    @fuse_errors
+    async def opendir(self, inode: int, ctx: Any) -> int:
+        await self.fs.getattr(inode)
+        return inode
+
+    @fuse_errors
+    async def readdir(self, fh: int, start_id: int, token: Any) -> None:
+        after = start_id
+        while True:
+            batch = await self.fs.readdir(fh, after)
+            if not batch:
+                return
+            for entry, attr in batch:
+                if not pyfuse3.readdir_reply(token, entry.name, self._entry(attr), entry.cookie):
+                    return
+                if entry.name not in (b".", b".."):  # pyfuse3: no lookup for these
+                    self.fs.readdir_ref(attr.ino)
+                after = entry.cookie
+
+    async def releasedir(self, fh: int) -> None:
+        pass
+
+    @fuse_errors
+    async def fsyncdir(self, fh: int, datasync: bool) -> None:
+        await self.fs.fsync(fh, datasync)
+
+    @fuse_errors
+    async def statfs(self, ctx: Any) -> Any:
+        s = await self.fs.statfs()
+        out = pyfuse3.StatvfsData()
+        out.f_bsize = s.block_size
+        out.f_frsize = s.block_size
+        out.f_blocks = s.blocks
+        out.f_bfree = s.free_blocks
+        out.f_bavail = s.free_blocks
+        out.f_files = s.files
+        out.f_ffree = s.free_files
+        out.f_favail = s.free_files
+        out.f_namemax = s.namemax
+        return out
+
+    # -- extended attributes ---------------------------------------------
+    @mutating
+    async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: Any) -> None:
+        await self.fs.setxattr(inode, name, value)
+
+    @fuse_errors
+    async def getxattr(self, inode: int, name: bytes, ctx: Any) -> bytes:
+        return await self.fs.getxattr(inode, name)
+
+    @fuse_errors
+    async def listxattr(self, inode: int, ctx: Any) -> list[bytes]:
+        return await self.fs.listxattr(inode)
+
+    @mutating
+    async def removexattr(self, inode: int, name: bytes, ctx: Any) -> None:
+        await self.fs.removexattr(inode, name)

@@ -1,0 +1,278 @@
+"""`sharedfs mount`: wire one host together and serve it through FUSE.
+
+Order of things: check the volume and the mountpoint (so that mistakes give
+one line before anything starts), go to the background, claim the host slot,
+build agent/cache/core, mount, then run the FUSE loop beside the heartbeat and
+write-back tasks until the filesystem is unmounted or a signal arrives; then
+write everything back and free the slot, so the volume is clean.
+"""
+
+from __future__ import annotations
+
+import argparse
+import faulthandler
+import logging
+import os
+import signal
+import sys
+from collections.abc import Callable
+
+import pyfuse3
+import trio
+
+from . import format as fmt
+from .cli_util import parse_size, run_tool, setup_logging
+from .errors import QuietError
+from .fs import FileSystem
+from .fuse_ops import Operations
+from .host import DEFAULT_CACHE_BYTES, open_host
+from .storage import Storage, open_volume
+from .volume import (
+    HEARTBEAT_INTERVAL,
+    claim_slot,
+    describe_slot,
+    heartbeat,
+    is_mounted,
+    live_slots,
+    open_superblock,
+    release_slot,
+)
+
+log = logging.getLogger(__name__)
+
+WRITEBACK_INTERVAL = 5.0
+
+
+def make_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="sharedfs mount", description="Mount a sharedfs volume.")
+    add_mount_args(p)
+    return p
+
+
+def add_mount_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("volume", help="image file or block device holding the volume")
+    p.add_argument("mountpoint")
+    p.add_argument("--foreground", "-f", action="store_true", help="stay in the foreground")
+    p.add_argument("--master", metavar="HOST:PORT", help="lock master to join")
+    p.add_argument(
+        "--node", type=int, default=None, help="host slot to claim (default: first free)"
+    )
+    p.add_argument("--cache-size", type=parse_size, default=DEFAULT_CACHE_BYTES)
+    p.add_argument("-o", dest="options", action="append", default=[], help="FUSE mount options")
+    p.add_argument("--log", metavar="FILE", help="log file (default: stderr in the foreground)")
+    p.add_argument("--debug", action="store_true")
+
+
+def check_mountpoint(path: str) -> str:
+    path = os.path.abspath(path)
+    if not os.path.exists(path):
+        raise QuietError(f"{path}: mountpoint does not exist", 32)
+    if not os.path.isdir(path):
+        raise QuietError(f"{path}: mountpoint is not a directory", 32)
+    if is_mounted(path):
+        raise QuietError(f"{path}: mountpoint is busy (something is already mounted there)", 32)
+    return path
+
+
+def pick_node(storage: Storage, sb: fmt.Superblock, node: int | None) -> int:
+    live = live_slots(storage, sb)
+    if live and (node is None or node not in live):
+        # Until hosts coordinate through a networked master, a second host
+        # on the same volume would corrupt it: refuse rather than risk it.
+        n, slot = min(live.items())
+        raise QuietError(
+            f"{storage.name}: already mounted by {describe_slot(n, slot)}; "
+            "several hosts at once need a shared lock master, which this version lacks",
+            32,
+        )
+    if node is None:
+        return 0
+    return node
+
+
+def fuse_options(volume: str, extra: list[str]) -> set[str]:
+    opts = set(pyfuse3.default_options)
+    opts.add(f"fsname={os.path.abspath(volume)}")
+    opts.add("subtype=sharedfs")
+    if os.getuid() == 0:
+        opts.add("allow_other")  # a cluster filesystem is for every user
+    for group in extra:
+        opts.update(o for o in group.split(",") if o)
+    return opts
+
+
+async def serve(
+    storage: Storage,
+    sb: fmt.Superblock,
+    mountpoint: str,
+    node: int,
+    options: set[str],
+    cache_bytes: int,
+    ready: Callable[[], None],
+) -> None:
+    """Run one host until unmounted; leave the volume clean."""
+    slot = claim_slot(storage, sb, node, mountpoint)
+    fs = open_host(storage, sb, node=node, cache_bytes=cache_bytes)
+    ops = Operations(fs)
+    try:
+        pyfuse3.init(ops, mountpoint, options)
+    except RuntimeError as e:
+        release_slot(storage, sb, node, slot)
+        raise QuietError(f"{mountpoint}: cannot mount: {e}", 32) from None
+    log.info("host %d: mounted %s on %s", node, storage.name, mountpoint)
+    unmounted = False
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_heartbeat_task, storage, sb, node, slot)
+            nursery.start_soon(_writeback_task, fs)
+            nursery.start_soon(_signal_task)
+            ready()
+            await pyfuse3.main()
+            unmounted = True
+            nursery.cancel_scope.cancel()
+    finally:
+        pyfuse3.close(unmount=not unmounted)
+        with trio.CancelScope(shield=True):
+            await fs.destroy()
+            fs.cache.agent.close()
+        release_slot(storage, sb, node, slot)
+        log.info("host %d: unmounted %s, volume clean", node, mountpoint)
+
+
+async def _heartbeat_task(
+    storage: Storage, sb: fmt.Superblock, node: int, slot: fmt.HostSlot
+) -> None:
+    while True:
+        await trio.sleep(HEARTBEAT_INTERVAL)
+        slot = await trio.to_thread.run_sync(heartbeat, storage, sb, node, slot)
+
+
+async def _writeback_task(fs: FileSystem) -> None:
+    while True:
+        await trio.sleep(WRITEBACK_INTERVAL)
+        if fs.cache.dirty_count:
+            await fs.cache.flush()
+
+
+async def _signal_task() -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+        async for signum in signals:
+            log.info("got signal %d: unmounting", signum)
+            pyfuse3.terminate()
+            return
+
+
+def daemonize(run: Callable[[Callable[[], None]], None]) -> None:
+    """Fork; the parent exits 0 once the child reports the mount is live, or
+    prints the child's one-line error and exits non-zero."""
+    rfd, wfd = os.pipe()
+    pid = os.fork()
+    if pid:
+        os.close(wfd)
+        with os.fdopen(rfd, "rb") as r:
+            msg = r.read().decode(errors="replace")
+        if msg == "OK":
+            sys.exit(0)
+        code, _, text = msg.partition(" ")
+        if not text:
+            _, status = os.waitpid(pid, 0)
+            text, code = f"mount process died (status {status}) before the mount was live", "1"
+        print(f"sharedfs: {text}", file=sys.stderr)
+        sys.exit(int(code) if code.isdigit() else 1)
+    os.close(rfd)
+    os.setsid()
+    os.chdir("/")
+    devnull = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(devnull, fd)
+
+    def ready() -> None:
+        os.write(wfd, b"OK")
+        os.close(wfd)
+
+    try:
+        run(ready)
+    except QuietError as e:
+        os.write(wfd, f"{e.exitcode} {e}".encode())
+        os._exit(e.exitcode)
+    except BaseException as e:  # the parent must hear of it, whatever it is
+        log.exception("mount failed")
+        os.write(wfd, f"1 mount failed: {e}".encode())
+        os._exit(1)
+    os._exit(0)
+
+
+def default_log(node: int) -> str:
+    base = "/var/log/sharedfs" if os.getuid() == 0 else os.path.expanduser("~/.cache/sharedfs")
+    os.makedirs(base, exist_ok=True)
+    return os.path.join(base, f"mount-node{node}.log")
+
+
+def mount(args: argparse.Namespace) -> None:
+    if args.master:
+        raise QuietError(
+            f"--master {args.master}: joining a standalone lock master is not supported yet; "
+            "mount without --master (the master is embedded)",
+            2,
+        )
+    mountpoint = check_mountpoint(args.mountpoint)
+    storage = open_volume(args.volume)
+    sb = open_superblock(storage)
+    node = pick_node(storage, sb, args.node)
+    if not 0 <= node < sb.host_slots:
+        raise QuietError(f"--node {node}: this volume has host slots 0..{sb.host_slots - 1}", 2)
+    options = fuse_options(args.volume, args.options)
+    logfile = args.log or (None if args.foreground else default_log(node))
+    setup_logging(args.debug, logfile, node=node)
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
+
+    def run(ready: Callable[[], None]) -> None:
+        trio.run(serve, storage, sb, mountpoint, node, options, args.cache_size, ready)
+
+    if args.foreground:
+        run(lambda: None)
+    else:
+        daemonize(run)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = make_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    run_tool(mount, args)
+
+
+# mount(8) calls `mount.sharedfs VOLUME DIR [-sfnv] [-o opts]`.
+_FSTAB_ONLY = {"defaults", "auto", "noauto", "user", "nouser", "users", "_netdev", "nofail", "rw"}
+
+
+def mount_helper_main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    p = argparse.ArgumentParser(prog="mount.sharedfs")
+    p.add_argument("volume")
+    p.add_argument("mountpoint")
+    p.add_argument("-o", dest="options", default="")
+    for flag in ("-s", "-f", "-n", "-v"):
+        p.add_argument(flag, action="store_true")
+    p.add_argument("-t", dest="fstype")
+    ns = p.parse_args(argv)
+    args = make_parser().parse_args([ns.volume, ns.mountpoint])
+    fuse: list[str] = []
+    for opt in filter(None, ns.options.split(",")):
+        key, _, value = opt.partition("=")
+        if key == "master":
+            args.master = value
+        elif key == "node":
+            args.node = int(value)
+        elif key == "cache_size":
+            args.cache_size = parse_size(value)
+        elif key == "log":
+            args.log = value
+        elif key not in _FSTAB_ONLY:
+            fuse.append(opt)
+    args.options = [",".join(fuse)] if fuse else []
+    if ns.f:  # mount -f: fake it, do nothing
+        sys.exit(0)
+    run_tool(mount, args)
+
+
+if __name__ == "__main__":
+    main()
