@@ -85,7 +85,12 @@ def operation(fn: Callable[P, Awaitable[T]]) -> Callable[P, Awaitable[T]]:
         self: FileSystem = args[0]  # type: ignore[assignment]
         async with self._op:
             try:
-                return await fn(*args, **kwargs)
+                try:
+                    return await fn(*args, **kwargs)
+                finally:
+                    # Also after a failure: blocks it allocated are recorded
+                    # in inodes changed so far, which must not be lost.
+                    await self._store_inodes()
             except CorruptVolume as e:
                 log.error("host %d: corrupt metadata: %s", self.host, e)
                 raise FsError(errno.EIO, str(e)) from e
@@ -114,6 +119,8 @@ class FileSystem:
         self.ptrs = fmt.ptrs_per_block(self.bs)
         self.lookups: dict[int, int] = {}
         self._op = trio.Lock()
+        # The inodes the running operation has read: one object per inode.
+        self._op_inodes: dict[int, Inode] = {}
         # Next physical block to try for each file, so sequential writes
         # land on adjacent blocks (and go to storage in one call).
         self._goal: dict[int, int] = {}
@@ -122,6 +129,15 @@ class FileSystem:
     # Inodes
 
     async def _iget(self, ino: int, mode: Mode = Mode.S) -> Inode:
+        """The inode, as one object for the whole operation (changes made to
+        it are stored when the operation ends)."""
+        inode = self._op_inodes.get(ino)
+        if inode is not None:
+            if mode is Mode.X:
+                await self.cache.get(self.sb.inode_location(ino)[0], Mode.X, BlockType.INODES)
+            if inode.mode == 0:
+                raise FsError(errno.ENOENT)
+            return inode
         if not self.sb.valid_ino(ino):
             raise FsError(errno.ENOENT)
         blk, off = self.sb.inode_location(ino)
@@ -133,13 +149,26 @@ class FileSystem:
         inode = Inode.unpack_from(ino, buf.data, off)
         if inode.mode == 0:
             raise FsError(errno.ENOENT)
+        self._op_inodes[ino] = inode
         return inode
 
     async def _iput(self, inode: Inode) -> None:
+        self._op_inodes[inode.ino] = inode
         blk, off = self.sb.inode_location(inode.ino)
         buf = await self.cache.get(blk, Mode.X, BlockType.INODES)
-        inode.pack_into(buf.data, off)
-        self.cache.mark_dirty(buf)
+        packed = bytearray(fmt.INODE_SIZE)
+        inode.pack_into(packed, 0)
+        if buf.data[off : off + fmt.INODE_SIZE] != packed:
+            buf.data[off : off + fmt.INODE_SIZE] = packed
+            self.cache.mark_dirty(buf)
+
+    async def _store_inodes(self) -> None:
+        """End of an operation: store every inode it changed."""
+        try:
+            for inode in self._op_inodes.values():
+                await self._iput(inode)
+        finally:
+            self._op_inodes.clear()
 
     async def _itable_init(self, g: int) -> int:
         buf = await self.cache.get(self.sb.ibitmap_block(g), Mode.S, BlockType.IBITMAP)
@@ -194,7 +223,7 @@ class FileSystem:
                 gid = parent.gid
                 if stat.S_ISDIR(mode):
                     mode |= stat.S_ISGID
-            return Inode(
+            inode = self._op_inodes[ino] = Inode(
                 ino,
                 mode=mode,
                 uid=ctx.uid,
@@ -205,6 +234,7 @@ class FileSystem:
                 ctime_ns=now,
                 generation=old.generation + 1,
             )
+            return inode
         raise FsError(errno.ENOSPC)
 
     async def _format_itable_upto(self, g: int, ibm: Buffer, blk_index: int) -> None:
@@ -730,7 +760,7 @@ class FileSystem:
             root.nlink = 2
             root.parent = fmt.ROOT_INO
             await self._dir_init(root)
-            await self._iput(root)
+            await self._store_inodes()
 
     @operation
     async def lookup(self, parent: int, name: bytes) -> Attr:
@@ -958,10 +988,30 @@ class FileSystem:
             off = inode.size
         if off + len(data) > fmt.map_capacity(self.bs, MAX_HEIGHT) * self.bs:
             raise FsError(errno.EFBIG)
-        await self._write_data(inode, off, data)
+        try:
+            await self._write_data(inode, off, data)
+            n = len(data)
+        except FsError as e:
+            if e.errno != errno.ENOSPC:
+                raise
+            # Like local filesystems, write what fits and report a short count.
+            n = await self._write_what_fits(inode, off, data)
         self._touch(inode)
-        await self._iput(inode)
-        return len(data)
+        return n
+
+    async def _write_what_fits(self, inode: Inode, off: int, data: bytes | memoryview) -> int:
+        done = 0
+        mv = memoryview(data)
+        while done < len(data):
+            step = min(len(data) - done, self.bs - (off + done) % self.bs)
+            try:
+                await self._write_data(inode, off + done, mv[done : done + step])
+            except FsError as e:
+                if e.errno != errno.ENOSPC or done == 0:
+                    raise
+                break
+            done += step
+        return done
 
     @operation
     async def fsync(self, ino: int, datasync: bool = False) -> None:
@@ -1078,5 +1128,6 @@ class FileSystem:
                     continue
                 if inode.nlink <= 0:
                     await self._ifree(inode)
+            await self._store_inodes()
             self.lookups.clear()
             await self.cache.sync()

@@ -1,0 +1,94 @@
+"""Real mounts for tests: each host is a `sharedfs mount --foreground` process."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+PY = sys.executable
+
+needs_fuse = pytest.mark.skipif(
+    not (os.path.exists("/dev/fuse") and shutil.which("fusermount3")),
+    reason="needs /dev/fuse and fusermount3",
+)
+
+
+def public_dir() -> Path:
+    """A fresh directory every user can traverse (pytest's tmp tree is 0700)."""
+    d = Path(tempfile.mkdtemp(prefix="sharedfs-test-"))
+    d.chmod(0o755)
+    return d
+
+
+def sharedfs(*args: str, check: bool = True, **kw: object) -> subprocess.CompletedProcess[str]:
+    """Run the `sharedfs` command line as a user would."""
+    r = subprocess.run(
+        [PY, "-m", "sharedfs.cli", *args], capture_output=True, text=True, timeout=600, **kw
+    )
+    if check and r.returncode:
+        raise AssertionError(f"sharedfs {' '.join(args)} exited {r.returncode}: {r.stderr}")
+    return r
+
+
+def mkfs(volume: Path, size: str = "256M", *extra: str) -> None:
+    sharedfs("mkfs", str(volume), "--size", size, "-q", *extra)
+
+
+def fsck_ok(volume: Path) -> None:
+    r = sharedfs("fsck", "-n", str(volume), check=False)
+    assert r.returncode == 0, f"fsck -n exited {r.returncode}:\n{r.stdout}{r.stderr}"
+
+
+def wait_for(pred, timeout: float = 30.0, what: str = "condition") -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while not pred():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+class Mount:
+    """One host: a foreground mount process and its mountpoint."""
+
+    def __init__(self, volume: Path, mnt: Path, *args: str) -> None:
+        self.volume = volume
+        self.mnt = mnt
+        mnt.mkdir(exist_ok=True)
+        self.log = mnt.parent / f"{mnt.name}.log"
+        with open(self.log, "w") as log:
+            self.proc = subprocess.Popen(
+                [PY, "-m", "sharedfs.cli", "mount", "--foreground", str(volume), str(mnt), *args],
+                stdout=subprocess.DEVNULL,
+                stderr=log,
+            )
+
+        def up() -> bool:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"mount exited {self.proc.returncode}: {self.log.read_text()}")
+            return os.path.ismount(mnt)
+
+        wait_for(up, what=f"mount on {mnt}")
+
+    def umount(self) -> None:
+        """Unmount the way a user does and require a clean exit."""
+        r = subprocess.run(["fusermount3", "-u", str(self.mnt)], capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+        assert self.proc.wait(timeout=120) == 0, self.log.read_text()
+        for line in self.log.read_text().splitlines():
+            assert " ERROR " not in line and "Traceback" not in line, line
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            subprocess.run(["fusermount3", "-u", "-z", str(self.mnt)], capture_output=True)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()

@@ -1,0 +1,144 @@
+"""The command line as users meet it: mistakes get one line and a non-zero exit."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+from mount_util import Mount, fsck_ok, mkfs, needs_fuse, sharedfs, wait_for
+
+
+def one_line_error(r, code: int | None = None) -> str:  # type: ignore[no-untyped-def]
+    assert r.returncode != 0, r.stdout
+    if code is not None:
+        assert r.returncode == code, (r.returncode, r.stderr)
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1, r.stderr
+    assert "Traceback" not in r.stderr
+    return lines[0]
+
+
+def test_mkfs_refuses_to_overwrite_without_force(tmp_path: Path) -> None:
+    vol = tmp_path / "v.img"
+    mkfs(vol, "64M", "--label", "first")
+    msg = one_line_error(sharedfs("mkfs", str(vol), "--size", "64M", check=False))
+    assert "already holds a sharedfs volume" in msg and "--force" in msg
+    sharedfs("mkfs", str(vol), "--size", "64M", "--force", "--label", "second", "-q")
+    status = json.loads(sharedfs("status", str(vol), "--json").stdout)
+    assert status["label"] == "second"
+
+
+def test_mkfs_errors(tmp_path: Path) -> None:
+    msg = one_line_error(sharedfs("mkfs", str(tmp_path / "tiny"), "--size", "100K", check=False))
+    assert "too small" in msg
+    msg = one_line_error(sharedfs("mkfs", str(tmp_path / "nosize"), check=False))
+    assert "--size" in msg
+    msg = one_line_error(
+        sharedfs("mkfs", str(tmp_path / "bs"), "--size", "64M", "--block-size", "3000", check=False)
+    )
+    assert "block size" in msg
+
+
+def test_mkfs_makes_a_large_sparse_volume_quickly(tmp_path: Path) -> None:
+    vol = tmp_path / "big.img"
+    r = sharedfs("mkfs", str(vol), "--size", "1T")
+    assert "268435456 blocks" in r.stdout
+    assert vol.stat().st_size == 1 << 40
+    assert vol.stat().st_blocks * 512 < 200 << 20  # metadata only, the rest stays sparse
+
+
+def test_unknown_command() -> None:
+    r = sharedfs("frobnicate", check=False)
+    assert r.returncode == 2 and "unknown command" in r.stderr
+
+
+@needs_fuse
+def test_mount_errors(tmp_path: Path) -> None:
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    junk = tmp_path / "junk.img"
+    junk.write_bytes(os.urandom(1 << 20))
+    msg = one_line_error(sharedfs("mount", str(junk), str(mnt), check=False))
+    assert "not a sharedfs volume" in msg
+    msg = one_line_error(sharedfs("mount", str(tmp_path / "missing.img"), str(mnt), check=False))
+    assert "no such file" in msg
+    vol = tmp_path / "v.img"
+    mkfs(vol, "64M")
+    msg = one_line_error(sharedfs("mount", str(vol), str(tmp_path / "nodir"), check=False))
+    assert "does not exist" in msg
+    # A damaged primary superblock: refuse, and say how to repair.
+    with open(vol, "r+b") as f:
+        f.seek(100)
+        f.write(b"\xff" * 16)
+    msg = one_line_error(sharedfs("mount", str(vol), str(mnt), check=False))
+    assert "damaged" in msg and "fsck" in msg
+
+
+@needs_fuse
+def test_background_mount_busy_mountpoint_second_host_and_umount(tmp_path: Path) -> None:
+    vol = tmp_path / "v.img"
+    mkfs(vol, "64M")
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    log = tmp_path / "host.log"
+    r = sharedfs("mount", str(vol), str(mnt), "--log", str(log))
+    assert r.returncode == 0 and os.path.ismount(mnt)  # live when the command returns
+    try:
+        (mnt / "f").write_text("x")
+        msg = one_line_error(sharedfs("mount", str(vol), str(mnt), check=False))
+        assert "busy" in msg
+        other = tmp_path / "other"
+        other.mkdir()
+        msg = one_line_error(sharedfs("mount", str(vol), str(other), check=False))
+        assert "already mounted by node 0" in msg
+        st = json.loads(sharedfs("status", str(vol), "--json").stdout)
+        assert [(h["node"], h["live"], h["mountpoint"]) for h in st["hosts"]] == [
+            (0, True, str(mnt))
+        ]
+        sharedfs("umount", str(mnt))
+    finally:
+        if os.path.ismount(mnt):
+            sharedfs("umount", "-z", str(mnt), check=False)
+    assert not os.path.ismount(mnt)
+    st = json.loads(sharedfs("status", str(vol), "--json").stdout)
+    assert st["hosts"][0]["live"] is False
+    assert "node0" in log.read_text()  # log lines carry the host id
+    fsck_ok(vol)
+
+
+@needs_fuse
+def test_sigterm_unmounts_cleanly(tmp_path: Path) -> None:
+    vol = tmp_path / "v.img"
+    mkfs(vol, "64M")
+    m = Mount(vol, tmp_path / "mnt")
+    (m.mnt / "data").write_bytes(b"z" * 100_000)
+    m.proc.terminate()
+    assert m.proc.wait(timeout=60) == 0
+    wait_for(lambda: not os.path.ismount(m.mnt), what="unmount")
+    fsck_ok(vol)
+    m2 = Mount(vol, tmp_path / "mnt")
+    assert (m2.mnt / "data").read_bytes() == b"z" * 100_000
+    m2.umount()
+
+
+@needs_fuse
+def test_full_volume_gives_enospc_and_stays_usable(tmp_path: Path) -> None:
+    vol = tmp_path / "small.img"
+    mkfs(vol, "32M")
+    m = Mount(vol, tmp_path / "mnt")
+    try:
+        chunk = os.urandom(1 << 20)
+        with pytest.raises(OSError) as e, open(m.mnt / "fill", "wb") as f:
+            for _ in range(64):
+                f.write(chunk)
+                f.flush()
+        assert e.value.errno == 28  # ENOSPC
+        assert os.statvfs(m.mnt).f_bfree < 64
+        (m.mnt / "fill").unlink()
+        (m.mnt / "after").write_bytes(chunk)
+        assert (m.mnt / "after").read_bytes() == chunk
+    finally:
+        m.umount()
+    fsck_ok(vol)
