@@ -82,6 +82,7 @@ class BlockCache:
         self.dirty_limit = max(self.capacity // 2, 32)
         self._bufs: OrderedDict[int, Buffer] = OrderedDict()
         self._dirty: set[int] = set()
+        self._inflight: set[int] = set()
         # One write-back at a time, so two writes of one block never race.
         self._write_lock = trio.Lock()
         self.scn = 0
@@ -173,33 +174,46 @@ class BlockCache:
 
     # -- writing back ----------------------------------------------------------
     async def flush(self, blocknos: Iterable[int] | None = None) -> int:
-        """Write dirty blocks (all, or those named) to storage; return how many."""
+        """Write dirty blocks (all, or those named) to storage; return how many.
+
+        Operations go on meanwhile: a block changed during its write is dirty
+        again afterwards, and a block freed meanwhile is simply skipped.
+        """
         async with self._write_lock:
             todo = sorted(self._dirty if blocknos is None else set(blocknos) & self._dirty)
             written = 0
             for start, count in _runs(todo):
-                chunk = bytearray()
-                for b in range(start, start + count):
-                    buf = self._bufs[b]
-                    if buf.btype is not None:
-                        fmt.seal(buf.data, buf.btype, b, buf.version)
-                    chunk += buf.data
-                    # Clean before the write: a change during it re-dirties.
-                    buf.dirty = False
-                    buf.private = False
-                    self._dirty.discard(b)
-                try:
-                    await self.storage.write(start * self.bs, chunk)
-                except BaseException:
-                    for b in range(start, start + count):
-                        if b in self._bufs:
-                            self._bufs[b].dirty = True
-                            self._dirty.add(b)
-                    raise
-                self.stats.storage_writes += 1
-                self.stats.blocks_written += count
-                written += count
+                # Re-check: earlier writes awaited, and blocks may have gone.
+                still = [b for b in range(start, start + count) if b in self._dirty]
+                for s, n in _runs(still):
+                    await self._write_run(s, n)
+                    written += n
             return written
+
+    async def _write_run(self, start: int, count: int) -> None:
+        chunk = bytearray()
+        for b in range(start, start + count):
+            buf = self._bufs[b]
+            if buf.btype is not None:
+                fmt.seal(buf.data, buf.btype, b, buf.version)
+            chunk += buf.data
+            # Clean before the write: a change during it re-dirties.
+            buf.dirty = False
+            buf.private = False
+            self._dirty.discard(b)
+            self._inflight.add(b)
+        try:
+            await self.storage.write(start * self.bs, chunk)
+        except BaseException:
+            for b in range(start, start + count):
+                if b in self._bufs:
+                    self._bufs[b].dirty = True
+                    self._dirty.add(b)
+            raise
+        finally:
+            self._inflight.difference_update(range(start, start + count))
+        self.stats.storage_writes += 1
+        self.stats.blocks_written += count
 
     async def sync(self) -> None:
         """Everything dirty on storage, and storage flushed."""
@@ -214,18 +228,21 @@ class BlockCache:
         if len(self._bufs) <= self.capacity:
             return
         # Evict clean blocks from the cold end; write back dirty ones first.
+        # A block whose write is still in flight stays: storage does not
+        # have its contents yet.
         excess = len(self._bufs) - self.capacity
         if len(self._dirty) > len(self._bufs) - excess:
             await self.flush()
-        for b in list(self._bufs)[: excess * 2]:
-            if len(self._bufs) <= self.capacity:
+        victims = []
+        for b, buf in self._bufs.items():
+            if len(victims) >= excess:
                 break
-            buf = self._bufs[b]
-            if buf.dirty:
-                continue
+            if not buf.dirty and b not in self._inflight:
+                victims.append(b)
+        for b in victims:
             del self._bufs[b]
             self.agent.release_block(b)
-            self.stats.evictions += 1
+        self.stats.evictions += len(victims)
 
     def drop_all(self) -> None:
         """Forget every clean block and release its lock (unmount)."""

@@ -1131,3 +1131,4 @@ class FileSystem:
             await self._store_inodes()
             self.lookups.clear()
             await self.cache.sync()
+            self.cache.drop_all()
