@@ -91,6 +91,12 @@ class BlockCache:
     # -- getting blocks ------------------------------------------------------
     async def get(self, blockno: int, mode: Mode, btype: fmt.BlockType | None = None) -> Buffer:
         """The block in at least `mode`, read from storage if not cached."""
+        buf = self._bufs.get(blockno)
+        if buf is not None and buf.mode >= mode and buf.btype == btype:
+            # The common case: cached and held; no lock request, no I/O.
+            self.stats.hits += 1
+            self._bufs.move_to_end(blockno)
+            return buf
         return (await self.get_many([blockno], mode, btype))[0]
 
     async def get_many(
