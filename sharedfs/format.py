@@ -12,7 +12,7 @@ The volume is an array of fixed-size blocks (4096 bytes by default):
 Every metadata block starts with a 32-byte header naming its type, its own
 block number, a version (the change number stamped by the cache when it was
 last dirtied) and an xxh3-64 checksum of the whole block with the checksum
-field zeroed.  Data blocks of regular files are raw bytes with no header.
+field zeroed.  Data blocks of regular files and symlinks are raw bytes.
 
 docs/FORMAT.md describes the same layout in prose; keep them in step.
 """
@@ -36,7 +36,7 @@ BLOCK_MAGIC = b"SFMB"
 DEFAULT_BLOCK_SIZE = 4096
 ROOT_INO = 1
 INODE_SIZE = 256
-#: Blocks per mirror region (the granularity of the "unsynchronized" bits).
+#: Bytes per mirror region (the granularity of the "unsynchronized" bits).
 MIRROR_REGION_BYTES = 1 << 20
 DEFAULT_BYTES_PER_INODE = 16384
 #: The radix block map keeps this many pointers in the inode.
@@ -243,12 +243,12 @@ class Superblock:
         if len(buf) < HDR_SIZE + _SB.size or buf[HDR_SIZE : HDR_SIZE + 8] != SB_MAGIC:
             raise CorruptVolume("not a sharedfs volume (no superblock magic)")
         f = _SB.unpack_from(buf, HDR_SIZE)
-        if f[1] != FORMAT_VERSION:
-            raise CorruptVolume(f"unsupported format version {f[1]} (this sharedfs reads v1)")
         bs = f[2]
         if bs not in (1024, 2048, 4096, 8192, 16384, 32768, 65536) or len(buf) < bs:
             raise CorruptVolume(f"superblock: bad block size {bs}")
         verify(bytes(buf[:bs]), BlockType.SUPER, blockno)
+        if f[1] != FORMAT_VERSION:
+            raise CorruptVolume(f"unsupported format version {f[1]} (this sharedfs reads v1)")
         sb = cls(
             version=f[1],
             block_size=bs,
@@ -565,7 +565,7 @@ def all_ptrs(buf: bytes | bytearray, block_size: int) -> tuple[int, ...]:
 # Directories: an extendible hash table kept in the directory's own blocks.
 #
 #   lbn 0                 DIRHDR: depth, counts, first part of the bucket table
-#   lbn 1 .. TABLE_BASE   DIRBUCKET blocks, handed out in order
+#   lbn 1 .. TABLE_BASE-1 DIRBUCKET blocks, handed out in order
 #   lbn TABLE_BASE ..     DIRTABLE blocks: the rest of the bucket table
 #
 # The table has 2**depth slots, indexed by the top `depth` bits of a name's

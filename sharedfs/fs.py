@@ -296,13 +296,13 @@ class FileSystem:
                 raise FsError(errno.ENOSPC)
         except BaseException:
             if got:
-                await self._free_blocks(got, charge=False)
+                await self._free_blocks(got)
             raise
         inode.blocks += count
         self._goal[inode.ino] = got[-1] + 1
         return got
 
-    async def _free_blocks(self, blocks: list[int], *, charge: bool = True) -> None:
+    async def _free_blocks(self, blocks: list[int]) -> None:
         by_group: dict[int, list[int]] = {}
         for b in blocks:
             if not self.sb.is_data_block(b):
@@ -679,7 +679,7 @@ class FileSystem:
             blbn = await self._table_get(dino, hdr, idx, Mode.S)
             bucket = await self._dblock(dino, blbn, Mode.S, BlockType.DIRBUCKET)
             ldepth, entries = fmt.unpack_bucket(bucket.data, bucket.blockno)
-            for e in entries:  # stored sorted by cookie
+            for e in entries:  # unpack_bucket sorts by cookie
                 if e.cookie > after:
                     yield e
             width = 1 << (depth - min(ldepth, depth))

@@ -83,22 +83,33 @@ def make_parser() -> argparse.ArgumentParser:
     return p
 
 
+def refuse_existing(path: str, force: bool) -> None:
+    """Never overwrite a sharedfs volume unasked, nor one that is mounted."""
+    if not os.path.exists(path):
+        return
+    storage = open_volume(path)
+    try:
+        old = existing_volume(storage)
+        if old is None:
+            return
+        if not force:
+            raise QuietError(
+                f"{path}: already holds a sharedfs volume "
+                f"(label {old.label!r}); use --force to overwrite it"
+            )
+        live = live_slots(storage, old)
+        if live:
+            raise QuietError(f"{path}: is mounted by node {min(live)}; unmount it first")
+    finally:
+        storage.close()
+
+
 def mkfs(args: argparse.Namespace) -> None:
     if args.size is None and not os.path.exists(args.volume):
         raise QuietError(f"{args.volume}: does not exist; give --size to create it", 2)
+    refuse_existing(args.volume, args.force)
     storage = open_volume(args.volume, create_size=args.size)
     try:
-        old = existing_volume(storage)
-        if old is not None:
-            if not args.force:
-                raise QuietError(
-                    f"{args.volume}: already holds a sharedfs volume "
-                    f"(label {old.label!r}); use --force to overwrite it"
-                )
-            live = live_slots(storage, old)
-            if live:
-                n = min(live)
-                raise QuietError(f"{args.volume}: is mounted by node {n}; unmount it first")
         size = args.size or storage.size
         if size > storage.size:
             raise QuietError(f"{args.volume}: device is only {storage.size} bytes")

@@ -56,7 +56,7 @@ def open_volume(name: str, *, create_size: int | None = None) -> Storage:
     """Open the volume `name` (a path for now; URIs arrive with the NBD backend).
 
     With `create_size`, a missing image file is created with that size and an
-    existing regular file is grown to it.
+    existing regular file is given that size (mkfs only).
     """
     from .file import FileStorage
 
@@ -68,7 +68,9 @@ def open_volume(name: str, *, create_size: int | None = None) -> Storage:
 
 
 def create_image(path: str, size: int) -> None:
-    """Create (or grow) a sparse image file; block devices are left alone."""
+    """Create an image file of exactly `size` bytes (sparse), or resize an
+    existing one, so the backup superblock in the last block is where tools
+    look for it; block devices are left alone."""
     try:
         st = os.stat(path)
     except FileNotFoundError:
@@ -81,7 +83,6 @@ def create_image(path: str, size: int) -> None:
         raise QuietError(f"{path}: not a regular file or block device")
     try:
         with open(path, "ab") as f:
-            if f.tell() < size:
-                f.truncate(size)
+            f.truncate(size)
     except OSError as e:
         raise QuietError(f"{path}: cannot create image: {e.strerror}") from None
