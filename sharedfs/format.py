@@ -326,6 +326,8 @@ def make_geometry(
     bpg = bitmap_capacity(block_size)
     ipb = payload_size(block_size) // INODE_SIZE
     itable = -(-(bpg * block_size // bytes_per_inode) // ipb)
+    # The inode bitmap has one bit per inode: never more inodes than that.
+    itable = min(itable, bitmap_capacity(block_size) // ipb)
     ipg = itable * ipb
     usable = volume_blocks - 1 - groups_start  # minus the backup superblock
     overhead = 2 + itable

@@ -14,6 +14,7 @@ import logging
 import stat
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import aclosing
 from dataclasses import dataclass
 from typing import ParamSpec, TypeVar
 
@@ -155,10 +156,12 @@ class FileSystem:
     async def _iput(self, inode: Inode) -> None:
         self._op_inodes[inode.ino] = inode
         blk, off = self.sb.inode_location(inode.ino)
-        buf = await self.cache.get(blk, Mode.X, BlockType.INODES)
         packed = bytearray(fmt.INODE_SIZE)
         inode.pack_into(packed, 0)
+        # Compare under S: operations that only read must not take X.
+        buf = await self.cache.get(blk, Mode.S, BlockType.INODES)
         if buf.data[off : off + fmt.INODE_SIZE] != packed:
+            buf = await self.cache.get(blk, Mode.X, BlockType.INODES)
             buf.data[off : off + fmt.INODE_SIZE] = packed
             self.cache.mark_dirty(buf)
 
@@ -391,6 +394,10 @@ class FileSystem:
                     if buf is not None and buf.mode is not Mode.X:
                         buf = await self.cache.get(buf.blockno, Mode.X, BlockType.INDIRECT)
                     new = await self._alloc_blocks(inode, len(holes))
+                    for b in new:
+                        # Zeroed now: if a later part of this walk fails, the
+                        # block stays mapped and must read as a hole did.
+                        self.cache.new(b)
                     for k, b in zip(holes, new, strict=True):
                         ptrs[k] = b
                         put(rem + k, b)
@@ -499,7 +506,7 @@ class FileSystem:
             bstart = max(off, lbn * self.bs) - lbn * self.bs
             bend = min(end, (lbn + 1) * self.bs) - lbn * self.bs
             if p in fresh:
-                buf = self.cache.new(p)
+                buf = await self.cache.get(p, Mode.X)  # zeroed by _map
             elif bstart == 0 and bend == self.bs:
                 buf = await self.cache.overwrite(p)
             else:
@@ -1032,17 +1039,17 @@ class FileSystem:
             out.append(
                 (DirEntry(DOTDOT_COOKIE, parent.ino, _dtype(parent.mode), b".."), self.attr(parent))
             )
-        async for e in self._dir_entries(dino, max(after, DOTDOT_COOKIE)):
-            try:
-                out.append((e, self.attr(await self._iget(e.ino))))
-            except FsError:
-                log.error(
-                    "host %d: directory %d: entry %r names a free inode", self.host, ino, e.name
-                )
-                continue
-            if len(out) >= limit:
-                break
-        return out
+        async with aclosing(self._dir_entries(dino, max(after, DOTDOT_COOKIE))) as entries:
+            async for e in entries:
+                if len(out) >= limit:
+                    break
+                try:
+                    out.append((e, self.attr(await self._iget(e.ino))))
+                except FsError:
+                    log.error(
+                        "host %d: directory %d: entry %r names a free inode", self.host, ino, e.name
+                    )
+        return out[:limit]
 
     def readdir_ref(self, ino: int) -> None:
         """The kernel took an entry readdir returned: one more lookup."""

@@ -1,0 +1,591 @@
+"""The buffer cache over a memory volume, and the lock master it asks."""
+
+from __future__ import annotations
+
+import pytest
+import trio
+import trio.testing
+
+from sharedfs import format as fmt
+from sharedfs.agent import Agent
+from sharedfs.cache import BlockCache
+from sharedfs.errors import CorruptVolume
+from sharedfs.format import BlockType
+from sharedfs.master import LockMaster
+from sharedfs.protocol import HostId, Mode, block_resource
+from sharedfs.storage.memory import MemoryStorage
+
+BS = 4096
+
+
+def blk(storage: MemoryStorage, b: int, n: int = 1) -> bytes:
+    return bytes(storage._data[b * BS : (b + n) * BS])
+
+
+def make_cache(
+    storage: MemoryStorage | None = None,
+    master: LockMaster | None = None,
+    node: int = 0,
+    capacity: int = 1024,
+) -> BlockCache:
+    storage = storage if storage is not None else MemoryStorage(1 << 20)
+    master = master if master is not None else LockMaster()
+    return BlockCache(storage, BS, Agent(HostId(node), master), capacity=capacity)
+
+
+def held(cache: BlockCache, b: int) -> Mode | None:
+    return cache.agent.master.holders.get(block_resource(b), {}).get(cache.agent.host)
+
+
+# --------------------------------------------------------------------------
+# Reading
+
+
+async def test_get_many_reads_adjacent_misses_in_one_read():
+    storage = MemoryStorage(1 << 20)
+    for b in range(10, 14):
+        storage.write_sync(b * BS, bytes([b]) * BS)
+    cache = make_cache(storage)
+    bufs = await cache.get_many([10, 11, 12, 13], Mode.S)
+    assert storage.reads == 1
+    assert [bytes(b.data) for b in bufs] == [bytes([b]) * BS for b in range(10, 14)]
+    assert cache.stats.storage_reads == 1 and cache.stats.misses == 4
+
+
+async def test_get_many_one_read_per_run():
+    storage = MemoryStorage(1 << 20)
+    cache = make_cache(storage)
+    bufs = await cache.get_many([9, 5, 6, 7], Mode.S)  # runs 5..7 and 9
+    assert storage.reads == 2
+    assert [b.blockno for b in bufs] == [9, 5, 6, 7]  # in the order asked
+
+
+async def test_get_many_hits_need_no_read():
+    storage = MemoryStorage(1 << 20)
+    cache = make_cache(storage)
+    await cache.get_many([3, 4], Mode.S)
+    await cache.get_many([3, 4, 5], Mode.S)  # only 5 is missing
+    assert storage.reads == 2
+    await cache.get(4, Mode.S)
+    assert storage.reads == 2
+    assert cache.stats.hits == 3
+
+
+async def test_get_verifies_metadata_blocks():
+    storage = MemoryStorage(1 << 20)
+    good = bytearray(BS)
+    fmt.seal(good, BlockType.INDIRECT, 7, 1)
+    storage.write_sync(7 * BS, good)
+    cache = make_cache(storage)
+    assert (await cache.get(7, Mode.S, BlockType.INDIRECT)).btype is BlockType.INDIRECT
+    with pytest.raises(CorruptVolume):
+        await cache.get(8, Mode.S, BlockType.INDIRECT)  # zeros: not a metadata block
+    with pytest.raises(CorruptVolume):
+        await cache.get(7, Mode.S, BlockType.DIRHDR)  # cached as another type
+
+
+async def test_get_rejects_block_sealed_for_another_place():
+    storage = MemoryStorage(1 << 20)
+    buf = bytearray(BS)
+    fmt.seal(buf, BlockType.INDIRECT, 7, 1)
+    storage.write_sync(8 * BS, buf)  # a misdirected write
+    cache = make_cache(storage)
+    with pytest.raises(CorruptVolume, match="names block 7"):
+        await cache.get(8, Mode.S, BlockType.INDIRECT)
+
+
+# --------------------------------------------------------------------------
+# Writing back
+
+
+async def test_flush_writes_adjacent_dirty_blocks_in_one_write():
+    storage = MemoryStorage(1 << 20)
+    cache = make_cache(storage)
+    for b in (20, 21, 22, 30):
+        buf = cache.new(b)
+        buf.data[:] = bytes([b]) * BS
+        cache.mark_dirty(buf)
+    assert cache.dirty_count == 4
+    assert await cache.flush() == 4
+    assert storage.write_log == [(20 * BS, 3 * BS), (30 * BS, BS)]
+    assert blk(storage, 20, 3) == bytes([20]) * BS + bytes([21]) * BS + bytes([22]) * BS
+    assert blk(storage, 30) == bytes([30]) * BS
+    assert cache.dirty_count == 0
+    assert await cache.flush() == 0  # nothing left
+    assert len(storage.write_log) == 2
+
+
+async def test_flush_seals_metadata_with_version():
+    storage = MemoryStorage(1 << 20)
+    cache = make_cache(storage)
+    a = cache.new(40, BlockType.INDIRECT)
+    fmt.set_ptr(a.data, 0, 1234)
+    cache.mark_dirty(a)
+    b = cache.new(41, BlockType.DIRHDR)
+    fmt.write_dirhdr(b.data, 1, 2, 3)
+    cache.mark_dirty(b)
+    cache.mark_dirty(b)
+    assert b.version > a.version
+    await cache.flush()
+    assert storage.write_log == [(40 * BS, 2 * BS)]
+    ha = fmt.verify(blk(storage, 40), BlockType.INDIRECT, 40)
+    hb = fmt.verify(blk(storage, 41), BlockType.DIRHDR, 41)
+    assert ha.version == a.version and hb.version == b.version
+    assert fmt.get_ptr(blk(storage, 40), 0) == 1234
+    assert fmt.read_dirhdr(blk(storage, 41)) == (1, 2, 3)
+    # A second cache reads them back through verification.
+    other = make_cache(storage)
+    got = await other.get(40, Mode.S, BlockType.INDIRECT)
+    assert fmt.get_ptr(got.data, 0) == 1234
+
+
+async def test_flush_named_blocks_only():
+    storage = MemoryStorage(1 << 20)
+    cache = make_cache(storage)
+    for b in (1, 2, 3):
+        cache.new(b)
+    assert await cache.flush([2, 99]) == 1
+    assert storage.write_log == [(2 * BS, BS)]
+    assert cache.dirty_count == 2
+
+
+async def test_flush_data_blocks_are_raw():
+    storage = MemoryStorage(1 << 20)
+    cache = make_cache(storage)
+    buf = cache.new(50)
+    buf.data[:] = b"\xab" * BS
+    cache.mark_dirty(buf)
+    await cache.sync()
+    assert blk(storage, 50) == b"\xab" * BS  # no header stamped on data
+
+
+async def test_redirtied_block_is_written_again():
+    storage = MemoryStorage(1 << 20)
+    cache = make_cache(storage)
+    buf = cache.new(5)
+    await cache.flush()
+    buf.data[:4] = b"abcd"
+    cache.mark_dirty(buf)
+    await cache.flush()
+    assert blk(storage, 5)[:4] == b"abcd"
+    assert len(storage.write_log) == 2
+
+
+async def test_mark_dirty_without_x_asserts():
+    cache = make_cache()
+    buf = await cache.get(3, Mode.S)
+    with pytest.raises(AssertionError):
+        cache.mark_dirty(buf)
+    assert cache.dirty_count == 0
+
+
+async def test_mark_dirty_after_upgrade_to_x():
+    storage = MemoryStorage(1 << 20)
+    cache = make_cache(storage)
+    buf = await cache.get(3, Mode.S)
+    again = await cache.get(3, Mode.X)
+    assert again is buf and buf.mode is Mode.X
+    assert storage.reads == 1
+    cache.mark_dirty(buf)
+    assert cache.dirty_count == 1
+
+
+async def test_new_is_zeroed_private_x_without_read_or_lock_request():
+    storage = MemoryStorage(1 << 20)
+    storage.write_sync(6 * BS, b"\xff" * BS)
+    master = LockMaster()
+    cache = make_cache(storage, master)
+    buf = cache.new(6, BlockType.INDIRECT)
+    assert bytes(buf.data) == bytes(BS)
+    assert buf.mode is Mode.X and buf.private and buf.dirty
+    assert storage.reads == 0
+    assert master.requests == 0 and cache.stats.lock_requests == 0
+    # A later get is a hit on the private buffer.
+    assert await cache.get(6, Mode.X, BlockType.INDIRECT) is buf
+    assert storage.reads == 0
+
+
+async def test_new_replaces_a_cached_block():
+    storage = MemoryStorage(1 << 20)
+    storage.write_sync(6 * BS, b"\xff" * BS)
+    cache = make_cache(storage)
+    old = await cache.get(6, Mode.X)
+    assert bytes(old.data) == b"\xff" * BS
+    buf = cache.new(6)
+    assert buf is not old and bytes(buf.data) == bytes(BS)
+    await cache.flush()
+    assert blk(storage, 6) == bytes(BS)
+
+
+async def test_flush_makes_private_blocks_public():
+    cache = make_cache()
+    buf = cache.new(9)
+    await cache.flush()
+    assert not buf.private and not buf.dirty
+
+
+async def test_overwrite_takes_no_storage_read():
+    storage = MemoryStorage(1 << 20)
+    storage.write_sync(12 * BS, b"\x11" * BS)
+    cache = make_cache(storage)
+    buf = await cache.overwrite(12)
+    assert storage.reads == 0
+    assert buf.mode is Mode.X and held(cache, 12) is Mode.X
+    buf.data[:] = b"\x22" * BS
+    cache.mark_dirty(buf)
+    await cache.flush()
+    assert blk(storage, 12) == b"\x22" * BS
+
+
+async def test_overwrite_of_cached_block_keeps_it():
+    storage = MemoryStorage(1 << 20)
+    storage.write_sync(12 * BS, b"\x11" * BS)
+    cache = make_cache(storage)
+    first = await cache.get(12, Mode.S)
+    buf = await cache.overwrite(12)
+    assert buf is first and buf.mode is Mode.X
+    assert storage.reads == 1
+
+
+async def test_discard_drops_dirty_block_unwritten():
+    storage = MemoryStorage(1 << 20)
+    cache = make_cache(storage)
+    buf = cache.new(7)
+    buf.data[:] = b"x" * BS
+    cache.mark_dirty(buf)
+    cache.new(8)
+    cache.discard(7)
+    assert cache.dirty_count == 1
+    await cache.flush()
+    assert storage.write_log == [(8 * BS, BS)]
+    assert blk(storage, 7) == bytes(BS)
+    # Reading it again goes to storage.
+    await cache.get(7, Mode.S)
+    assert storage.reads == 1
+
+
+class GatedStorage(MemoryStorage):
+    """A memory volume whose writes wait for `gate`: a write in flight."""
+
+    def __init__(self, size: int) -> None:
+        super().__init__(size)
+        self.gate = trio.Event()
+
+    async def write(self, offset: int, data) -> None:
+        await self.gate.wait()
+        await super().write(offset, data)
+
+
+async def test_change_during_write_back_redirties():
+    storage = GatedStorage(1 << 20)
+    cache = make_cache(storage)
+    buf = cache.new(3)
+    buf.data[:3] = b"old"
+    cache.mark_dirty(buf)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(cache.flush)
+        await trio.testing.wait_all_tasks_blocked()
+        buf.data[:3] = b"new"
+        cache.mark_dirty(buf)
+        storage.gate.set()
+    assert blk(storage, 3)[:3] == b"old"
+    assert cache.dirty_count == 1
+    await cache.flush()
+    assert blk(storage, 3)[:3] == b"new"
+
+
+async def test_block_freed_during_write_back_is_skipped():
+    storage = GatedStorage(1 << 20)
+    cache = make_cache(storage)
+    for b in (1, 2, 5):
+        cache.new(b)
+    written: list[int] = []
+
+    async def flush() -> None:
+        written.append(await cache.flush())
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(flush)
+        await trio.testing.wait_all_tasks_blocked()  # writing blocks 1-2
+        cache.discard(5)
+        storage.gate.set()
+    assert written == [2]
+    assert storage.write_log == [(1 * BS, 2 * BS)]
+
+
+async def test_trim_never_evicts_a_block_whose_write_is_in_flight():
+    storage = GatedStorage(1 << 20)
+    cache = make_cache(storage, capacity=64)
+    for b in range(10):
+        buf = cache.new(b)
+        buf.data[0] = 0x77
+        cache.mark_dirty(buf)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(cache.flush)
+        await trio.testing.wait_all_tasks_blocked()
+        # Blocks 0-9 are clean now, but storage does not have them yet.
+        assert cache.dirty_count == 0
+        await cache.get_many(list(range(100, 200)), Mode.S)
+        await cache.trim()
+        assert all(b in cache._bufs for b in range(10))
+        assert len(cache._bufs) == 64
+        storage.gate.set()
+    assert all(blk(storage, b)[0] == 0x77 for b in range(10))
+    # Once written they are ordinary clean blocks, and the coldest.
+    await cache.get_many(list(range(200, 210)), Mode.S)
+    await cache.trim()
+    assert not any(b in cache._bufs for b in range(10))
+
+
+# --------------------------------------------------------------------------
+# Eviction
+
+
+async def test_trim_evicts_cold_clean_blocks_and_releases_locks():
+    storage = MemoryStorage(1 << 20)
+    master = LockMaster()
+    cache = make_cache(storage, master, capacity=64)
+    await cache.get_many(list(range(100)), Mode.S)
+    await cache.get(0, Mode.S)  # block 0 is now the hottest
+    assert len(master.holders) == 100
+    await cache.trim()
+    assert cache.stats.evictions == 36
+    kept = {b for b in range(100) if held(cache, b) is not None}
+    assert kept == {0} | set(range(37, 100))
+    assert len(master.holders) == 64
+    # An evicted block is read again; a kept one is not.
+    reads = storage.reads
+    await cache.get(50, Mode.S)
+    assert storage.reads == reads
+    await cache.get(1, Mode.S)
+    assert storage.reads == reads + 1
+
+
+async def test_trim_keeps_dirty_blocks():
+    storage = MemoryStorage(1 << 20)
+    cache = make_cache(storage, capacity=64)
+    for b in range(10):
+        buf = await cache.get(b, Mode.X)
+        buf.data[0] = 0x5A
+        cache.mark_dirty(buf)
+    await cache.get_many(list(range(10, 100)), Mode.S)
+    await cache.trim()
+    assert cache.dirty_count == 10
+    assert all(held(cache, b) is Mode.X for b in range(10))
+    assert len(cache._bufs) == 64
+    await cache.flush()
+    assert all(blk(storage, b)[0] == 0x5A for b in range(10))
+
+
+async def test_trim_flushes_past_dirty_limit():
+    storage = MemoryStorage(1 << 20)
+    cache = make_cache(storage, capacity=64)  # dirty_limit 32
+    for b in range(40):
+        cache.new(b)
+    await cache.trim()
+    assert cache.dirty_count == 0
+    assert storage.write_log == [(0, 40 * BS)]
+
+
+async def test_drop_all_releases_clean_blocks():
+    master = LockMaster()
+    cache = make_cache(master=master)
+    await cache.get_many([1, 2, 3], Mode.S)
+    buf = await cache.get(4, Mode.X)
+    cache.mark_dirty(buf)
+    cache.drop_all()
+    assert set(master.holders) == {block_resource(4)}
+
+
+# --------------------------------------------------------------------------
+# Lock requests
+
+
+async def test_one_lock_request_for_many_blocks():
+    master = LockMaster()
+    cache = make_cache(master=master)
+    await cache.get_many(list(range(10, 20)), Mode.S)
+    assert cache.stats.lock_requests == 1 and master.requests == 1
+    assert {r: h for r, h in master.holders.items()} == {
+        block_resource(b): {0: Mode.S} for b in range(10, 20)
+    }
+
+
+async def test_no_lock_request_when_mode_held():
+    master = LockMaster()
+    cache = make_cache(master=master)
+    await cache.get_many([1, 2, 3], Mode.S)
+    await cache.get_many([1, 2, 3], Mode.S)
+    await cache.get(2, Mode.S)
+    assert master.requests == 1
+    await cache.get_many([1, 2], Mode.X)  # an upgrade is a request
+    assert master.requests == 2
+    assert held(cache, 1) is Mode.X and held(cache, 3) is Mode.S
+    await cache.get_many([1, 2], Mode.S)  # X covers S
+    await cache.get(1, Mode.X)
+    assert master.requests == 2 and cache.stats.lock_requests == 2
+
+
+async def test_upgrade_requests_only_blocks_lacking_the_mode():
+    master = LockMaster()
+    cache = make_cache(master=master)
+    await cache.get(1, Mode.X)
+    grants = master.grants
+    await cache.get_many([1, 2, 3], Mode.X)
+    assert master.grants - grants == 2
+
+
+async def test_cache_waits_for_another_hosts_x():
+    storage = MemoryStorage(1 << 20)
+    master = LockMaster()
+    a = make_cache(storage, master, node=0)
+    b = make_cache(storage, master, node=1)
+    buf = await a.get(5, Mode.X)
+    buf.data[:3] = b"new"
+    a.mark_dirty(buf)
+    got: list[bytes] = []
+    reads = storage.reads
+
+    async def reader() -> None:
+        got.append(bytes((await b.get(5, Mode.S)).data[:3]))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(reader)
+        await trio.testing.wait_all_tasks_blocked()
+        assert got == [] and master.waits >= 1
+        assert storage.reads == reads  # b did not read before it had the lock
+        # The holder writes back, then gives up its lock.
+        await a.flush()
+        a.drop_all()
+    assert got == [b"new"]
+    assert held(b, 5) is Mode.S and held(a, 5) is None
+
+
+# --------------------------------------------------------------------------
+# The lock master itself
+
+
+R = block_resource(1)
+
+
+async def test_master_shared_holds_are_compatible():
+    master = LockMaster()
+    a, b = Agent(HostId(1), master), Agent(HostId(2), master)
+    await a.acquire(R, Mode.S)
+    with trio.fail_after(1):
+        await b.acquire(R, Mode.S)
+    assert master.holders[R] == {1: Mode.S, 2: Mode.S}
+    assert master.waits == 0 and master.grants == 2
+
+
+async def test_master_x_waits_until_holder_releases():
+    master = LockMaster()
+    a, b = Agent(HostId(1), master), Agent(HostId(2), master)
+    await a.acquire(R, Mode.S)
+    done = trio.Event()
+
+    async def want_x() -> None:
+        await b.acquire(R, Mode.X)
+        done.set()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(want_x)
+        await trio.testing.wait_all_tasks_blocked()
+        assert not done.is_set()
+        assert master.holders[R] == {1: Mode.S}
+        assert master.waits == 1
+        a.release_block(1)
+        await trio.testing.wait_all_tasks_blocked()
+        assert done.is_set()
+    assert master.holders[R] == {2: Mode.X}
+
+
+async def test_master_s_waits_for_x_and_x_for_x():
+    master = LockMaster()
+    a, b, c = (Agent(HostId(i), master) for i in (1, 2, 3))
+    await a.acquire(R, Mode.X)
+    order: list[str] = []
+
+    async def want(agent: Agent, mode: Mode, tag: str) -> None:
+        await agent.acquire(R, mode)
+        order.append(tag)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(want, b, Mode.S, "b")
+        nursery.start_soon(want, c, Mode.X, "c")
+        await trio.testing.wait_all_tasks_blocked()
+        assert order == []
+        a.release_block(1)
+        await trio.testing.wait_all_tasks_blocked()
+        # Exactly one of them got in; the other still waits on it.
+        assert len(order) == 1
+        winner = b if order == ["b"] else c
+        assert set(master.holders[R]) == {winner.host}
+        winner.release_block(1)
+    assert len(order) == 2
+
+
+async def test_master_downgrade_lets_readers_in():
+    master = LockMaster()
+    a, b = Agent(HostId(1), master), Agent(HostId(2), master)
+    await a.acquire(R, Mode.X)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(b.acquire, R, Mode.S)
+        await trio.testing.wait_all_tasks_blocked()
+        assert 2 not in master.holders[R]
+        master.release(HostId(1), R, Mode.S)
+    assert master.holders[R] == {1: Mode.S, 2: Mode.S}
+
+
+async def test_master_own_hold_never_blocks():
+    master = LockMaster()
+    a = Agent(HostId(1), master)
+    await a.acquire(R, Mode.X)
+    with trio.fail_after(1):
+        await a.acquire(R, Mode.S)
+        await a.acquire(R, Mode.X)
+    assert master.holders[R] == {1: Mode.X}  # a lower request keeps the higher mode
+    assert master.waits == 0
+
+
+async def test_master_release_all():
+    master = LockMaster()
+    a, b = Agent(HostId(1), master), Agent(HostId(2), master)
+    await a.acquire_blocks([1, 2, 3], Mode.X)
+    await b.acquire_blocks([7], Mode.S)
+    assert master.requests == 2 and master.grants == 4
+    got = trio.Event()
+
+    async def want() -> None:
+        await b.acquire_blocks([1, 2, 3], Mode.X)
+        got.set()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(want)
+        await trio.testing.wait_all_tasks_blocked()
+        assert not got.is_set()
+        a.close()
+    assert got.is_set()
+    assert master.holders == {block_resource(b): {2: Mode.X} for b in (1, 2, 3)} | {
+        block_resource(7): {2: Mode.S}
+    }
+    b.close()
+    assert master.holders == {}
+
+
+async def test_master_release_unknown_is_harmless():
+    master = LockMaster()
+    master.release(HostId(5), R)
+    a = Agent(HostId(1), master)
+    await a.acquire(R, Mode.S)
+    master.release(HostId(5), R)
+    assert master.holders == {R: {1: Mode.S}}
+
+
+def test_mode_compatibility():
+    assert Mode.S.compatible(Mode.S)
+    assert not Mode.S.compatible(Mode.X)
+    assert not Mode.X.compatible(Mode.S)
+    assert not Mode.X.compatible(Mode.X)
+    assert Mode.N.compatible(Mode.X) and Mode.X.compatible(Mode.N)
+    assert Mode.N < Mode.S < Mode.X
