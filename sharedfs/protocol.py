@@ -1,13 +1,32 @@
-"""Lock modes and resource names shared by the lock master and the host agent.
+"""Every message hosts and masters exchange, the framing, and the handshake.
 
-The cluster messages (requests, grants, pings, write requests and
-notifications) join these definitions here when hosts talk over the network.
+Sans-IO, after h11: `Connection` turns bytes into messages and messages into
+bytes; the trio services (master.py, agent.py) own the sockets.  Rule: any
+message type or field lives here and nowhere else.
+
+A frame is
+
+    u32 length | u16 type | u64 sequence | msgpack body | 16-byte MAC
+
+where the MAC is keyed BLAKE2b over everything before it, with a session key
+both sides derive from the cluster key (which mkfs stores in the superblock)
+and the two nonces of the handshake.  Sequence numbers start at 0 in each
+direction and must arrive in order, so a replayed, reordered or forged frame
+is refused.  Until the handshake completes only `Hello` and `Auth` travel,
+unauthenticated but useless without the key.
 """
 
 from __future__ import annotations
 
 import enum
-from typing import NewType
+import hashlib
+import hmac
+import os
+import struct
+from dataclasses import astuple, dataclass, field, fields
+from typing import Any, ClassVar, NewType
+
+import msgpack
 
 HostId = NewType("HostId", int)
 
@@ -29,3 +48,403 @@ Resource = tuple[str, int]
 
 def block_resource(blockno: int) -> Resource:
     return ("block", blockno)
+
+
+# ---------------------------------------------------------------------------
+# Errors
+
+class ProtocolError(Exception):
+    """The peer sent something we must not accept; the connection ends."""
+
+
+class AuthError(ProtocolError):
+    """The peer does not know the cluster key (or replayed a frame)."""
+
+
+# ---------------------------------------------------------------------------
+# Messages
+
+MAX_FRAME = 1 << 24  # 16 MiB: a batch of blocks, never unbounded
+MAC_SIZE = 16
+_HEAD = struct.Struct("<IHQ")
+PROTOCOL_VERSION = 1
+
+
+class Message:
+    """Base of all messages: a frozen dataclass with a wire `TYPE` number."""
+
+    __slots__ = ()
+    TYPE: ClassVar[int]
+    registry: ClassVar[dict[int, type[Message]]] = {}
+
+
+def message(type_: int):  # type: ignore[no-untyped-def]
+    """Class decorator: a frozen, slotted dataclass registered under `type_`."""
+
+    def wrap(cls):  # type: ignore[no-untyped-def]
+        if type_ in Message.registry:
+            raise TypeError(f"message type {type_} used twice")
+        cls = dataclass(frozen=True, slots=True)(cls)
+        cls.TYPE = type_
+        Message.registry[type_] = cls
+        return cls
+
+    return wrap
+
+
+# -- handshake ---------------------------------------------------------------
+
+
+@message(1)
+class Hello(Message):
+    """First frame each way: who I am and a fresh nonce."""
+
+    version: int
+    node: int  # -1 for a tool (status) or the master itself
+    nonce: bytes
+
+
+@message(2)
+class Auth(Message):
+    """Proof of the cluster key: MAC over both nonces and both roles."""
+
+    proof: bytes
+
+
+# -- membership ----------------------------------------------------------------
+
+
+@message(10)
+class Join(Message):
+    """A host asks to join with its slot and the address peers reach it at."""
+
+    node: int
+    peer_host: str
+    peer_port: int
+    coherence: str  # "fusion" or "disk"
+
+
+@message(11)
+class Welcome(Message):
+    scn: int
+    peers: dict[int, tuple[str, int]]
+    coherence: str
+
+
+@message(12)
+class Refused(Message):
+    reason: str
+
+
+@message(13)
+class PeerUp(Message):
+    node: int
+    host: str
+    port: int
+
+
+@message(14)
+class PeerDown(Message):
+    node: int
+
+
+# -- locks -------------------------------------------------------------------
+
+
+@message(20)
+class LockRequest(Message):
+    """Ask for `mode` on several blocks at once (claims 10-12)."""
+
+    req: int
+    blocks: tuple[int, ...]
+    mode: int
+    scn: int
+    op_start: float  # the asking operation's start: older operations win conflicts
+
+
+@message(21)
+class Grant(Message):
+    """Blocks granted with no transfer: read them from storage (or keep
+    the copy you have).  Write notifications ride along (claim 15)."""
+
+    req: int
+    blocks: tuple[int, ...]
+    mode: int
+    scn: int
+    written: tuple[tuple[int, int], ...] = ()  # (block, version on storage)
+
+
+@message(22)
+class Ping(Message):
+    """Master to holder: send your copy of `block` to `to` and drop to
+    `keep` (N or S).  Write notifications ride along (claim 17)."""
+
+    block: int
+    to: int
+    mode: int  # the mode the receiver gets
+    keep: int
+    req: int  # the receiver's request id
+    scn: int
+    op_start: float
+    written: tuple[tuple[int, int], ...] = ()
+
+
+@message(23)
+class Transfer(Message):
+    """Holder to requester, host to host: the block, and what it is.
+
+    `dirty` marks a version not yet on storage; then the block is in global
+    role at the receiver.  `writing` is the version the sender is writing to
+    storage at this moment (0 if none): the receiver must keep its past images
+    up to it apart from newer ones (claims 41-45).
+    """
+
+    req: int
+    block: int
+    mode: int
+    version: int
+    dirty: bool
+    writing: int
+    scn: int
+    data: bytes
+    via_storage: bool = False  # --coherence disk: read it from storage instead
+
+
+@message(24)
+class PingDone(Message):
+    """Holder to master: sent `block` to `to`; I now hold `keep`, and keep a
+    past image of version `pi` (0 if none)."""
+
+    block: int
+    to: int
+    keep: int
+    pi: int
+    version: int  # the version shipped
+    scn: int
+
+
+@message(25)
+class Release(Message):
+    """A host lets go of clean blocks (eviction, unmount)."""
+
+    blocks: tuple[int, ...]
+
+
+@message(26)
+class Received(Message):
+    """Requester to master: the transfer for request `req` arrived."""
+
+    req: int
+    block: int
+
+
+# -- writes ----------------------------------------------------------------------
+
+
+@message(30)
+class WriteRequest(Message):
+    """Please get these dirty versions onto storage (claims 1, 30, 58)."""
+
+    blocks: tuple[tuple[int, int], ...]  # (block, version)
+    scn: int
+
+
+@message(31)
+class WritePerform(Message):
+    """Master to the host with the newest version: write it (claims 19-21)."""
+
+    blocks: tuple[int, ...]
+    scn: int
+
+
+@message(32)
+class WriteDone(Message):
+    """Host to master: these versions are on storage."""
+
+    blocks: tuple[tuple[int, int], ...]
+    scn: int
+
+
+@message(33)
+class WriteNotify(Message):
+    """Master to a host: storage holds at least these versions; drop past
+    images up to them (claims 8-17, 22-23)."""
+
+    written: tuple[tuple[int, int], ...]
+    scn: int
+
+
+# -- status ------------------------------------------------------------------------
+
+
+@message(40)
+class StatusRequest(Message):
+    pass
+
+
+@message(41)
+class StatusReply(Message):
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+@message(42)
+class Stats(Message):
+    """A host's counters, sent to the master now and then for status."""
+
+    node: int
+    counters: dict[str, int]
+
+
+# ---------------------------------------------------------------------------
+# Framing
+
+
+def _mac(key: bytes, data: bytes | memoryview) -> bytes:
+    return hashlib.blake2b(data, key=key, digest_size=MAC_SIZE).digest()
+
+
+def encode_body(msg: Message) -> bytes:
+    return msgpack.packb(astuple(msg) if fields(msg) else (), use_bin_type=True)
+
+
+def decode_body(mtype: int, body: bytes | memoryview) -> Message:
+    cls = Message.registry.get(mtype)
+    if cls is None:
+        raise ProtocolError(f"unknown message type {mtype}")
+    try:
+        values = msgpack.unpackb(body, raw=False, strict_map_key=False, use_list=False)
+    except Exception as e:  # msgpack raises several kinds; all mean garbage
+        raise ProtocolError(f"malformed {cls.__name__} body: {e}") from None
+    if not isinstance(values, tuple) or len(values) != len(fields(cls)):
+        raise ProtocolError(f"malformed {cls.__name__}: wrong field count")
+    try:
+        msg = cls(*values)
+    except TypeError as e:
+        raise ProtocolError(f"malformed {cls.__name__}: {e}") from None
+    _check_types(msg)
+    return msg
+
+
+_SIMPLE = {"int": int, "str": str, "bytes": bytes, "bool": bool, "float": (int, float)}
+
+
+def _check_types(msg: Message) -> None:
+    """Refuse fields of the wrong kind, so handlers can trust what they get."""
+    for f in fields(msg):
+        want = _SIMPLE.get(f.type if isinstance(f.type, str) else "")
+        v = getattr(msg, f.name)
+        if want is not None and not isinstance(v, want):
+            raise ProtocolError(f"malformed {type(msg).__name__}.{f.name}")
+        if str(f.type).startswith("tuple") and not isinstance(v, tuple):
+            raise ProtocolError(f"malformed {type(msg).__name__}.{f.name}")
+        if str(f.type).startswith("dict") and not isinstance(v, dict):
+            raise ProtocolError(f"malformed {type(msg).__name__}.{f.name}")
+
+
+class Connection:
+    """One side of a link: feed received bytes, take messages; hand messages,
+    get bytes to send.  Before the handshake only Hello/Auth pass.
+
+    Attributes:
+        node: our node id (-1 for the master or a tool).
+        peer_node: the other side's node id, once its Hello arrived.
+        authenticated: both proofs checked; MACs are on from here.
+        rejected: frames refused (malformed, forged, replayed), for counters.
+    """
+
+    def __init__(self, cluster_key: bytes, node: int, *, initiator: bool) -> None:
+        self._key = cluster_key
+        self.node = node
+        self.initiator = initiator
+        self.peer_node: int | None = None
+        self._nonce = os.urandom(16)
+        self._peer_nonce: bytes | None = None
+        self._session: bytes | None = None
+        self.authenticated = False
+        self._proof_sent = False
+        self._buf = bytearray()
+        self._send_seq = 0
+        self._recv_seq = 0
+        self.rejected = 0
+
+    # -- handshake -----------------------------------------------------------
+    def hello(self) -> bytes:
+        return self._frame(Hello(PROTOCOL_VERSION, self.node, self._nonce), mac=False)
+
+    def _proof(self, mine: bool) -> bytes:
+        assert self._peer_nonce is not None
+        role = self.initiator if mine else not self.initiator
+        a, b = (self._nonce, self._peer_nonce) if mine else (self._peer_nonce, self._nonce)
+        return _mac(self._key, b"sharedfs-auth" + bytes([role]) + a + b)
+
+    def _handshake(self, msg: Message) -> bytes:
+        """Handle a handshake frame; return bytes to send (maybe empty)."""
+        if isinstance(msg, Hello) and self._peer_nonce is None:
+            if msg.version != PROTOCOL_VERSION:
+                raise ProtocolError(f"peer speaks protocol {msg.version}, we speak 1")
+            if len(msg.nonce) != 16:
+                raise ProtocolError("bad nonce")
+            self._peer_nonce = msg.nonce
+            self.peer_node = msg.node
+            self._proof_sent = True
+            return self._frame(Auth(self._proof(mine=True)), mac=False)
+        if isinstance(msg, Auth) and self._peer_nonce is not None and not self.authenticated:
+            if not hmac.compare_digest(msg.proof, self._proof(mine=False)):
+                raise AuthError("peer does not know the cluster key")
+            i_n, r_n = (
+                (self._nonce, self._peer_nonce) if self.initiator else (self._peer_nonce, self._nonce)
+            )
+            self._session = _mac(self._key, b"sharedfs-session" + i_n + r_n) * 2
+            self.authenticated = True
+            self._send_seq = self._recv_seq = 0
+            return b""
+        raise AuthError(f"unexpected {type(msg).__name__} before authentication")
+
+    # -- bytes in ------------------------------------------------------------
+    def receive_data(self, data: bytes) -> None:
+        self._buf += data
+
+    def next_event(self) -> tuple[Message | None, bytes]:
+        """(a message or None if more bytes are needed, bytes to send back).
+        Raises ProtocolError/AuthError for anything we must not accept."""
+        if len(self._buf) < _HEAD.size:
+            return None, b""
+        length, mtype, seq = _HEAD.unpack_from(self._buf, 0)
+        if length < _HEAD.size or length > MAX_FRAME:
+            raise ProtocolError(f"frame length {length} out of bounds")
+        if len(self._buf) < length:
+            return None, b""
+        frame = bytes(self._buf[:length])
+        del self._buf[:length]
+        if not self.authenticated:
+            msg = decode_body(mtype, memoryview(frame)[_HEAD.size :])
+            return None, self._handshake(msg)
+        assert self._session is not None
+        if length < _HEAD.size + MAC_SIZE:
+            raise ProtocolError("frame too short for its MAC")
+        body, mac = frame[: -MAC_SIZE], frame[-MAC_SIZE:]
+        if not hmac.compare_digest(mac, _mac(self._session, body)):
+            raise AuthError("frame MAC mismatch (forged or corrupted)")
+        if seq != self._recv_seq:
+            raise AuthError(f"frame sequence {seq}, expected {self._recv_seq} (replayed?)")
+        self._recv_seq += 1
+        return decode_body(mtype, memoryview(body)[_HEAD.size :]), b""
+
+    # -- bytes out -----------------------------------------------------------
+    def send(self, msg: Message) -> bytes:
+        if not self.authenticated:
+            raise ProtocolError("cannot send before authentication")
+        return self._frame(msg, mac=True)
+
+    def _frame(self, msg: Message, *, mac: bool) -> bytes:
+        body = encode_body(msg)
+        length = _HEAD.size + len(body) + (MAC_SIZE if mac else 0)
+        if length > MAX_FRAME:
+            raise ProtocolError(f"{type(msg).__name__} too large ({length} bytes)")
+        seq = self._send_seq if mac else 0
+        frame = _HEAD.pack(length, msg.TYPE, seq) + body
+        if mac:
+            assert self._session is not None
+            frame += _mac(self._session, frame)
+            self._send_seq += 1
+        return frame
