@@ -19,10 +19,12 @@ unauthenticated but useless without the key.
 from __future__ import annotations
 
 import enum
+import functools
 import hashlib
 import hmac
 import os
 import struct
+import typing
 from dataclasses import astuple, dataclass, field, fields
 from typing import Any, ClassVar, NewType
 
@@ -53,6 +55,7 @@ def block_resource(blockno: int) -> Resource:
 # ---------------------------------------------------------------------------
 # Errors
 
+
 class ProtocolError(Exception):
     """The peer sent something we must not accept; the connection ends."""
 
@@ -65,6 +68,7 @@ class AuthError(ProtocolError):
 # Messages
 
 MAX_FRAME = 1 << 24  # 16 MiB: a batch of blocks, never unbounded
+MAX_HANDSHAKE_FRAME = 256  # what an unauthenticated peer may make us buffer
 MAC_SIZE = 16
 _HEAD = struct.Struct("<IHQ")
 PROTOCOL_VERSION = 1
@@ -172,6 +176,7 @@ class Grant(Message):
     mode: int
     scn: int
     written: tuple[tuple[int, int], ...] = ()  # (block, version on storage)
+    transfer: bool = False  # a host is sending the data: wait for it
 
 
 @message(22)
@@ -186,6 +191,7 @@ class Ping(Message):
     req: int  # the receiver's request id
     scn: int
     op_start: float
+    final: bool  # no other host must let go first: the transfer is the grant
     written: tuple[tuple[int, int], ...] = ()
 
 
@@ -206,6 +212,8 @@ class Transfer(Message):
     dirty: bool
     writing: int
     scn: int
+    final: bool  # the grant: the requester may go on at once
+    btype: int  # metadata block type, 0 for a data block
     data: bytes
     via_storage: bool = False  # --coherence disk: read it from storage instead
 
@@ -220,6 +228,7 @@ class PingDone(Message):
     keep: int
     pi: int
     version: int  # the version shipped
+    dirty: bool  # it was not on storage
     scn: int
 
 
@@ -228,14 +237,6 @@ class Release(Message):
     """A host lets go of clean blocks (eviction, unmount)."""
 
     blocks: tuple[int, ...]
-
-
-@message(26)
-class Received(Message):
-    """Requester to master: the transfer for request `req` arrived."""
-
-    req: int
-    block: int
 
 
 # -- writes ----------------------------------------------------------------------
@@ -325,20 +326,44 @@ def decode_body(mtype: int, body: bytes | memoryview) -> Message:
     return msg
 
 
-_SIMPLE = {"int": int, "str": str, "bytes": bytes, "bool": bool, "float": (int, float)}
+@functools.cache
+def _hints(cls: type[Message]) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _conforms(v: Any, t: Any) -> bool:
+    """Does the decoded value `v` have the annotated type `t`?  (bool is not
+    taken for an int: msgpack keeps them apart, and so do we.)"""
+    origin = typing.get_origin(t)
+    if t is Any:
+        return True
+    if t is float:
+        return isinstance(v, int | float) and not isinstance(v, bool)
+    if t is int:
+        return isinstance(v, int) and not isinstance(v, bool)
+    if origin is None:
+        return isinstance(v, t)
+    args = typing.get_args(t)
+    if origin is tuple:
+        if not isinstance(v, tuple):
+            return False
+        if len(args) == 2 and args[1] is Ellipsis:
+            return all(_conforms(x, args[0]) for x in v)
+        return len(v) == len(args) and all(_conforms(x, a) for x, a in zip(v, args, strict=True))
+    if origin is dict:
+        return isinstance(v, dict) and all(
+            _conforms(k, args[0]) and _conforms(x, args[1]) for k, x in v.items()
+        )
+    return isinstance(v, origin)
 
 
 def _check_types(msg: Message) -> None:
     """Refuse fields of the wrong kind, so handlers can trust what they get."""
-    for f in fields(msg):
-        want = _SIMPLE.get(f.type if isinstance(f.type, str) else "")
-        v = getattr(msg, f.name)
-        if want is not None and not isinstance(v, want):
-            raise ProtocolError(f"malformed {type(msg).__name__}.{f.name}")
-        if str(f.type).startswith("tuple") and not isinstance(v, tuple):
-            raise ProtocolError(f"malformed {type(msg).__name__}.{f.name}")
-        if str(f.type).startswith("dict") and not isinstance(v, dict):
-            raise ProtocolError(f"malformed {type(msg).__name__}.{f.name}")
+    for name, t in _hints(type(msg)).items():
+        if name in ("TYPE", "registry"):
+            continue
+        if not _conforms(getattr(msg, name), t):
+            raise ProtocolError(f"malformed {type(msg).__name__}.{name}")
 
 
 class Connection:
@@ -359,7 +384,8 @@ class Connection:
         self.peer_node: int | None = None
         self._nonce = os.urandom(16)
         self._peer_nonce: bytes | None = None
-        self._session: bytes | None = None
+        self._send_key: bytes | None = None
+        self._recv_key: bytes | None = None
         self.authenticated = False
         self._proof_sent = False
         self._buf = bytearray()
@@ -381,7 +407,9 @@ class Connection:
         """Handle a handshake frame; return bytes to send (maybe empty)."""
         if isinstance(msg, Hello) and self._peer_nonce is None:
             if msg.version != PROTOCOL_VERSION:
-                raise ProtocolError(f"peer speaks protocol {msg.version}, we speak 1")
+                raise ProtocolError(
+                    f"peer speaks protocol {msg.version}, we speak {PROTOCOL_VERSION}"
+                )
             if len(msg.nonce) != 16:
                 raise ProtocolError("bad nonce")
             self._peer_nonce = msg.nonce
@@ -392,9 +420,14 @@ class Connection:
             if not hmac.compare_digest(msg.proof, self._proof(mine=False)):
                 raise AuthError("peer does not know the cluster key")
             i_n, r_n = (
-                (self._nonce, self._peer_nonce) if self.initiator else (self._peer_nonce, self._nonce)
+                (self._nonce, self._peer_nonce)
+                if self.initiator
+                else (self._peer_nonce, self._nonce)
             )
-            self._session = _mac(self._key, b"sharedfs-session" + i_n + r_n) * 2
+            # One key per direction: a frame bounced back to its sender fails.
+            i2r = _mac(self._key, b"sharedfs-i2r" + i_n + r_n) * 2
+            r2i = _mac(self._key, b"sharedfs-r2i" + i_n + r_n) * 2
+            self._send_key, self._recv_key = (i2r, r2i) if self.initiator else (r2i, i2r)
             self.authenticated = True
             self._send_seq = self._recv_seq = 0
             return b""
@@ -404,13 +437,34 @@ class Connection:
     def receive_data(self, data: bytes) -> None:
         self._buf += data
 
+    @property
+    def buffered(self) -> int:
+        """Bytes received and not yet taken as frames."""
+        return len(self._buf)
+
     def next_event(self) -> tuple[Message | None, bytes]:
         """(a message or None if more bytes are needed, bytes to send back).
         Raises ProtocolError/AuthError for anything we must not accept."""
+        try:
+            while True:
+                was_authenticated = self.authenticated
+                msg, reply = self._next()
+                # The handshake's last frame asks for no reply: go straight on
+                # to what followed it in the buffer, so (None, b"") keeps
+                # meaning "need more bytes".
+                if msg is None and not reply and self.authenticated and not was_authenticated:
+                    continue
+                return msg, reply
+        except ProtocolError:
+            self.rejected += 1
+            raise
+
+    def _next(self) -> tuple[Message | None, bytes]:
         if len(self._buf) < _HEAD.size:
             return None, b""
         length, mtype, seq = _HEAD.unpack_from(self._buf, 0)
-        if length < _HEAD.size or length > MAX_FRAME:
+        limit = MAX_FRAME if self.authenticated else MAX_HANDSHAKE_FRAME
+        if length < _HEAD.size or length > limit:
             raise ProtocolError(f"frame length {length} out of bounds")
         if len(self._buf) < length:
             return None, b""
@@ -419,11 +473,11 @@ class Connection:
         if not self.authenticated:
             msg = decode_body(mtype, memoryview(frame)[_HEAD.size :])
             return None, self._handshake(msg)
-        assert self._session is not None
+        assert self._recv_key is not None
         if length < _HEAD.size + MAC_SIZE:
             raise ProtocolError("frame too short for its MAC")
-        body, mac = frame[: -MAC_SIZE], frame[-MAC_SIZE:]
-        if not hmac.compare_digest(mac, _mac(self._session, body)):
+        body, mac = frame[:-MAC_SIZE], frame[-MAC_SIZE:]
+        if not hmac.compare_digest(mac, _mac(self._recv_key, body)):
             raise AuthError("frame MAC mismatch (forged or corrupted)")
         if seq != self._recv_seq:
             raise AuthError(f"frame sequence {seq}, expected {self._recv_seq} (replayed?)")
@@ -444,7 +498,7 @@ class Connection:
         seq = self._send_seq if mac else 0
         frame = _HEAD.pack(length, msg.TYPE, seq) + body
         if mac:
-            assert self._session is not None
-            frame += _mac(self._session, frame)
+            assert self._send_key is not None
+            frame += _mac(self._send_key, frame)
             self._send_seq += 1
         return frame

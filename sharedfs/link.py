@@ -1,0 +1,102 @@
+"""Trio glue for protocol.Connection: an authenticated message link on a stream.
+
+Used for every connection: host to master, host to host, tool to master.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+
+import trio
+
+from . import protocol as p
+
+log = logging.getLogger(__name__)
+
+HANDSHAKE_TIMEOUT = 10.0
+_RECV = 65536
+
+
+class LinkClosed(Exception):
+    """The other side went away."""
+
+
+class Link:
+    """Attributes:
+    peer_node: the other side's node id (from its Hello).
+    rejected: frames refused on this link.
+    """
+
+    def __init__(self, stream: trio.abc.Stream, conn: p.Connection) -> None:
+        self.stream = stream
+        self.conn = conn
+        self._send_lock = trio.Lock()
+        self.sent = 0
+        self.received = 0
+
+    @property
+    def peer_node(self) -> int:
+        assert self.conn.peer_node is not None
+        return self.conn.peer_node
+
+    @classmethod
+    async def open(cls, stream: trio.abc.Stream, key: bytes, node: int, *, initiator: bool) -> Link:
+        """Run the handshake; raise AuthError/ProtocolError/LinkClosed."""
+        link = cls(stream, p.Connection(key, node, initiator=initiator))
+        conn = link.conn
+        with trio.fail_after(HANDSHAKE_TIMEOUT):
+            await stream.send_all(conn.hello())
+            while not conn.authenticated:
+                # Both handshake frames may arrive in one chunk: use up what
+                # is buffered before waiting for more.
+                before = conn.buffered
+                _, reply = conn.next_event()
+                if reply:
+                    await stream.send_all(reply)
+                if conn.authenticated or conn.buffered < before:
+                    continue
+                data = await stream.receive_some(_RECV)
+                if not data:
+                    raise LinkClosed("closed during the handshake")
+                conn.receive_data(data)
+        return link
+
+    async def send(self, msg: p.Message) -> None:
+        data = self.conn.send(msg)
+        async with self._send_lock:
+            try:
+                await self.stream.send_all(data)
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as e:
+                raise LinkClosed(str(e)) from None
+        self.sent += 1
+
+    async def messages(self) -> AsyncIterator[p.Message]:
+        """Every message until the other side closes; ProtocolError on garbage."""
+        while True:
+            msg, _ = self.conn.next_event()
+            if msg is not None:
+                self.received += 1
+                yield msg
+                continue
+            try:
+                data = await self.stream.receive_some(_RECV)
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                return
+            if not data:
+                return
+            self.conn.receive_data(data)
+
+    async def aclose(self) -> None:
+        with trio.CancelScope(shield=True):
+            await self.stream.aclose()
+
+
+def parse_address(text: str, default_port: int = 7400) -> tuple[str, int]:
+    """'host:port', 'host' or ':port' -> (host, port)."""
+    host, sep, port = text.rpartition(":")
+    if not sep:
+        return text or "127.0.0.1", default_port
+    if not port.isdigit() or not 0 <= int(port) < 65536:
+        raise ValueError(f"bad port in {text!r}")
+    return host.strip("[]") or "127.0.0.1", int(port)
