@@ -242,6 +242,7 @@ class Fsck:
         self.dirs: dict[int, DirState] = {}
         self.dirmaps: dict[int, dict[int, int]] = {}  # dir ino -> {lbn: pbn}
         self.nblocks: dict[int, int] = {}
+        self.last_lbn: dict[int, int] = {}  # the highest mapped logical block
         self._dups: list[tuple[int, int, Ref]] = []
         self.parent_of: dict[int, int] = {}
         self.lost_found = 0  # its inode, 0 if it must be created
@@ -249,6 +250,7 @@ class Fsck:
         self._lf_names: set[bytes] = set()
         self._file_refs: dict[int, int] = {}
         self._stranded: set[int] = set()
+        self._new_root = False
 
     # ==================================================================
     # Reporting
@@ -392,7 +394,6 @@ class Fsck:
     # -- superblock -----------------------------------------------------
 
     def check_superblock(self) -> None:
-        self._info("Checking superblock and backup...")
         primary = backup = None
         perr = berr = ""
         try:
@@ -400,21 +401,21 @@ class Fsck:
         except CorruptVolume as e:
             perr = str(e)
         try:
-            if primary is not None:
-                backup = self._read_backup_at(primary)
-            else:
-                backup = read_backup_superblock(self.storage)
+            backup = self._find_backup() if primary is None else self._read_backup_at(primary)
         except CorruptVolume as e:
             berr = str(e)
         if primary is None and backup is None:
+            why = perr.removeprefix("not a sharedfs volume (").removesuffix(")")
             raise QuietError(
-                f"{self.storage.name}: not a sharedfs volume ({perr}) and no usable backup "
-                "superblock",
+                f"{self.storage.name}: not a sharedfs volume ({why}; no usable backup "
+                "superblock either)",
                 EXIT_OPERATIONAL,
             )
         self.sb = sb = primary or backup  # type: ignore[assignment]
-        # Before any finding: a live host changes the volume under us.
+        # Before any finding: a live host changes the volume under us.  And
+        # before any output: refusing to check is one line, nothing else.
         self._check_live()
+        self._info("Checking superblock and backup...")
         if primary is None:
             assert backup is not None
             self._error(
@@ -434,6 +435,29 @@ class Fsck:
                 "rewritten from the primary",
             )
             self._put(sb.backup_blockno, sb.pack(sb.backup_blockno), None)
+
+    def _find_backup(self) -> fmt.Superblock:
+        """The backup, for a damaged primary: in the device's last block, or
+        where the damaged primary's size field puts it (a volume smaller than
+        its device keeps its backup at its own end)."""
+        try:
+            return read_backup_superblock(self.storage)
+        except CorruptVolume:
+            pass
+        raw = self.storage.read_sync(0, min(self.storage.size, 1024))
+        if len(raw) < fmt.HDR_SIZE + 104 or raw[fmt.HDR_SIZE : fmt.HDR_SIZE + 8] != fmt.SB_MAGIC:
+            raise CorruptVolume(f"{self.storage.name}: no valid backup superblock")
+        # magic, version, block size, uuid, label, volume_blocks: see format._SB.
+        bs, vb = struct.unpack_from("<I16s64sQ", raw, fmt.HDR_SIZE + 12)[::3]
+        if bs not in (1024, 2048, 4096, 8192, 16384, 32768, 65536) or not (
+            vb >= 2 and vb * bs <= self.storage.size
+        ):
+            raise CorruptVolume(f"{self.storage.name}: no valid backup superblock")
+        buf = self.storage.read_sync((vb - 1) * bs, bs)
+        backup = fmt.Superblock.unpack(buf, vb - 1)
+        if backup.backup_blockno != vb - 1:
+            raise CorruptVolume(f"{self.storage.name}: no valid backup superblock")
+        return backup
 
     def _read_backup_at(self, sb: fmt.Superblock) -> fmt.Superblock:
         b = sb.backup_blockno
@@ -631,6 +655,8 @@ class Fsck:
             return f"invalid file type in mode {inode.mode:#o}"
         if inode.height > MAX_HEIGHT:
             return f"block map height {inode.height} is invalid"
+        if stat.S_ISLNK(inode.mode) and inode.size >= sb.block_size:
+            return f"symlink target length {inode.size} is invalid"
         if not strict:
             return None
         ptrs = [p for p in (*inode.roots, inode.xattr_block) if p]
@@ -658,6 +684,9 @@ class Fsck:
         vb = sb.volume_blocks
         self.used = bytearray(b"\x01") * vb
         self.owner = array("I", [_META]) * vb
+        # Blocks whose allocation fsck itself changes: their bitmap bits are
+        # part of that repair, not findings of their own.
+        self.touched = bytearray(vb)
         for g in range(sb.group_count):
             lo = sb.group_start(g) + sb.group_overhead()
             hi = sb.group_start(g) + sb.group_blocks(g)
@@ -700,6 +729,7 @@ class Fsck:
     def _unclaim(self, ino: int, p: int) -> None:
         self.used[p] = 0
         self.owner[p] = 0
+        self.touched[p] = 1
         self.nblocks[ino] -= 1
 
     def _walk(self, inos: list[int], what: str) -> None:
@@ -729,7 +759,7 @@ class Fsck:
                     if children is None:
                         continue
                     if level == 1 and not record:
-                        self._claim_data(ino, p, children)
+                        self._claim_data(ino, p, children, base)
                         continue
                     span = ptrs ** (level - 1)
                     below = levels[level - 1]
@@ -737,8 +767,14 @@ class Fsck:
                         if c:
                             below.append((ino, c, ("ind", p, i), base + i * span))
         for ino, p, ref, lbn in levels[0]:
-            if self._claim(ino, p, ref, what) and record:
-                self.dirmaps[ino][lbn] = p
+            if self._claim(ino, p, ref, what):
+                if record:
+                    self.dirmaps[ino][lbn] = p
+                self._mapped_to(ino, lbn)
+
+    def _mapped_to(self, ino: int, lbn: int) -> None:
+        if lbn > self.last_lbn.get(ino, -1):
+            self.last_lbn[ino] = lbn
 
     def _indirect(self, ino: int, p: int, ref: Ref, blk: bytes) -> tuple[int, ...] | None:
         try:
@@ -753,15 +789,17 @@ class Fsck:
             return None
         return fmt.all_ptrs(blk, self.bs)
 
-    def _claim_data(self, ino: int, p: int, children: tuple[int, ...]) -> None:
+    def _claim_data(self, ino: int, p: int, children: tuple[int, ...], base: int) -> None:
         """The data pointers of one bottom-level indirect block: the common
         case inline, for volumes with hundreds of thousands of them."""
         used, owner = self.used, self.owner
         vb = len(used)
         n = 0
+        last = -1
         for i, c in enumerate(children):
             if not c:
                 continue
+            last = i
             if c < vb and not used[c]:
                 used[c] = 1
                 owner[c] = ino
@@ -769,6 +807,8 @@ class Fsck:
             else:
                 self._claim(ino, c, ("ind", p, i), "block")
         self.nblocks[ino] = self.nblocks.get(ino, 0) + n
+        if last >= 0:
+            self._mapped_to(ino, base + last)
 
     def _check_xattrs(self) -> None:
         claimed = [
@@ -796,6 +836,10 @@ class Fsck:
         for ino, p, ref in self._dups:
             if ino not in self.inodes:
                 continue
+            if not self.used[p]:
+                # The first claimant was damaged metadata, dropped since.
+                self._claim(ino, p, ref, "block")
+                continue
             first = self.owner[p]
             who = "twice by inode" if first == ino else f"by inode {first} and inode"
             new = self.used.find(0, hint)
@@ -811,6 +855,7 @@ class Fsck:
             self._set_ref(ref, new)
             self.used[new] = 1
             self.owner[new] = ino
+            self.touched[new] = 1
             self.nblocks[ino] = self.nblocks.get(ino, 0) + 1
             self._error(problem, f"gave inode {ino} its own copy in block {new}")
 
@@ -992,6 +1037,11 @@ class Fsck:
         for d in sorted(self.dirs):
             for e in self.dirs[d].kept():
                 self._check_entry(e)
+        self._namers: dict[int, list[int]] = {}
+        for d, st in self.dirs.items():
+            for e in st.kept():
+                if e.ino in self.dirs:
+                    self._namers.setdefault(e.ino, []).append(d)
         self.parent_of = {ROOT: ROOT}
         self._attach([ROOT])
 
@@ -1018,6 +1068,7 @@ class Fsck:
             ctime_ns=now,
         )
         self.inodes[ROOT] = new
+        self._new_root = True
         self._touch_inode(new)
         self.dirs[ROOT] = DirState(ROOT, rebuild=True)
         self._rebuild.add(ROOT)
@@ -1050,11 +1101,6 @@ class Fsck:
         for the first time hangs from the entry that led there; later entries
         naming it are removed.  A directory named more than once waits for the
         directory its parent field names, if that one names it too."""
-        namers: dict[int, list[int]] = {}
-        for d, st in self.dirs.items():
-            for e in st.kept():
-                if e.ino in self.dirs:
-                    namers.setdefault(e.ino, []).append(d)
         queue = deque(start)
         deferred: list[Entry] = []
         while True:
@@ -1066,7 +1112,7 @@ class Fsck:
                         continue
                     if t in self.parent_of:
                         self._extra_name(e)
-                    elif self._waits(t, d, namers):
+                    elif self._waits(t, d):
                         deferred.append(e)
                     else:
                         self.parent_of[t] = d
@@ -1087,9 +1133,9 @@ class Fsck:
             if not progressed:
                 return
 
-    def _waits(self, t: int, d: int, namers: dict[int, list[int]]) -> bool:
+    def _waits(self, t: int, d: int) -> bool:
         p = self.inodes[t].parent
-        names = namers.get(t, [])
+        names = self._namers.get(t, ())
         return len(names) > 1 and p != d and p in names
 
     def _extra_name(self, e: Entry) -> None:
@@ -1108,11 +1154,15 @@ class Fsck:
         host died with them open) are freed, the others go to /lost+found."""
         self._info("Checking for orphan inodes...")
         self._find_lost_found()
-        while True:
-            loose = sorted(d for d in self.dirs if d not in self.parent_of)
-            if not loose:
-                break
-            self._reconnect_dir(loose)
+        loose = sorted(d for d in self.dirs if d not in self.parent_of)
+        while loose:
+            # Reconnect each disconnected tree by its top: a directory no
+            # other disconnected directory names (in a cycle, the lowest).
+            inside = {e.ino for d in loose for e in self.dirs[d].kept()}
+            tops = [d for d in loose if d not in inside]
+            for top in tops or loose[:1]:
+                self._reconnect_dir(top, in_cycle=not tops)
+            loose = [d for d in loose if d in self.dirs and d not in self.parent_of]
         refs = self._file_refs = {}
         for d in self.dirs:
             for e in self.dirs[d].kept():
@@ -1141,24 +1191,20 @@ class Fsck:
                     self.lost_found = -1  # taken by something else
                 return
 
-    def _reconnect_dir(self, loose: list[int]) -> None:
-        """Reconnect one disconnected directory tree by its top (a directory
-        no other disconnected directory names; in a cycle, the lowest)."""
-        inside = {e.ino for d in loose for e in self.dirs[d].kept()}
-        tops = [d for d in loose if d not in inside]
-        top = tops[0] if tops else loose[0]
+    def _reconnect_dir(self, top: int, *, in_cycle: bool) -> None:
+        """Free an unlinked, empty directory; link any other into /lost+found."""
         st = self.dirs[top]
-        if tops and self.inodes[top].nlink == 0 and not any(st.kept()):
+        if not in_cycle and self.inodes[top].nlink == 0 and not any(st.kept()):
             self._error(
                 f"inode {top}: unlinked but still allocated (orphan directory with link count 0)",
                 "freed it",
             )
             self._free_inode(top)
             return
-        if tops:
-            problem = f"directory {top}: not reachable from the root (orphan)"
-        else:
+        if in_cycle:
             problem = f"directory {top}: in a cycle of directories unreachable from the root"
+        else:
+            problem = f"directory {top}: not reachable from the root (orphan)"
         if self._to_lost_found(top, problem):
             self.parent_of[top] = _TO_LOST_FOUND
         else:
@@ -1186,7 +1232,7 @@ class Fsck:
         """A directory's parent field names the directory holding its entry."""
         self._info("Checking parent pointers...")
         for d in sorted(self.dirs):
-            want = self.parent_of[d]
+            want = self.parent_of.get(d, _STRANDED)
             if want < 0:
                 continue  # set when it is linked into /lost+found
             inode = self.inodes[d]
@@ -1214,12 +1260,22 @@ class Fsck:
                 self._touch_inode(inode)
 
     def check_block_counts(self) -> None:
-        """An inode's blocks counter: data, indirect, directory and xattr blocks."""
-        self._info("Checking block counters...")
+        """An inode's blocks counter: data, indirect, directory and xattr
+        blocks; and a file's size, which its block map must be able to reach."""
+        self._info("Checking block counters and sizes...")
+        largest = fmt.map_capacity(self.bs, MAX_HEIGHT) * self.bs
         for ino in sorted(self.inodes):
             if ino in self._rebuild:
                 continue  # the core counts the blocks it lays out
             inode = self.inodes[ino]
+            if stat.S_ISREG(inode.mode) and inode.size > largest:
+                want = (self.last_lbn.get(ino, -1) + 1) * self.bs
+                self._error(
+                    f"inode {ino}: size {inode.size} is beyond the largest possible file",
+                    f"set to {want}, the end of its last block",
+                )
+                inode.size = want
+                self._touch_inode(inode)
             want = self.nblocks.get(ino, 0)
             if inode.blocks != want:
                 self._error(
@@ -1238,9 +1294,14 @@ class Fsck:
         in_use = bytearray(sb.inode_count + 1)
         for ino in self.inodes:
             in_use[ino] = 1
+        freed = bytearray(sb.inode_count + 1)
+        for ino in self._freed:
+            freed[ino] = 1
+        if self._new_root:
+            freed[ROOT] = 1
         for g in range(sb.group_count):
             self._check_block_bitmap(g)
-            self._check_inode_bitmap(g, in_use)
+            self._check_inode_bitmap(g, in_use, freed)
         self.files = sum(1 for i in self.inodes.values() if not _is_dir(i))
         self.directories = len(self.inodes) - self.files
         self.blocks_used = 0
@@ -1254,37 +1315,46 @@ class Fsck:
         if not rel:
             return
         keep = {self.inodes[i].xattr_block for i in self._rebuild if i in self.inodes}
-        owner, used = self.owner, self.used
+        owner, used, touched = self.owner, self.used, self.touched
         for b, o in enumerate(owner):
             if o in rel and b not in keep:
                 used[b] = 0
                 owner[b] = 0
+                touched[b] = 1
 
     def _check_block_bitmap(self, g: int) -> None:
         sb = self.sb
         gs, nbits = sb.group_start(g), sb.group_blocks(g)
-        want = _pack_bits(self.used[gs : gs + nbits], fmt.bitmap_capacity(self.bs) // 8)
-        self._check_bitmap(g, self.bbm[g], want, nbits, gs, BlockType.BITMAP, sb.bitmap_block(g))
+        nbytes = fmt.bitmap_capacity(self.bs) // 8
+        want = _pack_bits(self.used[gs : gs + nbits], nbytes)
+        mine = _pack_bits(self.touched[gs : gs + nbits], nbytes)
+        block = sb.bitmap_block(g)
+        self._check_bitmap(g, self.bbm[g], want, mine, nbits, gs, BlockType.BITMAP, block)
 
-    def _check_inode_bitmap(self, g: int, in_use: bytearray) -> None:
+    def _check_inode_bitmap(self, g: int, in_use: bytearray, freed: bytearray) -> None:
         sb = self.sb
         ipg = sb.inodes_per_group
         first = g * ipg + 1
-        want = _pack_bits(in_use[first : first + ipg], fmt.bitmap_capacity(self.bs) // 8)
-        self._check_bitmap(g, self.ibm[g], want, ipg, first, BlockType.IBITMAP, sb.ibitmap_block(g))
+        nbytes = fmt.bitmap_capacity(self.bs) // 8
+        want = _pack_bits(in_use[first : first + ipg], nbytes)
+        mine = _pack_bits(freed[first : first + ipg], nbytes)
+        block = sb.ibitmap_block(g)
+        self._check_bitmap(g, self.ibm[g], want, mine, ipg, first, BlockType.IBITMAP, block)
 
     def _check_bitmap(
         self,
         g: int,
         disk: bytes | None,
         want: bytes,
+        mine: bytes,
         nbits: int,
         base: int,
         btype: BlockType,
         blockno: int,
     ) -> None:
         """Compare one bitmap block with the bits it should hold; rewrite it
-        if they, its free counter or its initialized counter are wrong."""
+        if they, its free counter or its initialized counter are wrong.  Bits
+        in `mine` changed with a repair reported already."""
         what = "blocks" if btype is BlockType.BITMAP else "inodes"
         want_free = nbits - int.from_bytes(want, "little").bit_count()
         rewrite = disk is None
@@ -1293,7 +1363,9 @@ class Fsck:
             have = int.from_bytes(bits, "little")
             diff = have ^ int.from_bytes(want, "little")
             if diff:
-                self._report_bits(g, what, have, diff, nbits, base)
+                found = diff & ~int.from_bytes(mine, "little")
+                if found:
+                    self._report_bits(g, what, have, found, nbits, base)
                 rewrite = True
             have_free = nbits - (have & ((1 << nbits) - 1)).bit_count()
             counter = fmt.bitmap_free_count(disk)
@@ -1404,20 +1476,34 @@ class Fsck:
             return
         self._info("Rebuilding directories and reconnecting orphans...")
         fs = open_host(self.storage, self.sb)
+        try:
+            await self._as_operation(fs)
+        except (FsError, CorruptVolume) as e:
+            # The verification pass below reports what this left undone.
+            log.error("repair failed: %s", e)
+            self.uncorrectable += 1
+        await fs.cache.sync()
+
+    async def _as_operation(self, fs: FileSystem) -> None:
+        """The namespace repairs as one core operation (which stores the
+        inodes it changed); through FileSystem.run where the core has it."""
+        run = getattr(fs, "run", None)
+        if run is not None:
+            await run(self._namespace_work, fs)
+            return
         async with fs._op:
             try:
-                for ino in sorted(self._rebuild):
-                    await self._rebuild_dir(fs, ino)
-                if self.lost_found_moves:
-                    await self._fill_lost_found(fs)
-            except (FsError, CorruptVolume) as e:
-                log.error("repair failed: %s", e)
-                self.uncorrectable += 1
+                await self._namespace_work(fs)
             finally:
                 store = getattr(fs, "_store_inodes", None)
                 if store is not None:
                     await store()
-        await fs.cache.sync()
+
+    async def _namespace_work(self, fs: FileSystem) -> None:
+        for ino in sorted(self._rebuild):
+            await self._rebuild_dir(fs, ino)
+        if self.lost_found_moves:
+            await self._fill_lost_found(fs)
 
     async def _rebuild_dir(self, fs: FileSystem, ino: int) -> None:
         dino = await fs._iget(ino, Mode.X)
