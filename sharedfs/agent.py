@@ -1,34 +1,59 @@
-"""The host side of the lock protocol: asks the master for modes, releases them.
+"""The host side of the lock protocol: asks the master, serves pings, ships blocks.
 
-The buffer cache is the agent's only client: it names a block and the mode it
-needs, and the agent gets that mode from the master.
+The buffer cache is the agent's only client.  It names blocks and the mode it
+needs; the agent gets the mode from the master and returns, per block, the
+copy another host shipped (or None: read it from storage, or keep yours).
+In the other direction the master pings this host to ship a block, asks it
+to write blocks (write-perform), and tells it what reached storage (write
+notifications); the agent hands those to the cache.
+
+`LocalAgent` is the stand-in for single-process tools and unit tests of the
+core: an in-process LockMaster, no other hosts.
 """
 
 from __future__ import annotations
 
+import functools
+import itertools
 import logging
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
+import trio
+
+from . import protocol as p
+from .errors import QuietError
+from .link import Link, LinkClosed
 from .master import LockMaster
 from .protocol import HostId, Mode, Resource, block_resource
 
+if TYPE_CHECKING:
+    from .cache import BlockCache
+
 log = logging.getLogger(__name__)
 
+RELEASE_BATCH = 256
+CONNECT_TIMEOUT = 10.0
 
-class Agent:
-    """One host's connection to its lock master.
 
-    Attributes:
-        host: this host's id (its slot number).
-        master: the master it talks to (embedded in this process for now).
-    """
+class OpRetry(Exception):
+    """The running operation must let go of its blocks and start again
+    (another host needs a block it holds while it waits for one)."""
+
+
+class LocalAgent:
+    """One host's locks in an in-process LockMaster (no network, no peers)."""
 
     def __init__(self, host: HostId, master: LockMaster) -> None:
         self.host = host
         self.master = master
 
-    async def acquire_blocks(self, blocknos: list[int], mode: Mode) -> None:
-        """Get `mode` on all these blocks in one request."""
+    async def acquire_blocks(
+        self, blocknos: list[int], mode: Mode, op_start: float = 0.0
+    ) -> dict[int, p.Transfer]:
         await self.master.acquire(self.host, [block_resource(b) for b in blocknos], mode)
+        return {}
 
     async def acquire(self, res: Resource, mode: Mode) -> None:
         await self.master.acquire(self.host, [res], mode)
@@ -36,5 +61,353 @@ class Agent:
     def release_block(self, blockno: int) -> None:
         self.master.release(self.host, block_resource(blockno))
 
+    async def write_request(self, blocks: list[tuple[int, int]]) -> None:
+        raise AssertionError("a single host never has blocks in global role")
+
+    def write_done(self, blocks: list[tuple[int, int]]) -> None:
+        pass
+
     def close(self) -> None:
         self.master.release_all(self.host)
+
+
+# Kept for the name the core's tests and tools use.
+Agent = LocalAgent
+
+
+@dataclass(eq=False)
+class Pending:
+    """A lock request in flight."""
+
+    req: int
+    blocks: set[int]
+    mode: Mode
+    granted: set[int] = field(default_factory=set)
+    arrived: dict[int, p.Transfer] = field(default_factory=dict)
+    await_transfer: set[int] = field(default_factory=set)
+    done: trio.Event = field(default_factory=trio.Event)
+    abandoned: bool = False
+
+    def check(self) -> None:
+        if all(b in self.granted and b not in self.await_transfer for b in self.blocks):
+            self.done.set()
+
+
+@dataclass(slots=True)
+class AgentStats:
+    lock_requests: int = 0
+    blocks_requested: int = 0
+    pings_served: int = 0
+    revokes_served: int = 0
+    transfers_sent: int = 0
+    transfers_received: int = 0
+    write_requests: int = 0
+    write_performs: int = 0
+    notifications: int = 0
+    retries: int = 0
+
+
+class ClusterAgent:
+    """A host in a cluster: one link to the master, links to peers.
+
+    Attributes:
+        host: this host's node id.
+        cache: the buffer cache it serves (set by the cache).
+        peer_port: where peers reach this host for transfers.
+    """
+
+    def __init__(self, host: HostId, key: bytes, *, coherence: str = "fusion") -> None:
+        self.host = host
+        self.key = key
+        self.coherence = coherence
+        self.cache: BlockCache | None = None
+        self.peer_port = 0
+        self._master: Link | None = None
+        self._peers: dict[int, tuple[str, int]] = {}
+        self._peer_links: dict[int, Link] = {}
+        self._peer_locks: dict[int, trio.Lock] = {}
+        self._reqs = itertools.count(1)
+        self._pending: dict[int, Pending] = {}
+        self._written: dict[int, trio.Event] = {}  # block -> write notification wanted
+        self._releases: list[int] = []
+        self._send_lock = trio.Lock()
+        self._nursery: trio.Nursery | None = None
+        self.stats = AgentStats()
+        self.master_lost = trio.Event()
+
+    # -- start -------------------------------------------------------------------
+    async def run(
+        self,
+        master: tuple[str, int],
+        *,
+        listen_host: str = "127.0.0.1",
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Listen for peers, join the master, then serve until cancelled."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            listeners = await nursery.start(
+                functools.partial(trio.serve_tcp, self._peer_handler, 0, host=listen_host)
+            )
+            self.peer_port = listeners[0].socket.getsockname()[1]
+            link = await self._connect(master, listen_host)
+            nursery.start_soon(self._master_loop, link)
+            nursery.start_soon(self._release_task)
+            task_status.started()
+
+    async def _connect(self, master: tuple[str, int], listen_host: str) -> Link:
+        try:
+            with trio.fail_after(CONNECT_TIMEOUT):
+                stream = await trio.open_tcp_stream(*master)
+                link = await Link.open(stream, self.key, self.host, initiator=True)
+                await link.send(p.Join(self.host, listen_host, self.peer_port, self.coherence))
+                async for msg in link.messages():
+                    if isinstance(msg, p.Refused):
+                        raise QuietError(
+                            f"master {master[0]}:{master[1]} refused: {msg.reason}", 32
+                        )
+                    if isinstance(msg, p.Welcome):
+                        self._peers.update(msg.peers)
+                        assert self.cache is not None
+                        self.cache.see_scn(msg.scn)
+                        break
+                else:
+                    raise LinkClosed("master closed the connection")
+        except OSError as e:
+            raise QuietError(
+                f"cannot reach master {master[0]}:{master[1]}: {e.strerror or e}", 32
+            ) from None
+        except trio.TooSlowError:
+            raise QuietError(f"master {master[0]}:{master[1]} did not answer", 32) from None
+        except p.AuthError:
+            raise QuietError(
+                f"master {master[0]}:{master[1]} refused our cluster key: "
+                "is it the master of this volume?",
+                32,
+            ) from None
+        except (p.ProtocolError, LinkClosed) as e:
+            raise QuietError(f"master {master[0]}:{master[1]}: {e}", 32) from None
+        self._master = link
+        log.info("host %d: joined master %s:%d", self.host, *master)
+        return link
+
+    # -- requests ------------------------------------------------------------------
+    async def acquire_blocks(
+        self, blocknos: list[int], mode: Mode, op_start: float = 0.0
+    ) -> dict[int, p.Transfer]:
+        """Get `mode` on these blocks in one request; return the copies that
+        other hosts shipped.  Raises OpRetry if the operation must back off."""
+        assert self._master is not None and self.cache is not None
+        req = next(self._reqs)
+        pend = Pending(req, set(blocknos), mode)
+        self._pending[req] = pend
+        self.stats.lock_requests += 1
+        self.stats.blocks_requested += len(blocknos)
+        await self._send_master(
+            p.LockRequest(req, tuple(blocknos), int(mode), self.cache.scn, op_start)
+        )
+        try:
+            await self.cache.wait_for_grant(pend)
+        except OpRetry:
+            pend.abandoned = True
+            self.stats.retries += 1
+            raise
+        return pend.arrived
+
+    def _finish(self, pend: Pending) -> None:
+        """A request is complete: its arrivals go into the cache (even if the
+        operation that asked has given up meanwhile)."""
+        self._pending.pop(pend.req, None)
+        if pend.abandoned:
+            assert self.cache is not None
+            self.cache.install(pend.arrived, pend.blocks, pend.mode)
+
+    def release_block(self, blockno: int) -> None:
+        self._releases.append(blockno)
+
+    async def _release_task(self) -> None:
+        """Releases also go out on their own, batched, when nothing else does."""
+        while True:
+            await trio.sleep(0.05)
+            if self._releases:
+                await self._send_master(None)
+
+    async def write_request(self, blocks: list[tuple[int, int]]) -> None:
+        """Ask the master to get these versions onto storage; return when
+        storage has them (claims 1, 30, 58)."""
+        assert self.cache is not None
+        events = []
+        for b, _ in blocks:
+            ev = self._written.get(b)
+            if ev is None:
+                ev = self._written[b] = trio.Event()
+            events.append(ev)
+        self.stats.write_requests += 1
+        await self._send_master(p.WriteRequest(tuple(blocks), self.cache.scn))
+        for ev in events:
+            await ev.wait()
+
+    def write_done(self, blocks: list[tuple[int, int]]) -> None:
+        """Storage has these versions of global blocks (claim 34)."""
+        assert self._nursery is not None and self.cache is not None
+        self._nursery.start_soon(self._send_master, p.WriteDone(tuple(blocks), self.cache.scn))
+
+    async def _send_master(self, msg: p.Message | None) -> None:
+        """Send to the master, releases first: a Release must never reach the
+        master after a later request for the same block, or it would drop
+        the hold that request just got."""
+        assert self._master is not None
+        async with self._send_lock:
+            try:
+                while self._releases:
+                    batch = tuple(self._releases[:RELEASE_BATCH])
+                    del self._releases[:RELEASE_BATCH]
+                    await self._master.send(p.Release(batch))
+                if msg is not None:
+                    await self._master.send(msg)
+            except LinkClosed:
+                self.master_lost.set()
+                raise
+
+    # -- from the master -------------------------------------------------------------
+    async def _master_loop(self, link: Link) -> None:
+        assert self._nursery is not None and self.cache is not None
+        try:
+            async for msg in link.messages():
+                self.cache.see_scn(getattr(msg, "scn", 0))
+                written = getattr(msg, "written", ())
+                if written:
+                    self._notified(written)
+                if isinstance(msg, p.Grant):
+                    self._on_grant(msg)
+                elif isinstance(msg, p.Ping):
+                    self._nursery.start_soon(self._serve_ping, msg)
+                elif isinstance(msg, p.WritePerform):
+                    self._nursery.start_soon(self._perform, msg)
+                elif isinstance(msg, p.PeerUp):
+                    self._peers[msg.node] = (msg.host, msg.port)
+                elif isinstance(msg, p.PeerDown):
+                    self._peers.pop(msg.node, None)
+                    self._peer_links.pop(msg.node, None)
+        except p.ProtocolError as e:
+            log.error("host %d: bad message from the master: %s", self.host, e)
+        log.error("host %d: lost the connection to the master", self.host)
+        self.master_lost.set()
+
+    def _on_grant(self, msg: p.Grant) -> None:
+        pend = self._pending.get(msg.req)
+        if pend is None:
+            return  # already complete: its transfer was the grant
+        pend.granted.update(msg.blocks)
+        if msg.transfer:
+            pend.await_transfer.update(b for b in msg.blocks if b not in pend.arrived)
+        pend.check()
+        if pend.done.is_set():
+            self._finish(pend)
+
+    def _notified(self, written: Iterable[tuple[int, int]]) -> None:
+        assert self.cache is not None
+        written = list(written)
+        self.stats.notifications += len(written)
+        self.cache.notified(written)
+        for b, _ in written:
+            ev = self._written.pop(b, None)
+            if ev is not None:
+                ev.set()
+
+    async def _serve_ping(self, msg: p.Ping) -> None:
+        """Ship `block` to the requester (or just drop it) and tell the master."""
+        assert self.cache is not None
+        # The master granted us this block and then pinged us for it (the
+        # grant came first on its link): let the data on its way land first.
+        # A request of ours still queued is not about this hold: no waiting.
+        for pend in list(self._pending.values()):
+            if msg.block in pend.granted and msg.block in pend.blocks:
+                await pend.done.wait()
+        shipped = await self.cache.give_up(msg)
+        if msg.to == -1:
+            self.stats.revokes_served += 1
+        else:
+            self.stats.pings_served += 1
+            t = p.Transfer(
+                msg.req,
+                msg.block,
+                msg.mode,
+                shipped.version,
+                shipped.dirty,
+                shipped.writing,
+                self.cache.scn,
+                msg.final,
+                shipped.btype,
+                shipped.data,
+                shipped.via_storage,
+            )
+            await self._send_peer(msg.to, t)
+            self.stats.transfers_sent += 1
+        done = p.PingDone(
+            msg.block,
+            msg.to,
+            msg.keep,
+            shipped.pi,
+            shipped.version,
+            shipped.was_dirty,
+            self.cache.scn,
+        )
+        await self._send_master(done)
+
+    async def _perform(self, msg: p.WritePerform) -> None:
+        assert self.cache is not None
+        self.stats.write_performs += 1
+        written = await self.cache.perform_write(list(msg.blocks))
+        await self._send_master(p.WriteDone(tuple(written), self.cache.scn))
+
+    # -- peers -------------------------------------------------------------------------
+    async def _send_peer(self, node: int, msg: p.Message) -> None:
+        lock = self._peer_locks.setdefault(node, trio.Lock())
+        async with lock:
+            link = self._peer_links.get(node)
+            if link is None:
+                addr = self._peers.get(node)
+                if addr is None:
+                    log.error("host %d: no address for peer %d", self.host, node)
+                    return
+                stream = await trio.open_tcp_stream(*addr)
+                link = await Link.open(stream, self.key, self.host, initiator=True)
+                self._peer_links[node] = link
+            try:
+                await link.send(msg)
+            except LinkClosed:
+                self._peer_links.pop(node, None)
+                raise
+
+    async def _peer_handler(self, stream: trio.SocketStream) -> None:
+        try:
+            link = await Link.open(stream, self.key, self.host, initiator=False)
+            async for msg in link.messages():
+                if not isinstance(msg, p.Transfer):
+                    raise p.ProtocolError(f"peer sent {type(msg).__name__}")
+                self._on_transfer(msg)
+        except (p.ProtocolError, LinkClosed, trio.TooSlowError) as e:
+            log.warning("host %d: dropped a peer connection: %s", self.host, e)
+        finally:
+            with trio.CancelScope(shield=True):
+                await stream.aclose()
+
+    def _on_transfer(self, msg: p.Transfer) -> None:
+        assert self.cache is not None
+        self.cache.see_scn(msg.scn)
+        self.stats.transfers_received += 1
+        pend = self._pending.get(msg.req)
+        if pend is None or msg.block not in pend.blocks:
+            log.warning("host %d: transfer of block %d for no request", self.host, msg.block)
+            return
+        pend.arrived[msg.block] = msg
+        pend.await_transfer.discard(msg.block)
+        if msg.final:
+            pend.granted.add(msg.block)
+        pend.check()
+        if pend.done.is_set():
+            self._finish(pend)
+
+    def close(self) -> None:
+        pass

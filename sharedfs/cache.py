@@ -2,31 +2,46 @@
 
 Every access names the lock mode it needs (S to read, X to change); the cache
 gets that mode through the host's agent before handing the buffer out.  It owns
-per-block state (mode, dirty, version), verifies metadata blocks read from
+per-block state (mode, dirty, version, local or global role), the past images
+(PIs) of dirty versions this host shipped, verifies metadata blocks read from
 storage, seals them (header and checksum) when they are written back, and
 writes dirty blocks back in runs of adjacent blocks.
 
 Blocks this host has just allocated are *private*: no other host can reach
 them until the structure pointing at them is shipped, so they need no lock
 round trip.
+
+Operations: the core brackets each filesystem operation with begin_op() and
+end_op().  Blocks the operation touched are pinned: a ping for one waits until
+the operation ends, unless the operation is itself waiting for a lock and the
+asking operation is older; then the cache undoes the operation's changes
+(it kept before-images) and the core runs it again (OpRetry).  That breaks
+every cycle of hosts waiting on each other.
 """
 
 from __future__ import annotations
 
 import logging
+import math
+import time
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 
 import trio
 
 from . import format as fmt
-from .agent import Agent
+from . import protocol as p
+from .agent import ClusterAgent, LocalAgent, OpRetry, Pending
 from .errors import CorruptVolume
 from .protocol import Mode
 from .storage import Storage
 
 log = logging.getLogger(__name__)
+
+#: An operation that waits for a lock this long while another host waits for
+#: a block it holds backs off, whatever its age: it may be part of a cycle.
+DEADLOCK_TIMEOUT = 0.02
 
 
 @dataclass(eq=False, slots=True)
@@ -35,9 +50,15 @@ class Buffer:
 
     Attributes:
         btype: the metadata block type, or None for a raw data block.
-        version: change number of the last change (stamped into metadata
-            headers when written back).
+        version: change number (SCN) of the last change (stamped into
+            metadata headers when written back).
+        role_global: a dirty version of this block has been on another host
+            (it came from one, or went to one): writing it goes through the
+            master.  Local: this host may write it alone (claims 28-31).
         private: allocated by this host and not yet reachable by others.
+        owner: the inode whose kernel caches depend on this block (data,
+            indirect and directory blocks), for invalidation.
+        leaving: being shipped to another host: it may be read, not changed.
     """
 
     blockno: int
@@ -46,7 +67,52 @@ class Buffer:
     mode: Mode = Mode.N
     dirty: bool = False
     version: int = 0
+    role_global: bool = False
     private: bool = False
+    owner: int = 0
+    leaving: bool = False
+
+
+@dataclass(slots=True)
+class PastImage:
+    version: int
+    data: bytes
+    btype: fmt.BlockType | None
+
+
+@dataclass(slots=True)
+class Shipped:
+    """What give_up() hands the agent to send."""
+
+    data: bytes
+    version: int
+    dirty: bool
+    writing: int
+    pi: int
+    via_storage: bool
+    btype: int = 0
+    was_dirty: bool = False  # our copy was not on storage when it left
+
+
+@dataclass(slots=True)
+class _Snapshot:
+    data: bytes
+    mode: Mode
+    dirty: bool
+    version: int
+    role_global: bool
+    btype: fmt.BlockType | None
+
+
+@dataclass(eq=False)
+class _Op:
+    start: float
+    task: trio.lowlevel.Task
+    pinned: set[int] = field(default_factory=set)
+    undo: dict[int, _Snapshot | None] = field(default_factory=dict)
+    waiting: Pending | None = None
+    abort: trio.Event = field(default_factory=trio.Event)
+    doomed: bool = False
 
 
 @dataclass(slots=True)
@@ -58,44 +124,151 @@ class CacheStats:
     blocks_written: int = 0
     evictions: int = 0
     lock_requests: int = 0
-    extra: dict[str, int] = field(default_factory=dict)
+    pis_kept: int = 0
+    pis_discarded: int = 0
+    retries: int = 0
+    transfers_in: int = 0
+
+
+Invalidate = Callable[[Buffer], Awaitable[None]]
+
+
+async def _no_invalidation(buf: Buffer) -> None:
+    pass
 
 
 class BlockCache:
     """Attributes:
     capacity: blocks kept before clean ones are evicted (LRU).
     dirty_limit: dirty blocks that make a writer flush before going on.
+    scn: this host's change-number clock (Lamport: moves to the highest seen).
+    on_give_up: called before a block leaves this host, to drop what the
+        kernel cached from it (fuse_ops sets it).
     """
 
     def __init__(
         self,
         storage: Storage,
         block_size: int,
-        agent: Agent,
+        agent: LocalAgent | ClusterAgent,
         *,
         capacity: int = 65536,
+        coherence: str = "fusion",
     ) -> None:
         self.storage = storage
         self.bs = block_size
         self.agent = agent
+        self.coherence = coherence
         self.capacity = max(capacity, 64)
         self.dirty_limit = max(self.capacity // 2, 32)
         self._bufs: OrderedDict[int, Buffer] = OrderedDict()
         self._dirty: set[int] = set()
-        self._inflight: set[int] = set()
+        self._inflight: dict[int, int] = {}  # block -> version being written
+        self._shipped_while_writing: dict[int, int] = {}
+        self.pis: dict[int, PastImage] = {}
+        self._private: set[int] = set()  # allocated here, unknown to the master
         # One write-back at a time, so two writes of one block never race.
         self._write_lock = trio.Lock()
         self.scn = 0
         self.stats = CacheStats()
+        self.on_give_up: Invalidate = _no_invalidation
+        self._op: _Op | None = None
+        self._op_changed = trio.Event()
+        if isinstance(agent, ClusterAgent):
+            agent.cache = self
+
+    def see_scn(self, scn: int) -> None:
+        if scn > self.scn:
+            self.scn = scn
+
+    # -- operations ------------------------------------------------------------
+    def begin_op(self, start: float | None = None) -> None:
+        """An operation begins; a retried one keeps its first start time, so
+        it ages and eventually wins every conflict."""
+        self._op = _Op(time.time() if start is None else start, trio.lowlevel.current_task())
+
+    def check_op(self) -> None:
+        """Raise OpRetry if the running operation read a block that has left."""
+        if self._op is not None and self._op.doomed:
+            raise OpRetry
+
+    @property
+    def op_start(self) -> float | None:
+        return self._op.start if self._op is not None else None
+
+    def end_op(self) -> None:
+        self._op = None
+        self._changed()
+
+    def abort_op(self) -> None:
+        """Put every block the operation changed back as it was."""
+        op = self._op
+        if op is None:
+            return
+        for b, snap in op.undo.items():
+            self._dirty.discard(b)
+            if snap is None:
+                self._bufs.pop(b, None)
+                continue
+            buf = self._bufs.get(b)
+            if buf is None:
+                continue  # it left meanwhile (doomed op): the lock is gone with it
+            buf.data[:] = snap.data
+            buf.mode, buf.dirty, buf.version = snap.mode, snap.dirty, snap.version
+            buf.role_global, buf.btype = snap.role_global, snap.btype
+            if buf.dirty:
+                self._dirty.add(b)
+        self.stats.retries += 1
+        self.end_op()
+
+    def _changed(self) -> None:
+        ev, self._op_changed = self._op_changed, trio.Event()
+        ev.set()
+
+    def _touch(self, buf: Buffer, mode: Mode) -> None:
+        """Pin a block to the running operation; keep a before-image of
+        blocks it may change."""
+        op = self._op
+        if op is None:
+            return
+        op.pinned.add(buf.blockno)
+        if mode is Mode.X and buf.blockno not in op.undo:
+            op.undo[buf.blockno] = _Snapshot(
+                bytes(buf.data), buf.mode, buf.dirty, buf.version, buf.role_global, buf.btype
+            )
+
+    async def wait_for_grant(self, pend: Pending) -> None:
+        """Wait for a lock request, unless the operation is asked to back off."""
+        op = self._op
+        if op is None or op.task is not trio.lowlevel.current_task():
+            await pend.done.wait()
+            return
+        op.waiting = pend
+        self._changed()
+        try:
+            async with trio.open_nursery() as n:
+
+                async def watch_abort() -> None:
+                    await op.abort.wait()
+                    n.cancel_scope.cancel()
+
+                n.start_soon(watch_abort)
+                await pend.done.wait()
+                n.cancel_scope.cancel()
+        finally:
+            op.waiting = None
+        if not pend.done.is_set():
+            raise OpRetry
 
     # -- getting blocks ------------------------------------------------------
     async def get(self, blockno: int, mode: Mode, btype: fmt.BlockType | None = None) -> Buffer:
         """The block in at least `mode`, read from storage if not cached."""
         buf = self._bufs.get(blockno)
-        if buf is not None and buf.mode >= mode and buf.btype == btype:
+        if buf is not None and buf.mode >= mode and buf.btype == btype and not buf.leaving:
             # The common case: cached and held; no lock request, no I/O.
             self.stats.hits += 1
             self._bufs.move_to_end(blockno)
+            self._touch(buf, mode)
             return buf
         return (await self.get_many([blockno], mode, btype))[0]
 
@@ -103,10 +276,20 @@ class BlockCache:
         self, blocknos: list[int], mode: Mode, btype: fmt.BlockType | None = None
     ) -> list[Buffer]:
         """Several blocks at once: one lock request, adjacent misses in one read."""
+        if mode is Mode.X and any(
+            (b := self._bufs.get(n)) is not None and b.leaving for n in blocknos
+        ):
+            raise OpRetry  # being shipped: come back once it has gone
+        if self._op is not None:
+            # Pinned before we ask: a ping that comes between the grant and
+            # the storage read must wait for us, not ship what we lack.
+            self._op.pinned.update(blocknos)
         need_lock = [b for b in blocknos if self._held(b) < mode]
         if need_lock:
             self.stats.lock_requests += 1
-            await self.agent.acquire_blocks(need_lock, mode)
+            op_start = self._op.start if self._op else time.time()
+            arrived = await self.agent.acquire_blocks(need_lock, mode, op_start)
+            self.install(arrived, need_lock, mode, btype)
         missing = sorted({b for b in blocknos if b not in self._bufs})
         self.stats.hits += len(blocknos) - len(missing)
         self.stats.misses += len(missing)
@@ -120,7 +303,7 @@ class BlockCache:
                 block = bytearray(data[i * self.bs : (i + 1) * self.bs])
                 if btype is not None:
                     fmt.verify(block, btype, b)
-                self._insert(Buffer(b, block, btype))
+                self._insert(Buffer(b, block, btype, max(mode, Mode.S)))
         out = []
         for b in blocknos:
             buf = self._bufs[b]
@@ -128,16 +311,68 @@ class BlockCache:
                 raise CorruptVolume(f"block {b}: used as {btype.name}, cached as {buf.btype}")
             buf.mode = max(buf.mode, mode)
             self._bufs.move_to_end(b)
+            self._touch(buf, mode)
             out.append(buf)
         return out
 
+    def install(
+        self,
+        arrived: dict[int, p.Transfer],
+        blocks: Iterable[int],
+        mode: Mode,
+        btype: fmt.BlockType | None = None,
+    ) -> None:
+        """Granted blocks: copies shipped by other hosts replace ours; the
+        rest keep our copy or will be read from storage."""
+        for b in blocks:
+            t = arrived.get(b)
+            buf = self._bufs.get(b)
+            if buf is not None and buf.private:
+                pass  # registering a block we allocated: our copy is the one
+            elif t is not None and not t.via_storage:
+                self.stats.transfers_in += 1
+                tbtype = fmt.BlockType(t.btype) if t.btype else None
+                if buf is None:
+                    buf = Buffer(b, bytearray(t.data), tbtype)
+                    self._insert(buf)
+                else:
+                    buf.data[:] = t.data
+                    buf.btype = tbtype
+                buf.version = t.version
+                self.see_scn(t.version)
+                if t.dirty:
+                    # A dirty version from another host: writing it needs the
+                    # master, which knows of the past images (claim 37).
+                    buf.dirty = True
+                    buf.role_global = True
+                    self._dirty.add(b)
+            elif t is not None and buf is not None and not buf.dirty:
+                self._bufs.pop(b)  # disk coherence: read the new copy from storage
+                continue
+            if buf is not None:
+                buf.mode = max(buf.mode, mode)
+
     def new(self, blockno: int, btype: fmt.BlockType | None = None) -> Buffer:
         """A freshly allocated block: zeroed, private, held in X, no storage read."""
-        old = self._bufs.pop(blockno, None)
+        old = self._bufs.get(blockno)
+        if old is not None and old.leaving:
+            raise OpRetry
+        if self._op is not None and blockno not in self._op.undo:
+            self._op.undo[blockno] = (
+                None
+                if old is None
+                else _Snapshot(
+                    bytes(old.data), old.mode, old.dirty, old.version, old.role_global, old.btype
+                )
+            )
         if old is not None:
+            self._bufs.pop(blockno)
             self._dirty.discard(blockno)
         buf = Buffer(blockno, bytearray(self.bs), btype, Mode.X, private=True)
         self._insert(buf)
+        self._private.add(blockno)
+        if self._op is not None:
+            self._op.pinned.add(blockno)
         self.mark_dirty(buf)
         return buf
 
@@ -145,11 +380,20 @@ class BlockCache:
         """A data block the caller will overwrite whole: X, but no storage read."""
         if blockno in self._bufs:
             return await self.get(blockno, Mode.X)
+        if self._op is not None:
+            self._op.pinned.add(blockno)
         if self._held(blockno) < Mode.X:
             self.stats.lock_requests += 1
-            await self.agent.acquire_blocks([blockno], Mode.X)
+            op_start = self._op.start if self._op else time.time()
+            arrived = await self.agent.acquire_blocks([blockno], Mode.X, op_start)
+            self.install(arrived, [blockno], Mode.X)
+            if blockno in self._bufs:
+                return await self.get(blockno, Mode.X)
         buf = Buffer(blockno, bytearray(self.bs), None, Mode.X)
+        if self._op is not None:
+            self._op.undo.setdefault(blockno, None)
         self._insert(buf)
+        self._touch(buf, Mode.X)
         return buf
 
     def _held(self, blockno: int) -> Mode:
@@ -170,9 +414,27 @@ class BlockCache:
 
     def discard(self, blockno: int) -> None:
         """Forget a block that was freed: its contents never need writing."""
-        buf = self._bufs.pop(blockno, None)
-        if buf is not None:
-            self._dirty.discard(blockno)
+        buf = self._bufs.get(blockno)
+        if buf is not None and buf.leaving:
+            raise OpRetry
+        if buf is None or buf.role_global:
+            # Other hosts may keep past images of it: let the copy be written
+            # through the master like any other rather than vanish.
+            return
+        if self._op is not None:
+            # Pinned too: an undo must not bring back a block that left.
+            self._op.pinned.add(blockno)
+            self._op.undo.setdefault(
+                blockno,
+                _Snapshot(
+                    bytes(buf.data), buf.mode, buf.dirty, buf.version, buf.role_global, buf.btype
+                ),
+            )
+        # The lock stays ours: the block may come back to us through the
+        # allocator, private, before a Release could reach the master.
+        self._bufs.pop(blockno)
+        self._dirty.discard(blockno)
+        self._private.discard(blockno)
 
     @property
     def dirty_count(self) -> int:
@@ -182,19 +444,26 @@ class BlockCache:
     async def flush(self, blocknos: Iterable[int] | None = None) -> int:
         """Write dirty blocks (all, or those named) to storage; return how many.
 
-        Operations go on meanwhile: a block changed during its write is dirty
-        again afterwards, and a block freed meanwhile is simply skipped.
+        Local-role blocks are written straight away; global-role ones through
+        a write request to the master (claims 28-31).  Operations go on
+        meanwhile: a block changed during its write is dirty again afterwards,
+        and a block freed meanwhile is simply skipped.
         """
+        todo = sorted(self._dirty if blocknos is None else set(blocknos) & self._dirty)
+        local = [b for b in todo if not self._bufs[b].role_global]
+        glob = [(b, self._bufs[b].version) for b in todo if self._bufs[b].role_global]
+        written = 0
         async with self._write_lock:
-            todo = sorted(self._dirty if blocknos is None else set(blocknos) & self._dirty)
-            written = 0
-            for start, count in _runs(todo):
+            for start, count in _runs(local):
                 # Re-check: earlier writes awaited, and blocks may have gone.
                 still = [b for b in range(start, start + count) if b in self._dirty]
                 for s, n in _runs(still):
                     await self._write_run(s, n)
                     written += n
-            return written
+        if glob:
+            await self.agent.write_request(glob)
+            written += len(glob)
+        return written
 
     async def _write_run(self, start: int, count: int) -> None:
         chunk = bytearray()
@@ -205,9 +474,8 @@ class BlockCache:
             chunk += buf.data
             # Clean before the write: a change during it re-dirties.
             buf.dirty = False
-            buf.private = False
             self._dirty.discard(b)
-            self._inflight.add(b)
+            self._inflight[b] = buf.version
         try:
             await self.storage.write(start * self.bs, chunk)
         except BaseException:
@@ -217,15 +485,154 @@ class BlockCache:
                     self._dirty.add(b)
             raise
         finally:
-            self._inflight.difference_update(range(start, start + count))
+            for b in range(start, start + count):
+                self._inflight.pop(b, None)
         self.stats.storage_writes += 1
         self.stats.blocks_written += count
+        # Shipped while this write was under way: the master must hear that
+        # it landed, to tell the receiver (claims 32-35).
+        landed = [
+            (b, self._shipped_while_writing.pop(b))
+            for b in range(start, start + count)
+            if b in self._shipped_while_writing
+        ]
+        if landed:
+            self.agent.write_done(landed)
+
+    async def perform_write(self, blocknos: list[int]) -> list[tuple[int, int]]:
+        """The master chose us to write these blocks (claims 19-21): write our
+        current copy, or our newest past image; say which versions landed."""
+        out: list[tuple[int, int]] = []
+        async with self._write_lock:
+            for b in blocknos:
+                buf = self._bufs.get(b)
+                if buf is not None and buf.dirty:
+                    version = buf.version  # what is written; it may change meanwhile
+                    await self._write_run(b, 1)
+                    out.append((b, version))
+                elif (pi := self.pis.get(b)) is not None:
+                    data = bytearray(pi.data)
+                    if pi.btype is not None:
+                        fmt.seal(data, pi.btype, b, pi.version)
+                    await self.storage.write(b * self.bs, data)
+                    self.stats.storage_writes += 1
+                    out.append((b, pi.version))
+                elif buf is not None:
+                    out.append((b, buf.version))  # clean already: storage has it
+        return out
+
+    def notified(self, written: Iterable[tuple[int, int]]) -> None:
+        """Storage holds at least these versions: drop past images up to them;
+        a copy no newer is clean, and local again (claims 31, 36, 40)."""
+        for b, version in written:
+            pi = self.pis.get(b)
+            if pi is not None and pi.version <= version:
+                del self.pis[b]
+                self.stats.pis_discarded += 1
+            buf = self._bufs.get(b)
+            if buf is not None and buf.version <= version:
+                buf.dirty = False
+                buf.role_global = False
+                self._dirty.discard(b)
 
     async def sync(self) -> None:
         """Everything dirty on storage, and storage flushed."""
         await self.flush()
         await self.storage.flush()
 
+    async def write_past_images(self) -> None:
+        """Ask for every past image to be covered by a write (unmount)."""
+        if self.pis:
+            await self.agent.write_request([(b, pi.version) for b, pi in self.pis.items()])
+
+    # -- pings ---------------------------------------------------------------------
+    async def give_up(self, ping: p.Ping) -> Shipped:
+        """Another host needs `ping.block`: wait until our operation lets go
+        of it (or make the operation back off), drop what the kernel cached
+        from it, and hand over the copy; keep a past image of a dirty one."""
+        b = ping.block
+        # First, as it waits: from the pin check below to the hand-over no
+        # operation may slip in and take the block.
+        await self.register_private()
+        deadline = trio.current_time() + DEADLOCK_TIMEOUT
+        while (op := self._op) is not None and b in op.pinned:
+            if ping.keep == Mode.S and b not in op.undo:
+                break  # a read copy of what the operation only read: no harm
+            if op.waiting is not None and (
+                (ping.op_start, ping.to) < (op.start, self.agent.host)
+                or b in op.waiting.blocks  # queued behind this very request
+                or trio.current_time() >= deadline
+            ):
+                # It waits for another host while holding what that host (or
+                # one behind it) needs: the older operation goes first; and
+                # one waiting too long is taken for part of a cycle.
+                op.abort.set()
+            with trio.move_on_at(deadline if trio.current_time() < deadline else math.inf):
+                await self._op_changed.wait()
+        buf = self._bufs.get(b)
+        if buf is None:
+            return Shipped(b"", 0, False, 0, 0, True)  # storage has our last copy
+        buf.leaving = True
+        try:
+            await self.on_give_up(buf)
+            return await self._hand_over(buf, Mode(ping.keep))
+        finally:
+            buf.leaving = False
+
+    async def register_private(self) -> None:
+        """Before anything leaves this host, the master learns of the blocks
+        we allocated: once a block pointing at them is shipped, other hosts
+        can reach them, and must be sent here for them."""
+        if not self._private:
+            return
+        blocks, self._private = sorted(self._private), set()
+        await self.agent.acquire_blocks(blocks, Mode.X, 0.0)
+        for b in blocks:
+            buf = self._bufs.get(b)
+            if buf is not None:
+                buf.private = False
+
+    async def _hand_over(self, buf: Buffer, keep: Mode) -> Shipped:
+        b = buf.blockno
+        if self._op is not None and b in self._op.pinned:
+            # An operation read it while it was leaving: what it read may be
+            # changed elsewhere now, so it must not commit.
+            self._op.doomed = True
+        if self.coherence == "disk" and buf.dirty:
+            # What GFS2 and OCFS2 do on a downgrade: write, then let go.
+            async with self._write_lock:
+                if buf.dirty:
+                    await self._write_run(b, 1)
+        writing = self._inflight.get(b, 0)
+        dirty = buf.dirty and keep is Mode.N
+        pi = 0
+        if keep is Mode.N:
+            self._bufs.pop(b, None)
+            self._dirty.discard(b)
+            if buf.dirty:
+                # Keep a past image until a write covers it (claim 1).
+                self.pis[b] = PastImage(buf.version, bytes(buf.data), buf.btype)
+                self.stats.pis_kept += 1
+                pi = buf.version
+            if writing:
+                self._shipped_while_writing[b] = writing
+        else:
+            buf.mode = keep
+        if self.coherence == "disk":
+            return Shipped(b"", buf.version, False, 0, 0, True)
+        btype = int(buf.btype) if buf.btype is not None else 0
+        return Shipped(
+            bytes(buf.data),
+            buf.version,
+            dirty,
+            writing,
+            pi,
+            False,
+            btype,
+            buf.dirty or bool(writing),
+        )
+
+    # -- memory --------------------------------------------------------------------
     async def trim(self) -> None:
         """Called between operations, when no buffer is in use: write back if
         too much is dirty, and evict cold clean blocks past the capacity."""
@@ -243,7 +650,7 @@ class BlockCache:
         for b, buf in self._bufs.items():
             if len(victims) >= excess:
                 break
-            if not buf.dirty and b not in self._inflight:
+            if not buf.dirty and b not in self._inflight and not buf.leaving:
                 victims.append(b)
         for b in victims:
             del self._bufs[b]

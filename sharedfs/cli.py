@@ -10,15 +10,16 @@ USAGE = """usage: sharedfs COMMAND [ARGS...]
 
 commands:
   mkfs     make a volume                 (sharedfs mkfs VOLUME --size 3G)
-  mount    mount a volume on this host   (sharedfs mount VOLUME MOUNTPOINT)
+  mount    mount a volume on this host   (sharedfs mount VOLUME MOUNTPOINT [--master H:P])
+  master   run a volume's lock master    (sharedfs master VOLUME --listen HOST:PORT)
   umount   unmount and wait until clean  (sharedfs umount MOUNTPOINT)
   fsck     check and repair a volume     (sharedfs fsck -n|-y VOLUME)
-  status   show the hosts of a volume    (sharedfs status VOLUME)
+  status   show a volume's hosts         (sharedfs status VOLUME | --master HOST:PORT)
 
 'sharedfs COMMAND --help' tells more."""
 
 
-COMMANDS = ("mkfs", "mount", "umount", "fsck", "status")
+COMMANDS = ("mkfs", "mount", "master", "umount", "fsck", "status")
 
 
 def _command(name: str) -> Callable[[list[str]], None]:

@@ -35,10 +35,29 @@ def setup_logging(debug: bool = False, logfile: str | None = None, node: int | N
     logging.getLogger("trio").setLevel(logging.WARNING)
 
 
+def find_quiet(exc: BaseException) -> QuietError | None:
+    """The user-facing error inside `exc`, which trio may have wrapped in
+    exception groups on its way out of nurseries."""
+    if isinstance(exc, QuietError):
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        for sub in exc.exceptions:
+            found = find_quiet(sub)
+            if found is not None:
+                return found
+    return None
+
+
 def run_tool(fn: Callable[[argparse.Namespace], int | None], args: argparse.Namespace) -> None:
     """Run a command; user errors become one line on stderr and an exit code."""
     try:
-        code = fn(args)
+        try:
+            code = fn(args)
+        except BaseExceptionGroup as eg:
+            quiet = find_quiet(eg)
+            if quiet is None:
+                raise
+            raise quiet from None
     except QuietError as e:
         print(f"sharedfs: {e}", file=sys.stderr)
         sys.exit(e.exitcode)

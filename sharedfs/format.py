@@ -323,7 +323,10 @@ def make_geometry(
     # One indicator block run per host slot, so hosts never share a block.
     mirror_blocks = -(-regions // bitmap_capacity(block_size)) * host_slots
     groups_start = 1 + host_slots + journal_blocks + mirror_blocks
-    bpg = bitmap_capacity(block_size)
+    # Groups small enough that each host slot can have a few of its own to
+    # allocate from (hosts then rarely fight over a bitmap block), but never
+    # more bits than a bitmap block holds.
+    bpg = min(bitmap_capacity(block_size), max(volume_blocks // (4 * host_slots), 2048))
     ipb = payload_size(block_size) // INODE_SIZE
     itable = -(-(bpg * block_size // bytes_per_inode) // ipb)
     # The inode bitmap has one bit per inode: never more inodes than that.

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import random
 import stat
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -21,6 +22,7 @@ from typing import ParamSpec, TypeVar
 import trio
 
 from . import format as fmt
+from .agent import OpRetry
 from .cache import BlockCache, Buffer
 from .errors import CorruptVolume, FsError
 from .format import BlockType, DirEntry, Inode
@@ -79,24 +81,11 @@ def _dtype(mode: int) -> int:
 
 
 def operation(fn: Callable[P, Awaitable[T]]) -> Callable[P, Awaitable[T]]:
-    """Run a public FileSystem method under the host's operation lock, then
-    let the cache write back or evict (no buffer is in use between ops)."""
+    """Run a public FileSystem method as one operation (see FileSystem.run)."""
 
     async def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
         self: FileSystem = args[0]  # type: ignore[assignment]
-        async with self._op:
-            try:
-                try:
-                    return await fn(*args, **kwargs)
-                finally:
-                    # Also after a failure: blocks it allocated are recorded
-                    # in inodes changed so far, which must not be lost.
-                    await self._store_inodes()
-            except CorruptVolume as e:
-                log.error("host %d: corrupt metadata: %s", self.host, e)
-                raise FsError(errno.EIO, str(e)) from e
-            finally:
-                await self.cache.trim()
+        return await self.run(fn, *args, **kwargs)
 
     wrapper.__name__ = fn.__name__
     wrapper.__doc__ = fn.__doc__
@@ -119,12 +108,64 @@ class FileSystem:
         self.bs = sb.block_size
         self.ptrs = fmt.ptrs_per_block(self.bs)
         self.lookups: dict[int, int] = {}
+        self._refs: list[tuple[int, int, bytes]] = []
+        # Names the kernel may have cached under each directory: what must be
+        # invalidated when the directory's blocks go to another host.
+        self.names: dict[int, set[bytes]] = {}
         self._op = trio.Lock()
+        self.retries = 0
+        # Set when this host may no longer trust its cache (master lost).
+        self.fenced = False
         # The inodes the running operation has read: one object per inode.
         self._op_inodes: dict[int, Inode] = {}
         # Next physical block to try for each file, so sequential writes
         # land on adjacent blocks (and go to storage in one call).
         self._goal: dict[int, int] = {}
+
+    async def run(self, fn: Callable[..., Awaitable[T]], *args: object, **kwargs: object) -> T:
+        """Run `fn` under the host's operation lock, as one cache operation:
+        if another host needs a block it holds while it waits, the cache undoes
+        it and it runs again.  Then let the cache write back or evict (no
+        buffer is in use between operations)."""
+        start = None
+        while True:
+            if self.fenced:
+                raise FsError(errno.EIO, "this host lost its lock master")
+            async with self._op:
+                self.cache.begin_op(start)
+                start = self.cache.op_start
+                try:
+                    try:
+                        result = await fn(*args, **kwargs)
+                    except OpRetry:
+                        raise
+                    except BaseException:
+                        # Blocks a failed operation allocated are recorded in
+                        # the inodes it changed so far: store those too.
+                        await self._store_inodes()
+                        raise
+                    await self._store_inodes()
+                    self.cache.check_op()
+                except OpRetry:
+                    self._op_inodes.clear()
+                    self._refs.clear()
+                    self.cache.abort_op()
+                    self.retries += 1
+                except CorruptVolume as e:
+                    self.cache.end_op()
+                    log.error("host %d: corrupt metadata: %s", self.host, e)
+                    raise FsError(errno.EIO, str(e)) from e
+                except BaseException:
+                    self._refs.clear()
+                    self.cache.end_op()
+                    raise
+                else:
+                    self._apply_refs()
+                    self.cache.end_op()
+                    await self.cache.trim()
+                    return result
+            # Give the host we yielded to a moment to take the block.
+            await trio.sleep(random.uniform(0, 0.002))
 
     # ==================================================================
     # Inodes
@@ -195,14 +236,17 @@ class FileSystem:
         )
 
     async def _ialloc(self, parent: Inode | None, mode: int, ctx: Ctx) -> Inode:
-        """A new inode near its parent (directories spread over the groups)."""
+        """A new inode near its parent, in this host's share of the groups
+        (hosts allocating side by side then touch different bitmap and inode
+        table blocks); directories spread out further."""
         ng = self.sb.group_count
+        share = self.host * max(1, ng // self.sb.host_slots)
         if parent is None:
             g0 = 0
         elif stat.S_ISDIR(mode):
-            g0 = (self.sb.group_of_inode(parent.ino) + 1 + self.host) % ng
+            g0 = (self.sb.group_of_inode(parent.ino) + 1 + share) % ng
         else:
-            g0 = self.sb.group_of_inode(parent.ino)
+            g0 = (self.sb.group_of_inode(parent.ino) + share) % ng
         for k in range(ng):
             g = (g0 + k) % ng
             buf = await self.cache.get(self.sb.ibitmap_block(g), Mode.X, BlockType.IBITMAP)
@@ -426,6 +470,7 @@ class FileSystem:
                     cbuf = await self.cache.get(
                         child, Mode.X if alloc else Mode.S, BlockType.INDIRECT
                     )
+                cbuf.owner = inode.ino
                 await self._map_node(inode, cbuf, level - 1, r, c, alloc, out, fresh)
             cnt -= c
             i += 1
@@ -487,6 +532,8 @@ class FileSystem:
         pbns, _ = await self._map(inode, first, last - first + 1)
         present = [p for p in pbns if p]
         bufs = {b.blockno: b for b in await self.cache.get_many(present, Mode.S)} if present else {}
+        for b in bufs.values():
+            b.owner = inode.ino
         zero = bytes(self.bs)
         chunks = [bufs[p].data if p else zero for p in pbns]
         data = b"".join(chunks)
@@ -513,6 +560,7 @@ class FileSystem:
                 buf = await self.cache.get(p, Mode.X)
             buf.data[bstart:bend] = mv[pos : pos + bend - bstart]
             pos += bend - bstart
+            buf.owner = inode.ino
             self.cache.mark_dirty(buf)
         if end > inode.size:
             inode.size = end
@@ -539,13 +587,17 @@ class FileSystem:
         (p,), _ = await self._map(dino, lbn, 1)
         if p == 0:
             raise CorruptVolume(f"directory {dino.ino}: block {lbn} missing")
-        return await self.cache.get(p, mode, btype)
+        buf = await self.cache.get(p, mode, btype)
+        buf.owner = dino.ino
+        return buf
 
     async def _dnew(self, dino: Inode, lbn: int, btype: BlockType) -> Buffer:
         (p,), fresh = await self._map(dino, lbn, 1, alloc=True)
         if p not in fresh:
             raise CorruptVolume(f"directory {dino.ino}: block {lbn} already allocated")
-        return self.cache.new(p, btype)
+        buf = self.cache.new(p, btype)
+        buf.owner = dino.ino
+        return buf
 
     async def _table_get(self, dino: Inode, hdr: Buffer, i: int, mode: Mode) -> int:
         lbn, off = fmt.table_slot_location(self.bs, i)
@@ -716,8 +768,17 @@ class FileSystem:
         if c:
             inode.ctime_ns = now
 
-    def _ref(self, ino: int) -> None:
-        self.lookups[ino] = self.lookups.get(ino, 0) + 1
+    def _ref(self, ino: int, parent: int = 0, name: bytes = b"") -> None:
+        """The kernel will know inode `ino` (as `name` in `parent`) once the
+        operation succeeds: counted then, so a retried one counts once."""
+        self._refs.append((ino, parent, name))
+
+    def _apply_refs(self) -> None:
+        for ino, parent, name in self._refs:
+            self.lookups[ino] = self.lookups.get(ino, 0) + 1
+            if parent:
+                self.names.setdefault(parent, set()).add(name)
+        self._refs.clear()
 
     async def _drop_link(self, inode: Inode) -> None:
         """One fewer name for `inode`; free it once unreachable and unused."""
@@ -752,22 +813,21 @@ class FileSystem:
             parent.nlink += 1
         self._touch(parent)
         await self._iput(parent)
-        self._ref(inode.ino)
+        self._ref(inode.ino, parent.ino, name)
         return inode
 
     # ==================================================================
     # Operations
 
+    @operation
     async def mkroot(self, ctx: Ctx, mode: int = 0o755) -> None:
         """Create the root directory on a freshly formatted volume (mkfs)."""
-        async with self._op:
-            root = await self._ialloc(None, stat.S_IFDIR | mode, ctx)
-            if root.ino != fmt.ROOT_INO:
-                raise CorruptVolume("root inode is not the first inode")
-            root.nlink = 2
-            root.parent = fmt.ROOT_INO
-            await self._dir_init(root)
-            await self._store_inodes()
+        root = await self._ialloc(None, stat.S_IFDIR | mode, ctx)
+        if root.ino != fmt.ROOT_INO:
+            raise CorruptVolume("root inode is not the first inode")
+        root.nlink = 2
+        root.parent = fmt.ROOT_INO
+        await self._dir_init(root)
 
     @operation
     async def lookup(self, parent: int, name: bytes) -> Attr:
@@ -781,7 +841,7 @@ class FileSystem:
             if e is None:
                 raise FsError(errno.ENOENT)
             inode = await self._iget(e.ino)
-        self._ref(inode.ino)
+        self._ref(inode.ino, parent, name)
         return self.attr(inode)
 
     @operation
@@ -883,7 +943,7 @@ class FileSystem:
         inode.nlink += 1
         self._touch(inode, m=False)
         await self._iput(inode)
-        self._ref(ino)
+        self._ref(ino, new_parent, new_name)
         return self.attr(inode)
 
     @operation
@@ -1051,9 +1111,10 @@ class FileSystem:
                     )
         return out[:limit]
 
-    def readdir_ref(self, ino: int) -> None:
+    def readdir_ref(self, ino: int, parent: int, name: bytes) -> None:
         """The kernel took an entry readdir returned: one more lookup."""
-        self._ref(ino)
+        self._ref(ino, parent, name)
+        self._apply_refs()
 
     @operation
     async def statfs(self) -> StatFs:
@@ -1127,15 +1188,18 @@ class FileSystem:
 
     async def destroy(self) -> None:
         """Unmount: free inodes unlinked while open, write everything back."""
-        async with self._op:
-            for ino in list(self.lookups):
-                try:
-                    inode = await self._iget(ino, Mode.X)
-                except FsError:
-                    continue
-                if inode.nlink <= 0:
-                    await self._ifree(inode)
-            await self._store_inodes()
-            self.lookups.clear()
-            await self.cache.sync()
-            self.cache.drop_all()
+        await self._free_orphans()
+        await self.cache.write_past_images()
+        await self.cache.sync()
+        self.cache.drop_all()
+
+    @operation
+    async def _free_orphans(self) -> None:
+        for ino in list(self.lookups):
+            try:
+                inode = await self._iget(ino, Mode.X)
+            except FsError:
+                continue
+            if inode.nlink <= 0:
+                await self._ifree(inode)
+        self.lookups.clear()

@@ -8,6 +8,7 @@ FUSEError may leave a handler: anything else would end pyfuse3.main().
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import logging
@@ -17,7 +18,10 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import pyfuse3
+import trio
 
+from . import format as fmt
+from .cache import Buffer
 from .errors import FsError, StorageError
 from .fs import Attr, Ctx, FileSystem
 
@@ -66,6 +70,71 @@ def mutating(fn: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
     return fuse_errors(wrapper)
 
 
+#: How long giving up a block waits for the kernel to drop its caches.  The
+#: kernel can be stuck behind one of our own requests on the same inode (a
+#: read holding a page lock while it waits for the block we are shipping):
+#: then the block goes anyway and the invalidation lands a moment later.
+INVALIDATE_TIMEOUT = 0.5
+_DIR_TYPES = {fmt.BlockType.DIRHDR, fmt.BlockType.DIRBUCKET, fmt.BlockType.DIRTABLE}
+
+
+class Invalidator:
+    """Drops what the kernel cached from a block before the block leaves this
+    host: attributes of the inodes in an inode table block, pages of a file
+    whose data or map block it is, entries of a directory whose block it is.
+    Kernel notifications run in worker threads, never on the event loop."""
+
+    def __init__(self, fs: FileSystem) -> None:
+        self.fs = fs
+        self.calls = 0
+        self.timeouts = 0
+
+    def _targets(self, buf: Buffer) -> list[tuple[Callable[..., None], tuple[Any, ...]]]:
+        fs = self.fs
+        if buf.btype is fmt.BlockType.INODES:
+            first = _first_ino_of(fs, buf.blockno)
+            return [
+                (pyfuse3.invalidate_inode, (ino, True))
+                for ino in range(first, first + fs.sb.inodes_per_block)
+                if fs.lookups.get(ino)
+            ]
+        if not buf.owner:
+            return []
+        calls: list[tuple[Callable[..., None], tuple[Any, ...]]] = [
+            (pyfuse3.invalidate_inode, (buf.owner, False))
+        ]
+        if buf.btype in _DIR_TYPES or buf.btype is fmt.BlockType.INDIRECT:
+            for name in fs.names.pop(buf.owner, ()):
+                calls.append((pyfuse3.invalidate_entry, (buf.owner, name)))
+        return calls
+
+    async def before_give_up(self, buf: Buffer) -> None:
+        calls = self._targets(buf)
+        if not calls:
+            return
+        self.calls += len(calls)
+        with trio.move_on_after(INVALIDATE_TIMEOUT) as scope:
+            await trio.to_thread.run_sync(_run_calls, calls, abandon_on_cancel=True)
+        if scope.cancelled_caught:
+            self.timeouts += 1
+            log.info(
+                "host %d: kernel invalidation for block %d still running", self.fs.host, buf.blockno
+            )
+
+
+def _first_ino_of(fs: FileSystem, blockno: int) -> int:
+    sb = fs.sb
+    g = sb.group_of_block(blockno)
+    idx = (blockno - sb.itable_start(g)) * sb.inodes_per_block
+    return g * sb.inodes_per_group + idx + 1
+
+
+def _run_calls(calls: list[tuple[Callable[..., None], tuple[Any, ...]]]) -> None:
+    for fn, args in calls:
+        with contextlib.suppress(OSError):  # the kernel had already forgotten it
+            fn(*args)
+
+
 def _ctx(ctx: pyfuse3.RequestContext) -> Ctx:
     return Ctx(ctx.uid, ctx.gid)
 
@@ -88,6 +157,8 @@ class Operations(pyfuse3.Operations):
         self.failsafe = False
         self._handles: dict[int, Handle] = {}
         self._next_fh = 1
+        self.invalidator = Invalidator(fs)
+        fs.cache.on_give_up = self.invalidator.before_give_up
 
     # -- conversions -----------------------------------------------------
     def _entry(self, a: Attr) -> pyfuse3.EntryAttributes:
@@ -238,7 +309,7 @@ class Operations(pyfuse3.Operations):
                 if not pyfuse3.readdir_reply(token, entry.name, self._entry(attr), entry.cookie):
                     return
                 if entry.name not in (b".", b".."):  # pyfuse3: no lookup for these
-                    self.fs.readdir_ref(attr.ino)
+                    self.fs.readdir_ref(attr.ino, fh, entry.name)
                 after = entry.cookie
 
     async def releasedir(self, fh: int) -> None:

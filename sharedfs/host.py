@@ -7,7 +7,7 @@ background tasks on top.
 from __future__ import annotations
 
 from . import format as fmt
-from .agent import Agent
+from .agent import ClusterAgent, LocalAgent
 from .cache import BlockCache
 from .fs import FileSystem
 from .master import LockMaster
@@ -25,7 +25,25 @@ def open_host(
     master: LockMaster | None = None,
     cache_bytes: int = DEFAULT_CACHE_BYTES,
 ) -> FileSystem:
-    """A FileSystem for host `node`, with an embedded master unless given one."""
-    agent = Agent(HostId(node), master if master is not None else LockMaster())
+    """A FileSystem for a single-process host (tools, core tests): its locks
+    live in an in-process LockMaster, shared with other such hosts if given."""
+    agent = LocalAgent(HostId(node), master if master is not None else LockMaster())
     cache = BlockCache(storage, sb.block_size, agent, capacity=cache_bytes // sb.block_size)
+    return FileSystem(sb, cache, host=node)
+
+
+def open_cluster_host(
+    storage: Storage,
+    sb: fmt.Superblock,
+    *,
+    node: int,
+    coherence: str = "fusion",
+    cache_bytes: int = DEFAULT_CACHE_BYTES,
+) -> FileSystem:
+    """A FileSystem whose agent speaks the Cache Fusion protocol to a master
+    (start it with `fs.cache.agent.run(...)`)."""
+    agent = ClusterAgent(HostId(node), sb.cluster_key, coherence=coherence)
+    cache = BlockCache(
+        storage, sb.block_size, agent, capacity=cache_bytes // sb.block_size, coherence=coherence
+    )
     return FileSystem(sb, cache, host=node)

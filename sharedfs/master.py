@@ -1,21 +1,38 @@
-"""The lock master: the resource directory of who holds what, in which mode.
+"""The lock master: the trio service hosts talk to, and a local stand-in.
 
-A mount with no `--master` address embeds one, so a single host works out of
-the box; the same service will listen on the network for several hosts.  A
-request that conflicts with another host's hold waits until that hold is
+`MasterService` serves the Cache Fusion protocol (decisions in directory.py)
+to hosts over authenticated TCP; `sharedfs master` runs it alone and a mount
+without `--master` runs it beside its own host.  `LockMaster` is the
+in-process resource directory that single-process tools (mkfs, fsck repairs)
+and the core's unit tests use: a conflicting request waits until the hold is
 released.
 """
 
 from __future__ import annotations
 
+import argparse
+import functools
 import logging
+import math
+import signal
+import sys
 from collections import defaultdict
 
 import trio
 
+from . import protocol as p
+from .cli_util import run_tool, setup_logging
+from .directory import Directory
+from .errors import QuietError
+from .link import Link, LinkClosed, parse_address
 from .protocol import HostId, Mode, Resource
+from .storage import open_volume
+from .volume import open_superblock
 
 log = logging.getLogger(__name__)
+
+#: How long a write notification waits for a message to ride on (claim 14).
+NOTIFY_DELAY = 0.2
 
 
 class LockMaster:
@@ -63,3 +80,217 @@ class LockMaster:
     def release_all(self, host: HostId) -> None:
         for res in [r for r, held in self.holders.items() if host in held]:
             self.release(host, res)
+
+
+class MasterService:
+    """The lock master as a trio TCP service: one session per host, the
+    directory deciding, a sender task per host so that one slow host never
+    holds up the others.  `sharedfs master` runs it alone; a mount without
+    --master runs it beside its own host.
+
+    Attributes:
+        directory: the resource directory (directory.py).
+        port: the port it listens on, once started.
+        refused: connections refused (bad key, malformed frames, slot taken).
+    """
+
+    def __init__(self, key: bytes, *, coherence: str = "fusion", host_slots: int = 64) -> None:
+        self.key = key
+        self.directory = Directory(coherence)
+        self.host_slots = host_slots
+        self.port = 0
+        self.refused = 0
+        self._links: dict[int, Link] = {}
+        self._outboxes: dict[int, trio.MemorySendChannel[p.Message]] = {}
+        self._peers: dict[int, tuple[str, int]] = {}
+        self._host_stats: dict[int, dict[str, int]] = {}
+        self._nursery: trio.Nursery | None = None
+
+    async def serve(
+        self, host: str = "127.0.0.1", port: int = 0, *, task_status=trio.TASK_STATUS_IGNORED
+    ) -> None:
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            listeners = await nursery.start(
+                functools.partial(trio.serve_tcp, self._handle, port, host=host)
+            )
+            self.port = listeners[0].socket.getsockname()[1]
+            log.info("master: listening on %s:%d", host, self.port)
+            nursery.start_soon(self._notify_task)
+            task_status.started(self.port)
+
+    async def _notify_task(self) -> None:
+        """Deferred write notifications that found no message to ride on."""
+        while True:
+            await trio.sleep(NOTIFY_DELAY)
+            await self._dispatch(self.directory.flush_deferred())
+
+    async def _handle(self, stream: trio.SocketStream) -> None:
+        # Every failure stays with this connection: serve_tcp would otherwise
+        # let one bad peer take the whole master down.
+        node: int | None = None
+        try:
+            link = await Link.open(stream, self.key, -1, initiator=False)
+            async for msg in link.messages():
+                if node is None:
+                    node = await self._first(link, msg)
+                    if node is None:
+                        return
+                    continue
+                await self._on_message(node, msg)
+        except (p.ProtocolError, LinkClosed, trio.TooSlowError) as e:
+            self.refused += 1
+            log.warning("master: dropped connection from %s: %s", _peername(stream), e)
+        except trio.BrokenResourceError:
+            pass
+        finally:
+            if node is not None:
+                await self._gone(node)
+            with trio.CancelScope(shield=True):
+                await stream.aclose()
+
+    async def _first(self, link: Link, msg: p.Message) -> int | None:
+        if isinstance(msg, p.StatusRequest):
+            await link.send(p.StatusReply(self.status()))
+            return None
+        if not isinstance(msg, p.Join):
+            raise p.ProtocolError(f"expected Join, got {type(msg).__name__}")
+        node = msg.node
+        reason = None
+        if not 0 <= node < self.host_slots:
+            reason = f"node {node} is out of range 0..{self.host_slots - 1}"
+        elif node in self._links:
+            reason = f"node {node} is already joined"
+        elif msg.coherence != self.directory.coherence:
+            reason = f"the cluster runs --coherence {self.directory.coherence}"
+        if reason is not None:
+            self.refused += 1
+            log.warning("master: refused node %d: %s", node, reason)
+            await link.send(p.Refused(reason))
+            return None
+        send, recv = trio.open_memory_channel[p.Message](math.inf)
+        self._links[node] = link
+        self._outboxes[node] = send
+        assert self._nursery is not None
+        self._nursery.start_soon(self._sender, node, link, recv)
+        self.directory.join(node)
+        await link.send(p.Welcome(self.directory.scn, dict(self._peers), msg.coherence))
+        self._peers[node] = (msg.peer_host, msg.peer_port)
+        for other in self._outboxes:
+            if other != node:
+                self._outboxes[other].send_nowait(p.PeerUp(node, msg.peer_host, msg.peer_port))
+        log.info("master: node %d joined (peer port %d)", node, msg.peer_port)
+        return node
+
+    async def _sender(
+        self, node: int, link: Link, recv: trio.MemoryReceiveChannel[p.Message]
+    ) -> None:
+        async with recv:
+            async for msg in recv:
+                try:
+                    await link.send(msg)
+                    self.directory.counters.messages_out += 1
+                except LinkClosed:
+                    return
+
+    async def _on_message(self, node: int, msg: p.Message) -> None:
+        d = self.directory
+        d.counters.messages_in += 1
+        if isinstance(msg, p.LockRequest):
+            out = d.on_lock_request(node, msg)
+        elif isinstance(msg, p.PingDone):
+            out = d.on_ping_done(node, msg)
+        elif isinstance(msg, p.Release):
+            out = d.on_release(node, msg)
+        elif isinstance(msg, p.WriteRequest):
+            out = d.on_write_request(node, msg)
+        elif isinstance(msg, p.WriteDone):
+            out = d.on_write_done(node, msg)
+        elif isinstance(msg, p.Stats):
+            self._host_stats[node] = dict(msg.counters)
+            return
+        elif isinstance(msg, p.StatusRequest):
+            self._outboxes[node].send_nowait(p.StatusReply(self.status()))
+            return
+        else:
+            raise p.ProtocolError(f"unexpected {type(msg).__name__} from node {node}")
+        await self._dispatch(out)
+
+    async def _dispatch(self, out: list[tuple[int, p.Message]]) -> None:
+        for node, msg in out:
+            box = self._outboxes.get(node)
+            if box is not None:
+                box.send_nowait(msg)
+
+    async def _gone(self, node: int) -> None:
+        box = self._outboxes.pop(node, None)
+        if box is None:
+            return
+        box.close()
+        self._links.pop(node, None)
+        self._peers.pop(node, None)
+        log.info("master: node %d left", node)
+        await self._dispatch(self.directory.leave(node))
+        for other in self._outboxes.values():
+            other.send_nowait(p.PeerDown(node))
+
+    def status(self) -> dict[str, object]:
+        info = self.directory.summary()
+        info["hosts"] = {
+            n: {"peer": list(self._peers.get(n, ("", 0))), "counters": self._host_stats.get(n, {})}
+            for n in sorted(self._links)
+        }
+        info["coherence"] = self.directory.coherence
+        info["refused_connections"] = self.refused
+        return info
+
+
+def _peername(stream: trio.SocketStream) -> str:
+    try:
+        host, port = stream.socket.getpeername()[:2]
+    except OSError:
+        return "?"
+    return f"{host}:{port}"
+
+
+async def _serve_forever(service: MasterService, host: str, port: int) -> None:
+    async with trio.open_nursery() as nursery:
+        await nursery.start(service.serve, host, port)
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async for signum in signals:
+                log.info("master: signal %d, stopping", signum)
+                nursery.cancel_scope.cancel()
+                return
+
+
+def run_master(args: argparse.Namespace) -> None:
+    try:
+        host, port = parse_address(args.listen)
+    except ValueError as e:
+        raise QuietError(f"--listen {args.listen}: {e}", 2) from None
+    storage = open_volume(args.volume)
+    try:
+        sb = open_superblock(storage)
+    finally:
+        storage.close()
+    service = MasterService(sb.cluster_key, coherence=args.coherence, host_slots=sb.host_slots)
+    try:
+        trio.run(_serve_forever, service, host, port)
+    except OSError as e:
+        raise QuietError(f"cannot listen on {host}:{port}: {e.strerror or e}", 1) from None
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="sharedfs master", description="Run a volume's lock master.")
+    ap.add_argument("volume", help="the volume (its cluster key authenticates hosts)")
+    ap.add_argument("--listen", default="127.0.0.1:7400", metavar="HOST:PORT")
+    ap.add_argument("--coherence", choices=("fusion", "disk"), default="fusion")
+    ap.add_argument("--log", metavar="FILE")
+    ap.add_argument("--debug", action="store_true")
+    args = ap.parse_args(sys.argv[1:] if argv is None else argv)
+    setup_logging(args.debug, args.log)
+    run_tool(run_master, args)
+
+
+if __name__ == "__main__":
+    main()

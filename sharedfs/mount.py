@@ -21,11 +21,14 @@ import pyfuse3
 import trio
 
 from . import format as fmt
-from .cli_util import parse_size, run_tool, setup_logging
+from .agent import ClusterAgent
+from .cli_util import find_quiet, parse_size, run_tool, setup_logging
 from .errors import QuietError
 from .fs import FileSystem
 from .fuse_ops import Operations
-from .host import DEFAULT_CACHE_BYTES, open_host
+from .host import DEFAULT_CACHE_BYTES, open_cluster_host
+from .link import parse_address
+from .master import MasterService
 from .storage import Storage, open_volume
 from .volume import (
     HEARTBEAT_INTERVAL,
@@ -53,9 +56,21 @@ def add_mount_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("volume", help="image file or block device holding the volume")
     p.add_argument("mountpoint")
     p.add_argument("--foreground", "-f", action="store_true", help="stay in the foreground")
-    p.add_argument("--master", metavar="HOST:PORT", help="lock master to join")
+    p.add_argument("--master", metavar="HOST:PORT", help="lock master to join (default: embed one)")
+    p.add_argument(
+        "--listen",
+        metavar="HOST:PORT",
+        default="127.0.0.1:0",
+        help="where the embedded master listens (default: loopback, any port)",
+    )
     p.add_argument(
         "--node", type=int, default=None, help="host slot to claim (default: first free)"
+    )
+    p.add_argument(
+        "--coherence",
+        choices=("fusion", "disk"),
+        default="fusion",
+        help="fusion: ship blocks host to host; disk: write before every transfer",
     )
     p.add_argument("--cache-size", type=parse_size, default=DEFAULT_CACHE_BYTES)
     p.add_argument("-o", dest="options", action="append", default=[], help="FUSE mount options")
@@ -74,19 +89,22 @@ def check_mountpoint(path: str) -> str:
     return path
 
 
-def pick_node(storage: Storage, sb: fmt.Superblock, node: int | None) -> int:
+def pick_node(storage: Storage, sb: fmt.Superblock, node: int | None, master: str | None) -> int:
     live = live_slots(storage, sb)
-    if live and (node is None or node not in live):
-        # Until hosts coordinate through a networked master, a second host
-        # on the same volume would corrupt it: refuse rather than risk it.
+    if live and master is None:
+        # Hosts on one volume must share one master: a second embedded
+        # master would let two hosts write the same blocks unaware.
         n, slot = min(live.items())
         raise QuietError(
             f"{storage.name}: already mounted by {describe_slot(n, slot)}; "
-            "several hosts at once need a shared lock master, which this version lacks",
+            "join its lock master with --master HOST:PORT",
             32,
         )
     if node is None:
-        return 0
+        free = [n for n in range(sb.host_slots) if n not in live]
+        if not free:
+            raise QuietError(f"{storage.name}: all {sb.host_slots} host slots are in use", 32)
+        return free[0]
     return node
 
 
@@ -107,36 +125,79 @@ async def serve(
     mountpoint: str,
     node: int,
     options: set[str],
-    cache_bytes: int,
+    args: argparse.Namespace,
     ready: Callable[[], None],
 ) -> None:
     """Run one host until unmounted; leave the volume clean."""
     slot = claim_slot(storage, sb, node, mountpoint)
-    fs = open_host(storage, sb, node=node, cache_bytes=cache_bytes)
+    fs = open_cluster_host(
+        storage, sb, node=node, coherence=args.coherence, cache_bytes=args.cache_size
+    )
+    agent = fs.cache.agent
+    assert isinstance(agent, ClusterAgent)
     ops = Operations(fs)
+    try:
+        async with trio.open_nursery() as nursery:
+            if args.master:
+                master = parse_address(args.master)
+            else:
+                service = MasterService(
+                    sb.cluster_key, coherence=args.coherence, host_slots=sb.host_slots
+                )
+                lhost, lport = parse_address(args.listen)
+                port = await nursery.start(service.serve, lhost, lport)
+                master = ("127.0.0.1" if lhost in ("0.0.0.0", "") else lhost, port)
+                log.info("host %d: embedded master on %s:%d", node, lhost, port)
+            await nursery.start(agent.run, master)
+            await _run_fuse(fs, ops, storage, sb, mountpoint, node, options, slot, ready, nursery)
+    finally:
+        release_slot(storage, sb, node, slot)
+        log.info("host %d: unmounted %s, volume clean", node, mountpoint)
+
+
+async def _run_fuse(
+    fs: FileSystem,
+    ops: Operations,
+    storage: Storage,
+    sb: fmt.Superblock,
+    mountpoint: str,
+    node: int,
+    options: set[str],
+    slot: fmt.HostSlot,
+    ready: Callable[[], None],
+    nursery: trio.Nursery,
+) -> None:
     try:
         pyfuse3.init(ops, mountpoint, options)
     except RuntimeError as e:
-        release_slot(storage, sb, node, slot)
         raise QuietError(f"{mountpoint}: cannot mount: {e}", 32) from None
     log.info("host %d: mounted %s on %s", node, storage.name, mountpoint)
-    unmounted = False
     try:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(_heartbeat_task, storage, sb, node, slot)
-            nursery.start_soon(_writeback_task, fs)
-            nursery.start_soon(_signal_task)
+        async with trio.open_nursery() as tasks:
+            tasks.start_soon(_heartbeat_task, storage, sb, node, slot)
+            tasks.start_soon(_writeback_task, fs)
+            tasks.start_soon(_signal_task)
+            tasks.start_soon(_master_watch, fs)
             ready()
             await pyfuse3.main()
-            unmounted = True
-            nursery.cancel_scope.cancel()
+            tasks.cancel_scope.cancel()
     finally:
-        pyfuse3.close(unmount=not unmounted)
+        # Still mounted unless the kernel unmounted us (fusermount3 -u).
+        pyfuse3.close(unmount=is_mounted(mountpoint))
         with trio.CancelScope(shield=True):
-            await fs.destroy()
-            fs.cache.agent.close()
-        release_slot(storage, sb, node, slot)
-        log.info("host %d: unmounted %s, volume clean", node, mountpoint)
+            if not fs.fenced:
+                await fs.destroy()
+        nursery.cancel_scope.cancel()
+
+
+async def _master_watch(fs: FileSystem) -> None:
+    agent = fs.cache.agent
+    assert isinstance(agent, ClusterAgent)
+    await agent.master_lost.wait()
+    # Without the master this host cannot know what others changed: refuse
+    # everything rather than serve stale data (journal recovery comes later).
+    fs.fenced = True
+    log.error("host %d: lost the lock master; the mount returns EIO until remounted", fs.host)
 
 
 async def _heartbeat_task(
@@ -192,13 +253,15 @@ def daemonize(run: Callable[[Callable[[], None]], None]) -> None:
 
     try:
         run(ready)
-    except QuietError as e:
-        os.write(wfd, f"{e.exitcode} {e}".encode())
-        os._exit(e.exitcode)
     except BaseException as e:  # the parent must hear of it, whatever it is
-        log.exception("mount failed")
-        os.write(wfd, f"1 mount failed: {e}".encode())
-        os._exit(1)
+        quiet = find_quiet(e)
+        if quiet is None:
+            log.exception("mount failed")
+            quiet = QuietError(f"mount failed: {e!r}")
+        else:
+            log.error("%s", quiet)
+        os.write(wfd, f"{quiet.exitcode} {quiet}".encode())
+        os._exit(quiet.exitcode)
     os._exit(0)
 
 
@@ -209,16 +272,16 @@ def default_log(node: int) -> str:
 
 
 def mount(args: argparse.Namespace) -> None:
-    if args.master:
-        raise QuietError(
-            f"--master {args.master}: joining a standalone lock master is not supported yet; "
-            "mount without --master (the master is embedded)",
-            2,
-        )
+    for addr in (args.master, args.listen):
+        if addr:
+            try:
+                parse_address(addr)
+            except ValueError as e:
+                raise QuietError(f"{addr}: {e}", 2) from None
     mountpoint = check_mountpoint(args.mountpoint)
     storage = open_volume(args.volume)
     sb = open_superblock(storage)
-    node = pick_node(storage, sb, args.node)
+    node = pick_node(storage, sb, args.node, args.master)
     if not 0 <= node < sb.host_slots:
         raise QuietError(f"--node {node}: this volume has host slots 0..{sb.host_slots - 1}", 2)
     options = fuse_options(args.volume, args.options)
@@ -227,7 +290,7 @@ def mount(args: argparse.Namespace) -> None:
     faulthandler.register(signal.SIGUSR1, all_threads=True)
 
     def run(ready: Callable[[], None]) -> None:
-        trio.run(serve, storage, sb, mountpoint, node, options, args.cache_size, ready)
+        trio.run(serve, storage, sb, mountpoint, node, options, args, ready)
 
     if args.foreground:
         run(lambda: None)
@@ -262,6 +325,8 @@ def mount_helper_main(argv: list[str] | None = None) -> None:
             args.master = value
         elif key == "node":
             args.node = int(value)
+        elif key in ("listen", "coherence"):
+            setattr(args, key, value)
         elif key == "cache_size":
             args.cache_size = parse_size(value)
         elif key == "log":

@@ -147,7 +147,9 @@ def _check_layout(sb: fmt.Superblock, volume_bytes: int) -> None:
 
 def test_geometry_64m(sb):
     _check_layout(sb, 64 << 20)
-    assert sb.group_count == 1
+    # Small volumes still get several groups, so hosts can allocate apart.
+    assert sb.group_count == 8
+    assert sb.blocks_per_group == 2048
     assert sb.host_slots == 8
     assert sb.data_blocks > 15000
 
@@ -155,9 +157,10 @@ def test_geometry_64m(sb):
 def test_geometry_3g():
     sb = fmt.make_geometry(3 << 30)
     _check_layout(sb, 3 << 30)
-    # 786432 blocks in groups of at most 32448: 25 groups, the last one short.
-    assert sb.group_count == 25
-    assert sb.group_blocks(24) < sb.blocks_per_group
+    # 786432 blocks, about four groups per host slot: groups of 24576 blocks.
+    assert sb.blocks_per_group == 786432 // 32
+    assert sb.group_count == 32
+    assert sb.group_blocks(31) < sb.blocks_per_group
     assert sb.data_blocks > 0.9 * sb.volume_blocks
 
 
@@ -217,7 +220,7 @@ def test_geometry_bad_host_slots_and_label():
 def test_geometry_smallest_volume_that_fits():
     fmt.make_geometry(8 << 20)
     with pytest.raises(ValueError):
-        fmt.make_geometry(3 << 20)
+        fmt.make_geometry(1 << 20)
 
 
 # --------------------------------------------------------------------------

@@ -217,11 +217,16 @@ async def test_new_replaces_a_cached_block():
     assert blk(storage, 6) == bytes(BS)
 
 
-async def test_flush_makes_private_blocks_public():
+async def test_private_blocks_stay_private_until_registered():
     cache = make_cache()
     buf = cache.new(9)
     await cache.flush()
-    assert not buf.private and not buf.dirty
+    # Written, but no other host can reach it yet: still no lock at the master.
+    assert buf.private and not buf.dirty
+    assert ("block", 9) not in cache.agent.master.holders
+    await cache.register_private()
+    assert not buf.private
+    assert cache.agent.master.holders[("block", 9)] == {cache.agent.host: Mode.X}
 
 
 async def test_overwrite_takes_no_storage_read():

@@ -1,0 +1,384 @@
+"""The lock master's resource directory and protocol decisions, sans I/O.
+
+For every block some host has asked for, the directory keeps who holds it in
+which mode, which host owns the newest version while it is dirty, which hosts
+keep past images (PIs) of which versions, the newest version known to be on
+storage, and the requests waiting in line.  Each handler takes one message
+from a host and returns the messages to send, as (node, message) pairs; the
+trio service in master.py does the sending.  Tests drive it directly and
+check the exact messages (seed 000_609d80bd4d8e36c9, claims 1-40).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from dataclasses import dataclass, field
+
+from . import protocol as p
+from .protocol import Mode
+
+log = logging.getLogger(__name__)
+
+Out = list[tuple[int, p.Message]]
+NOBODY = -1
+
+
+@dataclass(slots=True)
+class Request:
+    node: int
+    req: int
+    mode: Mode
+    op_start: float
+
+
+@dataclass(slots=True)
+class BlockState:
+    """Attributes:
+    holders: node -> mode held.
+    owner: the node whose cache holds the newest version while it is not on
+        storage (it holds X, or S after shipping a read copy); None when
+        storage has the newest version.
+    pis: node -> newest past-image version it keeps.
+    disk_version: newest version known to be on storage.
+    queue: requests waiting; the head is being served when `acks` is set.
+    acks: nodes whose PingDone the head request still waits for.
+    final: the head request's transfer doubles as its grant.
+    src: the node shipping the head request its data, if any.
+    writer: the node told to write the block (write-perform in flight).
+    write_waiters: nodes that asked for the write: notified at once.
+    """
+
+    holders: dict[int, Mode] = field(default_factory=dict)
+    owner: int | None = None
+    pis: dict[int, int] = field(default_factory=dict)
+    disk_version: int = 0
+    queue: deque[Request] = field(default_factory=deque)
+    acks: set[int] = field(default_factory=set)
+    final: bool = False
+    src: int | None = None
+    writer: int | None = None
+    write_waiters: set[int] = field(default_factory=set)
+
+
+@dataclass(slots=True)
+class Counters:
+    lock_requests: int = 0
+    blocks_requested: int = 0
+    grants: int = 0
+    pings: int = 0
+    revokes: int = 0
+    transfers: int = 0
+    write_requests: int = 0
+    write_performs: int = 0
+    writes_avoided: int = 0
+    notifications_now: int = 0
+    notifications_piggybacked: int = 0
+    messages_in: int = 0
+    messages_out: int = 0
+
+
+class Directory:
+    """Attributes:
+    blocks: block number -> its state.
+    nodes: hosts that have joined.
+    scn: the highest change number seen (every message carries one).
+    deferred: notifications waiting to ride on the next message to a node.
+    """
+
+    def __init__(self, coherence: str = "fusion") -> None:
+        self.coherence = coherence
+        self.blocks: dict[int, BlockState] = {}
+        self.nodes: set[int] = set()
+        self.scn = 0
+        self.deferred: dict[int, dict[int, int]] = {}
+        self.counters = Counters()
+
+    def _state(self, block: int) -> BlockState:
+        st = self.blocks.get(block)
+        if st is None:
+            st = self.blocks[block] = BlockState()
+        return st
+
+    def _see(self, scn: int) -> None:
+        self.scn = max(self.scn, scn)
+
+    # -- membership ------------------------------------------------------------
+    def join(self, node: int) -> None:
+        self.nodes.add(node)
+
+    def leave(self, node: int) -> Out:
+        """A host left (or its connection died): forget its holds.  (Its dirty
+        versions are gone with it; recovery from the journal comes later.)"""
+        self.nodes.discard(node)
+        self.deferred.pop(node, None)
+        out: Out = []
+        for block, st in list(self.blocks.items()):
+            st.holders.pop(node, None)
+            st.pis.pop(node, None)
+            st.write_waiters.discard(node)
+            if st.owner == node:
+                st.owner = None
+            st.queue = deque(r for r in st.queue if r.node != node)
+            if node in st.acks:
+                st.acks.discard(node)
+                if st.src == node:  # its transfer may never have left
+                    st.final = False
+                    st.src = None
+                if not st.acks:
+                    out += self._complete(block, st)
+            if st.writer == node:
+                st.writer = None
+                out += self._start_write(block, st)
+            out += self._serve(block, st)
+            self._gc(block, st)
+        return out
+
+    # -- locks -------------------------------------------------------------------
+    def on_lock_request(self, node: int, msg: p.LockRequest) -> Out:
+        self._see(msg.scn)
+        self.counters.lock_requests += 1
+        self.counters.blocks_requested += len(msg.blocks)
+        mode = Mode(msg.mode)
+        out: Out = []
+        granted: list[int] = []
+        for block in msg.blocks:
+            st = self._state(block)
+            st.queue.append(Request(node, msg.req, mode, msg.op_start))
+            if len(st.queue) == 1:
+                out += self._serve(block, st, granted)
+        if granted:
+            # Blocks granted at once travel back in one message (claims 10-12).
+            out.append((node, self._grant(node, msg.req, tuple(granted), mode)))
+        return out
+
+    def _grant(
+        self, node: int, req: int, blocks: tuple[int, ...], mode: Mode, transfer: bool = False
+    ) -> p.Grant:
+        self.counters.grants += len(blocks)
+        return p.Grant(req, blocks, int(mode), self.scn, self._take_deferred(node), transfer)
+
+    def _serve(self, block: int, st: BlockState, granted: list[int] | None = None) -> Out:
+        """Start serving the head request of `block`, if it is idle."""
+        out: Out = []
+        while st.queue and not st.acks:
+            r = st.queue[0]
+            held = st.holders.get(r.node, Mode.N)
+            conflicts = {
+                x: m for x, m in st.holders.items() if x != r.node and not m.compatible(r.mode)
+            }
+            # Who ships the newest version: a conflicting holder that has it
+            # (the owner, or an X holder), or the owner of a dirty version
+            # the requester does not have a copy of.
+            src: int | None = None
+            if (
+                st.owner is not None
+                and st.owner != r.node
+                and (st.owner in conflicts or held is Mode.N)
+            ):
+                src = st.owner
+            elif held is Mode.N:
+                src = next((x for x, m in conflicts.items() if m is Mode.X), None)
+            if src is None and not conflicts:
+                st.queue.popleft()
+                st.holders[r.node] = max(held, r.mode)
+                if granted is not None and r is not None:
+                    granted.append(block)
+                else:
+                    out.append((r.node, self._grant(r.node, r.req, (block,), r.mode)))
+                continue
+            targets = dict(conflicts)
+            if src is not None:
+                targets.setdefault(src, st.holders.get(src, Mode.N))
+            final = len(targets) == 1 and src is not None
+            st.acks = set(targets)
+            st.final = final
+            st.src = src
+            for x in targets:
+                keep = Mode.S if (r.mode is Mode.S and x == src) else Mode.N
+                to = r.node if x == src else NOBODY
+                if to == NOBODY:
+                    self.counters.revokes += 1
+                else:
+                    self.counters.pings += 1
+                msg = p.Ping(
+                    block,
+                    to,
+                    int(r.mode),
+                    int(keep),
+                    r.req,
+                    self.scn,
+                    r.op_start,
+                    final,
+                    self._take_deferred(x),
+                )
+                out.append((x, msg))
+        return out
+
+    def on_ping_done(self, node: int, msg: p.PingDone) -> Out:
+        self._see(msg.scn)
+        st = self._state(msg.block)
+        if node not in st.acks:
+            log.warning("master: unexpected PingDone from node %d for block %d", node, msg.block)
+            return []
+        st.acks.discard(node)
+        keep = Mode(msg.keep)
+        if keep is Mode.N:
+            st.holders.pop(node, None)
+        else:
+            st.holders[node] = keep
+        if msg.pi:
+            st.pis[node] = max(st.pis.get(node, 0), msg.pi)
+        if msg.to != NOBODY:
+            self.counters.transfers += 1
+            if self.coherence == "disk":
+                # Written before it left: storage is current.
+                st.disk_version = max(st.disk_version, msg.version)
+                st.owner = None
+            elif msg.dirty:
+                # The newest version is not on storage: it now lives with the
+                # receiver of an exclusive copy (claim 37), or stays with the
+                # sender of a read copy.
+                st.owner = msg.to if keep is Mode.N else node
+        elif st.owner == node:
+            st.owner = None
+        if st.acks:
+            return []
+        return self._complete(msg.block, st)
+
+    def _complete(self, block: int, st: BlockState) -> Out:
+        r = st.queue.popleft()
+        st.holders[r.node] = max(st.holders.get(r.node, Mode.N), r.mode)
+        out: Out = []
+        # Sent even when the transfer was the grant: it reaches the requester
+        # before any later ping for the block, so the requester knows that a
+        # ping is about this hold and waits for the data still on its way.
+        out.append((r.node, self._grant(r.node, r.req, (block,), r.mode, st.src is not None)))
+        st.final = False
+        st.src = None
+        out += self._serve(block, st)
+        return out
+
+    def on_release(self, node: int, msg: p.Release) -> Out:
+        out: Out = []
+        for block in msg.blocks:
+            st = self.blocks.get(block)
+            if st is None:
+                continue
+            st.holders.pop(node, None)
+            if st.owner == node:
+                st.owner = None
+            out += self._serve(block, st)
+            self._gc(block, st)
+        return out
+
+    def _gc(self, block: int, st: BlockState) -> None:
+        busy = st.holders or st.pis or st.queue or st.acks or st.writer is not None
+        if not busy and st.owner is None:
+            del self.blocks[block]
+
+    # -- writes ------------------------------------------------------------------
+    def on_write_request(self, node: int, msg: p.WriteRequest) -> Out:
+        self._see(msg.scn)
+        self.counters.write_requests += 1
+        out: Out = []
+        done: list[tuple[int, int]] = []
+        performs: dict[int, list[int]] = {}
+        for block, version in msg.blocks:
+            st = self._state(block)
+            if st.disk_version >= version:
+                # Storage already has it at least as new (claim 18).
+                self.counters.writes_avoided += 1
+                done.append((block, st.disk_version))
+                continue
+            st.write_waiters.add(node)
+            if st.writer is None:
+                writer = self._newest(st, node)
+                st.writer = writer
+                performs.setdefault(writer, []).append(block)
+        for writer, blocks in performs.items():
+            self.counters.write_performs += len(blocks)
+            out.append((writer, p.WritePerform(tuple(blocks), self.scn)))
+        if done:
+            self.counters.notifications_now += len(done)
+            out.append((node, p.WriteNotify(tuple(done), self.scn)))
+        return out
+
+    def _newest(self, st: BlockState, asker: int) -> int:
+        """The node with the most recent version (claim 21): the X holder
+        (it has the current copy), else the owner of a dirty read-shared
+        version, else the newest past image."""
+        x = next((n for n, m in st.holders.items() if m is Mode.X), None)
+        if x is not None:
+            return x
+        if st.owner is not None:
+            return st.owner
+        if st.pis:
+            return max(st.pis, key=lambda n: st.pis[n])
+        return asker
+
+    def _start_write(self, block: int, st: BlockState) -> Out:
+        if not st.write_waiters or st.writer is not None:
+            return []
+        st.writer = self._newest(st, next(iter(st.write_waiters)))
+        self.counters.write_performs += 1
+        return [(st.writer, p.WritePerform((block,), self.scn))]
+
+    def on_write_done(self, node: int, msg: p.WriteDone) -> Out:
+        """Storage has these versions: tell the writer and who asked at once,
+        the other PI holders later (claims 13-17), and forget covered PIs."""
+        self._see(msg.scn)
+        now: dict[int, list[tuple[int, int]]] = {}
+        for block, version in msg.blocks:
+            st = self._state(block)
+            st.disk_version = max(st.disk_version, version)
+            if st.writer == node:
+                st.writer = None
+            if st.owner == node and st.holders.get(node) is not Mode.X:
+                st.owner = None  # it can no longer change: storage is current
+            told = st.write_waiters | {node}
+            st.write_waiters.clear()
+            for n in told:
+                now.setdefault(n, []).append((block, version))
+            for n, v in list(st.pis.items()):
+                if v > version:
+                    continue
+                del st.pis[n]
+                if n not in told:
+                    self.deferred.setdefault(n, {})[block] = version
+                    self.counters.notifications_piggybacked += 1
+            self._gc(block, st)
+        out: Out = []
+        for n, written in now.items():
+            self.counters.notifications_now += len(written)
+            out.append((n, p.WriteNotify(tuple(written), self.scn)))
+        return out
+
+    def _take_deferred(self, node: int) -> tuple[tuple[int, int], ...]:
+        d = self.deferred.pop(node, None)
+        return tuple(d.items()) if d else ()
+
+    def flush_deferred(self) -> Out:
+        """Notifications that found no message to ride on in time."""
+        out: Out = []
+        for node in list(self.deferred):
+            written = self._take_deferred(node)
+            if written:
+                out.append((node, p.WriteNotify(written, self.scn)))
+        return out
+
+    # -- status ------------------------------------------------------------------
+    def summary(self) -> dict[str, object]:
+        held: dict[int, dict[str, int]] = {}
+        for st in self.blocks.values():
+            for n, m in st.holders.items():
+                h = held.setdefault(n, {"S": 0, "X": 0, "pi": 0})
+                h[m.name] += 1
+            for n in st.pis:
+                held.setdefault(n, {"S": 0, "X": 0, "pi": 0})["pi"] += 1
+        return {
+            "blocks_tracked": len(self.blocks),
+            "held": held,
+            "scn": self.scn,
+            "counters": {k: getattr(self.counters, k) for k in Counters.__slots__},  # type: ignore[attr-defined]
+        }

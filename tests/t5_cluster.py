@@ -1,0 +1,192 @@
+"""Several hosts on one volume through the real master and agents (no FUSE).
+
+Protocol tests check the messages and storage writes that happened, not only
+the bytes that came out.
+"""
+
+from __future__ import annotations
+
+import random
+
+import trio
+import trio.lowlevel
+from cluster_util import cluster
+from conftest import CTX, ROOT, make_volume
+
+from sharedfs import format as fmt
+from sharedfs.fsck import run_fsck
+
+
+async def settle(c) -> None:  # type: ignore[no-untyped-def]
+    """Wait until the master has heard every PingDone: a transfer that was
+    the grant lets the receiver go on before its sender reports."""
+    with trio.fail_after(5):
+        while any(st.acks or st.queue for st in c.directory.blocks.values()):
+            await trio.sleep(0.01)
+
+
+async def fsck_clean(storage) -> None:  # type: ignore[no-untyped-def]
+    f = await run_fsck(storage, repair=False, force=True, progress=False)
+    assert f.found_errors == 0, f.problems
+
+
+async def test_a_file_written_on_one_host_reads_on_the_others():
+    vol = await make_volume()
+    async with cluster(vol, 3) as c:
+        a, b, h3 = c.hosts
+        f = await a.create(ROOT, b"shared", 0o644, CTX)
+        await a.write(f.ino, 0, b"from A")
+        assert (await b.lookup(ROOT, b"shared")).ino == f.ino
+        assert await b.read(f.ino, 0, 100) == b"from A"
+        await b.write(f.ino, 6, b", then B")
+        assert await h3.read(f.ino, 0, 100) == b"from A, then B"
+        assert await a.read(f.ino, 0, 100) == b"from A, then B"
+    await fsck_clean(vol)
+
+
+async def test_dirty_block_moves_host_to_host_without_storage_writes():
+    """A -> B -> C: the block travels by ping, nobody writes it to storage,
+    and A and B keep past images (claims 1, 37)."""
+    vol = await make_volume()
+    async with cluster(vol, 3) as c:
+        a, b, h3 = c.hosts
+        f = await a.create(ROOT, b"pp", 0o644, CTX)
+        await a.write(f.ino, 0, b"a" * 4096)
+        (blk,), _ = await a._map(await a._iget(f.ino), 0, 1)
+        writes_before = vol.writes
+        await b.write(f.ino, 0, b"b" * 10)
+        await h3.write(f.ino, 0, b"c" * 5)
+        assert vol.writes == writes_before, "a transfer wrote to storage"
+        await settle(c)
+        assert blk in a.cache.pis and blk in b.cache.pis and blk not in h3.cache.pis
+        st = c.directory.blocks[blk]
+        assert st.owner == 2 and set(st.pis) == {0, 1}
+        assert c.directory.counters.transfers >= 2
+        assert await a.read(f.ino, 0, 12) == b"ccccc" + b"bbbbb" + b"aa"
+    await fsck_clean(vol)
+
+
+async def test_write_request_is_served_by_the_newest_copy_and_clears_past_images():
+    """A asks for a write of a block C holds newer: C writes it; A's and B's
+    PIs go (claims 19-23)."""
+    vol = await make_volume()
+    async with cluster(vol, 3) as c:
+        a, b, h3 = c.hosts
+        f = await a.create(ROOT, b"w", 0o644, CTX)
+        await a.write(f.ino, 0, b"1" * 4096)
+        await b.write(f.ino, 0, b"2" * 4096)
+        await h3.write(f.ino, 0, b"3" * 4096)
+        (blk,), _ = await a._map(await a._iget(f.ino), 0, 1)
+        pi_version = a.cache.pis[blk].version
+        performs = c.directory.counters.write_performs
+        await a.cache.agent.write_request([(blk, pi_version)])
+        assert c.directory.counters.write_performs == performs + 1
+        assert vol.read_sync(blk * 4096, 4096) == b"3" * 4096  # C's version, not A's
+        assert blk not in a.cache.pis
+        with trio.fail_after(5):  # B hears of it later, piggybacked or batched
+            while blk in b.cache.pis:
+                await trio.sleep(0.05)
+        # A version already on storage: answered at once, no write (claim 18).
+        avoided = c.directory.counters.writes_avoided
+        await b.cache.agent.write_request([(blk, pi_version)])
+        assert c.directory.counters.writes_avoided == avoided + 1
+    await fsck_clean(vol)
+
+
+async def test_concurrent_hosts_in_shared_directories():
+    vol = await make_volume(128 << 20)
+    async with cluster(vol, 3) as c:
+        d = await c.hosts[0].mkdir(ROOT, b"shared", 0o755, CTX)
+        expected: dict[bytes, bytes] = {}
+
+        async def worker(h: int) -> None:
+            fs = c.hosts[h]
+            rng = random.Random(h)
+            for i in range(60):
+                name = b"h%d-%03d" % (h, i)
+                data = bytes([65 + h]) * rng.randrange(1, 20000)
+                f = await fs.create(d.ino, name, 0o644, CTX)
+                await fs.write(f.ino, 0, data)
+                expected[name] = data
+                if i % 7 == 3:
+                    await fs.unlink(d.ino, name)
+                    del expected[name]
+                elif i % 5 == 0:
+                    await fs.rename(d.ino, name, ROOT, name)
+                await trio.lowlevel.checkpoint()
+
+        async with trio.open_nursery() as n:
+            for h in range(3):
+                n.start_soon(worker, h)
+        for fs in c.hosts:
+            for name, data in expected.items():
+                for parent in (d.ino, ROOT):
+                    try:
+                        a = await fs.lookup(parent, name)
+                        break
+                    except Exception:
+                        continue
+                else:
+                    raise AssertionError(f"host {fs.host}: {name!r} is missing")
+                assert await fs.read(a.ino, 0, len(data) + 1) == data
+    await fsck_clean(vol)
+
+
+async def test_appends_from_every_host_never_overwrite_each_other():
+    vol = await make_volume()
+    async with cluster(vol, 3) as c:
+        f = await c.hosts[0].create(ROOT, b"log", 0o644, CTX)
+
+        async def appender(h: int) -> None:
+            for i in range(40):
+                await c.hosts[h].write(f.ino, 0, b"host%d line %02d\n" % (h, i), append=True)
+
+        async with trio.open_nursery() as n:
+            for h in range(3):
+                n.start_soon(appender, h)
+        size = (await c.hosts[1].getattr(f.ino)).size
+        lines = (await c.hosts[2].read(f.ino, 0, size)).splitlines()
+        assert sorted(lines) == sorted(
+            b"host%d line %02d" % (h, i) for h in range(3) for i in range(40)
+        )
+    await fsck_clean(vol)
+
+
+async def test_disk_coherence_writes_before_every_transfer():
+    vol = await make_volume()
+    async with cluster(vol, 2, coherence="disk") as c:
+        a, b = c.hosts
+        f = await a.create(ROOT, b"d", 0o644, CTX)
+        await a.write(f.ino, 0, b"x" * 4096)
+        writes = vol.writes
+        await b.write(f.ino, 0, b"y")
+        assert vol.writes > writes
+        assert not a.cache.pis and not b.cache.pis
+        assert await a.read(f.ino, 0, 2) == b"yx"
+    await fsck_clean(vol)
+
+
+async def test_volume_is_clean_after_a_busy_tree_on_three_hosts():
+    vol = await make_volume(128 << 20)
+    async with cluster(vol, 3) as c:
+
+        async def tree(h: int) -> None:
+            fs = c.hosts[h]
+            top = await fs.mkdir(ROOT, b"t%d" % h, 0o755, CTX)
+            for i in range(10):
+                sub = await fs.mkdir(top.ino, b"s%d" % i, 0o755, CTX)
+                for j in range(10):
+                    f = await fs.create(sub.ino, b"f%d" % j, 0o644, CTX)
+                    await fs.write(f.ino, 0, b"%d/%d/%d" % (h, i, j) * 100)
+
+        async with trio.open_nursery() as n:
+            for h in range(3):
+                n.start_soon(tree, h)
+        # Every host lists every tree.
+        for fs in c.hosts:
+            for h in range(3):
+                top = await fs.lookup(ROOT, b"t%d" % h)
+                names = [e.name for e, _ in await fs.readdir(top.ino, 0)]
+                assert sorted(names) == [b".", b".."] + sorted(b"s%d" % i for i in range(10))
+    await fsck_clean(vol)
+    assert fmt.ROOT_INO == 1
