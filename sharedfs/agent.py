@@ -34,6 +34,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 RELEASE_BATCH = 256
+STATS_TICKS = 20  # every second
 CONNECT_TIMEOUT = 10.0
 
 
@@ -226,11 +227,22 @@ class ClusterAgent:
         self._releases.append(blockno)
 
     async def _release_task(self) -> None:
-        """Releases also go out on their own, batched, when nothing else does."""
+        """Releases also go out on their own, batched, when nothing else does;
+        and now and then our counters, for `sharedfs status`."""
+        ticks = 0
         while True:
             await trio.sleep(0.05)
             if self._releases:
                 await self._send_master(None)
+            ticks += 1
+            if ticks % STATS_TICKS == 0:
+                await self._send_master(p.Stats(self.host, self.counters()))
+
+    def counters(self) -> dict[str, int]:
+        assert self.cache is not None
+        out = {f"agent_{k}": getattr(self.stats, k) for k in AgentStats.__slots__}  # type: ignore[attr-defined]
+        out.update(self.cache.counters())
+        return out
 
     async def write_request(self, blocks: list[tuple[int, int]]) -> None:
         """Ask the master to get these versions onto storage; return when

@@ -109,6 +109,7 @@ class _Op:
     start: float
     task: trio.lowlevel.Task
     pinned: set[int] = field(default_factory=set)
+    exclusive: set[int] = field(default_factory=set)  # asked for in X
     undo: dict[int, _Snapshot | None] = field(default_factory=dict)
     waiting: Pending | None = None
     abort: trio.Event = field(default_factory=trio.Event)
@@ -167,6 +168,7 @@ class BlockCache:
         self._shipped_while_writing: dict[int, int] = {}
         self.pis: dict[int, PastImage] = {}
         self._private: set[int] = set()  # allocated here, unknown to the master
+        self._registering = trio.Lock()
         # One write-back at a time, so two writes of one block never race.
         self._write_lock = trio.Lock()
         self.scn = 0
@@ -176,6 +178,13 @@ class BlockCache:
         self._op_changed = trio.Event()
         if isinstance(agent, ClusterAgent):
             agent.cache = self
+
+    def counters(self) -> dict[str, int]:
+        out = {f"cache_{k}": getattr(self.stats, k) for k in CacheStats.__slots__}  # type: ignore[attr-defined]
+        out["cache_blocks"] = len(self._bufs)
+        out["cache_dirty"] = len(self._dirty)
+        out["cache_pis"] = len(self.pis)
+        return out
 
     def see_scn(self, scn: int) -> None:
         if scn > self.scn:
@@ -284,6 +293,8 @@ class BlockCache:
             # Pinned before we ask: a ping that comes between the grant and
             # the storage read must wait for us, not ship what we lack.
             self._op.pinned.update(blocknos)
+            if mode is Mode.X:
+                self._op.exclusive.update(blocknos)
         need_lock = [b for b in blocknos if self._held(b) < mode]
         if need_lock:
             self.stats.lock_requests += 1
@@ -556,7 +567,7 @@ class BlockCache:
         await self.register_private()
         deadline = trio.current_time() + DEADLOCK_TIMEOUT
         while (op := self._op) is not None and b in op.pinned:
-            if ping.keep == Mode.S and b not in op.undo:
+            if ping.keep == Mode.S and b not in op.undo and b not in op.exclusive:
                 break  # a read copy of what the operation only read: no harm
             if op.waiting is not None and (
                 (ping.op_start, ping.to) < (op.start, self.agent.host)
@@ -583,14 +594,17 @@ class BlockCache:
         """Before anything leaves this host, the master learns of the blocks
         we allocated: once a block pointing at them is shipped, other hosts
         can reach them, and must be sent here for them."""
-        if not self._private:
-            return
-        blocks, self._private = sorted(self._private), set()
-        await self.agent.acquire_blocks(blocks, Mode.X, 0.0)
-        for b in blocks:
-            buf = self._bufs.get(b)
-            if buf is not None:
-                buf.private = False
+        # One at a time: a second ping must not ship while the first one's
+        # registration is still on its way to the master.
+        async with self._registering:
+            if not self._private:
+                return
+            blocks, self._private = sorted(self._private), set()
+            await self.agent.acquire_blocks(blocks, Mode.X, 0.0)
+            for b in blocks:
+                buf = self._bufs.get(b)
+                if buf is not None:
+                    buf.private = False
 
     async def _hand_over(self, buf: Buffer, keep: Mode) -> Shipped:
         b = buf.blockno

@@ -13,6 +13,7 @@ import errno
 import functools
 import logging
 import os
+import stat
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -46,6 +47,7 @@ def fuse_errors(fn: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
         except pyfuse3.FUSEError:
             raise
         except FsError as e:
+            log.debug("host %d: %s%r: %s", self.fs.host, fn.__name__, args[:2], e)
             raise pyfuse3.FUSEError(e.errno) from None
         except StorageError as e:
             log.error("host %d: storage failed in %s: %s", self.fs.host, fn.__name__, e)
@@ -74,7 +76,7 @@ def mutating(fn: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
 #: kernel can be stuck behind one of our own requests on the same inode (a
 #: read holding a page lock while it waits for the block we are shipping):
 #: then the block goes anyway and the invalidation lands a moment later.
-INVALIDATE_TIMEOUT = 0.5
+INVALIDATE_TIMEOUT = 0.05
 _DIR_TYPES = {fmt.BlockType.DIRHDR, fmt.BlockType.DIRBUCKET, fmt.BlockType.DIRTABLE}
 
 
@@ -100,13 +102,23 @@ class Invalidator:
             ]
         if not buf.owner:
             return []
-        calls: list[tuple[Callable[..., None], tuple[Any, ...]]] = [
-            (pyfuse3.invalidate_inode, (buf.owner, False))
-        ]
-        if buf.btype in _DIR_TYPES or buf.btype is fmt.BlockType.INDIRECT:
-            for name in fs.names.pop(buf.owner, ()):
-                calls.append((pyfuse3.invalidate_entry, (buf.owner, name)))
-        return calls
+        if buf.btype is fmt.BlockType.DIRBUCKET:
+            # The names this bucket held, as far as the kernel knows them.
+            known = fs.names.get(buf.owner, set())
+            try:
+                held = {e.name for e in fmt.unpack_bucket(buf.data, buf.blockno)[1]}
+            except fmt.CorruptVolume:
+                held = set(known)
+            gone = known & held
+            known -= gone
+            calls: list[tuple[Callable[..., None], tuple[Any, ...]]] = [
+                (pyfuse3.invalidate_entry, (buf.owner, name)) for name in gone
+            ]
+            calls.append((pyfuse3.invalidate_inode, (buf.owner, True)))
+            return calls
+        if buf.btype in _DIR_TYPES:
+            return [(pyfuse3.invalidate_inode, (buf.owner, True))]
+        return [(pyfuse3.invalidate_inode, (buf.owner, False))]
 
     async def before_give_up(self, buf: Buffer) -> None:
         calls = self._targets(buf)
@@ -270,7 +282,18 @@ class Operations(pyfuse3.Operations):
 
     @mutating
     async def create(self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: Any) -> Any:
-        a = await self.fs.create(parent_inode, name, mode, _ctx(ctx))
+        try:
+            a = await self.fs.create(parent_inode, name, mode, _ctx(ctx))
+        except FsError as e:
+            # Another host created it between the kernel's lookup and this
+            # create: open(O_CREAT) without O_EXCL opens what is there.
+            if e.errno != errno.EEXIST or flags & os.O_EXCL:
+                raise
+            a = await self.fs.lookup(parent_inode, name)
+            if stat.S_ISDIR(a.mode):
+                raise FsError(errno.EISDIR) from None
+            if flags & os.O_TRUNC and a.size:
+                a = await self.fs.setattr(a.ino, size=0)
         return self._open_handle(a.ino, flags), self._entry(a)
 
     @fuse_errors

@@ -34,6 +34,7 @@ class Link:
         self._send_lock = trio.Lock()
         self.sent = 0
         self.received = 0
+        self._early: list[p.Message] = []
 
     @property
     def peer_node(self) -> int:
@@ -51,9 +52,11 @@ class Link:
                 # Both handshake frames may arrive in one chunk: use up what
                 # is buffered before waiting for more.
                 before = conn.buffered
-                _, reply = conn.next_event()
+                msg, reply = conn.next_event()
                 if reply:
                     await stream.send_all(reply)
+                if msg is not None:
+                    link._early.append(msg)  # the first frames after the handshake
                 if conn.authenticated or conn.buffered < before:
                     continue
                 data = await stream.receive_some(_RECV)
@@ -73,6 +76,9 @@ class Link:
 
     async def messages(self) -> AsyncIterator[p.Message]:
         """Every message until the other side closes; ProtocolError on garbage."""
+        while self._early:
+            self.received += 1
+            yield self._early.pop(0)
         while True:
             msg, _ = self.conn.next_event()
             if msg is not None:

@@ -1,0 +1,201 @@
+"""Three real mounts of one volume, each its own process, joined to a
+standalone `sharedfs master`, driven by os calls and ordinary tools."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from mount_util import PY, Mount, fsck_ok, mkfs, needs_fuse, public_dir, sharedfs, wait_for
+
+pytestmark = [needs_fuse, pytest.mark.fuse]
+
+SRC = Path(__file__).resolve().parent.parent / "sharedfs"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Master:
+    def __init__(self, volume: Path, log: Path) -> None:
+        self.port = free_port()
+        self.addr = f"127.0.0.1:{self.port}"
+        with open(log, "w") as f:
+            self.proc = subprocess.Popen(
+                [PY, "-m", "sharedfs.cli", "master", str(volume), "--listen", self.addr],
+                stdout=subprocess.DEVNULL,
+                stderr=f,
+            )
+
+        def listening() -> bool:
+            assert self.proc.poll() is None, log.read_text()
+            with socket.socket() as s:
+                return s.connect_ex(("127.0.0.1", self.port)) == 0
+
+        wait_for(listening, what="master")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def hosts(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    d = tmp_path_factory.mktemp("cluster")
+    vol = d / "vol.img"
+    mkfs(vol, "1G")
+    master = Master(vol, d / "master.log")
+    pub = public_dir()
+    mounts = [
+        Mount(vol, pub / f"host{n}", "--master", master.addr, "--node", str(n)) for n in range(3)
+    ]
+    yield mounts, master, vol
+    for m in mounts:
+        m.kill()
+    master.stop()
+
+
+def test_file_created_on_one_host_is_listed_on_the_others_at_once(hosts) -> None:  # type: ignore[no-untyped-def]
+    (a, b, c), _, _ = hosts
+    (a.mnt / "made-on-a").write_text("hello")
+    assert "made-on-a" in os.listdir(b.mnt)
+    assert (c.mnt / "made-on-a").read_text() == "hello"
+    os.rename(a.mnt / "made-on-a", a.mnt / "renamed")
+    assert "renamed" in os.listdir(b.mnt) and "made-on-a" not in os.listdir(b.mnt)
+    assert not (c.mnt / "made-on-a").exists()
+    os.unlink(b.mnt / "renamed")
+    assert not (a.mnt / "renamed").exists()
+
+
+def test_open_descriptor_reads_the_other_hosts_write(hosts) -> None:  # type: ignore[no-untyped-def]
+    (a, b, _), _, _ = hosts
+    (a.mnt / "fd").write_bytes(b"old contents")
+    with open(b.mnt / "fd", "rb") as reader:
+        assert reader.read() == b"old contents"
+        with open(a.mnt / "fd", "r+b") as writer:
+            writer.write(b"NEW")
+        reader.seek(0)
+        assert reader.read() == b"NEW contents"  # no reopen, no sleep
+        assert os.fstat(reader.fileno()).st_size == 12
+
+
+def test_size_change_seen_through_open_descriptor(hosts) -> None:  # type: ignore[no-untyped-def]
+    (a, b, _), _, _ = hosts
+    (a.mnt / "grow").write_bytes(b"x" * 10)
+    with open(b.mnt / "grow", "rb") as reader:
+        assert reader.read() == b"x" * 10
+        with open(a.mnt / "grow", "ab") as w:
+            w.write(b"y" * 5000)
+        reader.seek(0)
+        assert reader.read() == b"x" * 10 + b"y" * 5000
+
+
+def test_appends_from_two_hosts_never_overwrite(hosts) -> None:  # type: ignore[no-untyped-def]
+    (a, b, _), _, _ = hosts
+    script = (
+        "import os,sys\n"
+        "fd=os.open(sys.argv[1],os.O_WRONLY|os.O_APPEND|os.O_CREAT,0o644)\n"
+        "for i in range(200): os.write(fd, b'%s %03d\\n' % (sys.argv[2].encode(), i))\n"
+    )
+    procs = [
+        subprocess.Popen([PY, "-c", script, str(m.mnt / "log"), tag]) for m, tag in ((a, "A"), (b, "B"))
+    ]
+    for pr in procs:
+        assert pr.wait(timeout=120) == 0
+    lines = (a.mnt / "log").read_bytes().splitlines()
+    want = sorted(b"%s %03d" % (t, i) for t in (b"A", b"B") for i in range(200))
+    assert sorted(lines) == want
+
+
+def test_disjoint_and_shared_writers(hosts) -> None:  # type: ignore[no-untyped-def]
+    mounts, _, _ = hosts
+    script = (
+        "import os,sys\n"
+        "root,tag=sys.argv[1],sys.argv[2]\n"
+        "os.makedirs(os.path.join(root,'own-'+tag),exist_ok=True)\n"
+        "for i in range(40):\n"
+        "  open(os.path.join(root,'own-'+tag,'f%d'%i),'wb').write(tag.encode()*(i*97+1))\n"
+        "  fd=os.open(os.path.join(root,'shared.bin'),os.O_RDWR|os.O_CREAT,0o644)\n"
+        "  os.pwrite(fd, tag.encode()*100, int(tag)*4096+i)\n"
+        "  os.close(fd)\n"
+    )
+    procs = [
+        subprocess.Popen([PY, "-c", script, str(m.mnt), str(n)]) for n, m in enumerate(mounts)
+    ]
+    for pr in procs:
+        assert pr.wait(timeout=180) == 0
+    for m in mounts:
+        for n in range(3):
+            for i in range(40):
+                assert (m.mnt / f"own-{n}" / f"f{i}").read_bytes() == str(n).encode() * (i * 97 + 1)
+        data = (m.mnt / "shared.bin").read_bytes()
+        for n in range(3):
+            assert data[n * 4096 + 39 : n * 4096 + 139] == str(n).encode() * 100
+
+
+def test_tree_written_on_one_host_diffs_clean_from_another(hosts) -> None:  # type: ignore[no-untyped-def]
+    (a, b, c), _, _ = hosts
+    subprocess.run(["cp", "-a", str(SRC), str(a.mnt / "tree")], check=True)
+    subprocess.run(["diff", "-r", str(SRC), str(b.mnt / "tree")], check=True)
+    # tar on one host while find walks the tree on another.
+    tar = subprocess.Popen(["tar", "-C", str(c.mnt), "-cf", str(a.mnt / "tree.tar"), "tree"])
+    found = subprocess.run(
+        ["find", str(b.mnt / "tree"), "-type", "f"], check=True, capture_output=True, text=True
+    )
+    assert tar.wait(timeout=120) == 0
+    assert len(found.stdout.split()) == sum(1 for p in SRC.rglob("*") if p.is_file())
+    listing = subprocess.run(
+        ["tar", "-tf", str(b.mnt / "tree.tar")], check=True, capture_output=True, text=True
+    )
+    assert "tree/fs.py" in listing.stdout.split()
+    subprocess.run(["rm", "-rf", str(c.mnt / "tree")], check=True)
+    assert not (a.mnt / "tree").exists()
+
+
+def test_status_shows_hosts_and_counters(hosts) -> None:  # type: ignore[no-untyped-def]
+    _, master, vol = hosts
+    time.sleep(1.2)  # hosts send their counters every second
+    r = sharedfs("status", str(vol), "--master", master.addr, "--json")
+    info = json.loads(r.stdout)
+    assert [h["node"] for h in info["hosts"] if h["live"]] == [0, 1, 2]
+    m = info["master"]
+    assert sorted(m["hosts"]) == ["0", "1", "2"]
+    assert m["counters"]["transfers"] > 0 and m["counters"]["pings"] > 0
+    assert all(h["counters"].get("agent_lock_requests", 0) > 0 for h in m["hosts"].values())
+    text = sharedfs("status", str(vol), "--master", master.addr).stdout
+    assert "past images" in text and "transfers" in text
+
+
+def test_wrong_node_and_unauthenticated_peer_are_refused(hosts, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    (a, _, _), master, vol = hosts
+    other = tmp_path / "x"
+    other.mkdir()
+    r = sharedfs("mount", str(vol), str(other), "--master", master.addr, "--node", "1", check=False)
+    assert r.returncode != 0 and "held by live node 1" in r.stderr
+    # A volume with another cluster key cannot join this master.
+    stranger = tmp_path / "stranger.img"
+    mkfs(stranger, "64M")
+    r = sharedfs("mount", str(stranger), str(other), "--master", master.addr, check=False)
+    assert r.returncode != 0 and "cluster key" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+    # A peer that speaks garbage is dropped, and the master goes on serving.
+    with socket.create_connection(("127.0.0.1", master.port)) as s:
+        s.sendall(os.urandom(300))
+    (a.mnt / "still-serving").write_text("yes")
+    assert (a.mnt / "still-serving").read_text() == "yes"
+
+
+def test_zz_unmount_all_and_fsck_clean(hosts) -> None:  # type: ignore[no-untyped-def]
+    mounts, master, vol = hosts
+    for m in mounts:
+        m.umount()
+    master.stop()
+    fsck_ok(vol)
