@@ -363,6 +363,7 @@ class ClusterAgent:
             shipped.pi,
             shipped.version,
             shipped.was_dirty,
+            shipped.writing,
             self.cache.scn,
         )
         await self._send_master(done)

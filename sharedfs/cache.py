@@ -351,11 +351,14 @@ class BlockCache:
                     buf.btype = tbtype
                 buf.version = t.version
                 self.see_scn(t.version)
-                if t.dirty:
-                    # A dirty version from another host: writing it needs the
-                    # master, which knows of the past images (claim 37).
-                    buf.dirty = True
+                if t.dirty or t.writing:
+                    # A dirty version from another host, or one its sender
+                    # is still writing: writing it needs the master, which
+                    # knows of the past images and of that write (claims
+                    # 33, 37, 40).
                     buf.role_global = True
+                if t.dirty:
+                    buf.dirty = True
                     self._dirty.add(b)
             elif t is not None and buf is not None and not buf.dirty:
                 self._bufs.pop(b)  # disk coherence: read the new copy from storage
@@ -620,6 +623,10 @@ class BlockCache:
         writing = self._inflight.get(b, 0)
         dirty = buf.dirty and keep is Mode.N
         pi = 0
+        if writing:
+            # Our write must be reported when it lands (claims 33-34).
+            buf.role_global = True
+            self._shipped_while_writing[b] = writing
         if keep is Mode.N:
             self._bufs.pop(b, None)
             self._dirty.discard(b)
@@ -628,8 +635,6 @@ class BlockCache:
                 self.pis[b] = PastImage(buf.version, bytes(buf.data), buf.btype)
                 self.stats.pis_kept += 1
                 pi = buf.version
-            if writing:
-                self._shipped_while_writing[b] = writing
         else:
             buf.mode = keep
         if self.coherence == "disk":

@@ -170,15 +170,14 @@ class Directory:
             # Who ships the newest version: a conflicting holder that has it
             # (the owner, or an X holder), or the owner of a dirty version
             # the requester does not have a copy of.
-            src: int | None = None
+            # An X holder has the current copy, whatever else we believe.
+            src = next((x for x, m in conflicts.items() if m is Mode.X), None)
             if (
-                st.owner is not None
-                and st.owner != r.node
+                src is None
+                and st.owner not in (None, r.node)
                 and (st.owner in conflicts or held is Mode.N)
             ):
                 src = st.owner
-            elif held is Mode.N:
-                src = next((x for x, m in conflicts.items() if m is Mode.X), None)
             if src is None and not conflicts:
                 st.queue.popleft()
                 st.holders[r.node] = max(held, r.mode)
@@ -229,17 +228,27 @@ class Directory:
             st.holders[node] = keep
         if msg.pi:
             st.pis[node] = max(st.pis.get(node, 0), msg.pi)
+        # The sender's WriteDone can overtake this PingDone (the transfer went
+        # out in between): what storage already has is no longer pending.
+        dirty = msg.dirty and msg.version > st.disk_version
+        if msg.writing > st.disk_version and st.writer is None:
+            # It left while being written (claims 32-35): no other write of
+            # this block may start before that one is done, or the older
+            # version could land last.
+            st.writer = node
         if msg.to != NOBODY:
             self.counters.transfers += 1
             if self.coherence == "disk":
                 # Written before it left: storage is current.
                 st.disk_version = max(st.disk_version, msg.version)
                 st.owner = None
-            elif msg.dirty:
+            elif dirty:
                 # The newest version is not on storage: it now lives with the
                 # receiver of an exclusive copy (claim 37), or stays with the
                 # sender of a read copy.
                 st.owner = msg.to if keep is Mode.N else node
+            elif st.owner == node:
+                st.owner = None  # what it sent was clean: storage is current
         elif st.owner == node:
             st.owner = None
         if st.acks:
@@ -286,10 +295,16 @@ class Directory:
         performs: dict[int, list[int]] = {}
         for block, version in msg.blocks:
             st = self._state(block)
-            if st.disk_version >= version:
-                # Storage already has it at least as new (claim 18).
+            holds = node in st.pis or st.owner == node or st.holders.get(node) is Mode.X
+            if st.disk_version >= version or not holds:
+                # Storage already has it at least as new (claim 18); or the
+                # asker's past image was covered by a write whose notice is
+                # still on its way (we forget a PI once covered, and may have
+                # forgotten the block since): writing it now would put an
+                # old version over a newer one.
                 self.counters.writes_avoided += 1
-                done.append((block, st.disk_version))
+                done.append((block, max(st.disk_version, version)))
+                self._gc(block, st)
                 continue
             st.write_waiters.add(node)
             if st.writer is None:

@@ -632,7 +632,7 @@ class FileSystem:
         fmt.pack_bucket(bucket.data, 0, [])
         fmt.write_dirhdr(hdr.data, 0, 2, 0)
         fmt.set_u32(hdr.data, fmt.table_slot_location(self.bs, 0)[1], 1)
-        dino.size = self.bs
+        dino.size = 2 * self.bs
 
     async def _dir_find(self, dino: Inode, name: bytes) -> DirEntry | None:
         h = fmt.name_hash(name)
@@ -751,6 +751,10 @@ class FileSystem:
         inode = await self._iget(ino, mode)
         if not stat.S_ISDIR(inode.mode):
             raise FsError(errno.ENOTDIR)
+        if inode.nlink == 0 and mode is Mode.X:
+            # Removed (by another host, say) while still someone's working
+            # directory: nothing new may appear in it.
+            raise FsError(errno.ENOENT)
         return inode
 
     @staticmethod
@@ -1031,6 +1035,9 @@ class FileSystem:
         self._touch(src_dir)
         self._touch(dst_dir)
         self._touch(inode, m=False)
+        # The kernel moves its dentry to the new name without a lookup: it
+        # knows that name now, and must forget it when another host changes it.
+        self.names.setdefault(new_parent, set()).add(new_name)
         await self._iput(inode)
         await self._iput(src_dir)
         if dst_dir is not src_dir:

@@ -66,8 +66,9 @@ class Link:
         return link
 
     async def send(self, msg: p.Message) -> None:
-        data = self.conn.send(msg)
         async with self._send_lock:
+            # Framed under the lock: sequence numbers must go out in order.
+            data = self.conn.send(msg)
             try:
                 await self.stream.send_all(data)
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as e:

@@ -43,8 +43,6 @@ from .volume import (
 
 log = logging.getLogger(__name__)
 
-WRITEBACK_INTERVAL = 5.0
-
 
 def make_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sharedfs mount", description="Mount a sharedfs volume.")
@@ -73,6 +71,13 @@ def add_mount_args(p: argparse.ArgumentParser) -> None:
         help="fusion: ship blocks host to host; disk: write before every transfer",
     )
     p.add_argument("--cache-size", type=parse_size, default=DEFAULT_CACHE_BYTES)
+    p.add_argument(
+        "--writeback",
+        type=float,
+        default=5.0,
+        metavar="SECONDS",
+        help="write dirty blocks back this often (like ext4's commit=; default 5)",
+    )
     p.add_argument("-o", dest="options", action="append", default=[], help="FUSE mount options")
     p.add_argument("--log", metavar="FILE", help="log file (default: stderr in the foreground)")
     p.add_argument("--debug", action="store_true")
@@ -149,7 +154,19 @@ async def serve(
                 master = ("127.0.0.1" if lhost in ("0.0.0.0", "") else lhost, port)
                 log.info("host %d: embedded master on %s:%d", node, lhost, port)
             await nursery.start(agent.run, master)
-            await _run_fuse(fs, ops, storage, sb, mountpoint, node, options, slot, ready, nursery)
+            await _run_fuse(
+                fs,
+                ops,
+                storage,
+                sb,
+                mountpoint,
+                node,
+                options,
+                slot,
+                ready,
+                nursery,
+                args.writeback,
+            )
     finally:
         release_slot(storage, sb, node, slot)
         log.info("host %d: unmounted %s, volume clean", node, mountpoint)
@@ -166,6 +183,7 @@ async def _run_fuse(
     slot: fmt.HostSlot,
     ready: Callable[[], None],
     nursery: trio.Nursery,
+    writeback: float,
 ) -> None:
     try:
         pyfuse3.init(ops, mountpoint, options)
@@ -175,7 +193,7 @@ async def _run_fuse(
     try:
         async with trio.open_nursery() as tasks:
             tasks.start_soon(_heartbeat_task, storage, sb, node, slot)
-            tasks.start_soon(_writeback_task, fs)
+            tasks.start_soon(_writeback_task, fs, writeback)
             tasks.start_soon(_signal_task)
             tasks.start_soon(_master_watch, fs)
             ready()
@@ -208,9 +226,9 @@ async def _heartbeat_task(
         slot = await trio.to_thread.run_sync(heartbeat, storage, sb, node, slot)
 
 
-async def _writeback_task(fs: FileSystem) -> None:
+async def _writeback_task(fs: FileSystem, interval: float) -> None:
     while True:
-        await trio.sleep(WRITEBACK_INTERVAL)
+        await trio.sleep(interval)
         if fs.cache.dirty_count:
             await fs.cache.flush()
 
@@ -327,6 +345,8 @@ def mount_helper_main(argv: list[str] | None = None) -> None:
             args.node = int(value)
         elif key in ("listen", "coherence"):
             setattr(args, key, value)
+        elif key == "writeback":
+            args.writeback = float(value)
         elif key == "cache_size":
             args.cache_size = parse_size(value)
         elif key == "log":

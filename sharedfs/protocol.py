@@ -229,6 +229,7 @@ class PingDone(Message):
     pi: int
     version: int  # the version shipped
     dirty: bool  # it was not on storage
+    writing: int  # a version of it we are writing to storage right now (0: none)
     scn: int
 
 

@@ -106,7 +106,8 @@ def test_appends_from_two_hosts_never_overwrite(hosts) -> None:  # type: ignore[
         "for i in range(200): os.write(fd, b'%s %03d\\n' % (sys.argv[2].encode(), i))\n"
     )
     procs = [
-        subprocess.Popen([PY, "-c", script, str(m.mnt / "log"), tag]) for m, tag in ((a, "A"), (b, "B"))
+        subprocess.Popen([PY, "-c", script, str(m.mnt / "log"), tag])
+        for m, tag in ((a, "A"), (b, "B"))
     ]
     for pr in procs:
         assert pr.wait(timeout=120) == 0
@@ -127,9 +128,7 @@ def test_disjoint_and_shared_writers(hosts) -> None:  # type: ignore[no-untyped-
         "  os.pwrite(fd, tag.encode()*100, int(tag)*4096+i)\n"
         "  os.close(fd)\n"
     )
-    procs = [
-        subprocess.Popen([PY, "-c", script, str(m.mnt), str(n)]) for n, m in enumerate(mounts)
-    ]
+    procs = [subprocess.Popen([PY, "-c", script, str(m.mnt), str(n)]) for n, m in enumerate(mounts)]
     for pr in procs:
         assert pr.wait(timeout=180) == 0
     for m in mounts:
