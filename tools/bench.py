@@ -148,7 +148,7 @@ def machine() -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(prog="tools/bench")
     ap.add_argument("what", choices=["pingpong"])
-    ap.add_argument("--rounds", type=int, default=300)
+    ap.add_argument("--rounds", type=int, default=50)
     ap.add_argument("--dir", default=str(TOP / ".bench"), help="where the volumes live (real disk)")
     ap.add_argument(
         "--record", action="store_true", help="append the results to docs/BENCHMARKS.md"
