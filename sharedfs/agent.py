@@ -72,10 +72,6 @@ class LocalAgent:
         self.master.release_all(self.host)
 
 
-# Kept for the name the core's tests and tools use.
-Agent = LocalAgent
-
-
 @dataclass(eq=False)
 class Pending:
     """A lock request in flight."""

@@ -285,22 +285,7 @@ class BlockCache:
         self, blocknos: list[int], mode: Mode, btype: fmt.BlockType | None = None
     ) -> list[Buffer]:
         """Several blocks at once: one lock request, adjacent misses in one read."""
-        if mode is Mode.X and any(
-            (b := self._bufs.get(n)) is not None and b.leaving for n in blocknos
-        ):
-            raise OpRetry  # being shipped: come back once it has gone
-        if self._op is not None:
-            # Pinned before we ask: a ping that comes between the grant and
-            # the storage read must wait for us, not ship what we lack.
-            self._op.pinned.update(blocknos)
-            if mode is Mode.X:
-                self._op.exclusive.update(blocknos)
-        need_lock = [b for b in blocknos if self._held(b) < mode]
-        if need_lock:
-            self.stats.lock_requests += 1
-            op_start = self._op.start if self._op else time.time()
-            arrived = await self.agent.acquire_blocks(need_lock, mode, op_start)
-            self.install(arrived, need_lock, mode, btype)
+        await self._lock(blocknos, mode, btype)
         missing = sorted({b for b in blocknos if b not in self._bufs})
         self.stats.hits += len(blocknos) - len(missing)
         self.stats.misses += len(missing)
@@ -325,6 +310,28 @@ class BlockCache:
             self._touch(buf, mode)
             out.append(buf)
         return out
+
+    async def _lock(
+        self, blocknos: list[int], mode: Mode, btype: fmt.BlockType | None = None
+    ) -> None:
+        """Hold `mode` on these blocks: pin them to the operation, then ask
+        the master (one request) for those we do not hold well enough."""
+        if mode is Mode.X and any(
+            (b := self._bufs.get(n)) is not None and b.leaving for n in blocknos
+        ):
+            raise OpRetry  # being shipped: come back once it has gone
+        if self._op is not None:
+            # Pinned before we ask: a ping that comes between the grant and
+            # the storage read must wait for us, not ship what we lack.
+            self._op.pinned.update(blocknos)
+            if mode is Mode.X:
+                self._op.exclusive.update(blocknos)
+        need_lock = [b for b in blocknos if self._held(b) < mode]
+        if need_lock:
+            self.stats.lock_requests += 1
+            op_start = self._op.start if self._op else time.time()
+            arrived = await self.agent.acquire_blocks(need_lock, mode, op_start)
+            self.install(arrived, need_lock, mode, btype)
 
     def install(
         self,
@@ -394,15 +401,9 @@ class BlockCache:
         """A data block the caller will overwrite whole: X, but no storage read."""
         if blockno in self._bufs:
             return await self.get(blockno, Mode.X)
-        if self._op is not None:
-            self._op.pinned.add(blockno)
-        if self._held(blockno) < Mode.X:
-            self.stats.lock_requests += 1
-            op_start = self._op.start if self._op else time.time()
-            arrived = await self.agent.acquire_blocks([blockno], Mode.X, op_start)
-            self.install(arrived, [blockno], Mode.X)
-            if blockno in self._bufs:
-                return await self.get(blockno, Mode.X)
+        await self._lock([blockno], Mode.X)
+        if blockno in self._bufs:  # another host shipped its copy
+            return await self.get(blockno, Mode.X)
         buf = Buffer(blockno, bytearray(self.bs), None, Mode.X)
         if self._op is not None:
             self._op.undo.setdefault(blockno, None)

@@ -856,12 +856,7 @@ class FileSystem:
                 self.lookups[ino] = left
                 continue
             self.lookups.pop(ino, None)
-            try:
-                inode = await self._iget(ino, Mode.X)
-            except FsError:
-                continue
-            if inode.nlink <= 0:
-                await self._ifree(inode)
+            await self._free_if_unlinked(ino)
 
     @operation
     async def getattr(self, ino: int) -> Attr:
@@ -1203,10 +1198,14 @@ class FileSystem:
     @operation
     async def _free_orphans(self) -> None:
         for ino in list(self.lookups):
-            try:
-                inode = await self._iget(ino, Mode.X)
-            except FsError:
-                continue
-            if inode.nlink <= 0:
-                await self._ifree(inode)
+            await self._free_if_unlinked(ino)
         self.lookups.clear()
+
+    async def _free_if_unlinked(self, ino: int) -> None:
+        """The kernel let go of `ino`: free it if no name reaches it any more."""
+        try:
+            inode = await self._iget(ino, Mode.X)
+        except FsError:
+            return
+        if inode.nlink <= 0:
+            await self._ifree(inode)

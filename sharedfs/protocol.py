@@ -388,7 +388,6 @@ class Connection:
         self._send_key: bytes | None = None
         self._recv_key: bytes | None = None
         self.authenticated = False
-        self._proof_sent = False
         self._buf = bytearray()
         self._send_seq = 0
         self._recv_seq = 0
@@ -415,7 +414,6 @@ class Connection:
                 raise ProtocolError("bad nonce")
             self._peer_nonce = msg.nonce
             self.peer_node = msg.node
-            self._proof_sent = True
             return self._frame(Auth(self._proof(mine=True)), mac=False)
         if isinstance(msg, Auth) and self._peer_nonce is not None and not self.authenticated:
             if not hmac.compare_digest(msg.proof, self._proof(mine=False)):

@@ -7,7 +7,7 @@ import trio
 import trio.testing
 
 from sharedfs import format as fmt
-from sharedfs.agent import Agent
+from sharedfs.agent import LocalAgent as Agent
 from sharedfs.cache import BlockCache
 from sharedfs.errors import CorruptVolume
 from sharedfs.format import BlockType
