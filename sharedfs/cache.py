@@ -218,6 +218,7 @@ class BlockCache:
             self._dirty.discard(b)
             if snap is None:
                 self._bufs.pop(b, None)
+                self._private.discard(b)
                 continue
             buf = self._bufs.get(b)
             if buf is None:
@@ -566,9 +567,6 @@ class BlockCache:
         of it (or make the operation back off), drop what the kernel cached
         from it, and hand over the copy; keep a past image of a dirty one."""
         b = ping.block
-        # First, as it waits: from the pin check below to the hand-over no
-        # operation may slip in and take the block.
-        await self.register_private()
         deadline = trio.current_time() + DEADLOCK_TIMEOUT
         while (op := self._op) is not None and b in op.pinned:
             if ping.keep == Mode.S and b not in op.undo and b not in op.exclusive:
@@ -589,6 +587,9 @@ class BlockCache:
             return Shipped(b"", 0, False, 0, 0, True)  # storage has our last copy
         buf.leaving = True
         try:
+            # Only now, with no operation left to change it: the operation we
+            # waited for may have linked blocks it allocated into this one.
+            await self.register_private()
             await self.on_give_up(buf)
             return await self._hand_over(buf, Mode(ping.keep))
         finally:
@@ -666,6 +667,9 @@ class BlockCache:
         excess = len(self._bufs) - self.capacity
         if len(self._dirty) > len(self._bufs) - excess:
             await self.flush()
+        # Another host may read a released block from storage and follow it
+        # to blocks only we know of: the master must know them first.
+        await self.register_private()
         victims = []
         for b, buf in self._bufs.items():
             if len(victims) >= excess:
