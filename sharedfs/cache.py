@@ -59,6 +59,9 @@ class Buffer:
         owner: the inode whose kernel caches depend on this block (data,
             indirect and directory blocks), for invalidation.
         leaving: being shipped to another host: it may be read, not changed.
+        going: leaving for good (no copy stays here): not even read, or a
+            reply made from it could reach the kernel after its caches
+            were dropped, and stay there stale.
     """
 
     blockno: int
@@ -71,6 +74,7 @@ class Buffer:
     private: bool = False
     owner: int = 0
     leaving: bool = False
+    going: bool = False
 
 
 @dataclass(slots=True)
@@ -317,8 +321,9 @@ class BlockCache:
     ) -> None:
         """Hold `mode` on these blocks: pin them to the operation, then ask
         the master (one request) for those we do not hold well enough."""
-        if mode is Mode.X and any(
-            (b := self._bufs.get(n)) is not None and b.leaving for n in blocknos
+        if any(
+            (b := self._bufs.get(n)) is not None and (b.going or b.leaving and mode is Mode.X)
+            for n in blocknos
         ):
             raise OpRetry  # being shipped: come back once it has gone
         if self._op is not None:
@@ -585,15 +590,20 @@ class BlockCache:
         buf = self._bufs.get(b)
         if buf is None:
             return Shipped(b"", 0, False, 0, 0, True)  # storage has our last copy
+        keep = Mode(ping.keep)
         buf.leaving = True
+        buf.going = keep is Mode.N
         try:
             # Only now, with no operation left to change it: the operation we
             # waited for may have linked blocks it allocated into this one.
             await self.register_private()
-            await self.on_give_up(buf)
-            return await self._hand_over(buf, Mode(ping.keep))
+            if buf.going:
+                # A copy we keep cannot change elsewhere: the kernel's caches
+                # of it stay good.
+                await self.on_give_up(buf)
+            return await self._hand_over(buf, keep)
         finally:
-            buf.leaving = False
+            buf.leaving = buf.going = False
 
     async def register_private(self) -> None:
         """Before anything leaves this host, the master learns of the blocks
@@ -618,10 +628,13 @@ class BlockCache:
             # changed elsewhere now, so it must not commit.
             self._op.doomed = True
         if self.coherence == "disk" and buf.dirty:
-            # What GFS2 and OCFS2 do on a downgrade: write, then let go.
+            # What GFS2 and OCFS2 do on a downgrade: write, wait until the
+            # device has it (the next holder reads the device, not our page
+            # cache), then let go.
             async with self._write_lock:
                 if buf.dirty:
                     await self._write_run(b, 1)
+                    await self.storage.flush()
         writing = self._inflight.get(b, 0)
         dirty = buf.dirty and keep is Mode.N
         pi = 0

@@ -25,7 +25,7 @@ import hmac
 import os
 import struct
 import typing
-from dataclasses import astuple, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar, NewType
 
 import msgpack
@@ -305,8 +305,17 @@ def _mac(key: bytes, data: bytes | memoryview) -> bytes:
     return hashlib.blake2b(data, key=key, digest_size=MAC_SIZE).digest()
 
 
+@functools.cache
+def _field_names(cls: type[Message]) -> tuple[str, ...]:
+    return tuple(f.name for f in fields(cls))
+
+
 def encode_body(msg: Message) -> bytes:
-    return msgpack.packb(astuple(msg) if fields(msg) else (), use_bin_type=True)
+    # Fields are plain values (no nested dataclasses): no astuple, which
+    # deep-copies, and costs more than the rest of a send.
+    return msgpack.packb(
+        tuple(getattr(msg, n) for n in _field_names(type(msg))), use_bin_type=True
+    )
 
 
 def decode_body(mtype: int, body: bytes | memoryview) -> Message:
@@ -317,7 +326,7 @@ def decode_body(mtype: int, body: bytes | memoryview) -> Message:
         values = msgpack.unpackb(body, raw=False, strict_map_key=False, use_list=False)
     except Exception as e:  # msgpack raises several kinds; all mean garbage
         raise ProtocolError(f"malformed {cls.__name__} body: {e}") from None
-    if not isinstance(values, tuple) or len(values) != len(fields(cls)):
+    if not isinstance(values, tuple) or len(values) != len(_field_names(cls)):
         raise ProtocolError(f"malformed {cls.__name__}: wrong field count")
     try:
         msg = cls(*values)
@@ -327,43 +336,49 @@ def decode_body(mtype: int, body: bytes | memoryview) -> Message:
     return msg
 
 
-@functools.cache
-def _hints(cls: type[Message]) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
+Check = typing.Callable[[Any], bool]
 
 
-def _conforms(v: Any, t: Any) -> bool:
-    """Does the decoded value `v` have the annotated type `t`?  (bool is not
-    taken for an int: msgpack keeps them apart, and so do we.)"""
+def _checker(t: Any) -> Check:
+    """A test that a decoded value has the annotated type `t`, built once per
+    field (bool is not taken for an int: msgpack keeps them apart, and so do
+    we)."""
     origin = typing.get_origin(t)
     if t is Any:
-        return True
+        return lambda v: True
     if t is float:
-        return isinstance(v, int | float) and not isinstance(v, bool)
+        return lambda v: isinstance(v, int | float) and not isinstance(v, bool)
     if t is int:
-        return isinstance(v, int) and not isinstance(v, bool)
+        return lambda v: isinstance(v, int) and not isinstance(v, bool)
     if origin is None:
-        return isinstance(v, t)
+        return lambda v: isinstance(v, t)
     args = typing.get_args(t)
     if origin is tuple:
-        if not isinstance(v, tuple):
-            return False
         if len(args) == 2 and args[1] is Ellipsis:
-            return all(_conforms(x, args[0]) for x in v)
-        return len(v) == len(args) and all(_conforms(x, a) for x, a in zip(v, args, strict=True))
-    if origin is dict:
-        return isinstance(v, dict) and all(
-            _conforms(k, args[0]) and _conforms(x, args[1]) for k, x in v.items()
+            item = _checker(args[0])
+            return lambda v: isinstance(v, tuple) and all(item(x) for x in v)
+        items = [_checker(a) for a in args]
+        return lambda v: (
+            isinstance(v, tuple)
+            and len(v) == len(items)
+            and all(c(x) for c, x in zip(items, v, strict=True))
         )
-    return isinstance(v, origin)
+    if origin is dict:
+        key, val = _checker(args[0]), _checker(args[1])
+        return lambda v: isinstance(v, dict) and all(key(k) and val(x) for k, x in v.items())
+    return lambda v: isinstance(v, origin)
+
+
+@functools.cache
+def _checkers(cls: type[Message]) -> tuple[tuple[str, Check], ...]:
+    hints = typing.get_type_hints(cls)
+    return tuple((n, _checker(hints[n])) for n in _field_names(cls))
 
 
 def _check_types(msg: Message) -> None:
     """Refuse fields of the wrong kind, so handlers can trust what they get."""
-    for name, t in _hints(type(msg)).items():
-        if name in ("TYPE", "registry"):
-            continue
-        if not _conforms(getattr(msg, name), t):
+    for name, ok in _checkers(type(msg)):
+        if not ok(getattr(msg, name)):
             raise ProtocolError(f"malformed {type(msg).__name__}.{name}")
 
 

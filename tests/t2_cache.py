@@ -7,8 +7,10 @@ import trio
 import trio.testing
 
 from sharedfs import format as fmt
+from sharedfs import protocol as p
 from sharedfs.agent import LocalAgent as Agent
-from sharedfs.cache import BlockCache
+from sharedfs.agent import OpRetry
+from sharedfs.cache import BlockCache, Shipped
 from sharedfs.errors import CorruptVolume
 from sharedfs.format import BlockType
 from sharedfs.master import LockMaster
@@ -594,3 +596,84 @@ def test_mode_compatibility():
     assert not Mode.X.compatible(Mode.X)
     assert Mode.N.compatible(Mode.X) and Mode.X.compatible(Mode.N)
     assert Mode.N < Mode.S < Mode.X
+
+
+# --------------------------------------------------------------------------
+# Giving blocks up to other hosts
+
+
+def ping(block: int, keep: Mode) -> p.Ping:
+    return p.Ping(block, 1, int(Mode.X if keep is Mode.N else Mode.S), int(keep), 1, 0, 0.0, True)
+
+
+async def test_a_block_leaving_for_good_cannot_be_read_while_the_kernel_forgets_it():
+    """A read served from the old copy after the kernel's caches were
+    dropped would be cached by the kernel again, stale (seen as a size that
+    never changed on a second host)."""
+    cache = make_cache()
+    buf = await cache.get(5, Mode.X)
+    buf.data[:3] = b"old"
+    cache.mark_dirty(buf)
+    invalidating, release = trio.Event(), trio.Event()
+    invalidated = []
+
+    async def hook(b):  # type: ignore[no-untyped-def]
+        invalidated.append(b.blockno)
+        invalidating.set()
+        await release.wait()
+
+    cache.on_give_up = hook
+    async with trio.open_nursery() as n:
+        shipped: list[Shipped] = []
+
+        async def give() -> None:
+            shipped.append(await cache.give_up(ping(5, Mode.N)))
+
+        n.start_soon(give)
+        await invalidating.wait()
+        cache.begin_op()
+        with pytest.raises(OpRetry):
+            await cache.get(5, Mode.S)
+        cache.abort_op()
+        release.set()
+    assert invalidated == [5]
+    assert shipped[0].data[:3] == b"old" and 5 in cache.pis
+
+
+async def test_a_read_copy_kept_needs_no_invalidation_and_stays_readable():
+    cache = make_cache()
+    buf = await cache.get(5, Mode.X)
+    cache.mark_dirty(buf)
+    invalidated = []
+
+    async def hook(b):  # type: ignore[no-untyped-def]
+        invalidated.append(b.blockno)
+
+    cache.on_give_up = hook
+    await cache.give_up(ping(5, Mode.S))
+    assert invalidated == []
+    assert (await cache.get(5, Mode.S)) is buf and buf.mode is Mode.S
+
+
+async def test_blocks_allocated_by_the_operation_a_ping_waited_for_are_registered_first():
+    """The operation holding the pinged block links a new block into it and
+    ends; only then may the block leave, and the new block must be known to
+    the master by then, or the receiver would read it from storage."""
+    cache = make_cache()
+    registered_at_ship = []
+
+    async def hook(b):  # type: ignore[no-untyped-def]
+        registered_at_ship.append(("block", 9) in cache.agent.master.holders)
+
+    cache.on_give_up = hook
+    cache.begin_op()
+    parent = await cache.get(5, Mode.X)
+    async with trio.open_nursery() as n:
+        n.start_soon(cache.give_up, ping(5, Mode.N))
+        await trio.testing.wait_all_tasks_blocked()
+        assert registered_at_ship == []  # waiting for the operation
+        child = cache.new(9, BlockType.INDIRECT)
+        parent.data[:4] = (9).to_bytes(4, "little")
+        cache.mark_dirty(parent)
+        cache.end_op()
+    assert registered_at_ship == [True] and not child.private
