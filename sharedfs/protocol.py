@@ -313,9 +313,7 @@ def _field_names(cls: type[Message]) -> tuple[str, ...]:
 def encode_body(msg: Message) -> bytes:
     # Fields are plain values (no nested dataclasses): no astuple, which
     # deep-copies, and costs more than the rest of a send.
-    return msgpack.packb(
-        tuple(getattr(msg, n) for n in _field_names(type(msg))), use_bin_type=True
-    )
+    return msgpack.packb(tuple(getattr(msg, n) for n in _field_names(type(msg))), use_bin_type=True)
 
 
 def decode_body(mtype: int, body: bytes | memoryview) -> Message:
