@@ -62,7 +62,7 @@ class LocalAgent:
     def release_block(self, blockno: int) -> None:
         self.master.release(self.host, block_resource(blockno))
 
-    async def write_request(self, blocks: list[tuple[int, int]]) -> None:
+    async def write_request(self, blocks: list[tuple[int, int]], bin: int = 0) -> None:
         raise AssertionError("a single host never has blocks in global role")
 
     def write_done(self, blocks: list[tuple[int, int]]) -> None:
@@ -240,7 +240,7 @@ class ClusterAgent:
         out.update(self.cache.counters())
         return out
 
-    async def write_request(self, blocks: list[tuple[int, int]]) -> None:
+    async def write_request(self, blocks: list[tuple[int, int]], bin: int = 0) -> None:
         """Ask the master to get these versions onto storage; return when
         storage has them (claims 1, 30, 58)."""
         assert self.cache is not None
@@ -251,7 +251,7 @@ class ClusterAgent:
                 ev = self._written[b] = trio.Event()
             events.append(ev)
         self.stats.write_requests += 1
-        await self._send_master(p.WriteRequest(tuple(blocks), self.cache.scn))
+        await self._send_master(p.WriteRequest(tuple(blocks), self.cache.scn, bin))
         for ev in events:
             await ev.wait()
 

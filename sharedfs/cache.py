@@ -34,6 +34,7 @@ from . import format as fmt
 from . import protocol as p
 from .agent import ClusterAgent, LocalAgent, OpRetry, Pending
 from .errors import CorruptVolume
+from .pastimages import PastImage, PastImages
 from .protocol import Mode
 from .storage import Storage
 
@@ -58,6 +59,10 @@ class Buffer:
         private: allocated by this host and not yet reachable by others.
         owner: the inode whose kernel caches depend on this block (data,
             indirect and directory blocks), for invalidation.
+        first_dirty: the SCN at which it last went from clean to dirty here
+            (the checkpoint bin a past image of it goes into).
+        boundary: the version its sender was writing to storage when it
+            arrived (claims 41-45).
         leaving: being shipped to another host: it may be read, not changed.
         going: leaving for good (no copy stays here): not even read, or a
             reply made from it could reach the kernel after its caches
@@ -73,15 +78,10 @@ class Buffer:
     role_global: bool = False
     private: bool = False
     owner: int = 0
+    first_dirty: int = 0
+    boundary: int = 0
     leaving: bool = False
     going: bool = False
-
-
-@dataclass(slots=True)
-class PastImage:
-    version: int
-    data: bytes
-    btype: fmt.BlockType | None
 
 
 @dataclass(slots=True)
@@ -129,8 +129,7 @@ class CacheStats:
     blocks_written: int = 0
     evictions: int = 0
     lock_requests: int = 0
-    pis_kept: int = 0
-    pis_discarded: int = 0
+    bin_writes: int = 0
     retries: int = 0
     transfers_in: int = 0
 
@@ -170,7 +169,7 @@ class BlockCache:
         self._dirty: set[int] = set()
         self._inflight: dict[int, int] = {}  # block -> version being written
         self._shipped_while_writing: dict[int, int] = {}
-        self.pis: dict[int, PastImage] = {}
+        self.pis = PastImages()
         self._private: set[int] = set()  # allocated here, unknown to the master
         self._registering = trio.Lock()
         # One write-back at a time, so two writes of one block never race.
@@ -187,7 +186,10 @@ class BlockCache:
         out = {f"cache_{k}": getattr(self.stats, k) for k in CacheStats.__slots__}  # type: ignore[attr-defined]
         out["cache_blocks"] = len(self._bufs)
         out["cache_dirty"] = len(self._dirty)
-        out["cache_pis"] = len(self.pis)
+        out["cache_pis"] = self.pis.count()
+        out["cache_pis_kept"] = self.pis.kept
+        out["cache_pis_merged"] = self.pis.merged
+        out["cache_pis_discarded"] = self.pis.discarded
         return out
 
     def see_scn(self, scn: int) -> None:
@@ -364,6 +366,7 @@ class BlockCache:
                     buf.btype = tbtype
                 buf.version = t.version
                 self.see_scn(t.version)
+                buf.boundary = t.writing
                 if t.dirty or t.writing:
                     # A dirty version from another host, or one its sender
                     # is still writing: writing it needs the master, which
@@ -372,6 +375,7 @@ class BlockCache:
                     buf.role_global = True
                 if t.dirty:
                     buf.dirty = True
+                    buf.first_dirty = self.scn
                     self._dirty.add(b)
             elif t is not None and buf is not None and not buf.dirty:
                 self._bufs.pop(b)  # disk coherence: read the new copy from storage
@@ -431,6 +435,7 @@ class BlockCache:
         buf.version = self.scn
         if not buf.dirty:
             buf.dirty = True
+            buf.first_dirty = self.scn
             self._dirty.add(buf.blockno)
 
     def discard(self, blockno: int) -> None:
@@ -531,7 +536,7 @@ class BlockCache:
                     version = buf.version  # what is written; it may change meanwhile
                     await self._write_run(b, 1)
                     out.append((b, version))
-                elif (pi := self.pis.get(b)) is not None:
+                elif (pi := self.pis.newest(b)) is not None:
                     data = bytearray(pi.data)
                     if pi.btype is not None:
                         fmt.seal(data, pi.btype, b, pi.version)
@@ -546,11 +551,10 @@ class BlockCache:
         """Storage holds at least these versions: drop past images up to them;
         a copy no newer is clean, and local again (claims 31, 36, 40)."""
         for b, version in written:
-            pi = self.pis.get(b)
-            if pi is not None and pi.version <= version:
-                del self.pis[b]
-                self.stats.pis_discarded += 1
+            self.pis.covered(b, version)
             buf = self._bufs.get(b)
+            if buf is not None and buf.boundary <= version:
+                buf.boundary = 0
             if buf is not None and buf.version <= version:
                 buf.dirty = False
                 buf.role_global = False
@@ -564,7 +568,22 @@ class BlockCache:
     async def write_past_images(self) -> None:
         """Ask for every past image to be covered by a write (unmount)."""
         if self.pis:
-            await self.agent.write_request([(b, pi.version) for b, pi in self.pis.items()])
+            await self.agent.write_request(self.pis.newest_versions())
+
+    async def checkpoint(self) -> None:
+        """Move this host's checkpoint: write local dirty blocks, then have
+        the master write each closed bin of past images, one request per bin
+        (claims 2-5, 11-12); then close the open bin.  What changed since the
+        last checkpoint stays in memory one round longer: a block that keeps
+        moving between hosts is written once per round, not once per move."""
+        await self.flush()
+        while self.pis.closed_bins:
+            entries = self.pis.bin_entries(0)
+            if entries:
+                self.stats.bin_writes += 1
+                await self.agent.write_request(entries, bin=self.pis.edges[1])
+            self.pis.empty_oldest_bin()
+        self.pis.open_bin(self.scn)
 
     # -- pings ---------------------------------------------------------------------
     async def give_up(self, ping: p.Ping) -> Shipped:
@@ -647,8 +666,10 @@ class BlockCache:
             self._dirty.discard(b)
             if buf.dirty:
                 # Keep a past image until a write covers it (claim 1).
-                self.pis[b] = PastImage(buf.version, bytes(buf.data), buf.btype)
-                self.stats.pis_kept += 1
+                image = PastImage(
+                    buf.version, buf.first_dirty or self.scn, bytes(buf.data), buf.btype
+                )
+                self.pis.keep(b, image, boundary=max(buf.boundary, writing))
                 pi = buf.version
         else:
             buf.mode = keep

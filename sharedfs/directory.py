@@ -70,6 +70,7 @@ class Counters:
     revokes: int = 0
     transfers: int = 0
     write_requests: int = 0
+    bin_writes: int = 0
     write_performs: int = 0
     writes_avoided: int = 0
     notifications_now: int = 0
@@ -290,6 +291,8 @@ class Directory:
     def on_write_request(self, node: int, msg: p.WriteRequest) -> Out:
         self._see(msg.scn)
         self.counters.write_requests += 1
+        if msg.bin:
+            self.counters.bin_writes += 1
         out: Out = []
         done: list[tuple[int, int]] = []
         performs: dict[int, list[int]] = {}
@@ -356,10 +359,11 @@ class Directory:
             for n in told:
                 now.setdefault(n, []).append((block, version))
             for n, v in list(st.pis.items()):
-                if v > version:
-                    continue
-                del st.pis[n]
+                if v <= version:
+                    del st.pis[n]
                 if n not in told:
+                    # A holder of a newer PI may keep older ones apart from
+                    # it, to drop them now (claims 43-45).
                     self.deferred.setdefault(n, {})[block] = version
                     self.counters.notifications_piggybacked += 1
             self._gc(block, st)

@@ -227,10 +227,11 @@ async def _heartbeat_task(
 
 
 async def _writeback_task(fs: FileSystem, interval: float) -> None:
+    """Every interval a checkpoint: dirty blocks written, and past images
+    older than the last checkpoint covered through the master."""
     while True:
         await trio.sleep(interval)
-        if fs.cache.dirty_count:
-            await fs.cache.flush()
+        await fs.cache.checkpoint()
 
 
 async def _signal_task() -> None:

@@ -245,10 +245,13 @@ class Release(Message):
 
 @message(30)
 class WriteRequest(Message):
-    """Please get these dirty versions onto storage (claims 1, 30, 58)."""
+    """Please get these dirty versions onto storage (claims 1, 30, 58).
+    A checkpoint asks for a whole bin of past images in one request, and
+    names it by its upper edge (claims 10-12)."""
 
     blocks: tuple[tuple[int, int], ...]  # (block, version)
     scn: int
+    bin: int = 0  # 0: not a bin write
 
 
 @message(31)

@@ -76,7 +76,7 @@ async def test_write_request_is_served_by_the_newest_copy_and_clears_past_images
         await b.write(f.ino, 0, b"2" * 4096)
         await h3.write(f.ino, 0, b"3" * 4096)
         (blk,), _ = await a._map(await a._iget(f.ino), 0, 1)
-        pi_version = a.cache.pis[blk].version
+        pi_version = a.cache.pis.newest(blk).version
         performs = c.directory.counters.write_performs
         await a.cache.agent.write_request([(blk, pi_version)])
         assert c.directory.counters.write_performs == performs + 1
@@ -89,6 +89,139 @@ async def test_write_request_is_served_by_the_newest_copy_and_clears_past_images
         avoided = c.directory.counters.writes_avoided
         await b.cache.agent.write_request([(blk, pi_version)])
         assert c.directory.counters.writes_avoided == avoided + 1
+    await fsck_clean(vol)
+
+
+def writes_of(vol, blk: int, since: int) -> int:  # type: ignore[no-untyped-def]
+    """How many storage writes since write_log[since] covered block `blk`."""
+    return sum(1 for off, n in vol.write_log[since:] if off <= blk * 4096 < off + n)
+
+
+async def data_block(fs, ino: int) -> int:  # type: ignore[no-untyped-def]
+    (blk,), _ = await fs._map(await fs._iget(ino), 0, 1)
+    return blk
+
+
+async def test_the_global_dirty_flag_decides_whether_a_write_asks_the_master():
+    """Claims 24-31: a block only this host dirtied is written silently; one
+    whose dirty version came from another host goes through the master, which
+    tells the PI holders; written, it is local again."""
+    vol = await make_volume()
+    async with cluster(vol, 2) as c:
+        a, b = c.hosts
+        f = await a.create(ROOT, b"g", 0o644, CTX)
+        await a.write(f.ino, 0, b"a" * 4096)
+        blk = await data_block(a, f.ino)
+        asked, mark = c.directory.counters.write_requests, len(vol.write_log)
+        await a.cache.flush([blk])
+        assert writes_of(vol, blk, mark) == 1
+        assert c.directory.counters.write_requests == asked, "a local block asked the master"
+
+        await a.write(f.ino, 0, b"A")
+        await b.write(f.ino, 1, b"B")  # the dirty version moves: A keeps a PI
+        await settle(c)
+        assert blk in a.cache.pis and b.cache._bufs[blk].role_global
+        mark = len(vol.write_log)
+        await b.cache.flush([blk])
+        assert c.directory.counters.write_requests == asked + 1
+        assert writes_of(vol, blk, mark) == 1
+        assert vol.read_sync(blk * 4096, 3) == b"ABa"
+        assert not b.cache._bufs[blk].role_global and not b.cache._bufs[blk].dirty
+        with trio.fail_after(5):  # A hears of the write later, batched
+            while blk in a.cache.pis:
+                await trio.sleep(0.02)
+
+        await b.write(f.ino, 2, b"b")  # dirtied again, only here: local
+        mark = len(vol.write_log)
+        await b.cache.flush([blk])
+        assert writes_of(vol, blk, mark) == 1
+        assert c.directory.counters.write_requests == asked + 1
+    await fsck_clean(vol)
+
+
+async def test_version_boundary_while_a_write_is_in_flight():
+    """Claims 32-35, 41-45: a block that moves while its sender writes it
+    carries the being-written version; the receiver keeps its PIs at or below
+    that version apart from newer ones and drops them once the write lands."""
+    vol = await make_volume()
+    async with cluster(vol, 2) as c:
+        a, b = c.hosts
+        f = await a.create(ROOT, b"vb", 0o644, CTX)
+        await a.write(f.ino, 0, b"1" * 4096)
+        blk = await data_block(a, f.ino)
+        await b.write(f.ino, 0, b"2")
+        await a.write(f.ino, 0, b"3")  # B now keeps a PI
+        await settle(c)
+        (b_old,) = b.cache.pis.of(blk)
+
+        gate, at_gate = trio.Event(), trio.Event()
+        real_write = vol.write
+
+        async def gated_write(offset: int, data: bytes) -> None:
+            if offset == blk * 4096:
+                at_gate.set()
+                await gate.wait()
+            await real_write(offset, data)
+
+        vol.write = gated_write  # type: ignore[method-assign]
+        async with trio.open_nursery() as n:
+            n.start_soon(a.cache.flush, [blk])  # global: through the master, A writes
+            await at_gate.wait()
+            being_written = a.cache._inflight[blk]
+            await b.write(f.ino, 0, b"4")  # moves while A writes it
+            assert c.directory.blocks[blk].writer == a.host
+            try:
+                await a.write(f.ino, 0, b"5")  # and back: B keeps a second PI
+                await settle(c)
+                versions = [pi.version for pi in b.cache.pis.of(blk)]
+            finally:
+                gate.set()
+            assert versions[0] == b_old.version <= being_written < versions[1], (
+                versions,
+                b_old.version,
+                being_written,
+            )
+        vol.write = real_write  # type: ignore[method-assign]
+        with trio.fail_after(5):  # the write landed: the older PI goes
+            while [pi.version for pi in b.cache.pis.of(blk)] != versions[1:]:
+                await trio.sleep(0.02)
+        assert vol.read_sync(blk * 4096, 1) == b"3"  # what A was writing
+        assert await b.read(f.ino, 0, 1) == b"5"
+    await fsck_clean(vol)
+
+
+async def test_a_bin_write_covers_the_past_images_of_a_closed_bin():
+    """Claims 2-5, 11-12: a checkpoint asks the master to write a closed bin
+    in one request; the master has the holder of the newest version write
+    it; the PIs go, and PIs of the open bin stay for the next checkpoint."""
+    vol = await make_volume()
+    async with cluster(vol, 2) as c:
+        a, b = c.hosts
+        f = await a.create(ROOT, b"old", 0o644, CTX)
+        await a.write(f.ino, 0, b"a" * 4096)
+        old = await data_block(a, f.ino)
+        await b.write(f.ino, 0, b"b")  # A: a PI of `old`, first dirtied now
+        await settle(c)
+        await a.cache.checkpoint()  # closes bin 0 (it holds that PI)
+        assert a.cache.pis.closed_bins == 1 and old in a.cache.pis
+
+        g = await a.create(ROOT, b"new", 0o644, CTX)
+        await a.write(g.ino, 0, b"n" * 4096)
+        new = await data_block(a, g.ino)
+        await b.write(g.ino, 0, b"m")  # A: a PI of `new`, in the open bin
+        await settle(c)
+        bins, mark = c.directory.counters.bin_writes, len(vol.write_log)
+        b_writes = b.cache.stats.storage_writes
+        await a.cache.checkpoint()
+        assert c.directory.counters.bin_writes == bins + 1
+        assert a.cache.stats.bin_writes == 1
+        assert writes_of(vol, old, mark) == 1 and writes_of(vol, new, mark) == 0
+        assert b.cache.stats.storage_writes > b_writes  # B has the newest: B wrote
+        assert vol.read_sync(old * 4096, 2) == b"ba"
+        assert old not in a.cache.pis and new in a.cache.pis
+
+        await a.cache.checkpoint()  # the next round covers the newer bin
+        assert new not in a.cache.pis and not a.cache.pis
     await fsck_clean(vol)
 
 
