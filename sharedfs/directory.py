@@ -395,8 +395,12 @@ class Directory:
                 h[m.name] += 1
             for n in st.pis:
                 held.setdefault(n, {"S": 0, "X": 0, "pi": 0})["pi"] += 1
+        c = self.counters
+        # Every transfer also went host to host, past the master.
+        total = c.messages_in + c.messages_out + c.transfers
         return {
             "blocks_tracked": len(self.blocks),
+            "messages_per_transfer": round(total / c.transfers, 2) if c.transfers else 0.0,
             "held": held,
             "scn": self.scn,
             "counters": {k: getattr(self.counters, k) for k in Counters.__slots__},  # type: ignore[attr-defined]

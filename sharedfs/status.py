@@ -38,7 +38,10 @@ async def ask_master(key: bytes, addr: tuple[str, int]) -> dict[str, Any]:
 
 
 def print_master(info: dict[str, Any]) -> None:
-    print(f"master: coherence {info['coherence']}, {info['blocks_tracked']} blocks tracked")
+    print(
+        f"master: coherence {info['coherence']}, {info['blocks_tracked']} blocks tracked, "
+        f"{info['messages_per_transfer']} messages per block transfer"
+    )
     for node, h in info["hosts"].items():
         held = info["held"].get(node, {})
         print(

@@ -168,9 +168,12 @@ def test_status_shows_hosts_and_counters(hosts) -> None:  # type: ignore[no-unty
     m = info["master"]
     assert sorted(m["hosts"]) == ["0", "1", "2"]
     assert m["counters"]["transfers"] > 0 and m["counters"]["pings"] > 0
+    # A transfer costs at least request, ping, transfer, done (and a grant,
+    # unless the transfer was the grant).
+    assert m["messages_per_transfer"] >= 4
     assert all(h["counters"].get("agent_lock_requests", 0) > 0 for h in m["hosts"].values())
     text = sharedfs("status", str(vol), "--master", master.addr).stdout
-    assert "past images" in text and "transfers" in text
+    assert "past images" in text and "messages per block transfer" in text
 
 
 def test_wrong_node_and_unauthenticated_peer_are_refused(hosts, tmp_path) -> None:  # type: ignore[no-untyped-def]
