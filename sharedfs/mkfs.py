@@ -5,12 +5,14 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import secrets
 import sys
 import time
 
 import trio
 
 from . import format as fmt
+from . import journal
 from .cli_util import parse_size, run_tool, setup_logging
 from .errors import CorruptVolume, QuietError
 from .fs import Ctx
@@ -37,8 +39,12 @@ async def format_volume(storage: Storage, sb: fmt.Superblock, *, quiet: bool = T
     for node in range(sb.host_slots):
         b = sb.hosts_start + node
         await storage.write(b * bs, fmt.HostSlot().pack(bs, b))
-    # The journal's first page is zeroed so that no old log is ever replayed.
-    await storage.write(sb.journal_start * bs, bytes(bs))
+    # An empty log whose page numbers start at random: a page an older
+    # filesystem left at the same place never passes for one of ours.
+    area = journal.Area.of(sb)
+    start = secrets.randbits(40) + 1
+    header = journal.JournalHeader(start, area.first, start)
+    await storage.write(area.header * bs, journal.encode_header(bs, area.header, header))
     await storage.write(sb.mirror_start * bs, bytes(bs * sb.mirror_blocks))
     progress = Progress("mkfs", sb.group_count)
     if quiet:
