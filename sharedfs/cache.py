@@ -137,6 +137,10 @@ class CacheStats:
 Invalidate = Callable[[Buffer], Awaitable[None]]
 
 
+async def _no_wal(blocks: Iterable[int]) -> None:
+    pass
+
+
 async def _no_invalidation(buf: Buffer) -> None:
     pass
 
@@ -177,6 +181,13 @@ class BlockCache:
         self.scn = 0
         self.stats = CacheStats()
         self.on_give_up: Invalidate = _no_invalidation
+        # The journal's: write-ahead (log records before the blocks they
+        # describe), and the LLOL's block with the append semaphore.
+        self.wal: Callable[[Iterable[int]], Awaitable[None]] = _no_wal
+        self.logged: Callable[[Iterable[int]], bool] = lambda blocks: True
+        self.llol_block = -1
+        self.append_lock: trio.Lock | None = None
+        self.log_counters: Callable[[], dict[str, int]] = dict
         self._op: _Op | None = None
         self._op_changed = trio.Event()
         if isinstance(agent, ClusterAgent):
@@ -190,6 +201,7 @@ class BlockCache:
         out["cache_pis_kept"] = self.pis.kept
         out["cache_pis_merged"] = self.pis.merged
         out["cache_pis_discarded"] = self.pis.discarded
+        out.update(self.log_counters())
         return out
 
     def see_scn(self, scn: int) -> None:
@@ -210,6 +222,24 @@ class BlockCache:
     @property
     def op_start(self) -> float | None:
         return self._op.start if self._op is not None else None
+
+    def op_changes(self) -> list[tuple[int, int, int, bytes | None, bytearray]]:
+        """What the running operation changed in metadata blocks, for the
+        log: (block, type, version, contents before or None if it was
+        allocated, contents now)."""
+        op = self._op
+        out: list[tuple[int, int, int, bytes | None, bytearray]] = []
+        if op is None:
+            return out
+        for b, snap in op.undo.items():
+            buf = self._bufs.get(b)
+            if buf is None or buf.btype is None or not buf.dirty:
+                continue
+            if snap is not None and snap.version == buf.version:
+                continue  # read in X, not changed
+            before = snap.data if snap is not None and snap.btype == buf.btype else None
+            out.append((b, int(buf.btype), buf.version, before, buf.data))
+        return out
 
     def end_op(self) -> None:
         self._op = None
@@ -277,22 +307,31 @@ class BlockCache:
             raise OpRetry
 
     # -- getting blocks ------------------------------------------------------
-    async def get(self, blockno: int, mode: Mode, btype: fmt.BlockType | None = None) -> Buffer:
-        """The block in at least `mode`, read from storage if not cached."""
+    async def get(
+        self, blockno: int, mode: Mode, btype: fmt.BlockType | None = None, *, pin: bool = True
+    ) -> Buffer:
+        """The block in at least `mode`, read from storage if not cached.
+        pin=False: not part of the running operation (the log's appender)."""
         buf = self._bufs.get(blockno)
         if buf is not None and buf.mode >= mode and buf.btype == btype and not buf.leaving:
             # The common case: cached and held; no lock request, no I/O.
             self.stats.hits += 1
             self._bufs.move_to_end(blockno)
-            self._touch(buf, mode)
+            if pin:
+                self._touch(buf, mode)
             return buf
-        return (await self.get_many([blockno], mode, btype))[0]
+        return (await self.get_many([blockno], mode, btype, pin=pin))[0]
 
     async def get_many(
-        self, blocknos: list[int], mode: Mode, btype: fmt.BlockType | None = None
+        self,
+        blocknos: list[int],
+        mode: Mode,
+        btype: fmt.BlockType | None = None,
+        *,
+        pin: bool = True,
     ) -> list[Buffer]:
         """Several blocks at once: one lock request, adjacent misses in one read."""
-        await self._lock(blocknos, mode, btype)
+        await self._lock(blocknos, mode, btype, pin=pin)
         missing = sorted({b for b in blocknos if b not in self._bufs})
         self.stats.hits += len(blocknos) - len(missing)
         self.stats.misses += len(missing)
@@ -314,30 +353,41 @@ class BlockCache:
                 raise CorruptVolume(f"block {b}: used as {btype.name}, cached as {buf.btype}")
             buf.mode = max(buf.mode, mode)
             self._bufs.move_to_end(b)
-            self._touch(buf, mode)
+            if pin:
+                self._touch(buf, mode)
             out.append(buf)
         return out
 
     async def _lock(
-        self, blocknos: list[int], mode: Mode, btype: fmt.BlockType | None = None
+        self,
+        blocknos: list[int],
+        mode: Mode,
+        btype: fmt.BlockType | None = None,
+        *,
+        pin: bool = True,
     ) -> None:
         """Hold `mode` on these blocks: pin them to the operation, then ask
         the master (one request) for those we do not hold well enough."""
-        if any(
+        while any(
             (b := self._bufs.get(n)) is not None and (b.going or b.leaving and mode is Mode.X)
             for n in blocknos
         ):
-            raise OpRetry  # being shipped: come back once it has gone
-        if self._op is not None:
+            if pin:
+                raise OpRetry  # being shipped: come back once it has gone
+            await trio.sleep(0.001)  # no operation to undo: just wait
+        op = self._op if pin else None
+        if op is not None:
             # Pinned before we ask: a ping that comes between the grant and
             # the storage read must wait for us, not ship what we lack.
-            self._op.pinned.update(blocknos)
+            op.pinned.update(blocknos)
             if mode is Mode.X:
-                self._op.exclusive.update(blocknos)
+                op.exclusive.update(blocknos)
         need_lock = [b for b in blocknos if self._held(b) < mode]
         if need_lock:
             self.stats.lock_requests += 1
-            op_start = self._op.start if self._op else time.time()
+            # Outside operations (the log's appender) nothing can be undone:
+            # such a request counts as the oldest, and always wins.
+            op_start = op.start if op else 0.0 if not pin else time.time()
             arrived = await self.agent.acquire_blocks(need_lock, mode, op_start)
             self.install(arrived, need_lock, mode, btype)
 
@@ -484,14 +534,33 @@ class BlockCache:
                 # Re-check: earlier writes awaited, and blocks may have gone.
                 still = [b for b in range(start, start + count) if b in self._dirty]
                 for s, n in _runs(still):
-                    await self._write_run(s, n)
-                    written += n
+                    written += len(await self._write_run(s, n))
         if glob:
             await self.agent.write_request(glob)
             written += len(glob)
         return written
 
-    async def _write_run(self, start: int, count: int) -> None:
+    async def _write_run(self, start: int, count: int) -> list[tuple[int, int]]:
+        """Write these blocks, each after the log records of the version
+        written (write-ahead); return (block, version) for what was written
+        (a block may have left meanwhile)."""
+        out: list[tuple[int, int]] = []
+        todo = list(range(start, start + count))
+        while todo:
+            while not self.logged(todo):
+                await self.wal(todo)
+            # No await from here to the write's start: what is written is
+            # what the log has.
+            todo = [b for b in todo if b in self._bufs]
+            if not todo:
+                break
+            s, n = _runs(todo)[0]
+            out += [(b, self._bufs[b].version) for b in range(s, s + n)]
+            await self._write_blocks(s, n)
+            todo = todo[n:]
+        return out
+
+    async def _write_blocks(self, start: int, count: int) -> None:
         chunk = bytearray()
         for b in range(start, start + count):
             buf = self._bufs[b]
@@ -533,10 +602,14 @@ class BlockCache:
             for b in blocknos:
                 buf = self._bufs.get(b)
                 if buf is not None and buf.dirty:
-                    version = buf.version  # what is written; it may change meanwhile
-                    await self._write_run(b, 1)
-                    out.append((b, version))
-                elif (pi := self.pis.newest(b)) is not None:
+                    done = await self._write_run(b, 1)
+                    if done:
+                        out += done
+                        continue
+                    # It left while its log records were written: what we
+                    # keep of it now is a past image.
+                buf = self._bufs.get(b)
+                if (pi := self.pis.newest(b)) is not None:
                     data = bytearray(pi.data)
                     if pi.btype is not None:
                         fmt.seal(data, pi.btype, b, pi.version)
@@ -545,6 +618,10 @@ class BlockCache:
                     out.append((b, pi.version))
                 elif buf is not None:
                     out.append((b, buf.version))  # clean already: storage has it
+                else:
+                    # Nothing of it here: the master must still hear back, or
+                    # whoever waits for this write waits for ever.
+                    out.append((b, 0))
         return out
 
     def notified(self, written: Iterable[tuple[int, int]]) -> None:
@@ -606,10 +683,17 @@ class BlockCache:
                 op.abort.set()
             with trio.move_on_at(deadline if trio.current_time() < deadline else math.inf):
                 await self._op_changed.wait()
+        if b == self.llol_block and self.append_lock is not None:
+            # The LLOL leaves only between appends (an append in progress
+            # finishes first, and none starts while it goes).
+            async with self.append_lock:
+                return await self._leave(b, Mode(ping.keep))
+        return await self._leave(b, Mode(ping.keep))
+
+    async def _leave(self, b: int, keep: Mode) -> Shipped:
         buf = self._bufs.get(b)
         if buf is None:
             return Shipped(b"", 0, False, 0, 0, True)  # storage has our last copy
-        keep = Mode(ping.keep)
         buf.leaving = True
         buf.going = keep is Mode.N
         try:
@@ -620,6 +704,9 @@ class BlockCache:
                 # A copy we keep cannot change elsewhere: the kernel's caches
                 # of it stay good.
                 await self.on_give_up(buf)
+            # Its records go into the log before it leaves (write-ahead):
+            # whoever changes it next appends after them.
+            await self.wal([b])
             return await self._hand_over(buf, keep)
         finally:
             buf.leaving = buf.going = False

@@ -26,6 +26,7 @@ from .agent import OpRetry
 from .cache import BlockCache, Buffer
 from .errors import CorruptVolume, FsError
 from .format import BlockType, DirEntry, Inode
+from .journal import Log
 from .protocol import Mode
 
 log = logging.getLogger(__name__)
@@ -105,6 +106,8 @@ class FileSystem:
         self.sb = sb
         self.cache = cache
         self.host = host
+        # Every operation that changes metadata is one transaction in it.
+        self.log = Log(cache, sb, host)
         self.bs = sb.block_size
         self.ptrs = fmt.ptrs_per_block(self.bs)
         self.lookups: dict[int, int] = {}
@@ -131,6 +134,7 @@ class FileSystem:
         while True:
             if self.fenced:
                 raise FsError(errno.EIO, "this host lost its lock master")
+            await self.log.wait_for_room()
             async with self._op:
                 self.cache.begin_op(start)
                 start = self.cache.op_start
@@ -160,6 +164,7 @@ class FileSystem:
                     self.cache.end_op()
                     raise
                 else:
+                    self.log.commit(self.cache.op_changes())
                     self._apply_refs()
                     self.cache.end_op()
                     await self.cache.trim()
@@ -1082,10 +1087,15 @@ class FileSystem:
             done += step
         return done
 
-    @operation
     async def fsync(self, ino: int, datasync: bool = False) -> None:
-        await self._iget(ino)
-        # Without a journal yet, durable means: everything dirty on storage.
+        """The file's data and every metadata change so far on storage: the
+        log first (its records make the metadata durable), then the dirty
+        blocks (data is not logged)."""
+        await self.getattr(ino)
+        await self.sync()
+
+    async def sync(self) -> None:
+        await self.log.force()
         await self.cache.sync()
 
     @operation
@@ -1192,6 +1202,9 @@ class FileSystem:
         """Unmount: free inodes unlinked while open, write everything back."""
         await self._free_orphans()
         await self.cache.write_past_images()
+        await self.sync()
+        # Everything we logged is on storage: the log need not keep it.
+        await self.log.checkpoint()
         await self.cache.sync()
         self.cache.drop_all()
 

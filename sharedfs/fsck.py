@@ -1482,7 +1482,7 @@ class Fsck:
             # The verification pass below reports what this left undone.
             log.error("repair failed: %s", e)
             self.uncorrectable += 1
-        await fs.cache.sync()
+        await fs.destroy()  # on storage, and the log empty again
 
     async def _as_operation(self, fs: FileSystem) -> None:
         """The namespace repairs as one core operation (which stores the

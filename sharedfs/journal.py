@@ -1,40 +1,56 @@
 """The shared journal: log pages, redo records, scanning and replay (seed 003).
 
 Layout (docs/FORMAT.md): the journal area's first block is the journal
-header, the rest a circular log of pages.  Every page and the header are
-metadata blocks of type JOURNAL (common header: magic, block number, version
-= the page timestamp PTS, checksum).  A page's payload starts with its page
-number (one more than the page before it, across laps of the circle), the
-block of the next page, and how many bytes of records it holds.
+header (a metadata block of type JOURNAL: the value of the LLOL), the rest a
+circle of log pages.  A page starts with a fixed header (magic, type, its
+block, its page number, the block of the next page); page numbers grow by
+one from page to page across laps of the circle.  Then come groups of
+records, one per append: length, checksum, and the page timestamp (PTS,
+the newest version in it).
 
 A redo record names one metadata block, the version (SCN) it brings the
 block to, and byte ranges of the block's payload with their new contents;
 a FULL record starts from a zeroed block (a block allocated by the
 transaction), a DELTA record from the block as it was.  A transaction is its
 records followed by a COMMIT; replay applies only committed transactions,
-and a record only to a copy older than it.  A durable page is never written
-again (a torn rewrite would lose records an fsync returned for), so every
-flush of the log starts a new page.
+and a record only to a copy older than it.  The last page is appended to
+in place; since the bytes already there are written again unchanged and
+each group has its own checksum, a torn write can only lose the group being
+added, never one an fsync returned for.
 
-This module does no locking: the LLOL holder appends (see the cache), and
-replay runs while nobody else writes.
+Replay runs while no host has the volume mounted; `Log` is a mounted host's
+side: its private log cache, the appends under the LLOL, its checkpoints.
 """
 
 from __future__ import annotations
 
 import enum
+import logging
 import struct
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import trio
+import xxhash
 
 from . import format as fmt
 from .errors import CorruptVolume
+from .protocol import Mode
 from .storage import Storage
 
-_JHDR = struct.Struct("<4sQQQ")  # magic, checkpoint page number, its block, next page number
+if TYPE_CHECKING:
+    from .cache import BlockCache
+
+log = logging.getLogger(__name__)
+
+_JHDR = struct.Struct("<4sQQIH")  # magic, checkpoint, next page number, last page used, slots
 JHDR_MAGIC = b"SFJH"
-_PAGE = struct.Struct("<QQI")  # page number, next block, bytes of records
-PAGE_HDR = fmt.HDR_SIZE + _PAGE.size
+_PAGE = struct.Struct("<4sHQQQ2x")  # magic, type, block, page number, next block
+PAGE_HDR = _PAGE.size
+PAGE_MAGIC = b"SFLP"
+_GROUP = struct.Struct("<IIQ")  # record bytes, checksum, PTS
+_GROUP_KEY = struct.Struct("<QQQ")
 _REC = struct.Struct("<BBHQQH")  # kind, btype, host, block, version, ranges
 _RANGE = struct.Struct("<HH")  # offset in the payload, length
 #: Ranges of a diff closer than this merge (a range costs 4 bytes of header).
@@ -63,21 +79,44 @@ class Record:
 
 @dataclass(slots=True)
 class JournalHeader:
-    """checkpoint_seq/block: replay starts at this page; next_seq: the page
-    number the next new page gets (as of the last header write)."""
+    """The value of the last log object lock (LLOL): it travels with the
+    lock from host to host.
+
+    checkpoint_seq: replay starts at this page; pages before it may be
+        reused.
+    next_seq: the page number the next new page gets: the end of the log.
+    low: per host slot, the oldest page that may hold records of that
+        host's changes not yet on storage (0: none).  The checkpoint is the
+        lowest of them.
+    """
 
     checkpoint_seq: int
-    checkpoint_block: int
     next_seq: int
+    low: list[int]
+    llp_used: int = 0  # bytes of page next_seq - 1 in use (0: start a new page)
+
+    def advance(self) -> bool:
+        """Move the checkpoint as far as every host allows; True if it moved."""
+        marks = [x for x in self.low if x]
+        new = min(marks) if marks else self.next_seq
+        new = min(new, self.next_seq)
+        if new > self.checkpoint_seq:
+            self.checkpoint_seq = new
+            return True
+        return False
 
 
 @dataclass(slots=True)
 class Page:
+    """pts: the page timestamp, the newest version in it; used: bytes of
+    the page its whole groups fill."""
+
     block: int
     seq: int
     next: int
     pts: int
     records: list[Record]
+    used: int
 
 
 # --------------------------------------------------------------------------
@@ -137,74 +176,116 @@ def block_records(
 
 
 def page_room(block_size: int) -> int:
-    return block_size - PAGE_HDR
+    """Record bytes one group can hold in an empty page."""
+    return block_size - PAGE_HDR - _GROUP.size
 
 
-def encode_page(
-    block_size: int, block: int, seq: int, nxt: int, pts: int, records: list[Record]
-) -> bytearray:
+def new_page(block_size: int, block: int, seq: int, nxt: int) -> bytearray:
+    """An empty page: only its fixed header, which never changes after."""
     buf = bytearray(block_size)
-    pos = PAGE_HDR
-    for r in records:
-        _REC.pack_into(buf, pos, r.kind, r.btype, r.host, r.block, r.version, len(r.ranges))
-        pos += _REC.size
-        for off, data in r.ranges:
-            _RANGE.pack_into(buf, pos, off, len(data))
-            pos += _RANGE.size
-            buf[pos : pos + len(data)] = data
-            pos += len(data)
-    if pos > block_size:
-        raise ValueError("records overflow the page")
-    _PAGE.pack_into(buf, fmt.HDR_SIZE, seq, nxt, pos - PAGE_HDR)
-    fmt.seal(buf, fmt.BlockType.JOURNAL, block, pts)
+    _PAGE.pack_into(buf, 0, PAGE_MAGIC, fmt.BlockType.JOURNAL, block, seq, nxt)
     return buf
 
 
+def _group_sum(seq: int, block: int, pts: int, body: bytes | bytearray | memoryview) -> int:
+    # The page number and place are in it: a group an older lap left past
+    # the end of this one never passes for ours.
+    return xxhash.xxh32_intdigest(_GROUP_KEY.pack(seq, block, pts) + bytes(body))
+
+
+def _pack_records(records: list[Record]) -> bytearray:
+    out = bytearray()
+    for r in records:
+        out += _REC.pack(r.kind, r.btype, r.host, r.block, r.version, len(r.ranges))
+        for off, data in r.ranges:
+            out += _RANGE.pack(off, len(data)) + data
+    return out
+
+
+def add_group(page: bytearray, used: int, pts: int, records: list[Record]) -> int:
+    """Append a group of records to `page` after its first `used` bytes;
+    return the new used length.  ValueError if they do not fit."""
+    _, _, block, seq, _ = _PAGE.unpack_from(page, 0)
+    body = _pack_records(records)
+    pos = max(used, PAGE_HDR)
+    end = pos + _GROUP.size + len(body)
+    if end > len(page):
+        raise ValueError("records overflow the page")
+    _GROUP.pack_into(page, pos, len(body), _group_sum(seq, block, pts, body), pts)
+    page[pos + _GROUP.size : end] = body
+    return end
+
+
 def decode_page(data: bytes | bytearray, block: int) -> Page:
-    """A log page read from `block`; CorruptVolume if it is not a whole,
-    valid page (the end of the log, or damage)."""
-    hdr = fmt.verify(data, fmt.BlockType.JOURNAL, block)
-    seq, nxt, used = _PAGE.unpack_from(data, fmt.HDR_SIZE)
-    end = PAGE_HDR + used
-    if end > len(data):
-        raise CorruptVolume(f"log page {block}: record bytes run past the page")
-    records = []
+    """A log page read from `block`: its groups up to the first that is not
+    whole (never written, or torn).  CorruptVolume if it is no page of ours
+    or holds no group."""
+    magic, btype, blk, seq, nxt = _PAGE.unpack_from(data, 0)
+    if magic != PAGE_MAGIC or btype != fmt.BlockType.JOURNAL or blk != block:
+        raise CorruptVolume(f"log page {block}: not a log page")
+    records: list[Record] = []
+    pts = 0
     pos = PAGE_HDR
+    groups = 0
+    while pos + _GROUP.size <= len(data):
+        length, csum, gpts = _GROUP.unpack_from(data, pos)
+        body = memoryview(data)[pos + _GROUP.size : pos + _GROUP.size + length]
+        if not length or len(body) != length or csum != _group_sum(seq, block, gpts, body):
+            break
+        records += _unpack_records(body, block)
+        pts, groups, pos = gpts, groups + 1, pos + _GROUP.size + length
+    if not groups:
+        raise CorruptVolume(f"log page {block}: no records")
+    return Page(block, seq, nxt, pts, records, pos)
+
+
+def _unpack_records(body: memoryview, block: int) -> list[Record]:
+    records = []
+    pos = 0
     try:
-        while pos < end:
-            kind, btype, host, blk, version, n = _REC.unpack_from(data, pos)
+        while pos < len(body):
+            kind, btype, host, blk, version, n = _REC.unpack_from(body, pos)
             pos += _REC.size
             r = Record(Kind(kind), btype, host, blk, version)
             for _ in range(n):
-                off, length = _RANGE.unpack_from(data, pos)
+                off, length = _RANGE.unpack_from(body, pos)
                 pos += _RANGE.size
-                r.ranges.append((off, bytes(data[pos : pos + length])))
+                if pos + length > len(body):
+                    raise ValueError("range past the group")
+                r.ranges.append((off, bytes(body[pos : pos + length])))
                 pos += length
             records.append(r)
     except (struct.error, ValueError) as e:
         raise CorruptVolume(f"log page {block}: malformed record: {e}") from None
-    if pos != end:
-        raise CorruptVolume(f"log page {block}: records end past their length")
-    return Page(block, seq, nxt, hdr.version, records)
+    return records
 
 
-def encode_header(block_size: int, block: int, h: JournalHeader) -> bytearray:
+def pack_header(buf: bytearray, h: JournalHeader) -> None:
+    """Into the payload of the header block (the cache seals it on write)."""
+    _JHDR.pack_into(
+        buf, fmt.HDR_SIZE, JHDR_MAGIC, h.checkpoint_seq, h.next_seq, h.llp_used, len(h.low)
+    )
+    struct.pack_into(f"<{len(h.low)}Q", buf, fmt.HDR_SIZE + _JHDR.size, *h.low)
+
+
+def unpack_header(data: bytes | bytearray, block: int) -> JournalHeader:
+    magic, cseq, nseq, used, slots = _JHDR.unpack_from(data, fmt.HDR_SIZE)
+    if magic != JHDR_MAGIC or fmt.HDR_SIZE + _JHDR.size + 8 * slots > len(data):
+        raise CorruptVolume(f"journal header {block}: bad magic")
+    low = list(struct.unpack_from(f"<{slots}Q", data, fmt.HDR_SIZE + _JHDR.size))
+    return JournalHeader(cseq, nseq, low, used)
+
+
+def encode_header(block_size: int, block: int, h: JournalHeader, version: int = 0) -> bytearray:
     buf = bytearray(block_size)
-    _JHDR.pack_into(buf, fmt.HDR_SIZE, JHDR_MAGIC, h.checkpoint_seq, h.checkpoint_block, h.next_seq)
-    fmt.seal(buf, fmt.BlockType.JOURNAL, block, h.next_seq)
+    pack_header(buf, h)
+    fmt.seal(buf, fmt.BlockType.JOURNAL, block, version)
     return buf
 
 
-def decode_header(data: bytes | bytearray, block: int, first_page: int) -> JournalHeader:
-    """The journal header; a zeroed block (as mkfs leaves it) is an empty log
-    starting at the first page."""
-    if not any(data):
-        return JournalHeader(1, first_page, 1)
+def decode_header(data: bytes | bytearray, block: int) -> JournalHeader:
     fmt.verify(data, fmt.BlockType.JOURNAL, block)
-    magic, cseq, cblock, nseq = _JHDR.unpack_from(data, fmt.HDR_SIZE)
-    if magic != JHDR_MAGIC:
-        raise CorruptVolume(f"journal header {block}: bad magic")
-    return JournalHeader(cseq, cblock, nseq)
+    return unpack_header(data, block)
 
 
 # --------------------------------------------------------------------------
@@ -223,8 +304,9 @@ class Area:
     def of(cls, sb: fmt.Superblock) -> Area:
         return cls(sb.journal_start, sb.journal_start + 1, sb.journal_blocks - 1)
 
-    def after(self, block: int) -> int:
-        return self.first + (block - self.first + 1) % self.count
+    def block_of(self, seq: int) -> int:
+        """Pages go round the circle in page-number order."""
+        return self.first + seq % self.count
 
 
 def transactions(pages: list[Page]) -> Iterator[list[Record]]:
@@ -303,9 +385,10 @@ async def read_log(storage: Storage, sb: fmt.Superblock) -> tuple[JournalHeader,
     the first page that is not the next one in the chain (an older lap, a
     torn or never written page) ends it."""
     area, bs = Area.of(sb), sb.block_size
-    header = decode_header(await storage.read(area.header * bs, bs), area.header, area.first)
+    header = decode_header(await storage.read(area.header * bs, bs), area.header)
     pages: list[Page] = []
-    seq, block = header.checkpoint_seq, header.checkpoint_block
+    seq = header.checkpoint_seq
+    block = area.block_of(seq)
     for _ in range(area.count):
         try:
             page = decode_page(await storage.read(block * bs, bs), block)
@@ -343,10 +426,216 @@ async def replay(storage: Storage, sb: fmt.Superblock) -> ReplayResult:
     for b, data in written:
         await storage.write(b * bs, data)
     await storage.flush()
-    if pages:
+    end = pages[-1].seq + 1 if pages else header.checkpoint_seq
+    if pages or any(header.low):
         area = Area.of(sb)
-        last = pages[-1]
-        end = JournalHeader(last.seq + 1, last.next, max(header.next_seq, last.seq + 1))
-        await storage.write(area.header * bs, encode_header(bs, area.header, end))
+        empty = JournalHeader(end, end, [0] * len(header.low))
+        await storage.write(area.header * bs, encode_header(bs, area.header, empty))
         await storage.flush()
     return ReplayResult(len(pages), txs, rp.applied, rp.skipped, len(written))
+
+
+# --------------------------------------------------------------------------
+# This host's side: the private log cache, group commit, the checkpoint
+
+
+class Log:
+    """One host's part in the shared log.
+
+    A transaction's records go into the private log cache (PLC) when its
+    operation ends.  `force()` appends the whole PLC to the log under the
+    last log object lock (the journal header block, held in X through the
+    cache: its contents, where the log ends, travel with the lock) and the
+    append semaphore (`append_lock`), in new pages that no other host can
+    reach (no block locks), and waits until they are on storage: one write
+    for every transaction committed so far (group commit).  The cache calls
+    `force` before a block whose records are still in the PLC is written or
+    shipped (write-ahead), and before the LLOL leaves for another host.
+
+    Attributes:
+        pending: block -> newest version whose records are not durable.
+    """
+
+    #: Operations wait (the log is "full") past this share of the circle.
+    FULL = 0.75
+
+    def __init__(self, cache: BlockCache, sb: fmt.Superblock, host: int) -> None:
+        self.cache = cache
+        self.sb = sb
+        self.host = host
+        self.area = Area.of(sb)
+        self.bs = sb.block_size
+        self.room = page_room(self.bs)
+        self.plc: list[Record] = []
+        self._plc_bytes = 0
+        self.pending: dict[int, int] = {}
+        self.append_lock = trio.Lock()
+        self._known = JournalHeader(0, 0, [])  # as of our last LLOL hold
+        self._mark = 0  # log end at our last checkpoint
+        self._checkpointing = trio.Lock()
+        self.commits = 0
+        self.forces = 0
+        self.pages_written = 0
+        self.waits = 0
+        cache.wal = self.force_for
+        cache.logged = self.logged
+        cache.llol_block = self.area.header
+        cache.append_lock = self.append_lock
+        cache.log_counters = self.counters
+
+    # -- committing --------------------------------------------------------------
+    def commit(self, changes: list[tuple[int, int, int, bytes | None, bytearray]]) -> None:
+        """An operation ended: (block, btype, version, before or None, after)
+        for each metadata block it changed."""
+        recs: list[Record] = []
+        top = 0
+        for block, btype, version, before, after in changes:
+            recs += block_records(self.host, block, btype, version, before, after, self.room)
+            top = max(top, version)
+        if not recs:
+            return
+        recs.append(Record(Kind.COMMIT, 0, self.host, 0, top))
+        for block, _, version, _, _ in changes:
+            self.pending[block] = max(self.pending.get(block, 0), version)
+        self.plc += recs
+        self._plc_bytes += sum(r.size for r in recs)
+        self.commits += 1
+
+    async def wait_for_room(self) -> None:
+        """Before an operation: a log past FULL slows writers down (they wait
+        for checkpoints to free pages) rather than failing them."""
+        while self._used_pages() > self.FULL * self.area.count:
+            self.waits += 1
+            log.info("host %d: the log is full: checkpoint before going on", self.host)
+            await self.checkpoint()
+            if self._used_pages() > self.FULL * self.area.count:
+                # Other hosts' changes hold it: their checkpoints free it.
+                await trio.sleep(0.05)
+
+    def _used_pages(self) -> int:
+        h = self._known
+        return h.next_seq - h.checkpoint_seq + self._plc_bytes // self.room + 1
+
+    # -- appending --------------------------------------------------------------
+    def logged(self, blocks: Iterable[int]) -> bool:
+        """Are the records of these blocks' versions all on storage?"""
+        return not any(b in self.pending for b in blocks)
+
+    async def force_for(self, blocks: Iterable[int]) -> None:
+        """Write-ahead: the records of these blocks' versions on storage first."""
+        if any(b in self.pending for b in blocks):
+            await self.force()
+
+    async def force(self) -> None:
+        """Append the PLC to the log; return when it is on storage."""
+        async with self.append_lock:
+            if not self.plc:
+                return
+            hbuf = await self.cache.get(self.area.header, Mode.X, fmt.BlockType.JOURNAL, pin=False)
+            h = unpack_header(hbuf.data, self.area.header)
+            records, self.plc, self._plc_bytes = self.plc, [], 0
+            durable, self.pending = self.pending, {}
+            try:
+                await self._append(h, records)
+            except BaseException:
+                self.plc, self.pending = records + self.plc, durable | self.pending
+                self._plc_bytes = sum(r.size for r in self.plc)
+                raise
+            pack_header(hbuf.data, h)
+            self.cache.mark_dirty(hbuf)
+            self._known = h
+            self.forces += 1
+
+    async def _append(self, h: JournalHeader, records: list[Record]) -> None:
+        """Records into the last page while they fit (it is read back from
+        storage: the previous holder wrote it before letting the LLOL go),
+        then into new pages; all written, then `h` says where the log ends."""
+        writes: list[tuple[int, bytearray]] = []
+        if h.next_seq - 1 < h.checkpoint_seq:
+            h.llp_used = 0  # the last page is behind the checkpoint: a new one
+        first = h.next_seq - 1 if h.llp_used else h.next_seq
+        if h.llp_used:
+            seq = h.next_seq - 1
+            block = self.area.block_of(seq)
+            page = bytearray(await self.cache.storage.read(block * self.bs, self.bs))
+            used = h.llp_used
+        else:
+            seq = h.next_seq
+            block = self.area.block_of(seq)
+            page, used = new_page(self.bs, block, seq, self.area.block_of(seq + 1)), PAGE_HDR
+        while records:
+            n = self._fitting(records, self.bs - used - _GROUP.size)
+            if n:
+                used = add_group(page, used, max(r.version for r in records[:n]), records[:n])
+                records = records[n:]
+            if records or n == 0:
+                if n or used > PAGE_HDR:
+                    writes.append((block, page))
+                seq += 1
+                block = self.area.block_of(seq)
+                page, used = new_page(self.bs, block, seq, self.area.block_of(seq + 1)), PAGE_HDR
+        writes.append((block, page))
+        if seq + 1 > h.checkpoint_seq + self.area.count:
+            # Admission keeps a quarter of the circle free; getting here
+            # means hosts ran far past it.  Refuse rather than overwrite.
+            raise CorruptVolume("the log is full: no checkpoint freed pages in time")
+        for b, data in writes:
+            await self.cache.storage.write(b * self.bs, data)
+        await self.cache.storage.flush()
+        self.pages_written += len(writes)
+        h.next_seq, h.llp_used = seq + 1, used
+        if not h.low[self.host]:
+            h.low[self.host] = first
+
+    @staticmethod
+    def _fitting(records: list[Record], room: int) -> int:
+        """How many of the first records fit in `room` bytes."""
+        n = 0
+        for r in records:
+            if r.size > room:
+                break
+            room -= r.size
+            n += 1
+        return n
+
+    # -- checkpoints -------------------------------------------------------------
+    async def checkpoint(self) -> None:
+        """Write back what this host changed before its last checkpoint (the
+        cache's checkpoint covers those past images through the master),
+        then say so in the log header and move the log's checkpoint as far
+        as every host allows."""
+        async with self._checkpointing:
+            await self._checkpoint()
+
+    async def _checkpoint(self) -> None:
+        await self.force()
+        # The log's end before the cache closes its open bin: what we logged
+        # before it will be covered by the next checkpoint's bin writes.
+        # (As of our last hold of the LLOL: stale only ever means lower.)
+        mark, self._mark = self._mark, self._known.next_seq
+        await self.cache.checkpoint()
+        async with self.append_lock:
+            hbuf = await self.cache.get(self.area.header, Mode.X, fmt.BlockType.JOURNAL, pin=False)
+            h = unpack_header(hbuf.data, self.area.header)
+            if h.low[self.host]:
+                # Our changes logged before `mark` are on storage now; an
+                # empty PLC and nothing dirty means all of them are.
+                clean = not self.plc and not self.cache.dirty_count and not self.cache.pis
+                h.low[self.host] = 0 if clean else max(h.low[self.host], mark)
+            moved = h.advance()
+            pack_header(hbuf.data, h)
+            self.cache.mark_dirty(hbuf)
+            self._known = h
+            if moved:
+                # Pages before the new checkpoint may be reused only once the
+                # header saying so is on storage.
+                await self.cache.flush([self.area.header])
+                await self.cache.storage.flush()
+
+    def counters(self) -> dict[str, int]:
+        return {
+            "log_commits": self.commits,
+            "log_forces": self.forces,
+            "log_pages_written": self.pages_written,
+            "log_full_waits": self.waits,
+        }

@@ -43,7 +43,7 @@ async def format_volume(storage: Storage, sb: fmt.Superblock, *, quiet: bool = T
     # filesystem left at the same place never passes for one of ours.
     area = journal.Area.of(sb)
     start = secrets.randbits(40) + 1
-    header = journal.JournalHeader(start, area.first, start)
+    header = journal.JournalHeader(start, start, [0] * sb.host_slots)
     await storage.write(area.header * bs, journal.encode_header(bs, area.header, header))
     await storage.write(sb.mirror_start * bs, bytes(bs * sb.mirror_blocks))
     progress = Progress("mkfs", sb.group_count)
@@ -55,7 +55,7 @@ async def format_volume(storage: Storage, sb: fmt.Superblock, *, quiet: bool = T
     progress.close()
     fs = open_host(storage, sb)
     await fs.mkroot(Ctx(os.getuid(), os.getgid()))
-    await fs.cache.sync()
+    await fs.destroy()  # on storage, and the log empty again
     # The superblock goes last: a volume interrupted while being made is
     # never taken for a sharedfs volume.
     await storage.write(sb.backup_blockno * bs, sb.pack(sb.backup_blockno))

@@ -21,6 +21,7 @@ import pyfuse3
 import trio
 
 from . import format as fmt
+from . import journal
 from .agent import ClusterAgent
 from .cli_util import find_quiet, parse_size, run_tool, setup_logging
 from .errors import QuietError
@@ -135,6 +136,8 @@ async def serve(
 ) -> None:
     """Run one host until unmounted; leave the volume clean."""
     slot = claim_slot(storage, sb, node, mountpoint)
+    if not set(live_slots(storage, sb)) - {node}:
+        await replay_log(storage, sb, node)
     fs = open_cluster_host(
         storage, sb, node=node, coherence=args.coherence, cache_bytes=args.cache_size
     )
@@ -226,12 +229,27 @@ async def _heartbeat_task(
         slot = await trio.to_thread.run_sync(heartbeat, storage, sb, node, slot)
 
 
+async def replay_log(storage: Storage, sb: fmt.Superblock, node: int) -> None:
+    """The first host to mount after a crash of every host brings storage up
+    to the end of the log."""
+    done = await journal.replay(storage, sb)
+    if done.transactions:
+        log.warning(
+            "host %d: replayed the log: %d transactions in %d pages, %d blocks written",
+            node,
+            done.transactions,
+            done.pages,
+            done.blocks_written,
+        )
+
+
 async def _writeback_task(fs: FileSystem, interval: float) -> None:
-    """Every interval a checkpoint: dirty blocks written, and past images
-    older than the last checkpoint covered through the master."""
+    """Every interval a checkpoint: dirty blocks written, past images older
+    than the last checkpoint covered through the master, and the log's
+    checkpoint moved past what is now on storage."""
     while True:
         await trio.sleep(interval)
-        await fs.cache.checkpoint()
+        await fs.log.checkpoint()
 
 
 async def _signal_task() -> None:

@@ -26,10 +26,24 @@ class Cluster:
         return self.master.directory
 
 
+async def checkpoints(fs: FileSystem, every: float) -> None:
+    """What a mount's write-back task does, more often."""
+    while True:
+        await trio.sleep(every)
+        await fs.log.checkpoint()
+
+
 @asynccontextmanager
 async def cluster(
-    storage: MemoryStorage, n: int = 3, *, coherence: str = "fusion", cache_bytes: int = 64 << 20
+    storage: MemoryStorage,
+    n: int = 3,
+    *,
+    coherence: str = "fusion",
+    cache_bytes: int = 64 << 20,
+    checkpoint_every: float | None = 0.5,
 ) -> AsyncIterator[Cluster]:
+    """checkpoint_every=None: no background checkpoints, for tests that
+    account for every storage write."""
     sb = read_superblock(storage)
     master = MasterService(sb.cluster_key, coherence=coherence, host_slots=sb.host_slots)
     async with trio.open_nursery() as nursery:
@@ -40,6 +54,8 @@ async def cluster(
                 storage, sb, node=node, coherence=coherence, cache_bytes=cache_bytes
             )
             await nursery.start(fs.cache.agent.run, ("127.0.0.1", port))
+            if checkpoint_every is not None:
+                nursery.start_soon(checkpoints, fs, checkpoint_every)
             hosts.append(fs)
         c = Cluster(storage, master, hosts)
         try:

@@ -49,27 +49,53 @@ def test_page_round_trip_and_damage_is_caught():
         j.Record(j.Kind.DELTA, int(fmt.BlockType.INODES), 2, 500, 41, [(8, b"hello")]),
         j.Record(j.Kind.COMMIT, 0, 2, 0, 41),
     ]
-    page = j.encode_page(BS, 20, 7, 21, 41, recs)
+    page = j.new_page(BS, 20, 7, 21)
+    used = j.add_group(page, j.PAGE_HDR, 41, recs)
     got = j.decode_page(page, 20)
-    assert (got.seq, got.next, got.pts) == (7, 21, 41)
+    assert (got.seq, got.next, got.pts, got.used) == (7, 21, 41, used)
     assert got.records == recs
     with pytest.raises(CorruptVolume):
-        j.decode_page(page, 21)  # sealed for another place
+        j.decode_page(page, 21)  # written for another place
     page[100] ^= 1
     with pytest.raises(CorruptVolume):
-        j.decode_page(page, 20)
+        j.decode_page(page, 20)  # its only group is damaged: no records
+
+
+def test_a_torn_append_loses_only_the_group_being_added():
+    first = [j.Record(j.Kind.COMMIT, 0, 1, 0, 5)]
+    page = j.new_page(BS, 20, 7, 21)
+    used = j.add_group(page, j.PAGE_HDR, 5, first)
+    before = bytes(page)
+    second = [j.Record(j.Kind.DELTA, 9, 1, 77, 6, [(0, b"x" * 600)])]
+    j.add_group(page, used, 6, second)
+    assert len(j.decode_page(page, 20).records) == 2
+    torn = bytearray(before[:512]) + page[512:]  # only the first sector made it
+    torn[:512] = page[:512]
+    torn[used + 300 :] = before[used + 300 :]  # the new group's tail never did
+    assert j.decode_page(torn, 20).records == first
+
+
+def test_a_group_left_by_an_older_lap_is_not_taken_for_ours():
+    old = j.new_page(BS, 20, 7 - 4, 21)
+    j.add_group(old, j.PAGE_HDR, 3, [j.Record(j.Kind.COMMIT, 0, 1, 0, 3)] * 4)
+    new = bytearray(old)
+    new[: j.PAGE_HDR] = j.new_page(BS, 20, 7, 21)[: j.PAGE_HDR]
+    with pytest.raises(CorruptVolume):
+        j.decode_page(new, 20)
 
 
 async def write_log(vol, sb, txs: list[list[j.Record]], per_page: int = 2) -> None:  # type: ignore[no-untyped-def]
     area = j.Area.of(sb)
-    header = j.decode_header(vol.read_sync(area.header * BS, BS), area.header, area.first)
-    seq, block = header.checkpoint_seq, header.checkpoint_block
+    header = j.decode_header(vol.read_sync(area.header * BS, BS), area.header)
+    seq = header.checkpoint_seq
+    block = area.block_of(seq)
     flat = [r for tx in txs for r in tx]
     for i in range(0, len(flat), per_page):
         chunk = flat[i : i + per_page]
-        nxt = area.after(block)
-        pts = max(r.version for r in chunk)
-        vol.write_sync(block * BS, j.encode_page(BS, block, seq, nxt, pts, chunk))
+        nxt = area.block_of(seq + 1)
+        page = j.new_page(BS, block, seq, nxt)
+        j.add_group(page, j.PAGE_HDR, max(r.version for r in chunk), chunk)
+        vol.write_sync(block * BS, page)
         seq, block = seq + 1, nxt
 
 
@@ -122,11 +148,12 @@ async def test_the_log_ends_at_a_page_of_an_older_lap_or_a_torn_one():
     # Tear the second page: the log ends after the first transaction.
     second = pages[1].block
     torn = bytearray(vol.read_sync(second * BS, BS))
-    torn[2048:] = b"\xaa" * (BS - 2048)  # the old contents of the second half
+    torn[40:] = b"\xaa" * (BS - 40)  # only the fixed header made it
     vol.write_sync(second * BS, torn)
     _, pages = await j.read_log(vol, sb)
     assert len(pages) == 1
-    assert area.after(area.first + area.count - 1) == area.first  # the circle closes
+    assert area.block_of(area.count - 1) + 1 == area.first + area.count  # the circle closes
+    assert area.block_of(area.count) == area.first
     result = await j.replay(vol, sb)
     assert result.transactions == 1
     assert vol.read_sync(blk * BS + fmt.HDR_SIZE, 1) == b"a"
@@ -138,6 +165,7 @@ async def test_mkfs_starts_an_empty_log_at_a_random_page_number():
     for vol in (a, b):
         sb = read_superblock(vol)
         header, pages = await j.read_log(vol, sb)
-        assert pages == [] and header.checkpoint_block == sb.journal_start + 1
+        assert pages == [] and header.next_seq == header.checkpoint_seq
+        assert not any(header.low) and len(header.low) == sb.host_slots
         heads.append(header.checkpoint_seq)
     assert heads[0] != heads[1]

@@ -11,6 +11,7 @@ import os
 import shutil
 import stat
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -224,7 +225,28 @@ def test_fsync_and_fdatasync(mnt: Path, host: Mount) -> None:
     os.fdatasync(fd)
     os.close(fd)
     # After fsync the bytes are in the image itself, not just in the cache.
-    assert b"durable" in host.volume.read_bytes()
+    assert any(b"durable" in chunk for chunk in data_extents(host.volume))
+
+
+def data_extents(path: Path) -> Iterator[bytes]:
+    """The parts of a sparse image that hold data (reading 3 GiB of holes
+    takes the better part of a minute here)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        end = os.fstat(fd).st_size
+        pos = 0
+        while pos < end:
+            try:
+                pos = os.lseek(fd, pos, os.SEEK_DATA)
+            except OSError:
+                return  # no data past pos
+            hole = os.lseek(fd, pos, os.SEEK_HOLE)
+            while pos < hole:
+                n = min(hole - pos, 64 << 20)
+                yield os.pread(fd, n + 16, pos)  # a little overlap across chunks
+                pos += n
+    finally:
+        os.close(fd)
 
 
 def test_sparse_file_past_4gib(mnt: Path) -> None:
