@@ -516,6 +516,14 @@ class BlockCache:
     def dirty_count(self) -> int:
         return len(self._dirty)
 
+    def oldest_unwritten(self) -> int | None:
+        """The first-dirty SCN of the oldest change of ours not on storage
+        (in a dirty block or a past image), or None if there is none."""
+        dirty = [self._bufs[b].first_dirty for b in self._dirty]
+        pi = self.pis.oldest_since()
+        marks = dirty + ([pi] if pi is not None else [])
+        return min(marks) if marks else None
+
     # -- writing back ----------------------------------------------------------
     async def flush(self, blocknos: Iterable[int] | None = None) -> int:
         """Write dirty blocks (all, or those named) to storage; return how many.
@@ -550,8 +558,10 @@ class BlockCache:
             while not self.logged(todo):
                 await self.wal(todo)
             # No await from here to the write's start: what is written is
-            # what the log has.
-            todo = [b for b in todo if b in self._bufs]
+            # what the log has.  A change the running operation has not
+            # committed never goes to storage: it may yet be undone, and a
+            # crash must not find half an operation there.
+            todo = [b for b in todo if b in self._bufs and not self._in_flux(b)]
             if not todo:
                 break
             s, n = _runs(todo)[0]
@@ -559,6 +569,14 @@ class BlockCache:
             await self._write_blocks(s, n)
             todo = todo[n:]
         return out
+
+    def _in_flux(self, b: int) -> bool:
+        """Changed by the running operation, not yet committed."""
+        op = self._op
+        if op is None or b not in op.undo:
+            return False
+        snap = op.undo[b]
+        return snap is None or snap.version != self._bufs[b].version
 
     async def _write_blocks(self, start: int, count: int) -> None:
         chunk = bytearray()
@@ -601,13 +619,20 @@ class BlockCache:
         async with self._write_lock:
             for b in blocknos:
                 buf = self._bufs.get(b)
+                if buf is not None and self._in_flux(b):
+                    out.append(await self._write_committed(b))
+                    continue
                 if buf is not None and buf.dirty:
                     done = await self._write_run(b, 1)
                     if done:
                         out += done
                         continue
-                    # It left while its log records were written: what we
-                    # keep of it now is a past image.
+                    # It left while its log records were written (what we
+                    # keep of it now is a past image), or an operation
+                    # changed it meanwhile.
+                    if self._in_flux(b):
+                        out.append(await self._write_committed(b))
+                        continue
                 buf = self._bufs.get(b)
                 if (pi := self.pis.newest(b)) is not None:
                     data = bytearray(pi.data)
@@ -623,6 +648,22 @@ class BlockCache:
                     # whoever waits for this write waits for ever.
                     out.append((b, 0))
         return out
+
+    async def _write_committed(self, b: int) -> tuple[int, int]:
+        """The version of `b` before the running operation changed it: on
+        storage already if it was clean, else written now."""
+        assert self._op is not None
+        snap = self._op.undo[b]
+        if snap is None:
+            return (b, 0)  # allocated by the operation: nothing committed
+        if snap.dirty:
+            await self.wal([b])  # its records, from an earlier operation
+            data = bytearray(snap.data)
+            if snap.btype is not None:
+                fmt.seal(data, snap.btype, b, snap.version)
+            await self.storage.write(b * self.bs, data)
+            self.stats.storage_writes += 1
+        return (b, snap.version)
 
     def notified(self, written: Iterable[tuple[int, int]]) -> None:
         """Storage holds at least these versions: drop past images up to them;

@@ -472,6 +472,7 @@ class Log:
         self.append_lock = trio.Lock()
         self._known = JournalHeader(0, 0, [])  # as of our last LLOL hold
         self._mark = 0  # log end at our last checkpoint
+        self._mark_scn = 0  # and our SCN then
         self._checkpointing = trio.Lock()
         self.commits = 0
         self.forces = 0
@@ -613,15 +614,20 @@ class Log:
         # before it will be covered by the next checkpoint's bin writes.
         # (As of our last hold of the LLOL: stale only ever means lower.)
         mark, self._mark = self._mark, self._known.next_seq
+        since, self._mark_scn = self._mark_scn, self.cache.scn
         await self.cache.checkpoint()
         async with self.append_lock:
             hbuf = await self.cache.get(self.area.header, Mode.X, fmt.BlockType.JOURNAL, pin=False)
             h = unpack_header(hbuf.data, self.area.header)
             if h.low[self.host]:
-                # Our changes logged before `mark` are on storage now; an
-                # empty PLC and nothing dirty means all of them are.
-                clean = not self.plc and not self.cache.dirty_count and not self.cache.pis
-                h.low[self.host] = 0 if clean else max(h.low[self.host], mark)
+                # Our changes logged before `mark` were made before `since`:
+                # if nothing older than that is left unwritten here, they are
+                # all on storage.  Nothing left at all: none of ours is needed.
+                oldest = self.cache.oldest_unwritten()
+                if oldest is None and not self.plc:
+                    h.low[self.host] = 0
+                elif oldest is None or oldest >= since:
+                    h.low[self.host] = max(h.low[self.host], mark)
             moved = h.advance()
             pack_header(hbuf.data, h)
             self.cache.mark_dirty(hbuf)

@@ -39,12 +39,18 @@ MAX_PER_BLOCK = 4
 @dataclass(slots=True)
 class PastImage:
     """version: the SCN of its last change; first: when this host first
-    dirtied the block (picks the bin)."""
+    dirtied the block (picks the bin; a bin write that did not cover it
+    moves it on); since: that time as it was, for the log's checkpoint."""
 
     version: int
     first: int
     data: bytes
     btype: fmt.BlockType | None
+    since: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.since:
+            self.since = self.first
 
 
 class PastImages:
@@ -92,7 +98,7 @@ class PastImages:
             pis.append(pi)
             self.kept += 1
         else:
-            pis[-1] = PastImage(pi.version, last.first, pi.data, pi.btype)
+            pis[-1] = PastImage(pi.version, last.first, pi.data, pi.btype, last.since)
             self.merged += 1
 
     def covered(self, block: int, version: int) -> None:
@@ -106,6 +112,10 @@ class PastImages:
             self._pis[block] = left
         else:
             del self._pis[block]
+
+    def oldest_since(self) -> int | None:
+        """When the oldest change any PI here holds was first dirtied."""
+        return min((pi.since for pis in self._pis.values() for pi in pis), default=None)
 
     def newest_versions(self) -> list[tuple[int, int]]:
         return [(b, pis[-1].version) for b, pis in self._pis.items()]
