@@ -118,6 +118,7 @@ class _Op:
     waiting: Pending | None = None
     abort: trio.Event = field(default_factory=trio.Event)
     doomed: bool = False
+    discarded: dict[int, bool] = field(default_factory=dict)  # freed here: was it private?
 
 
 @dataclass(slots=True)
@@ -257,6 +258,14 @@ class BlockCache:
                 self._private.discard(b)
                 continue
             buf = self._bufs.get(b)
+            if buf is None and b in op.discarded:
+                # Freed by the operation: undone, the block is in use again,
+                # and its contents exist nowhere else.
+                buf = Buffer(b, bytearray(snap.data), snap.btype, snap.mode)
+                buf.private = op.discarded[b]
+                if buf.private:
+                    self._private.add(b)
+                self._insert(buf)
             if buf is None:
                 continue  # it left meanwhile (doomed op): the lock is gone with it
             buf.data[:] = snap.data
@@ -508,6 +517,8 @@ class BlockCache:
             )
         # The lock stays ours: the block may come back to us through the
         # allocator, private, before a Release could reach the master.
+        if self._op is not None:
+            self._op.discarded.setdefault(blockno, buf.private)
         self._bufs.pop(blockno)
         self._dirty.discard(blockno)
         self._private.discard(blockno)

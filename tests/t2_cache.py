@@ -677,3 +677,21 @@ async def test_blocks_allocated_by_the_operation_a_ping_waited_for_are_registere
         cache.mark_dirty(parent)
         cache.end_op()
     assert registered_at_ship == [True] and not child.private
+
+
+async def test_an_undone_operation_gets_back_the_blocks_it_freed():
+    """A block freed by an operation that is then undone (OpRetry) is in use
+    again; its contents, never written, must come back with it (else a
+    retried unlink finds its file's map block as storage's garbage)."""
+    cache = make_cache()
+    cache.begin_op()
+    fresh = cache.new(9, BlockType.INDIRECT)
+    fresh.data[40:44] = b"map!"
+    cache.mark_dirty(fresh)
+    cache.end_op()
+    cache.begin_op()
+    cache.discard(9)
+    assert 9 not in cache._bufs
+    cache.abort_op()
+    back = await cache.get(9, Mode.S, BlockType.INDIRECT)
+    assert back.data[40:44] == b"map!" and back.dirty and back.private
