@@ -15,11 +15,12 @@ commands:
   umount   unmount and wait until clean  (sharedfs umount MOUNTPOINT)
   fsck     check and repair a volume     (sharedfs fsck -n|-y VOLUME)
   status   show a volume's hosts         (sharedfs status VOLUME | --master HOST:PORT)
+  journal  show a volume's log           (sharedfs journal VOLUME [--records])
 
 'sharedfs COMMAND --help' tells more."""
 
 
-COMMANDS = ("mkfs", "mount", "master", "umount", "fsck", "status")
+COMMANDS = ("mkfs", "mount", "master", "umount", "fsck", "status", "journal")
 
 
 def _command(name: str) -> Callable[[list[str]], None]:

@@ -40,6 +40,7 @@ from functools import partial
 import trio
 
 from . import format as fmt
+from . import journal
 from .cli_util import run_tool, setup_logging
 from .errors import CorruptVolume, FsError, QuietError, StorageError
 from .format import BlockType, DirEntry, Inode
@@ -1595,6 +1596,7 @@ async def run_fsck(
     Raises QuietError (exit code 8) when the volume cannot be checked: not a
     sharedfs volume, or in use by a live host without `force`."""
     f = Fsck(storage, repair=repair, force=force, progress=progress)
+    await _check_journal(f, storage, force)
     f.check()
     if repair and f.found_errors:
         f.write_repairs()
@@ -1602,6 +1604,30 @@ async def run_fsck(
         await f.repair_namespace()
         await f.verify()
     return f
+
+
+async def _check_journal(f: Fsck, storage: Storage, force: bool) -> None:
+    """Committed transactions still in the log: replayed under -y (then the
+    volume is checked as the replay left it); under -n, said to need it.  A
+    volume in use is left to its hosts (and to the checks that refuse it)."""
+    try:
+        sb = read_superblock(storage)
+        if live_slots(storage, sb) and not force:
+            return
+        plan = await journal.replay(storage, sb, dry_run=True)
+    except CorruptVolume:
+        return  # the superblock checks say what is wrong
+    if not plan.blocks_written:
+        return  # what the log holds is on the volume already
+    problem = (
+        f"the log holds changes to {plan.blocks_written} blocks not yet on the volume"
+        f" ({plan.transactions} transactions)"
+    )
+    if f.repair:
+        done = await journal.replay(storage, sb)
+        f._error(problem, f"replayed them ({done.blocks_written} blocks written)")
+    else:
+        f._error(problem + "; a replay is needed (fsck -y, or mount)")
 
 
 def fsck(storage: Storage, repair: bool = False, *, force: bool = False) -> Fsck:

@@ -410,9 +410,10 @@ class ReplayResult:
     blocks_written: int
 
 
-async def replay(storage: Storage, sb: fmt.Superblock) -> ReplayResult:
+async def replay(storage: Storage, sb: fmt.Superblock, *, dry_run: bool = False) -> ReplayResult:
     """Bring storage up to the end of the log, then empty the log (the
-    checkpoint moves past its last page).  Run with no host mounted."""
+    checkpoint moves past its last page).  Run with no host mounted.
+    dry_run: only say what it would write."""
     bs = sb.block_size
     header, pages = await read_log(storage, sb)
     rp = Replay(bs)
@@ -423,6 +424,8 @@ async def replay(storage: Storage, sb: fmt.Superblock) -> ReplayResult:
         rp.apply(tx)
         txs += 1
     written = rp.results()
+    if dry_run:
+        return ReplayResult(len(pages), txs, rp.applied, rp.skipped, len(written))
     for b, data in written:
         await storage.write(b * bs, data)
     await storage.flush()
@@ -645,3 +648,65 @@ class Log:
             "log_pages_written": self.pages_written,
             "log_full_waits": self.waits,
         }
+
+
+# --------------------------------------------------------------------------
+# `sharedfs journal`: the log as it is on storage
+
+
+def describe(header: JournalHeader, pages: list[Page], *, records: bool) -> list[str]:
+    marks = ", ".join(f"host {n}: page {m}" for n, m in enumerate(header.low) if m) or "none"
+    out = [
+        f"checkpoint at page {header.checkpoint_seq}, log ends before page {header.next_seq}"
+        f" (last page {header.llp_used} bytes used)",
+        f"oldest unwritten change per host: {marks}",
+    ]
+    by_host: dict[int, int] = {}
+    for page in pages:
+        out.append(
+            f"page {page.seq} (block {page.block}): {len(page.records)} records, PTS {page.pts}"
+        )
+        for r in page.records:
+            if r.kind is Kind.COMMIT:
+                by_host[r.host] = by_host.get(r.host, 0) + 1
+            if records:
+                size = sum(len(d) for _, d in r.ranges)
+                out.append(
+                    f"  {r.kind.name:6} host {r.host} block {r.block} version {r.version}"
+                    + (
+                        f", {len(r.ranges)} ranges, {size} bytes"
+                        if r.kind is not Kind.COMMIT
+                        else ""
+                    )
+                )
+    total = sum(by_host.values())
+    per = ", ".join(f"host {h}: {n}" for h, n in sorted(by_host.items())) or "none"
+    out.append(f"{len(pages)} pages, {total} committed transactions past the checkpoint ({per})")
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+    import sys
+
+    from .cli_util import run_tool
+    from .storage import open_volume
+    from .volume import open_superblock
+
+    ap = argparse.ArgumentParser(
+        prog="sharedfs journal", description="Show a volume's log: pages, records, checkpoint."
+    )
+    ap.add_argument("volume")
+    ap.add_argument("--records", action="store_true", help="list every record")
+    args = ap.parse_args(sys.argv[1:] if argv is None else argv)
+
+    def show(args: argparse.Namespace) -> None:
+        storage = open_volume(args.volume)
+        try:
+            sb = open_superblock(storage)
+            header, pages = trio.run(read_log, storage, sb)
+        finally:
+            storage.close()
+        print("\n".join(describe(header, pages, records=args.records)))
+
+    run_tool(show, args)

@@ -113,9 +113,12 @@ class PastImages:
         else:
             del self._pis[block]
 
-    def oldest_since(self) -> int | None:
-        """When the oldest change any PI here holds was first dirtied."""
-        return min((pi.since for pis in self._pis.values() for pi in pis), default=None)
+    def oldest_since(self, skip: int = -1) -> int | None:
+        """When the oldest change any PI here (but of block `skip`) holds
+        was first dirtied."""
+        return min(
+            (pi.since for b, pis in self._pis.items() if b != skip for pi in pis), default=None
+        )
 
     def newest_versions(self) -> list[tuple[int, int]]:
         return [(b, pis[-1].version) for b, pis in self._pis.items()]

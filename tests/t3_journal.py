@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import random
 
+import pytest
 import trio
 from cluster_util import cluster
 from conftest import CTX, ROOT, host, make_volume
@@ -131,3 +132,49 @@ async def test_a_crash_of_every_host_in_a_cluster_replays_to_a_clean_volume():
     assert len(vol.images) > 10
     for image in vol.images[:: max(1, len(vol.images) // 40)]:
         await replay_and_check(image)
+
+
+async def test_fsck_replays_a_log_left_by_a_crash_and_says_when_one_is_needed():
+    vol = await make_volume()
+    fs = host(vol)
+    f = await fs.create(ROOT, b"kept", 0o644, CTX)
+    await fs.write(f.ino, 0, b"bytes")
+    await fs.fsync(f.ino)
+    await fs.mkdir(ROOT, b"logged", 0o755, CTX)
+    await fs.log.force()  # in the log, not yet in its blocks
+    image = bytes(vol._data)  # the host dies here
+    crashed = MemoryStorage(len(image))
+    crashed._data[:] = image
+    check = await run_fsck(crashed, repair=False, force=True, progress=False)
+    assert any("a replay is needed" in p for p in check.problems)
+    assert bytes(crashed._data) == image  # -n changed nothing
+    fixed = await run_fsck(crashed, repair=True, force=True, progress=False)
+    assert any("not yet on the volume" in p for p in fixed.problems)
+    again = await run_fsck(crashed, repair=False, force=True, progress=False)
+    assert again.found_errors == 0, again.problems
+    after = host(crashed)
+    a = await after.lookup(ROOT, b"kept")
+    assert await after.read(a.ino, 0, 10) == b"bytes"
+    assert (await after.lookup(ROOT, b"logged")).ino
+
+
+def test_journal_command_shows_the_log(tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
+    img = tmp_path / "v.img"
+    vol = trio.run(make_volume)
+    fs_ops = []
+
+    async def work() -> None:
+        fs = host(vol)
+        f = await fs.create(ROOT, b"x", 0o644, CTX)
+        await fs.write(f.ino, 0, b"y")
+        await fs.fsync(f.ino)
+        fs_ops.append(fs.log.commits)
+
+    trio.run(work)
+    img.write_bytes(bytes(vol._data))
+    with pytest.raises(SystemExit) as exit_:
+        journal.main([str(img), "--records"])
+    assert exit_.value.code in (0, None)
+    out = capsys.readouterr().out
+    assert f"committed transactions past the checkpoint (host 0: {fs_ops[0]})" in out
+    assert "DELTA" in out and "COMMIT" in out
