@@ -131,11 +131,15 @@ def diff(before: bytes | bytearray | None, after: bytes | bytearray) -> list[tup
     out: list[tuple[int, int]] = []
     step = 64
     for chunk in range(0, len(a), step):
-        if a[chunk : chunk + step] == b[chunk : chunk + step]:
+        ca, cb = a[chunk : chunk + step], b[chunk : chunk + step]
+        if ca == cb:
             continue
-        end = min(chunk + step, len(a))
-        lo = next(i for i in range(chunk, end) if a[i] != b[i])
-        hi = next(i for i in range(end - 1, lo - 1, -1) if a[i] != b[i]) + 1
+        # The first and last differing bytes from the highest and lowest set
+        # bits of the XOR: C speed, where a byte loop was most of a commit.
+        x = int.from_bytes(ca, "big") ^ int.from_bytes(cb, "big")
+        size = len(ca)
+        lo = chunk + size - 1 - (x.bit_length() - 1) // 8
+        hi = chunk + size - ((x & -x).bit_length() - 1) // 8
         if out and lo - out[-1][1] <= _GAP:
             out[-1] = (out[-1][0], hi)
         else:

@@ -169,3 +169,20 @@ async def test_mkfs_starts_an_empty_log_at_a_random_page_number():
         assert not any(header.low) and len(header.low) == sb.host_slots
         heads.append(header.checkpoint_seq)
     assert heads[0] != heads[1]
+
+
+def test_diff_rebuilds_any_change():
+    import random
+
+    rng = random.Random(7)
+    for _ in range(300):
+        before = bytearray(rng.randbytes(BS))
+        after = bytearray(before)
+        for _ in range(rng.randrange(0, 6)):
+            at = rng.randrange(fmt.HDR_SIZE, BS)
+            n = rng.randrange(1, 300)
+            after[at : at + n] = rng.randbytes(len(after[at : at + n]))
+        rebuilt = bytearray(before)
+        for off, d in j.diff(before, after):
+            rebuilt[fmt.HDR_SIZE + off : fmt.HDR_SIZE + off + len(d)] = d
+        assert rebuilt == after
