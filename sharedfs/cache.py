@@ -396,7 +396,7 @@ class BlockCache:
             self.stats.lock_requests += 1
             # Outside operations (the log's appender) nothing can be undone:
             # such a request counts as the oldest, and always wins.
-            op_start = op.start if op else 0.0 if not pin else time.time()
+            op_start = op.start if op is not None else (time.time() if pin else 0.0)
             arrived = await self.agent.acquire_blocks(need_lock, mode, op_start)
             self.install(arrived, need_lock, mode, btype)
 

@@ -484,6 +484,7 @@ class Log:
         self.commits = 0
         self.forces = 0
         self.pages_written = 0
+        self.llp_reads = 0
         self.waits = 0
         cache.wal = self.force_for
         cache.logged = self.logged
@@ -531,7 +532,7 @@ class Log:
 
     async def force_for(self, blocks: Iterable[int]) -> None:
         """Write-ahead: the records of these blocks' versions on storage first."""
-        if any(b in self.pending for b in blocks):
+        if not self.logged(blocks):
             await self.force()
 
     async def force(self) -> None:
@@ -565,8 +566,9 @@ class Log:
         if h.llp_used:
             seq = h.next_seq - 1
             block = self.area.block_of(seq)
-            page = bytearray(await self.cache.storage.read(block * self.bs, self.bs))
             used = h.llp_used
+            page = bytearray(await self.cache.storage.read(block * self.bs, self.bs))
+            self.llp_reads += 1
         else:
             seq = h.next_seq
             block = self.area.block_of(seq)
@@ -650,6 +652,7 @@ class Log:
             "log_commits": self.commits,
             "log_forces": self.forces,
             "log_pages_written": self.pages_written,
+            "log_last_page_reads": self.llp_reads,
             "log_full_waits": self.waits,
         }
 
