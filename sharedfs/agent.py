@@ -13,10 +13,11 @@ core: an in-process LockMaster, no other hosts.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import itertools
 import logging
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -32,6 +33,8 @@ if TYPE_CHECKING:
     from .cache import BlockCache
 
 log = logging.getLogger(__name__)
+
+Report = Callable[[list[int], list[int]], Awaitable[None]]
 
 RELEASE_BATCH = 256
 STATS_TICKS = 20  # every second
@@ -51,7 +54,7 @@ class LocalAgent:
         self.master = master
 
     async def acquire_blocks(
-        self, blocknos: list[int], mode: Mode, op_start: float = 0.0
+        self, blocknos: list[int], mode: Mode, op_start: float = 0.0, recovery: bool = False
     ) -> dict[int, p.Transfer]:
         await self.master.acquire(self.host, [block_resource(b) for b in blocknos], mode)
         return {}
@@ -70,6 +73,9 @@ class LocalAgent:
 
     def close(self) -> None:
         self.master.release_all(self.host)
+
+    async def bye(self) -> None:
+        pass
 
 
 @dataclass(eq=False)
@@ -131,6 +137,13 @@ class ClusterAgent:
         self._nursery: trio.Nursery | None = None
         self.stats = AgentStats()
         self.master_lost = trio.Event()
+        self._left = False  # said Bye
+        self.lease = 0.0  # the master's, once joined
+        self._heard = 0.0  # when the master last said anything
+        #: Rebuilds a dead host's blocks (the journal sets it): called with
+        #: the dead node, its blocks, and `report(blocks, installed)`, which
+        #: tells the master which are done and which are now in our cache.
+        self.on_recover: Callable[[int, list[int], Report], Awaitable[None]] | None = None
 
     # -- start -------------------------------------------------------------------
     async def run(
@@ -141,16 +154,25 @@ class ClusterAgent:
         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:
         """Listen for peers, join the master, then serve until cancelled."""
-        async with trio.open_nursery() as nursery:
-            self._nursery = nursery
-            listeners = await nursery.start(
-                functools.partial(trio.serve_tcp, self._peer_handler, 0, host=listen_host)
-            )
-            self.peer_port = listeners[0].socket.getsockname()[1]
-            link = await self._connect(master, listen_host)
-            nursery.start_soon(self._master_loop, link)
-            nursery.start_soon(self._release_task)
-            task_status.started()
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                listeners = await nursery.start(
+                    functools.partial(trio.serve_tcp, self._peer_handler, 0, host=listen_host)
+                )
+                self.peer_port = listeners[0].socket.getsockname()[1]
+                link = await self._connect(master, listen_host)
+                nursery.start_soon(self._master_loop, link)
+                nursery.start_soon(self._release_task)
+                nursery.start_soon(self._lease_task)
+                task_status.started()
+        finally:
+            # Our connections end with us: the master sees at once that we
+            # are gone, rather than when our lease lapses.
+            with trio.CancelScope(shield=True):
+                for link in [self._master, *self._peer_links.values()]:
+                    if link is not None:
+                        await link.aclose()
 
     async def _connect(self, master: tuple[str, int], listen_host: str) -> Link:
         try:
@@ -165,6 +187,8 @@ class ClusterAgent:
                         )
                     if isinstance(msg, p.Welcome):
                         self._peers.update(msg.peers)
+                        self.lease = msg.lease
+                        self._heard = trio.current_time()
                         assert self.cache is not None
                         self.cache.see_scn(msg.scn)
                         break
@@ -190,10 +214,11 @@ class ClusterAgent:
 
     # -- requests ------------------------------------------------------------------
     async def acquire_blocks(
-        self, blocknos: list[int], mode: Mode, op_start: float = 0.0
+        self, blocknos: list[int], mode: Mode, op_start: float = 0.0, recovery: bool = False
     ) -> dict[int, p.Transfer]:
         """Get `mode` on these blocks in one request; return the copies that
-        other hosts shipped.  Raises OpRetry if the operation must back off."""
+        other hosts shipped.  Raises OpRetry if the operation must back off.
+        recovery: asked while rebuilding a dead host's blocks."""
         assert self._master is not None and self.cache is not None
         req = next(self._reqs)
         pend = Pending(req, set(blocknos), mode)
@@ -201,13 +226,19 @@ class ClusterAgent:
         self.stats.lock_requests += 1
         self.stats.blocks_requested += len(blocknos)
         await self._send_master(
-            p.LockRequest(req, tuple(blocknos), int(mode), self.cache.scn, op_start)
+            p.LockRequest(req, tuple(blocknos), int(mode), self.cache.scn, op_start, recovery)
         )
         try:
             await self.cache.wait_for_grant(pend)
-        except OpRetry:
+        except BaseException as e:
+            # Backed off or cancelled: the master still grants the request,
+            # and what other hosts ship for it is the newest copy there is,
+            # so it goes into the cache whenever it arrives.
+            if isinstance(e, OpRetry):
+                self.stats.retries += 1
             pend.abandoned = True
-            self.stats.retries += 1
+            if pend.done.is_set():
+                self.cache.install(pend.arrived, pend.blocks, pend.mode)
             raise
         return pend.arrived
 
@@ -233,6 +264,42 @@ class ClusterAgent:
             ticks += 1
             if ticks % STATS_TICKS == 0:
                 await self._send_master(p.Stats(self.host, self.counters()))
+
+    async def _lease_task(self) -> None:
+        """Renew our lease; fence ourselves once the master has been silent
+        for most of one: by the time it declares us dead, we have stopped
+        writing (a master we cannot hear may already have)."""
+        while not self.master_lost.is_set():
+            await trio.sleep(self.lease / 4)
+            if trio.current_time() - self._heard > self.lease * 0.75:
+                self.fence(f"no word from the master for {self.lease * 0.75:.1f} s")
+                return
+            # Never cancelled midway: a frame half sent breaks the link.
+            try:
+                await self._send_master(p.Beat())
+            except LinkClosed:
+                return
+
+    def fence(self, reason: str) -> None:
+        """Stop writing to storage: this host's locks may be someone else's."""
+        if self.master_lost.is_set() or self._left:
+            return
+        log.error("host %d: fenced: %s; the mount returns EIO until remounted", self.host, reason)
+        assert self.cache is not None
+        self.cache.fence(reason)
+        self.master_lost.set()
+
+    def live_nodes(self) -> list[int]:
+        """This host and the peers the master says are up."""
+        return [self.host, *self._peers]
+
+    async def bye(self) -> None:
+        """Leaving cleanly (all we changed is on storage): the master can
+        drop our locks without recovering anything."""
+        self._left = True
+        if self._master is not None and not self.master_lost.is_set():
+            with trio.move_on_after(CONNECT_TIMEOUT), contextlib.suppress(LinkClosed):
+                await self._send_master(p.Bye())
 
     def counters(self) -> dict[str, int]:
         assert self.cache is not None
@@ -274,7 +341,7 @@ class ClusterAgent:
                 if msg is not None:
                     await self._master.send(msg)
             except LinkClosed:
-                self.master_lost.set()
+                self.fence("lost the connection to the lock master")
                 raise
 
     # -- from the master -------------------------------------------------------------
@@ -282,6 +349,7 @@ class ClusterAgent:
         assert self._nursery is not None and self.cache is not None
         try:
             async for msg in link.messages():
+                self._heard = trio.current_time()
                 self.cache.see_scn(getattr(msg, "scn", 0))
                 written = getattr(msg, "written", ())
                 if written:
@@ -292,6 +360,8 @@ class ClusterAgent:
                     self._nursery.start_soon(self._serve_ping, msg)
                 elif isinstance(msg, p.WritePerform):
                     self._nursery.start_soon(self._perform, msg)
+                elif isinstance(msg, p.Recover):
+                    self._nursery.start_soon(self._recover, msg)
                 elif isinstance(msg, p.PeerUp):
                     self._peers[msg.node] = (msg.host, msg.port)
                 elif isinstance(msg, p.PeerDown):
@@ -299,8 +369,7 @@ class ClusterAgent:
                     self._peer_links.pop(msg.node, None)
         except p.ProtocolError as e:
             log.error("host %d: bad message from the master: %s", self.host, e)
-        log.error("host %d: lost the connection to the master", self.host)
-        self.master_lost.set()
+        self.fence("lost the connection to the lock master")
 
     def _on_grant(self, msg: p.Grant) -> None:
         pend = self._pending.get(msg.req)
@@ -369,6 +438,26 @@ class ClusterAgent:
         self.stats.write_performs += 1
         written = await self.cache.perform_write(list(msg.blocks))
         await self._send_master(p.WriteDone(tuple(written), self.cache.scn))
+
+    async def _recover(self, msg: p.Recover) -> None:
+        """Rebuild what a dead host held (the journal does it)."""
+        assert self.on_recover is not None and self.cache is not None
+        log.warning(
+            "host %d: recovering %d blocks of dead node %d", self.host, len(msg.blocks), msg.dead
+        )
+        scn = self.cache.scn
+
+        async def report(blocks: list[int], installed: list[int]) -> None:
+            await self._send_master(
+                p.RecoverDone(msg.dead, tuple(blocks), tuple(installed), max(scn, self.cache.scn))
+            )
+
+        try:
+            await self.on_recover(msg.dead, list(msg.blocks), report)
+        except Exception as e:  # noqa: BLE001 - any failure: we cannot be trusted either
+            self.fence(f"recovery of node {msg.dead} failed: {e}")
+            return
+        log.info("host %d: recovered node %d", self.host, msg.dead)
 
     # -- peers -------------------------------------------------------------------------
     async def _send_peer(self, node: int, msg: p.Message) -> None:

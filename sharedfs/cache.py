@@ -37,6 +37,7 @@ from .errors import CorruptVolume
 from .pastimages import PastImage, PastImages
 from .protocol import Mode
 from .storage import Storage
+from .storage.fence import Fence
 
 log = logging.getLogger(__name__)
 
@@ -180,6 +181,7 @@ class BlockCache:
         # One write-back at a time, so two writes of one block never race.
         self._write_lock = trio.Lock()
         self.scn = 0
+        self.fenced = ""  # why this host may no longer write ("" if it may)
         self.stats = CacheStats()
         self.on_give_up: Invalidate = _no_invalidation
         # The journal's: write-ahead (log records before the blocks they
@@ -204,6 +206,12 @@ class BlockCache:
         out["cache_pis_discarded"] = self.pis.discarded
         out.update(self.log_counters())
         return out
+
+    def fence(self, reason: str) -> None:
+        """This host lost its lease: nothing more of ours reaches storage."""
+        self.fenced = reason
+        if isinstance(self.storage, Fence):
+            self.storage.close_gate(reason)
 
     def see_scn(self, scn: int) -> None:
         if scn > self.scn:
@@ -246,8 +254,9 @@ class BlockCache:
         self._op = None
         self._changed()
 
-    def abort_op(self) -> None:
-        """Put every block the operation changed back as it was."""
+    def abort_op(self, retry: bool = True) -> None:
+        """Put every block the operation changed back as it was (retry: it
+        runs again)."""
         op = self._op
         if op is None:
             return
@@ -273,7 +282,8 @@ class BlockCache:
             buf.role_global, buf.btype = snap.role_global, snap.btype
             if buf.dirty:
                 self._dirty.add(b)
-        self.stats.retries += 1
+        if retry:
+            self.stats.retries += 1
         self.end_op()
 
     def _changed(self) -> None:
@@ -352,9 +362,13 @@ class BlockCache:
                 if b in self._bufs:  # another task read it meanwhile
                     continue
                 block = bytearray(data[i * self.bs : (i + 1) * self.bs])
+                buf = Buffer(b, block, btype, max(mode, Mode.S))
                 if btype is not None:
-                    fmt.verify(block, btype, b)
-                self._insert(Buffer(b, block, btype, max(mode, Mode.S)))
+                    # Our next change must be newer than what storage has
+                    # (log replay compares versions), whoever wrote it.
+                    buf.version = fmt.verify(block, btype, b).version
+                    self.see_scn(buf.version)
+                self._insert(buf)
         out = []
         for b in blocknos:
             buf = self._bufs[b]
@@ -442,6 +456,32 @@ class BlockCache:
             if buf is not None:
                 buf.mode = max(buf.mode, mode)
 
+    def adopt(self, images: list[tuple[int, fmt.BlockType | None, int, bytearray]]) -> list[int]:
+        """Blocks rebuilt for a dead host (journal recovery), which the master
+        has us hold in X: (block, type, version, contents).  They are dirty,
+        and written through the master (survivors may keep past images of
+        them).  A copy that reached us meanwhile, as new, stays."""
+        out = []
+        for b, btype, version, data in images:
+            self.see_scn(version)
+            out.append(b)
+            buf = self._bufs.get(b)
+            if buf is not None and buf.mode is Mode.X and buf.version >= version:
+                continue
+            if buf is None:
+                buf = Buffer(b, data, btype, Mode.X)
+                self._insert(buf)
+            else:
+                buf.data[:] = data
+                buf.btype, buf.mode = btype, Mode.X
+            buf.version = version
+            buf.role_global = True
+            if not buf.dirty:
+                buf.dirty = True
+                buf.first_dirty = self.scn
+                self._dirty.add(b)
+        return out
+
     def new(self, blockno: int, btype: fmt.BlockType | None = None) -> Buffer:
         """A freshly allocated block: zeroed, private, held in X, no storage read."""
         old = self._bufs.get(blockno)
@@ -478,6 +518,22 @@ class BlockCache:
             self._op.undo.setdefault(blockno, None)
         self._insert(buf)
         self._touch(buf, Mode.X)
+        return buf
+
+    async def lock_blocks(self, blocknos: list[int], mode: Mode) -> None:
+        """Hold `mode` on these blocks for a recovery, without reading them:
+        those another host shipped are cached, the rest are not."""
+        need = [b for b in blocknos if self._held(b) < mode]
+        if need:
+            self.stats.lock_requests += 1
+            arrived = await self.agent.acquire_blocks(need, mode, 0.0, recovery=True)
+            self.install(arrived, need, mode)
+
+    def holding(self, blockno: int, mode: Mode) -> Buffer | None:
+        """Our copy of `blockno` if we hold it in `mode` and it is not leaving."""
+        buf = self._bufs.get(blockno)
+        if buf is None or buf.mode < mode or buf.leaving:
+            return None
         return buf
 
     def _held(self, blockno: int) -> Mode:
@@ -526,6 +582,10 @@ class BlockCache:
     @property
     def dirty_count(self) -> int:
         return len(self._dirty)
+
+    def dirty_data(self) -> list[int]:
+        """Dirty blocks that are file data (not logged: fsync writes them)."""
+        return [b for b in self._dirty if self._bufs[b].btype is None]
 
     def oldest_unwritten(self) -> int | None:
         """The first-dirty SCN of the oldest change of ours not on storage

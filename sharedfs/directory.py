@@ -22,6 +22,8 @@ log = logging.getLogger(__name__)
 
 Out = list[tuple[int, p.Message]]
 NOBODY = -1
+#: The master itself, waiting for a write (recovery needs a block on storage).
+MASTER = -2
 
 
 @dataclass(slots=True)
@@ -30,6 +32,8 @@ class Request:
     req: int
     mode: Mode
     op_start: float
+    recovery: bool = False
+    gone: bool = False  # its asker died while it was being served
 
 
 @dataclass(slots=True)
@@ -47,6 +51,8 @@ class BlockState:
     src: the node shipping the head request its data, if any.
     writer: the node told to write the block (write-perform in flight).
     write_waiters: nodes that asked for the write: notified at once.
+    recovering: the dead node whose recovery holds the block: nobody is
+        served until a survivor has rebuilt it.
     """
 
     holders: dict[int, Mode] = field(default_factory=dict)
@@ -59,6 +65,31 @@ class BlockState:
     src: int | None = None
     writer: int | None = None
     write_waiters: set[int] = field(default_factory=set)
+    recovering: int | None = None
+
+
+@dataclass(slots=True)
+class Recovery:
+    """What a dead host left: blocks it held in X (its dirty versions died
+    with it), rebuilt by a survivor from storage and the log once storage
+    has the newest surviving copy of each.
+
+    Attributes:
+        pending: blocks not yet handed to a survivor.
+        sent: block -> the survivor rebuilding it.
+        writes: block -> version storage must reach first (the newest past
+            image of a block it held; the current copy of a block it kept a
+            past image of, so that none of its log records is still needed).
+    """
+
+    dead: int
+    pending: set[int] = field(default_factory=set)
+    sent: dict[int, int] = field(default_factory=dict)
+    writes: dict[int, int] = field(default_factory=dict)
+
+    @property
+    def done(self) -> bool:
+        return not (self.pending or self.sent or self.writes)
 
 
 @dataclass(slots=True)
@@ -75,6 +106,8 @@ class Counters:
     writes_avoided: int = 0
     notifications_now: int = 0
     notifications_piggybacked: int = 0
+    hosts_failed: int = 0
+    blocks_recovered: int = 0
     messages_in: int = 0
     messages_out: int = 0
 
@@ -85,6 +118,7 @@ class Directory:
     nodes: hosts that have joined.
     scn: the highest change number seen (every message carries one).
     deferred: notifications waiting to ride on the next message to a node.
+    recoveries: dead node -> what is left of its recovery.
     """
 
     def __init__(self, coherence: str = "fusion") -> None:
@@ -93,6 +127,7 @@ class Directory:
         self.nodes: set[int] = set()
         self.scn = 0
         self.deferred: dict[int, dict[int, int]] = {}
+        self.recoveries: dict[int, Recovery] = {}
         self.counters = Counters()
 
     def _state(self, block: int) -> BlockState:
@@ -105,12 +140,17 @@ class Directory:
         self.scn = max(self.scn, scn)
 
     # -- membership ------------------------------------------------------------
-    def join(self, node: int) -> None:
+    def join(self, node: int) -> Out:
+        """A host joined; recoveries nobody could run so far go to it."""
         self.nodes.add(node)
+        out: Out = []
+        for rec in list(self.recoveries.values()):
+            out += self._advance(rec)
+        return out
 
     def leave(self, node: int) -> Out:
-        """A host left (or its connection died): forget its holds.  (Its dirty
-        versions are gone with it; recovery from the journal comes later.)"""
+        """A host left cleanly (Bye): all it changed is on storage, so its
+        holds simply go."""
         self.nodes.discard(node)
         self.deferred.pop(node, None)
         out: Out = []
@@ -120,19 +160,123 @@ class Directory:
             st.write_waiters.discard(node)
             if st.owner == node:
                 st.owner = None
-            st.queue = deque(r for r in st.queue if r.node != node)
-            if node in st.acks:
-                st.acks.discard(node)
-                if st.src == node:  # its transfer may never have left
-                    st.final = False
-                    st.src = None
-                if not st.acks:
-                    out += self._complete(block, st)
             if st.writer == node:
                 st.writer = None
                 out += self._start_write(block, st)
+            out += self._drop_requests(node, block, st)
+            self._gc(block, st)
+        return out
+
+    def fail(self, node: int) -> Out:
+        """A host died (its lease lapsed): the blocks it held in X, and those
+        whose newest version it was receiving, wait for a survivor to rebuild
+        them from storage and the log; storage first gets the newest copy
+        that survives anywhere (seed 003; DESIGN.md, Failure and recovery)."""
+        log.warning("master: node %d failed: recovering what it held", node)
+        self.nodes.discard(node)
+        self.deferred.pop(node, None)
+        self.counters.hosts_failed += 1
+        rec = self.recoveries.setdefault(node, Recovery(node))
+        out: Out = []
+        for other in self.recoveries.values():
+            # It was rebuilding another dead host's blocks: someone else will.
+            for b in [b for b, by in other.sent.items() if by == node]:
+                del other.sent[b]
+                other.pending.add(b)
+                self.blocks[b].holders.pop(node, None)
+        for block, st in list(self.blocks.items()):
+            mode = st.holders.pop(node, None)
+            if (mode is Mode.X or st.owner == node) and st.recovering is None:
+                st.owner = None
+                out += self._hold_for_recovery(block, st, rec)
+            elif st.owner == node:
+                st.owner = None
+            pi = st.pis.pop(node, 0)
+            if pi > st.disk_version and st.recovering is None:
+                # Its records of that version stay needed until storage has it.
+                out += self._need_write(block, st, rec, pi)
+            st.write_waiters.discard(node)
+            if st.writer == node:
+                st.writer = None
+                out += self._start_write(block, st)
+            out += self._drop_requests(node, block, st)
+            self._gc(block, st)
+        out += self._advance(rec)
+        return out
+
+    def _drop_requests(self, node: int, block: int, st: BlockState) -> Out:
+        """Forget what a departed node asked for and what it was asked."""
+        head = st.queue[0] if st.queue and st.acks else None
+        # A head request being served stays: its transfer may be on the way,
+        # and completing it tells where the newest version went.  (Marked:
+        # the node may be back, a new host, before it completes.)
+        st.queue = deque(r for r in st.queue if r.node != node or r is head)
+        if head is not None and head.node == node:
+            head.gone = True
+        if node not in st.acks:
+            return self._serve(block, st) if head is None else []
+        st.acks.discard(node)
+        if st.src == node:
+            # It may have shipped before it died; the recovery's ping of the
+            # rebuilt copy will ship the same version again.
+            st.final = False
+            st.src = None
+        if st.acks or st.recovering is not None:
+            return []
+        return self._complete(block, st)
+
+    def _hold_for_recovery(self, block: int, st: BlockState, rec: Recovery) -> Out:
+        self.recoveries.setdefault(rec.dead, rec)
+        st.recovering = rec.dead
+        rec.pending.add(block)
+        self.counters.blocks_recovered += 1
+        if st.pis and max(st.pis.values()) > st.disk_version:
+            return self._need_write(block, st, rec, max(st.pis.values()))
+        return []
+
+    def _need_write(self, block: int, st: BlockState, rec: Recovery, version: int) -> Out:
+        self.recoveries.setdefault(rec.dead, rec)
+        rec.writes[block] = max(rec.writes.get(block, 0), version)
+        st.write_waiters.add(MASTER)
+        return self._start_write(block, st)
+
+    def _advance(self, rec: Recovery) -> Out:
+        """Hand the blocks whose writes are done to a survivor (the lowest
+        live node); a dead node whose recovery is over is gone for good."""
+        if rec.done:
+            self.recoveries.pop(rec.dead, None)
+            log.info("master: node %d recovered", rec.dead)
+            return []
+        ready = sorted(b for b in rec.pending if b not in rec.writes)
+        if not ready or not self.nodes:
+            return []  # the next host to join does it
+        by = min(self.nodes)
+        for b in ready:
+            rec.pending.discard(b)
+            rec.sent[b] = by
+            # It rebuilds them under an X hold (served by nobody meanwhile).
+            self.blocks[b].holders[by] = Mode.X
+        return [(by, p.Recover(rec.dead, tuple(ready), self.scn))]
+
+    def on_recover_done(self, node: int, msg: p.RecoverDone) -> Out:
+        self._see(msg.scn)
+        rec = self.recoveries.get(msg.dead)
+        out: Out = []
+        installed = set(msg.installed)
+        for block in msg.blocks:
+            st = self.blocks.get(block)
+            if rec is None or st is None or rec.sent.get(block) != node:
+                continue
+            del rec.sent[block]
+            st.recovering = None
+            if block in installed:
+                st.owner = node  # rebuilt, dirty, in its cache
+            else:
+                st.holders.pop(node, None)  # storage has the newest version
             out += self._serve(block, st)
             self._gc(block, st)
+        if rec is not None:
+            out += self._advance(rec)
         return out
 
     # -- locks -------------------------------------------------------------------
@@ -145,8 +289,8 @@ class Directory:
         granted: list[int] = []
         for block in msg.blocks:
             st = self._state(block)
-            st.queue.append(Request(node, msg.req, mode, msg.op_start))
-            if len(st.queue) == 1:
+            st.queue.append(Request(node, msg.req, mode, msg.op_start, msg.recovery))
+            if len(st.queue) == 1 or st.recovering is not None:
                 out += self._serve(block, st, granted)
         if granted:
             # Blocks granted at once travel back in one message (claims 10-12).
@@ -162,6 +306,13 @@ class Directory:
     def _serve(self, block: int, st: BlockState, granted: list[int] | None = None) -> Out:
         """Start serving the head request of `block`, if it is idle."""
         out: Out = []
+        if st.recovering is not None:
+            # Only a rebuilder that follows the log to a block it was given
+            # to rebuild in another round gets it: it holds it already.
+            for r in [r for r in st.queue if r.recovery and st.holders.get(r.node) is Mode.X]:
+                st.queue.remove(r)
+                out.append((r.node, self._grant(r.node, r.req, (block,), r.mode)))
+            return out
         while st.queue and not st.acks:
             r = st.queue[0]
             held = st.holders.get(r.node, Mode.N)
@@ -252,14 +403,25 @@ class Directory:
                 st.owner = None  # what it sent was clean: storage is current
         elif st.owner == node:
             st.owner = None
-        if st.acks:
+        if st.acks or st.recovering is not None:
             return []
         return self._complete(msg.block, st)
 
     def _complete(self, block: int, st: BlockState) -> Out:
         r = st.queue.popleft()
-        st.holders[r.node] = max(st.holders.get(r.node, Mode.N), r.mode)
         out: Out = []
+        if r.gone:
+            # Its asker died meanwhile.  If the newest version was shipped to
+            # it, what survives is the sender's past image: recover it.
+            st.final = False
+            st.src = None
+            if st.owner == r.node:
+                st.owner = None
+                rec = self.recoveries.setdefault(r.node, Recovery(r.node))
+                out += self._hold_for_recovery(block, st, rec)
+                return out + self._advance(rec)
+            return out + self._serve(block, st)
+        st.holders[r.node] = max(st.holders.get(r.node, Mode.N), r.mode)
         # Sent even when the transfer was the grant: it reaches the requester
         # before any later ping for the block, so the requester knows that a
         # ping is about this hold and waits for the data still on its way.
@@ -283,8 +445,8 @@ class Directory:
         return out
 
     def _gc(self, block: int, st: BlockState) -> None:
-        busy = st.holders or st.pis or st.queue or st.acks or st.writer is not None
-        if not busy and st.owner is None:
+        busy = st.holders or st.pis or st.queue or st.acks or st.write_waiters
+        if not busy and st.owner is None and st.writer is None and st.recovering is None:
             del self.blocks[block]
 
     # -- writes ------------------------------------------------------------------
@@ -325,7 +487,10 @@ class Directory:
     def _newest(self, st: BlockState, asker: int) -> int:
         """The node with the most recent version (claim 21): the X holder
         (it has the current copy), else the owner of a dirty read-shared
-        version, else the newest past image."""
+        version, else the newest past image.  A block being recovered
+        is written from the newest past image a survivor keeps."""
+        if st.recovering is not None and st.pis:
+            return max(st.pis, key=lambda n: st.pis[n])
         x = next((n for n, m in st.holders.items() if m is Mode.X), None)
         if x is not None:
             return x
@@ -338,15 +503,31 @@ class Directory:
     def _start_write(self, block: int, st: BlockState) -> Out:
         if not st.write_waiters or st.writer is not None:
             return []
-        st.writer = self._newest(st, next(iter(st.write_waiters)))
+        writer = self._newest(st, max(st.write_waiters))
+        if writer < 0:
+            # Only the master waits, and no live host has a copy newer than
+            # storage: storage is the newest there is.
+            st.write_waiters.clear()
+            return self._writes_done(block, 0)
+        st.writer = writer
         self.counters.write_performs += 1
         return [(st.writer, p.WritePerform((block,), self.scn))]
+
+    def _writes_done(self, block: int, version: int) -> Out:
+        """A write a recovery waited for is over (whatever version landed:
+        it was the newest a survivor had)."""
+        out: Out = []
+        for rec in list(self.recoveries.values()):
+            if rec.writes.pop(block, None) is not None:
+                out += self._advance(rec)
+        return out
 
     def on_write_done(self, node: int, msg: p.WriteDone) -> Out:
         """Storage has these versions: tell the writer and who asked at once,
         the other PI holders later (claims 13-17), and forget covered PIs."""
         self._see(msg.scn)
         now: dict[int, list[tuple[int, int]]] = {}
+        out: Out = []
         for block, version in msg.blocks:
             st = self._state(block)
             st.disk_version = max(st.disk_version, version)
@@ -356,6 +537,9 @@ class Directory:
                 st.owner = None  # it can no longer change: storage is current
             told = st.write_waiters | {node}
             st.write_waiters.clear()
+            if MASTER in told:
+                told.discard(MASTER)
+                out += self._writes_done(block, version)
             for n in told:
                 now.setdefault(n, []).append((block, version))
             for n, v in list(st.pis.items()):
@@ -367,7 +551,6 @@ class Directory:
                     self.deferred.setdefault(n, {})[block] = version
                     self.counters.notifications_piggybacked += 1
             self._gc(block, st)
-        out: Out = []
         for n, written in now.items():
             self.counters.notifications_now += len(written)
             out.append((n, p.WriteNotify(tuple(written), self.scn)))

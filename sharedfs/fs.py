@@ -117,13 +117,21 @@ class FileSystem:
         self.names: dict[int, set[bytes]] = {}
         self._op = trio.Lock()
         self.retries = 0
-        # Set when this host may no longer trust its cache (master lost).
-        self.fenced = False
         # The inodes the running operation has read: one object per inode.
         self._op_inodes: dict[int, Inode] = {}
         # Next physical block to try for each file, so sequential writes
         # land on adjacent blocks (and go to storage in one call).
         self._goal: dict[int, int] = {}
+
+    def _undo(self, retry: bool = True) -> None:
+        self._op_inodes.clear()
+        self._refs.clear()
+        self.cache.abort_op(retry)
+
+    @property
+    def fenced(self) -> bool:
+        """This host lost its lease (or its master): everything is EIO."""
+        return bool(self.cache.fenced)
 
     async def run(self, fn: Callable[..., Awaitable[T]], *args: object, **kwargs: object) -> T:
         """Run `fn` under the host's operation lock, as one cache operation:
@@ -133,35 +141,27 @@ class FileSystem:
         start = None
         while True:
             if self.fenced:
-                raise FsError(errno.EIO, "this host lost its lock master")
+                raise FsError(errno.EIO, f"this host is fenced: {self.cache.fenced}")
             await self.log.wait_for_room()
             async with self._op:
                 self.cache.begin_op(start)
                 start = self.cache.op_start
                 try:
-                    try:
-                        result = await fn(*args, **kwargs)
-                    except OpRetry:
-                        raise
-                    except BaseException:
-                        # Blocks a failed operation allocated are recorded in
-                        # the inodes it changed so far: store those too.
-                        await self._store_inodes()
-                        raise
+                    result = await fn(*args, **kwargs)
                     await self._store_inodes()
                     self.cache.check_op()
                 except OpRetry:
-                    self._op_inodes.clear()
-                    self._refs.clear()
-                    self.cache.abort_op()
+                    self._undo()
                     self.retries += 1
                 except CorruptVolume as e:
-                    self.cache.end_op()
+                    self._undo(retry=False)
                     log.error("host %d: corrupt metadata: %s", self.host, e)
                     raise FsError(errno.EIO, str(e)) from e
                 except BaseException:
-                    self._refs.clear()
-                    self.cache.end_op()
+                    # Failed (ENOSPC midway, say) or cancelled: an operation
+                    # happens whole or not at all, so what it changed so far
+                    # is put back rather than logged.
+                    self._undo(retry=False)
                     raise
                 else:
                     self.log.commit(self.cache.op_changes())
@@ -1088,11 +1088,17 @@ class FileSystem:
         return done
 
     async def fsync(self, ino: int, datasync: bool = False) -> None:
-        """The file's data and every metadata change so far on storage: the
-        log first (its records make the metadata durable), then the dirty
-        blocks (data is not logged)."""
+        """The file's data and every metadata change so far on storage.
+        Data is not logged: the dirty data blocks go to storage themselves,
+        before the log records that point at them (so that a crash never
+        leaves metadata pointing at blocks whose data never arrived); the
+        log makes the metadata durable, which stays in the cache."""
         await self.getattr(ino)
-        await self.sync()
+        wrote = await self.cache.flush(self.cache.dirty_data())
+        if self.log.plc:
+            await self.log.force()  # its storage flush covers the data too
+        elif wrote:
+            await self.cache.storage.flush()
 
     async def sync(self) -> None:
         await self.log.force()
@@ -1207,6 +1213,7 @@ class FileSystem:
         await self.log.checkpoint()
         await self.cache.sync()
         self.cache.drop_all()
+        await self.cache.agent.bye()
 
     @operation
     async def _free_orphans(self) -> None:

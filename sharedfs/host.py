@@ -13,6 +13,7 @@ from .fs import FileSystem
 from .master import LockMaster
 from .protocol import HostId
 from .storage import Storage
+from .storage.fence import Fence
 
 DEFAULT_CACHE_BYTES = 256 << 20
 
@@ -44,6 +45,10 @@ def open_cluster_host(
     (start it with `fs.cache.agent.run(...)`)."""
     agent = ClusterAgent(HostId(node), sb.cluster_key, coherence=coherence)
     cache = BlockCache(
-        storage, sb.block_size, agent, capacity=cache_bytes // sb.block_size, coherence=coherence
+        Fence(storage),
+        sb.block_size,
+        agent,
+        capacity=cache_bytes // sb.block_size,
+        coherence=coherence,
     )
     return FileSystem(sb, cache, host=node)

@@ -12,14 +12,17 @@ A redo record names one metadata block, the version (SCN) it brings the
 block to, and byte ranges of the block's payload with their new contents;
 a FULL record starts from a zeroed block (a block allocated by the
 transaction), a DELTA record from the block as it was.  A transaction is its
-records followed by a COMMIT; replay applies only committed transactions,
-and a record only to a copy older than it.  The last page is appended to
+records followed by a COMMIT; every append of a host's private log cache
+starts with a BEGIN, so records a torn append left without their COMMIT are
+never taken for part of the next transaction.  Replay applies only committed
+transactions, and a record only to a copy older than it.  The last page is appended to
 in place; since the bytes already there are written again unchanged and
 each group has its own checksum, a torn write can only lose the group being
 added, never one an fsync returned for.
 
 Replay runs while no host has the volume mounted; `Log` is a mounted host's
-side: its private log cache, the appends under the LLOL, its checkpoints.
+side: its private log cache, the appends under the LLOL, its checkpoints,
+and the recovery of a dead host's blocks while the others run.
 """
 
 from __future__ import annotations
@@ -27,7 +30,8 @@ from __future__ import annotations
 import enum
 import logging
 import struct
-from collections.abc import Iterable, Iterator
+from collections.abc import AsyncIterator, Iterable, Iterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -40,7 +44,8 @@ from .protocol import Mode
 from .storage import Storage
 
 if TYPE_CHECKING:
-    from .cache import BlockCache
+    from .agent import Report
+    from .cache import BlockCache, Buffer
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +66,7 @@ class Kind(enum.IntEnum):
     DELTA = 1
     FULL = 2
     COMMIT = 3
+    BEGIN = 4
 
 
 @dataclass(slots=True)
@@ -314,13 +320,16 @@ class Area:
 
 
 def transactions(pages: list[Page]) -> Iterator[list[Record]]:
-    """The committed transactions in these pages, in log order; records after
-    the last COMMIT belong to a transaction that never finished."""
+    """The committed transactions in these pages, in log order; records
+    without a COMMIT before the next append (or the end) belong to a
+    transaction that never finished."""
     tx: list[Record] = []
     for page in pages:
         for r in page.records:
             if r.kind is Kind.COMMIT:
                 yield tx
+                tx = []
+            elif r.kind is Kind.BEGIN:
                 tx = []
             else:
                 tx.append(r)
@@ -374,26 +383,28 @@ class Replay:
             img.btype = r.btype
             self.applied += 1
 
-    def results(self) -> list[tuple[int, bytearray]]:
-        """The blocks records changed, sealed with their new versions."""
+    def results(self) -> list[tuple[int, int, int, bytearray]]:
+        """(block, type, version, contents) of the blocks records changed,
+        sealed with their new versions."""
         out = []
         for b, img in sorted(self._images.items()):
             if img.version > img.base:
                 fmt.seal(img.data, fmt.BlockType(img.btype), b, img.version)
-                out.append((b, img.data))
+                out.append((b, img.btype, img.version, img.data))
         return out
 
 
-async def read_log(storage: Storage, sb: fmt.Superblock) -> tuple[JournalHeader, list[Page]]:
-    """The header and the pages from the checkpoint to the end of the log:
-    the first page that is not the next one in the chain (an older lap, a
-    torn or never written page) ends it."""
-    area, bs = Area.of(sb), sb.block_size
-    header = decode_header(await storage.read(area.header * bs, bs), area.header)
+async def read_chain(
+    storage: Storage, area: Area, bs: int, seq: int, end: int | None = None
+) -> list[Page]:
+    """The pages from page number `seq` on (before `end`, if given): the
+    first page that is not the next one in the chain (an older lap, a torn
+    or never written page) ends it."""
     pages: list[Page] = []
-    seq = header.checkpoint_seq
     block = area.block_of(seq)
     for _ in range(area.count):
+        if end is not None and seq >= end:
+            break
         try:
             page = decode_page(await storage.read(block * bs, bs), block)
         except CorruptVolume:
@@ -402,7 +413,14 @@ async def read_log(storage: Storage, sb: fmt.Superblock) -> tuple[JournalHeader,
             break
         pages.append(page)
         seq, block = seq + 1, page.next
-    return header, pages
+    return pages
+
+
+async def read_log(storage: Storage, sb: fmt.Superblock) -> tuple[JournalHeader, list[Page]]:
+    """The header and the pages from the checkpoint to the end of the log."""
+    area, bs = Area.of(sb), sb.block_size
+    header = decode_header(await storage.read(area.header * bs, bs), area.header)
+    return header, await read_chain(storage, area, bs, header.checkpoint_seq)
 
 
 @dataclass(slots=True)
@@ -430,7 +448,7 @@ async def replay(storage: Storage, sb: fmt.Superblock, *, dry_run: bool = False)
     written = rp.results()
     if dry_run:
         return ReplayResult(len(pages), txs, rp.applied, rp.skipped, len(written))
-    for b, data in written:
+    for b, _, _, data in written:
         await storage.write(b * bs, data)
     await storage.flush()
     end = pages[-1].seq + 1 if pages else header.checkpoint_seq
@@ -491,6 +509,10 @@ class Log:
         cache.llol_block = self.area.header
         cache.append_lock = self.append_lock
         cache.log_counters = self.counters
+        if hasattr(cache.agent, "on_recover"):
+            cache.agent.on_recover = self.recover
+        self.recovered = 0
+        self._rebuilding: set[int] = set()  # blocks the master gave us to rebuild
 
     # -- committing --------------------------------------------------------------
     def commit(self, changes: list[tuple[int, int, int, bytes | None, bytearray]]) -> None:
@@ -535,30 +557,49 @@ class Log:
         if not self.logged(blocks):
             await self.force()
 
+    @asynccontextmanager
+    async def _llol(self) -> AsyncIterator[Buffer]:
+        """The LLOL (its block in X) and the append semaphore.  The lock is
+        waited for outside the semaphore: a recovery may hold the block we
+        wait for, and need the semaphore to finish."""
+        while True:
+            hbuf = await self.cache.get(self.area.header, Mode.X, fmt.BlockType.JOURNAL, pin=False)
+            async with self.append_lock:
+                if self.cache.holding(self.area.header, Mode.X) is hbuf:
+                    yield hbuf
+                    return
+            # It left for another host while we waited: ask again.
+
     async def force(self) -> None:
         """Append the PLC to the log; return when it is on storage."""
-        async with self.append_lock:
-            if not self.plc:
-                return
-            hbuf = await self.cache.get(self.area.header, Mode.X, fmt.BlockType.JOURNAL, pin=False)
-            h = unpack_header(hbuf.data, self.area.header)
-            records, self.plc, self._plc_bytes = self.plc, [], 0
-            durable, self.pending = self.pending, {}
-            try:
-                await self._append(h, records)
-            except BaseException:
-                self.plc, self.pending = records + self.plc, durable | self.pending
-                self._plc_bytes = sum(r.size for r in self.plc)
-                raise
-            pack_header(hbuf.data, h)
-            self.cache.mark_dirty(hbuf)
-            self._known = h
-            self.forces += 1
+        if not self.plc:
+            return
+        async with self._llol() as hbuf:
+            await self._force(hbuf)
+
+    async def _force(self, hbuf: Buffer) -> None:
+        """force() with the LLOL held."""
+        if not self.plc:
+            return  # a group commit took ours along
+        h = unpack_header(hbuf.data, self.area.header)
+        records, self.plc, self._plc_bytes = self.plc, [], 0
+        durable, self.pending = self.pending, {}
+        try:
+            await self._append(h, records)
+        except BaseException:
+            self.plc, self.pending = records + self.plc, durable | self.pending
+            self._plc_bytes = sum(r.size for r in self.plc)
+            raise
+        pack_header(hbuf.data, h)
+        self.cache.mark_dirty(hbuf)
+        self._known = h
+        self.forces += 1
 
     async def _append(self, h: JournalHeader, records: list[Record]) -> None:
         """Records into the last page while they fit (it is read back from
         storage: the previous holder wrote it before letting the LLOL go),
         then into new pages; all written, then `h` says where the log ends."""
+        records = [Record(Kind.BEGIN, 0, self.host, 0, 0), *records]
         writes: list[tuple[int, bytearray]] = []
         if h.next_seq - 1 < h.checkpoint_seq:
             h.llp_used = 0  # the last page is behind the checkpoint: a new one
@@ -625,8 +666,7 @@ class Log:
         mark, self._mark = self._mark, self._known.next_seq
         since, self._mark_scn = self._mark_scn, self.cache.scn
         await self.cache.checkpoint()
-        async with self.append_lock:
-            hbuf = await self.cache.get(self.area.header, Mode.X, fmt.BlockType.JOURNAL, pin=False)
+        async with self._llol() as hbuf:
             h = unpack_header(hbuf.data, self.area.header)
             if h.low[self.host]:
                 # Our changes logged before `mark` were made before `since`:
@@ -647,8 +687,121 @@ class Log:
                 await self.cache.flush([self.area.header])
                 await self.cache.storage.flush()
 
+    # -- recovery --------------------------------------------------------------
+    async def recover(self, dead: int, blocks: list[int], report: Report) -> None:
+        """Another host died holding `blocks` in X; the master has us hold
+        them now, and storage has the newest copy that survived elsewhere.
+        Rebuild each from storage and the committed records after the
+        checkpoint, take the result into our cache and our log (FULL
+        records: our checkpoints now answer for them), clear the dead host's
+        mark in the log header, and `report` the blocks done.
+
+        The blocks it allocated were private to it (the master knows
+        nothing of them) and are reachable now: its records name them, and
+        we take them in X like any other block before rebuilding them.
+        """
+        want = set(blocks)
+        self._rebuilding |= want
+        try:
+            await self._recover(dead, want, report)
+        finally:
+            self._rebuilding -= set(blocks)
+
+    async def _recover(self, dead: int, want: set[int], report: Report) -> None:
+        blocks = sorted(want)
+        if self.area.header in want:
+            # It died holding the LLOL: the header on storage may be behind
+            # the pages it wrote; the chain tells where the log ends.  The
+            # LLOL goes back into service at once: other hosts may need to
+            # append before they can ship us what we ask for next.
+            want.discard(self.area.header)
+            await report([self.area.header], await self._adopt_header())
+        # (Not those the master gave us to rebuild in another round: they
+        # are ours already, and wait for that round, not for a lock.)
+        private = await self._blocks_of(dead) - self._rebuilding - {self.area.header}
+        if private:
+            await self.cache.lock_blocks(sorted(private), Mode.X)
+            want |= {b for b in private if self.cache.holding(b, Mode.X) is None}
+        async with self._llol() as hbuf:
+            # Nobody appends while we read the log (we hold the LLOL).
+            h = unpack_header(hbuf.data, self.area.header)
+            images = await self._rebuild(want, h) if want else []
+            installed = self.cache.adopt(
+                [(b, fmt.BlockType(t), v, data) for b, t, v, data in images]
+            )
+            self.commit([(b, t, v, None, data) for b, t, v, data in images])
+            # Our records on storage before its mark goes: from then on the
+            # log keeps these blocks' changes for us, not for it.
+            await self._force(hbuf)
+            h = unpack_header(hbuf.data, self.area.header)
+            if dead < len(h.low):
+                h.low[dead] = 0
+            h.advance()
+            pack_header(hbuf.data, h)
+            self.cache.mark_dirty(hbuf)
+            self._known = h
+        self.recovered += len(installed)
+        log.warning(
+            "host %d: rebuilt %d blocks of dead node %d from the log (%d it had allocated)",
+            self.host,
+            len(installed),
+            dead,
+            len(want - set(blocks)),
+        )
+        rest = [b for b in blocks if b != self.area.header]
+        await report(rest, [b for b in installed if b in set(rest)])
+
+    async def _blocks_of(self, dead: int) -> set[int]:
+        """Blocks the records of `dead` past the checkpoint name (read
+        without the LLOL: its records are all on storage by now)."""
+        storage = self.cache.storage
+        h = decode_header(await storage.read(self.area.header * self.bs, self.bs), self.area.header)
+        pages = await read_chain(storage, self.area, self.bs, h.checkpoint_seq)
+        return {
+            r.block
+            for page in pages
+            for r in page.records
+            if r.host == dead and r.kind in (Kind.DELTA, Kind.FULL)
+        }
+
+    async def _rebuild(
+        self, want: set[int], h: JournalHeader
+    ) -> list[tuple[int, int, int, bytearray]]:
+        """`want` as storage and the committed records past the checkpoint
+        make them: (block, type, version, contents) of those records change."""
+        storage = self.cache.storage
+        pages = await read_chain(storage, self.area, self.bs, h.checkpoint_seq, h.next_seq)
+        rp = Replay(self.bs)
+        for tx in transactions(pages):
+            mine = [r for r in tx if r.block in want]
+            if mine:
+                for b in rp.need(mine):
+                    rp.load(b, await storage.read(b * self.bs, self.bs))
+                rp.apply(mine)
+        return rp.results()
+
+    async def _adopt_header(self) -> list[int]:
+        """The LLOL's value as storage and the log chain make it: the log
+        ends after the last whole group on storage."""
+        storage = self.cache.storage
+        data = bytearray(await storage.read(self.area.header * self.bs, self.bs))
+        h = decode_header(data, self.area.header)
+        pages = await read_chain(storage, self.area, self.bs, h.checkpoint_seq)
+        if pages and pages[-1].seq + 1 >= h.next_seq:
+            h.next_seq, h.llp_used = pages[-1].seq + 1, pages[-1].used
+        # The marks of live hosts may be newer than this copy: where it says
+        # a host had nothing unwritten, it may have now.  Each host's next
+        # checkpoint puts its own mark right again.
+        for n in self.cache.agent.live_nodes():
+            if n < len(h.low) and not h.low[n]:
+                h.low[n] = h.checkpoint_seq
+        pack_header(data, h)
+        version = fmt.read_header(data).version
+        return self.cache.adopt([(self.area.header, fmt.BlockType.JOURNAL, version, data)])
+
     def counters(self) -> dict[str, int]:
         return {
+            "log_recovered_blocks": self.recovered,
             "log_commits": self.commits,
             "log_forces": self.forces,
             "log_pages_written": self.pages_written,
@@ -676,7 +829,9 @@ def describe(header: JournalHeader, pages: list[Page], *, records: bool) -> list
         for r in page.records:
             if r.kind is Kind.COMMIT:
                 by_host[r.host] = by_host.get(r.host, 0) + 1
-            if records:
+            if records and r.kind is Kind.BEGIN:
+                out.append(f"  BEGIN  host {r.host}")
+            elif records:
                 size = sum(len(d) for _, d in r.ranges)
                 out.append(
                     f"  {r.kind.name:6} host {r.host} block {r.block} version {r.version}"

@@ -70,7 +70,10 @@ class Link:
             # Framed under the lock: sequence numbers must go out in order.
             data = self.conn.send(msg)
             try:
-                await self.stream.send_all(data)
+                # Never cancelled midway: half a frame breaks the link for
+                # every other task that uses it.
+                with trio.CancelScope(shield=True):
+                    await self.stream.send_all(data)
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as e:
                 raise LinkClosed(str(e)) from None
         self.sent += 1

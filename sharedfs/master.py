@@ -33,6 +33,14 @@ log = logging.getLogger(__name__)
 
 #: How long a write notification waits for a message to ride on (claim 14).
 NOTIFY_DELAY = 0.2
+#: A host the master hears nothing from for this long is dead (seconds).
+DEFAULT_LEASE = 5.0
+#: After a host's connection closes without a Bye, how long its writes
+#: still on their way to storage get before its blocks are rebuilt.  (It
+#: fences itself the moment it sees the connection go.)
+CLOSE_GRACE = 0.5
+#: How long a host rejoining in a slot whose recovery is running waits.
+JOIN_WAIT = 30.0
 
 
 class LockMaster:
@@ -92,14 +100,27 @@ class MasterService:
         directory: the resource directory (directory.py).
         port: the port it listens on, once started.
         refused: connections refused (bad key, malformed frames, slot taken).
+        lease: seconds a host may stay silent before it is declared dead.
     """
 
-    def __init__(self, key: bytes, *, coherence: str = "fusion", host_slots: int = 64) -> None:
+    def __init__(
+        self,
+        key: bytes,
+        *,
+        coherence: str = "fusion",
+        host_slots: int = 64,
+        lease: float = DEFAULT_LEASE,
+    ) -> None:
         self.key = key
         self.directory = Directory(coherence)
         self.host_slots = host_slots
+        self.lease = lease
         self.port = 0
         self.refused = 0
+        self._heard: dict[int, float] = {}
+        self._scopes: dict[int, trio.CancelScope] = {}
+        self._said_bye: set[int] = set()
+        self._dying: set[int] = set()
         self._links: dict[int, Link] = {}
         self._outboxes: dict[int, trio.MemorySendChannel[p.Message]] = {}
         self._peers: dict[int, tuple[str, int]] = {}
@@ -117,6 +138,7 @@ class MasterService:
             self.port = listeners[0].socket.getsockname()[1]
             log.info("master: listening on %s:%d", host, self.port)
             nursery.start_soon(self._notify_task)
+            nursery.start_soon(self._lease_task)
             task_status.started(self.port)
 
     async def _notify_task(self) -> None:
@@ -125,31 +147,45 @@ class MasterService:
             await trio.sleep(NOTIFY_DELAY)
             await self._dispatch(self.directory.flush_deferred())
 
+    async def _lease_task(self) -> None:
+        """Renew every host's lease (a Beat when nothing else went out) and
+        cut off a host that has been silent for a lease."""
+        while True:
+            await trio.sleep(self.lease / 4)
+            now = trio.current_time()
+            for node, box in list(self._outboxes.items()):
+                box.send_nowait(p.Beat())
+                if now - self._heard.get(node, now) > self.lease:
+                    log.warning("master: node %d silent for %.1f s: lease lapsed", node, self.lease)
+                    self._scopes[node].cancel()
+
     async def _handle(self, stream: trio.SocketStream) -> None:
         # Every failure stays with this connection: serve_tcp would otherwise
         # let one bad peer take the whole master down.
         node: int | None = None
         try:
             link = await Link.open(stream, self.key, -1, initiator=False)
-            async for msg in link.messages():
-                if node is None:
-                    node = await self._first(link, msg)
+            with trio.CancelScope() as scope:
+                async for msg in link.messages():
                     if node is None:
-                        return
-                    continue
-                await self._on_message(node, msg)
+                        node = await self._first(link, msg, scope)
+                        if node is None:
+                            return
+                        continue
+                    self._heard[node] = trio.current_time()
+                    await self._on_message(node, msg)
         except (p.ProtocolError, LinkClosed, trio.TooSlowError) as e:
             self.refused += 1
             log.warning("master: dropped connection from %s: %s", _peername(stream), e)
         except trio.BrokenResourceError:
             pass
         finally:
-            if node is not None:
-                await self._gone(node)
             with trio.CancelScope(shield=True):
                 await stream.aclose()
+                if node is not None:
+                    await self._gone(node)
 
-    async def _first(self, link: Link, msg: p.Message) -> int | None:
+    async def _first(self, link: Link, msg: p.Message, scope: trio.CancelScope) -> int | None:
         if isinstance(msg, p.StatusRequest):
             await link.send(p.StatusReply(self.status()))
             return None
@@ -157,10 +193,14 @@ class MasterService:
             raise p.ProtocolError(f"expected Join, got {type(msg).__name__}")
         node = msg.node
         reason = None
+        if 0 <= node < self.host_slots and node not in self._links:
+            await self._wait_recovered(node)
         if not 0 <= node < self.host_slots:
             reason = f"node {node} is out of range 0..{self.host_slots - 1}"
         elif node in self._links:
             reason = f"node {node} is already joined"
+        elif node in self._dying or node in self.directory.recoveries:
+            reason = f"node {node} is still being recovered; try again"
         elif msg.coherence != self.directory.coherence:
             reason = f"the cluster runs --coherence {self.directory.coherence}"
         if reason is not None:
@@ -171,11 +211,13 @@ class MasterService:
         send, recv = trio.open_memory_channel[p.Message](math.inf)
         self._links[node] = link
         self._outboxes[node] = send
+        self._scopes[node] = scope
+        self._heard[node] = trio.current_time()
         assert self._nursery is not None
         self._nursery.start_soon(self._sender, node, link, recv)
-        self.directory.join(node)
-        await link.send(p.Welcome(self.directory.scn, dict(self._peers), msg.coherence))
+        await link.send(p.Welcome(self.directory.scn, dict(self._peers), msg.coherence, self.lease))
         self._peers[node] = (msg.peer_host, msg.peer_port)
+        await self._dispatch(self.directory.join(node))
         for other in self._outboxes:
             if other != node:
                 self._outboxes[other].send_nowait(p.PeerUp(node, msg.peer_host, msg.peer_port))
@@ -206,6 +248,13 @@ class MasterService:
             out = d.on_write_request(node, msg)
         elif isinstance(msg, p.WriteDone):
             out = d.on_write_done(node, msg)
+        elif isinstance(msg, p.RecoverDone):
+            out = d.on_recover_done(node, msg)
+        elif isinstance(msg, p.Beat):
+            return
+        elif isinstance(msg, p.Bye):
+            self._said_bye.add(node)
+            return
         elif isinstance(msg, p.Stats):
             self._host_stats[node] = dict(msg.counters)
             return
@@ -223,16 +272,37 @@ class MasterService:
                 box.send_nowait(msg)
 
     async def _gone(self, node: int) -> None:
+        """Its connection ended: after a Bye its holds just go; otherwise it
+        is dead, and what it held is recovered."""
         box = self._outboxes.pop(node, None)
         if box is None:
             return
         box.close()
         self._links.pop(node, None)
         self._peers.pop(node, None)
-        log.info("master: node %d left", node)
-        await self._dispatch(self.directory.leave(node))
+        self._scopes.pop(node, None)
+        self._heard.pop(node, None)
         for other in self._outboxes.values():
             other.send_nowait(p.PeerDown(node))
+        if node in self._said_bye:
+            self._said_bye.discard(node)
+            log.info("master: node %d left", node)
+            await self._dispatch(self.directory.leave(node))
+            return
+        log.warning("master: node %d is gone without a Bye: fencing it", node)
+        self._dying.add(node)
+        try:
+            await trio.sleep(CLOSE_GRACE)
+        finally:
+            self._dying.discard(node)
+            await self._dispatch(self.directory.fail(node))
+
+    async def _wait_recovered(self, node: int) -> None:
+        """A host coming back into its slot waits for its old self's recovery."""
+        with trio.move_on_after(JOIN_WAIT):
+            # The directory is sans I/O, with no event to wait on.
+            while node in self._dying or node in self.directory.recoveries:  # noqa: ASYNC110
+                await trio.sleep(0.05)
 
     def status(self) -> dict[str, object]:
         info = self.directory.summary()
@@ -241,6 +311,8 @@ class MasterService:
             for n in sorted(self._links)
         }
         info["coherence"] = self.directory.coherence
+        info["lease"] = self.lease
+        info["recovering"] = sorted(self.directory.recoveries)
         info["refused_connections"] = self.refused
         return info
 
@@ -268,12 +340,16 @@ def run_master(args: argparse.Namespace) -> None:
         host, port = parse_address(args.listen)
     except ValueError as e:
         raise QuietError(f"--listen {args.listen}: {e}", 2) from None
+    if not 0.2 <= args.lease <= 600:
+        raise QuietError(f"--lease {args.lease:g}: give 0.2 to 600 seconds", 2)
     storage = open_volume(args.volume)
     try:
         sb = open_superblock(storage)
     finally:
         storage.close()
-    service = MasterService(sb.cluster_key, coherence=args.coherence, host_slots=sb.host_slots)
+    service = MasterService(
+        sb.cluster_key, coherence=args.coherence, host_slots=sb.host_slots, lease=args.lease
+    )
     try:
         trio.run(_serve_forever, service, host, port)
     except OSError as e:
@@ -285,6 +361,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("volume", help="the volume (its cluster key authenticates hosts)")
     ap.add_argument("--listen", default="127.0.0.1:7400", metavar="HOST:PORT")
     ap.add_argument("--coherence", choices=("fusion", "disk"), default="fusion")
+    ap.add_argument(
+        "--lease",
+        type=float,
+        default=DEFAULT_LEASE,
+        metavar="SECONDS",
+        help=f"a host silent this long is declared dead (default {DEFAULT_LEASE:g})",
+    )
     ap.add_argument("--log", metavar="FILE")
     ap.add_argument("--debug", action="store_true")
     args = ap.parse_args(sys.argv[1:] if argv is None else argv)

@@ -198,7 +198,6 @@ async def _run_fuse(
             tasks.start_soon(_heartbeat_task, storage, sb, node, slot)
             tasks.start_soon(_writeback_task, fs, writeback)
             tasks.start_soon(_signal_task)
-            tasks.start_soon(_master_watch, fs)
             ready()
             await pyfuse3.main()
             tasks.cancel_scope.cancel()
@@ -209,16 +208,6 @@ async def _run_fuse(
             if not fs.fenced:
                 await fs.destroy()
         nursery.cancel_scope.cancel()
-
-
-async def _master_watch(fs: FileSystem) -> None:
-    agent = fs.cache.agent
-    assert isinstance(agent, ClusterAgent)
-    await agent.master_lost.wait()
-    # Without the master this host cannot know what others changed: refuse
-    # everything rather than serve stale data (journal recovery comes later).
-    fs.fenced = True
-    log.error("host %d: lost the lock master; the mount returns EIO until remounted", fs.host)
 
 
 async def _heartbeat_task(

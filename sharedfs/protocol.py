@@ -133,6 +133,7 @@ class Welcome(Message):
     scn: int
     peers: dict[int, tuple[str, int]]
     coherence: str
+    lease: float  # seconds: a host silent this long is declared dead
 
 
 @message(12)
@@ -152,6 +153,41 @@ class PeerDown(Message):
     node: int
 
 
+@message(15)
+class Beat(Message):
+    """Lease renewal, both ways, when nothing else went out for a while:
+    a host that hears nothing from the master for a lease fences itself;
+    the master declares a host it hears nothing from for a lease dead."""
+
+
+@message(16)
+class Bye(Message):
+    """A host leaves cleanly: everything it changed is on storage, so its
+    locks can simply go (no recovery)."""
+
+
+@message(17)
+class Recover(Message):
+    """Master to a survivor: host `dead` died holding these blocks in X.
+    Rebuild them from storage and the log (you hold them in X now), take
+    its records over, then say RecoverDone."""
+
+    dead: int
+    blocks: tuple[int, ...]
+    scn: int
+
+
+@message(18)
+class RecoverDone(Message):
+    """Survivor to master: the dead host's blocks are rebuilt; `installed`
+    are in our cache (dirty, held X), the others are current on storage."""
+
+    dead: int
+    blocks: tuple[int, ...]
+    installed: tuple[int, ...]
+    scn: int
+
+
 # -- locks -------------------------------------------------------------------
 
 
@@ -164,6 +200,7 @@ class LockRequest(Message):
     mode: int
     scn: int
     op_start: float  # the asking operation's start: older operations win conflicts
+    recovery: bool = False  # a rebuilder's: granted on blocks it rebuilds already
 
 
 @message(21)

@@ -16,14 +16,70 @@ from sharedfs.volume import read_superblock
 
 
 class Cluster:
-    def __init__(self, storage: MemoryStorage, master: MasterService, hosts: list[FileSystem]):
+    def __init__(
+        self,
+        storage: MemoryStorage,
+        master: MasterService,
+        nursery: trio.Nursery,
+        port: int,
+        coherence: str,
+        cache_bytes: int,
+        checkpoint_every: float | None,
+    ):
         self.storage = storage
         self.master = master
-        self.hosts = hosts
+        self.hosts: list[FileSystem] = []
+        self.sb = read_superblock(storage)
+        self._nursery = nursery
+        self._port = port
+        self._coherence = coherence
+        self._cache_bytes = cache_bytes
+        self._checkpoint_every = checkpoint_every
+        self._scopes: dict[int, trio.CancelScope] = {}
 
     @property
     def directory(self):  # type: ignore[no-untyped-def]
         return self.master.directory
+
+    async def start(self, node: int) -> FileSystem:
+        """Start host `node` (again, after a kill: in the same slot)."""
+        fs = open_cluster_host(
+            self.storage,
+            self.sb,
+            node=node,
+            coherence=self._coherence,
+            cache_bytes=self._cache_bytes,
+        )
+        self._scopes[node] = await self._nursery.start(self._run, fs)
+        if node < len(self.hosts):
+            self.hosts[node] = fs
+        else:
+            self.hosts.append(fs)
+        return fs
+
+    async def _run(self, fs: FileSystem, task_status=trio.TASK_STATUS_IGNORED) -> None:  # type: ignore[no-untyped-def]
+        with trio.CancelScope() as scope:
+            async with trio.open_nursery() as n:
+                await n.start(fs.cache.agent.run, ("127.0.0.1", self._port))
+                if self._checkpoint_every is not None:
+                    n.start_soon(checkpoints, fs, self._checkpoint_every)
+                task_status.started(scope)
+
+    def kill(self, node: int) -> None:
+        """What kill -9 does to a host: it stops at once, mid-whatever, and
+        never writes again; its connections drop without a Bye."""
+        fs = self.hosts[node]
+        fs.cache.fence("killed by the test")
+        self._scopes.pop(node).cancel()
+
+    async def wait_recovered(self, node: int) -> None:
+        with trio.fail_after(10):
+            while (  # noqa: ASYNC110
+                node in self.master._dying
+                or node in self.directory.recoveries
+                or (node in self.directory.nodes)
+            ):
+                await trio.sleep(0.01)
 
 
 async def checkpoints(fs: FileSystem, every: float) -> None:
@@ -48,20 +104,14 @@ async def cluster(
     master = MasterService(sb.cluster_key, coherence=coherence, host_slots=sb.host_slots)
     async with trio.open_nursery() as nursery:
         port = await nursery.start(master.serve, "127.0.0.1", 0)
-        hosts = []
+        c = Cluster(storage, master, nursery, port, coherence, cache_bytes, checkpoint_every)
         for node in range(n):
-            fs = open_cluster_host(
-                storage, sb, node=node, coherence=coherence, cache_bytes=cache_bytes
-            )
-            await nursery.start(fs.cache.agent.run, ("127.0.0.1", port))
-            if checkpoint_every is not None:
-                nursery.start_soon(checkpoints, fs, checkpoint_every)
-            hosts.append(fs)
-        c = Cluster(storage, master, hosts)
+            await c.start(node)
         try:
             yield c
         finally:
             with trio.CancelScope(shield=True):
-                for fs in hosts:
-                    await fs.destroy()
+                for node, fs in enumerate(c.hosts):
+                    if node in c._scopes:
+                        await fs.destroy()
             nursery.cancel_scope.cancel()

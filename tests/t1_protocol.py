@@ -986,7 +986,9 @@ async def test_two_connections_over_memory_streams():
         log.append(f"master sees node {master.conn.peer_node}")
         join = await master.receive()
         assert isinstance(join, Join)
-        await master.send(Welcome(scn=1, peers={3: ("10.0.0.3", 7003)}, coherence=join.coherence))
+        await master.send(
+            Welcome(scn=1, peers={3: ("10.0.0.3", 7003)}, coherence=join.coherence, lease=5.0)
+        )
         req = await master.receive()
         assert isinstance(req, LockRequest)
         await master.send(
@@ -1009,7 +1011,9 @@ async def test_two_connections_over_memory_streams():
         log.append(f"host sees node {host.conn.peer_node}")
         await host.send(make(Join, node=2, coherence="fusion"))
         welcome = await host.receive()
-        assert welcome == Welcome(scn=1, peers={3: ("10.0.0.3", 7003)}, coherence="fusion")
+        assert welcome == Welcome(
+            scn=1, peers={3: ("10.0.0.3", 7003)}, coherence="fusion", lease=5.0
+        )
         await host.send(make(LockRequest, req=8, blocks=(40, 41), mode=int(Mode.X)))
         grant = await host.receive()
         assert grant == make(Grant, req=8, blocks=(40, 41), mode=2, scn=2, written=((40, 1),))

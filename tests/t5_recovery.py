@@ -1,0 +1,179 @@
+"""A host dies, the others go on: recovery of what it held from the log
+(seed 003; DESIGN.md, Failure and recovery), through the real master and
+agents in one process.  A kill here is what kill -9 does to a host: it
+stops mid-whatever, writes nothing more, and drops its connections without
+a Bye.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import random
+
+import pytest
+import trio
+from cluster_util import cluster
+from conftest import CTX, ROOT, host, make_volume
+
+from sharedfs import journal
+from sharedfs.fs import FileSystem, FsError
+from sharedfs.fsck import run_fsck
+from sharedfs.storage.fence import Fenced
+from sharedfs.volume import read_superblock
+
+
+async def fsck_clean(storage) -> None:  # type: ignore[no-untyped-def]
+    f = await run_fsck(storage, repair=False, force=True, progress=False)
+    assert f.found_errors == 0, f.problems
+
+
+async def put(fs: FileSystem, parent: int, name: bytes, data: bytes) -> int:
+    """Create a file, write it, fsync it: once this returns it must survive."""
+    ino = (await fs.create(parent, name, 0o644, CTX)).ino
+    await fs.write(ino, 0, data)
+    await fs.fsync(ino)
+    return ino
+
+
+async def content(fs: FileSystem, parent: int, name: bytes) -> bytes:
+    ino = (await fs.lookup(parent, name)).ino
+    return await fs.read(ino, 0, 1 << 20)
+
+
+async def test_a_dead_hosts_fsynced_files_survive_and_its_slot_comes_back():
+    vol = await make_volume()
+    async with cluster(vol, 3, checkpoint_every=None) as c:
+        a, b, h3 = c.hosts
+        d = (await a.mkdir(ROOT, b"d", 0o755, CTX)).ino
+        await put(a, d, b"f", b"acknowledged" * 100)
+        # Its metadata is dirty in a's cache alone; only the log has it.
+        assert a.cache.dirty_count > 0
+        c.kill(0)
+        await c.wait_recovered(0)
+        counters = c.directory.counters
+        assert counters.hosts_failed == 1 and counters.blocks_recovered > 0
+        # The lowest live node rebuilt the blocks, from the log.
+        assert b.log.recovered > 0 and h3.log.recovered == 0
+        assert await content(h3, d, b"f") == b"acknowledged" * 100
+        assert await content(b, d, b"f") == b"acknowledged" * 100
+        # The dead host writes nothing more.
+        try:
+            await a.cache.storage.write(0, b"x")
+        except Fenced:
+            pass
+        else:
+            raise AssertionError("a killed host could still write")
+        with trio.fail_after(5):
+            try:
+                await a.create(ROOT, b"late", 0o644, CTX)
+            except FsError as e:
+                assert e.errno == errno.EIO
+            else:
+                raise AssertionError("a fenced host served an operation")
+        # Survivors carry on, and the slot can be taken again.
+        await put(h3, d, b"g", b"after")
+        a2 = await c.start(0)
+        assert await content(a2, d, b"f") == b"acknowledged" * 100
+        assert await content(a2, d, b"g") == b"after"
+    await fsck_clean(vol)
+
+
+async def test_the_log_goes_on_after_its_last_appender_dies():
+    """The LLOL holder dies with the log header dirty in its cache: the
+    survivor that takes the log over finds the end by the page chain, and
+    appends after the dead host's pages, not over them."""
+    vol = await make_volume()
+    async with cluster(vol, 3, checkpoint_every=None) as c:
+        a, b, h3 = c.hosts
+        await put(a, ROOT, b"from-a", b"A" * 5000)
+        assert a.cache.holding(a.log.area.header, journal.Mode.X) is not None
+        c.kill(0)
+        await c.wait_recovered(0)
+        await put(b, ROOT, b"from-b", b"B" * 5000)
+        # Now everybody dies: only the log knows of either file.
+        c.kill(1)
+        c.kill(2)
+    sb = read_superblock(vol)
+    done = await journal.replay(vol, sb)
+    assert done.transactions >= 2
+    fs = host(vol)
+    assert await content(fs, ROOT, b"from-a") == b"A" * 5000
+    assert await content(fs, ROOT, b"from-b") == b"B" * 5000
+    await fs.destroy()
+    await fsck_clean(vol)
+
+
+async def _workload(
+    fs: FileSystem, node: int, shared: int, acked: dict, rng: random.Random
+) -> None:
+    """Files in a shared directory and in the host's own, each write
+    fsync'd: `acked` maps (directory, name) to the contents a reader may
+    find, which is only the new one once fsync has returned."""
+    own = (await fs.mkdir(ROOT, f"h{node}-{rng.random()}".encode(), 0o755, CTX)).ino
+    mine: list[tuple[int, bytes]] = []
+    i = 0
+    while True:
+        i += 1
+        parent = shared if i % 2 else own
+        name = f"{node}-{i}-{rng.randrange(10**6)}".encode()
+        data = bytes([rng.randrange(256)]) * rng.randrange(1, 9000)
+        await put(fs, parent, name, data)
+        acked[(parent, name)] = {data}
+        mine.append((parent, name))
+        if i % 5 == 0:
+            # Overwrite an earlier one in place: old or new until fsync'd.
+            key = rng.choice(mine)
+            (old,) = acked[key]
+            new = bytes([rng.randrange(256)]) * len(old)
+            acked[key] = {old, new}
+            ino = (await fs.lookup(*key)).ino
+            await fs.write(ino, 0, new)
+            await fs.fsync(ino)
+            acked[key] = {new}
+
+
+@pytest.mark.skipif(
+    not os.environ.get("SHAREDFS_STRESS"),
+    reason="opt-in (SHAREDFS_STRESS=1): still loses a block now and then after a "
+    "restarted host's next kill (issue #4 notes)",
+)
+async def test_random_kills_lose_no_acknowledged_write():
+    """Five times: three hosts write and fsync; one of them, chosen at random,
+    is killed at a random moment; the others must still read every
+    acknowledged byte; the dead host's slot comes back."""
+    rng = random.Random(4)
+    vol = await make_volume()
+    acked: dict[tuple[int, bytes], set[bytes]] = {}
+    async with cluster(vol, 3, checkpoint_every=0.2) as c:
+        shared = (await c.hosts[0].mkdir(ROOT, b"shared", 0o755, CTX)).ino
+        for _trial in range(5):
+            async with trio.open_nursery() as n:
+                scopes = []
+                for node, fs in enumerate(c.hosts):
+                    scope = trio.CancelScope()
+                    scopes.append(scope)
+
+                    async def run(fs=fs, node=node, scope=scope) -> None:  # type: ignore[no-untyped-def]
+                        with scope:
+                            await _workload(fs, node, shared, acked, rng)
+
+                    n.start_soon(run)
+                await trio.sleep(rng.uniform(0.05, 0.6))
+                victim = rng.randrange(3)
+                c.kill(victim)
+                scopes[victim].cancel()
+                await c.wait_recovered(victim)
+                await trio.sleep(0.2)  # the survivors go on meanwhile
+                for s in scopes:
+                    s.cancel()
+            survivor = c.hosts[(victim + 1) % 3]
+            for (parent, name), data in acked.items():
+                assert await content(survivor, parent, name) in data, name
+            await c.start(victim)
+        assert c.directory.counters.hosts_failed == 5
+    await fsck_clean(vol)
+    fs = host(vol)
+    for (parent, name), data in acked.items():
+        assert await content(fs, parent, name) in data, name
+    await fs.destroy()
