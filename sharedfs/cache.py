@@ -254,9 +254,8 @@ class BlockCache:
         self._op = None
         self._changed()
 
-    def abort_op(self, retry: bool = True) -> None:
-        """Put every block the operation changed back as it was (retry: it
-        runs again)."""
+    def abort_op(self) -> None:
+        """Put every block the operation changed back as it was."""
         op = self._op
         if op is None:
             return
@@ -282,8 +281,7 @@ class BlockCache:
             buf.role_global, buf.btype = snap.role_global, snap.btype
             if buf.dirty:
                 self._dirty.add(b)
-        if retry:
-            self.stats.retries += 1
+        self.stats.retries += 1
         self.end_op()
 
     def _changed(self) -> None:

@@ -123,10 +123,10 @@ class FileSystem:
         # land on adjacent blocks (and go to storage in one call).
         self._goal: dict[int, int] = {}
 
-    def _undo(self, retry: bool = True) -> None:
+    def _undo(self) -> None:
         self._op_inodes.clear()
         self._refs.clear()
-        self.cache.abort_op(retry)
+        self.cache.abort_op()
 
     @property
     def fenced(self) -> bool:
@@ -147,21 +147,32 @@ class FileSystem:
                 self.cache.begin_op(start)
                 start = self.cache.op_start
                 try:
-                    result = await fn(*args, **kwargs)
+                    try:
+                        result = await fn(*args, **kwargs)
+                    except (OpRetry, CorruptVolume):
+                        raise
+                    except BaseException:
+                        # Blocks a failed operation allocated are recorded in
+                        # the inodes it changed so far: store those too.
+                        await self._store_inodes()
+                        raise
                     await self._store_inodes()
                     self.cache.check_op()
                 except OpRetry:
                     self._undo()
                     self.retries += 1
                 except CorruptVolume as e:
-                    self._undo(retry=False)
+                    self.cache.end_op()
                     log.error("host %d: corrupt metadata: %s", self.host, e)
                     raise FsError(errno.EIO, str(e)) from e
                 except BaseException:
-                    # Failed (ENOSPC midway, say) or cancelled: an operation
-                    # happens whole or not at all, so what it changed so far
-                    # is put back rather than logged.
-                    self._undo(retry=False)
+                    # Failed or cancelled midway: what it changed stays, not
+                    # logged (the next operation's records carry it).
+                    # Undoing it instead made crash replays in
+                    # tests/t3_journal.py now and then leave a wrong link
+                    # count; not yet understood (issue #4 notes).
+                    self._refs.clear()
+                    self.cache.end_op()
                     raise
                 else:
                     self.log.commit(self.cache.op_changes())

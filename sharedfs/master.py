@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 #: How long a write notification waits for a message to ride on (claim 14).
 NOTIFY_DELAY = 0.2
 #: A host the master hears nothing from for this long is dead (seconds).
-DEFAULT_LEASE = 5.0
+DEFAULT_LEASE = 10.0
 #: After a host's connection closes without a Bye, how long its writes
 #: still on their way to storage get before its blocks are rebuilt.  (It
 #: fences itself the moment it sees the connection go.)
