@@ -102,9 +102,12 @@ def writes_of(vol, blk: int, since: int) -> int:  # type: ignore[no-untyped-def]
     return sum(1 for off, n in vol.write_log[since:] if off <= blk * 4096 < off + n)
 
 
-async def data_block(fs, ino: int) -> int:  # type: ignore[no-untyped-def]
+async def one_block_file(fs, name: bytes, fill: bytes) -> tuple[int, int]:  # type: ignore[no-untyped-def]
+    """A file of one block of `fill`, made on `fs`: (its inode, the block)."""
+    ino = (await fs.create(ROOT, name, 0o644, CTX)).ino
+    await fs.write(ino, 0, fill * 4096)
     (blk,), _ = await fs._map(await fs._iget(ino), 0, 1)
-    return blk
+    return ino, blk
 
 
 async def test_the_global_dirty_flag_decides_whether_a_write_asks_the_master():
@@ -114,16 +117,14 @@ async def test_the_global_dirty_flag_decides_whether_a_write_asks_the_master():
     vol = await make_volume()
     async with cluster(vol, 2, checkpoint_every=None) as c:
         a, b = c.hosts
-        f = await a.create(ROOT, b"g", 0o644, CTX)
-        await a.write(f.ino, 0, b"a" * 4096)
-        blk = await data_block(a, f.ino)
+        ino, blk = await one_block_file(a, b"g", b"a")
         asked, mark = c.directory.counters.write_requests, len(vol.write_log)
         await a.cache.flush([blk])
         assert writes_of(vol, blk, mark) == 1
         assert c.directory.counters.write_requests == asked, "a local block asked the master"
 
-        await a.write(f.ino, 0, b"A")
-        await b.write(f.ino, 1, b"B")  # the dirty version moves: A keeps a PI
+        await a.write(ino, 0, b"A")
+        await b.write(ino, 1, b"B")  # the dirty version moves: A keeps a PI
         await settle(c)
         assert blk in a.cache.pis and b.cache._bufs[blk].role_global
         mark = len(vol.write_log)
@@ -136,7 +137,7 @@ async def test_the_global_dirty_flag_decides_whether_a_write_asks_the_master():
             while blk in a.cache.pis:
                 await trio.sleep(0.02)
 
-        await b.write(f.ino, 2, b"b")  # dirtied again, only here: local
+        await b.write(ino, 2, b"b")  # dirtied again, only here: local
         mark = len(vol.write_log)
         await b.cache.flush([blk])
         assert writes_of(vol, blk, mark) == 1
@@ -151,11 +152,9 @@ async def test_version_boundary_while_a_write_is_in_flight():
     vol = await make_volume()
     async with cluster(vol, 2, checkpoint_every=None) as c:
         a, b = c.hosts
-        f = await a.create(ROOT, b"vb", 0o644, CTX)
-        await a.write(f.ino, 0, b"1" * 4096)
-        blk = await data_block(a, f.ino)
-        await b.write(f.ino, 0, b"2")
-        await a.write(f.ino, 0, b"3")  # B now keeps a PI
+        ino, blk = await one_block_file(a, b"vb", b"1")
+        await b.write(ino, 0, b"2")
+        await a.write(ino, 0, b"3")  # B now keeps a PI
         await settle(c)
         (b_old,) = b.cache.pis.of(blk)
 
@@ -173,10 +172,10 @@ async def test_version_boundary_while_a_write_is_in_flight():
             n.start_soon(a.cache.flush, [blk])  # global: through the master, A writes
             await at_gate.wait()
             being_written = a.cache._inflight[blk]
-            await b.write(f.ino, 0, b"4")  # moves while A writes it
+            await b.write(ino, 0, b"4")  # moves while A writes it
             assert c.directory.blocks[blk].writer == a.host
             try:
-                await a.write(f.ino, 0, b"5")  # and back: B keeps a second PI
+                await a.write(ino, 0, b"5")  # and back: B keeps a second PI
                 await settle(c)
                 versions = [pi.version for pi in b.cache.pis.of(blk)]
             finally:
@@ -191,7 +190,7 @@ async def test_version_boundary_while_a_write_is_in_flight():
             while [pi.version for pi in b.cache.pis.of(blk)] != versions[1:]:
                 await trio.sleep(0.02)
         assert vol.read_sync(blk * 4096, 1) == b"3"  # what A was writing
-        assert await b.read(f.ino, 0, 1) == b"5"
+        assert await b.read(ino, 0, 1) == b"5"
     await fsck_clean(vol)
 
 
@@ -202,18 +201,14 @@ async def test_a_bin_write_covers_the_past_images_of_a_closed_bin():
     vol = await make_volume()
     async with cluster(vol, 2, checkpoint_every=None) as c:
         a, b = c.hosts
-        f = await a.create(ROOT, b"old", 0o644, CTX)
-        await a.write(f.ino, 0, b"a" * 4096)
-        old = await data_block(a, f.ino)
-        await b.write(f.ino, 0, b"b")  # A: a PI of `old`, first dirtied now
+        ino, old = await one_block_file(a, b"old", b"a")
+        await b.write(ino, 0, b"b")  # A: a PI of `old`, first dirtied now
         await settle(c)
         await a.cache.checkpoint()  # closes bin 0 (it holds that PI)
         assert a.cache.pis.closed_bins == 1 and old in a.cache.pis
 
-        g = await a.create(ROOT, b"new", 0o644, CTX)
-        await a.write(g.ino, 0, b"n" * 4096)
-        new = await data_block(a, g.ino)
-        await b.write(g.ino, 0, b"m")  # A: a PI of `new`, in the open bin
+        ino_new, new = await one_block_file(a, b"new", b"n")
+        await b.write(ino_new, 0, b"m")  # A: a PI of `new`, in the open bin
         await settle(c)
         bins, mark = c.directory.counters.bin_writes, len(vol.write_log)
         b_writes = b.cache.stats.storage_writes
