@@ -274,7 +274,6 @@ class ClusterAgent:
             if trio.current_time() - self._heard > self.lease * 0.75:
                 self.fence(f"no word from the master for {self.lease * 0.75:.1f} s")
                 return
-            # Never cancelled midway: a frame half sent breaks the link.
             try:
                 await self._send_master(p.Beat())
             except LinkClosed:
@@ -445,11 +444,11 @@ class ClusterAgent:
         log.warning(
             "host %d: recovering %d blocks of dead node %d", self.host, len(msg.blocks), msg.dead
         )
-        scn = self.cache.scn
 
         async def report(blocks: list[int], installed: list[int]) -> None:
+            assert self.cache is not None
             await self._send_master(
-                p.RecoverDone(msg.dead, tuple(blocks), tuple(installed), max(scn, self.cache.scn))
+                p.RecoverDone(msg.dead, tuple(blocks), tuple(installed), self.cache.scn)
             )
 
         try:

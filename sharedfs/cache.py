@@ -181,7 +181,6 @@ class BlockCache:
         # One write-back at a time, so two writes of one block never race.
         self._write_lock = trio.Lock()
         self.scn = 0
-        self.fenced = ""  # why this host may no longer write ("" if it may)
         self.stats = CacheStats()
         self.on_give_up: Invalidate = _no_invalidation
         # The journal's: write-ahead (log records before the blocks they
@@ -208,10 +207,15 @@ class BlockCache:
         return out
 
     def fence(self, reason: str) -> None:
-        """This host lost its lease: nothing more of ours reaches storage."""
-        self.fenced = reason
-        if isinstance(self.storage, Fence):
-            self.storage.close_gate(reason)
+        """This host lost its lease: nothing more of ours reaches storage
+        (a cluster host's storage is always behind a Fence)."""
+        assert isinstance(self.storage, Fence)
+        self.storage.close_gate(reason)
+
+    @property
+    def fenced(self) -> str:
+        """Why this host may no longer write ("" while it may)."""
+        return self.storage.reason if isinstance(self.storage, Fence) else ""
 
     def see_scn(self, scn: int) -> None:
         if scn > self.scn:
@@ -386,6 +390,7 @@ class BlockCache:
         btype: fmt.BlockType | None = None,
         *,
         pin: bool = True,
+        recovery: bool = False,
     ) -> None:
         """Hold `mode` on these blocks: pin them to the operation, then ask
         the master (one request) for those we do not hold well enough."""
@@ -409,7 +414,7 @@ class BlockCache:
             # Outside operations (the log's appender) nothing can be undone:
             # such a request counts as the oldest, and always wins.
             op_start = op.start if op is not None else (time.time() if pin else 0.0)
-            arrived = await self.agent.acquire_blocks(need_lock, mode, op_start)
+            arrived = await self.agent.acquire_blocks(need_lock, mode, op_start, recovery)
             self.install(arrived, need_lock, mode, btype)
 
     def install(
@@ -521,11 +526,7 @@ class BlockCache:
     async def lock_blocks(self, blocknos: list[int], mode: Mode) -> None:
         """Hold `mode` on these blocks for a recovery, without reading them:
         those another host shipped are cached, the rest are not."""
-        need = [b for b in blocknos if self._held(b) < mode]
-        if need:
-            self.stats.lock_requests += 1
-            arrived = await self.agent.acquire_blocks(need, mode, 0.0, recovery=True)
-            self.install(arrived, need, mode)
+        await self._lock(blocknos, mode, pin=False, recovery=True)
 
     def holding(self, blockno: int, mode: Mode) -> Buffer | None:
         """Our copy of `blockno` if we hold it in `mode` and it is not leaving."""

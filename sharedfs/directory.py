@@ -186,11 +186,11 @@ class Directory:
                 self.blocks[b].holders.pop(node, None)
         for block, st in list(self.blocks.items()):
             mode = st.holders.pop(node, None)
-            if (mode is Mode.X or st.owner == node) and st.recovering is None:
+            owned = st.owner == node
+            if owned:
                 st.owner = None
+            if (mode is Mode.X or owned) and st.recovering is None:
                 out += self._hold_for_recovery(block, st, rec)
-            elif st.owner == node:
-                st.owner = None
             pi = st.pis.pop(node, 0)
             if pi > st.disk_version and st.recovering is None:
                 # Its records of that version stay needed until storage has it.
@@ -508,12 +508,12 @@ class Directory:
             # Only the master waits, and no live host has a copy newer than
             # storage: storage is the newest there is.
             st.write_waiters.clear()
-            return self._writes_done(block, 0)
+            return self._writes_done(block)
         st.writer = writer
         self.counters.write_performs += 1
         return [(st.writer, p.WritePerform((block,), self.scn))]
 
-    def _writes_done(self, block: int, version: int) -> Out:
+    def _writes_done(self, block: int) -> Out:
         """A write a recovery waited for is over (whatever version landed:
         it was the newest a survivor had)."""
         out: Out = []
@@ -539,7 +539,7 @@ class Directory:
             st.write_waiters.clear()
             if MASTER in told:
                 told.discard(MASTER)
-                out += self._writes_done(block, version)
+                out += self._writes_done(block)
             for n in told:
                 now.setdefault(n, []).append((block, version))
             for n, v in list(st.pis.items()):

@@ -432,19 +432,31 @@ class ReplayResult:
     blocks_written: int
 
 
+async def apply_log(
+    storage: Storage, bs: int, pages: list[Page], only: set[int] | None = None
+) -> tuple[Replay, int]:
+    """The committed transactions in `pages` applied onto the blocks they
+    name as storage has them (only those in `only`, if given); the Replay
+    holds the results.  Also returns how many transactions there were."""
+    rp = Replay(bs)
+    txs = 0
+    for tx in transactions(pages):
+        txs += 1
+        if only is not None:
+            tx = [r for r in tx if r.block in only]
+        for b in rp.need(tx):
+            rp.load(b, await storage.read(b * bs, bs))
+        rp.apply(tx)
+    return rp, txs
+
+
 async def replay(storage: Storage, sb: fmt.Superblock, *, dry_run: bool = False) -> ReplayResult:
     """Bring storage up to the end of the log, then empty the log (the
     checkpoint moves past its last page).  Run with no host mounted.
     dry_run: only say what it would write."""
     bs = sb.block_size
     header, pages = await read_log(storage, sb)
-    rp = Replay(bs)
-    txs = 0
-    for tx in transactions(pages):
-        for b in rp.need(tx):
-            rp.load(b, await storage.read(b * bs, bs))
-        rp.apply(tx)
-        txs += 1
+    rp, txs = await apply_log(storage, bs, pages)
     written = rp.results()
     if dry_run:
         return ReplayResult(len(pages), txs, rp.applied, rp.skipped, len(written))
@@ -709,16 +721,25 @@ class Log:
 
     async def _recover(self, dead: int, want: set[int], report: Report) -> None:
         blocks = sorted(want)
+        # Read without the LLOL: the dead host's records are all on storage.
+        _, pages = await read_log(self.cache.storage, self.sb)
         if self.area.header in want:
             # It died holding the LLOL: the header on storage may be behind
             # the pages it wrote; the chain tells where the log ends.  The
             # LLOL goes back into service at once: other hosts may need to
             # append before they can ship us what we ask for next.
             want.discard(self.area.header)
-            await report([self.area.header], await self._adopt_header())
-        # (Not those the master gave us to rebuild in another round: they
-        # are ours already, and wait for that round, not for a lock.)
-        private = await self._blocks_of(dead) - self._rebuilding - {self.area.header}
+            await report([self.area.header], await self._adopt_header(pages))
+        # The blocks its records name, except those the master gave us to
+        # rebuild in another round: they are ours already, and wait for that
+        # round, not for a lock.
+        theirs = {
+            r.block
+            for page in pages
+            for r in page.records
+            if r.host == dead and r.kind in (Kind.DELTA, Kind.FULL)
+        }
+        private = theirs - self._rebuilding - {self.area.header}
         if private:
             await self.cache.lock_blocks(sorted(private), Mode.X)
             want |= {b for b in private if self.cache.holding(b, Mode.X) is None}
@@ -748,21 +769,8 @@ class Log:
             dead,
             len(want - set(blocks)),
         )
-        rest = [b for b in blocks if b != self.area.header]
-        await report(rest, [b for b in installed if b in set(rest)])
-
-    async def _blocks_of(self, dead: int) -> set[int]:
-        """Blocks the records of `dead` past the checkpoint name (read
-        without the LLOL: its records are all on storage by now)."""
-        storage = self.cache.storage
-        h = decode_header(await storage.read(self.area.header * self.bs, self.bs), self.area.header)
-        pages = await read_chain(storage, self.area, self.bs, h.checkpoint_seq)
-        return {
-            r.block
-            for page in pages
-            for r in page.records
-            if r.host == dead and r.kind in (Kind.DELTA, Kind.FULL)
-        }
+        rest = set(blocks) - {self.area.header}
+        await report(sorted(rest), [b for b in installed if b in rest])
 
     async def _rebuild(
         self, want: set[int], h: JournalHeader
@@ -771,22 +779,15 @@ class Log:
         make them: (block, type, version, contents) of those records change."""
         storage = self.cache.storage
         pages = await read_chain(storage, self.area, self.bs, h.checkpoint_seq, h.next_seq)
-        rp = Replay(self.bs)
-        for tx in transactions(pages):
-            mine = [r for r in tx if r.block in want]
-            if mine:
-                for b in rp.need(mine):
-                    rp.load(b, await storage.read(b * self.bs, self.bs))
-                rp.apply(mine)
+        rp, _ = await apply_log(storage, self.bs, pages, want)
         return rp.results()
 
-    async def _adopt_header(self) -> list[int]:
-        """The LLOL's value as storage and the log chain make it: the log
-        ends after the last whole group on storage."""
-        storage = self.cache.storage
-        data = bytearray(await storage.read(self.area.header * self.bs, self.bs))
+    async def _adopt_header(self, pages: list[Page]) -> list[int]:
+        """The LLOL's value as storage and the log chain (`pages`, read from
+        the checkpoint it names) make it: the log ends after the last whole
+        group on storage."""
+        data = bytearray(await self.cache.storage.read(self.area.header * self.bs, self.bs))
         h = decode_header(data, self.area.header)
-        pages = await read_chain(storage, self.area, self.bs, h.checkpoint_seq)
         if pages and pages[-1].seq + 1 >= h.next_seq:
             h.next_seq, h.llp_used = pages[-1].seq + 1, pages[-1].used
         # The marks of live hosts may be newer than this copy: where it says

@@ -148,8 +148,8 @@ class MasterService:
             await self._dispatch(self.directory.flush_deferred())
 
     async def _lease_task(self) -> None:
-        """Renew every host's lease (a Beat when nothing else went out) and
-        cut off a host that has been silent for a lease."""
+        """Renew every host's lease (a Beat each quarter lease) and cut off a
+        host that has been silent for a lease."""
         while True:
             await trio.sleep(self.lease / 4)
             now = trio.current_time()

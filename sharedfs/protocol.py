@@ -155,9 +155,9 @@ class PeerDown(Message):
 
 @message(15)
 class Beat(Message):
-    """Lease renewal, both ways, when nothing else went out for a while:
-    a host that hears nothing from the master for a lease fences itself;
-    the master declares a host it hears nothing from for a lease dead."""
+    """Lease renewal, both ways, each quarter lease: a host that hears
+    nothing from the master for most of a lease fences itself; the master
+    declares a host it hears nothing from for a lease dead."""
 
 
 @message(16)
