@@ -584,10 +584,13 @@ class Log:
 
     async def force(self) -> None:
         """Append the PLC to the log; return when it is on storage."""
-        if not self.plc:
-            return
-        async with self._llol() as hbuf:
-            await self._force(hbuf)
+        if self.plc:
+            async with self._llol() as hbuf:
+                await self._force(hbuf)
+        elif self.pending:
+            # Another task's append is taking our records to storage.
+            async with self.append_lock:
+                pass
 
     async def _force(self, hbuf: Buffer) -> None:
         """force() with the LLOL held."""
@@ -595,13 +598,19 @@ class Log:
             return  # a group commit took ours along
         h = unpack_header(hbuf.data, self.area.header)
         records, self.plc, self._plc_bytes = self.plc, [], 0
-        durable, self.pending = self.pending, {}
+        # Still pending while the pages are on their way: a block must not
+        # reach storage before its records do (a crash between would find
+        # the change with no record of it).
+        appending = dict(self.pending)
         try:
             await self._append(h, records)
         except BaseException:
-            self.plc, self.pending = records + self.plc, durable | self.pending
+            self.plc = records + self.plc
             self._plc_bytes = sum(r.size for r in self.plc)
             raise
+        for b, version in appending.items():
+            if self.pending.get(b) == version:  # no newer commit meanwhile
+                del self.pending[b]
         pack_header(hbuf.data, h)
         self.cache.mark_dirty(hbuf)
         self._known = h

@@ -89,6 +89,37 @@ async def test_a_transaction_is_logged_before_its_blocks_reach_storage():
     assert fs.log.forces == forces + 1 and not fs.log.plc
 
 
+async def test_a_block_waits_for_an_append_already_under_way():
+    """While one task's append is taking the records to storage, a write-back
+    of the block they describe must wait for it, not slip in before."""
+    vol = await make_volume()
+    fs = host(vol)
+    await fs.create(ROOT, b"a", 0o644, CTX)
+    sb = fs.sb
+    log_area = range(sb.journal_start * 4096, (sb.journal_start + sb.journal_blocks) * 4096)
+    gate, at_gate = trio.Event(), trio.Event()
+    real_write = vol.write
+
+    async def gated_write(offset: int, data: bytes) -> None:
+        if offset in log_area and not gate.is_set():
+            at_gate.set()
+            await gate.wait()
+        await real_write(offset, data)
+
+    vol.write = gated_write  # type: ignore[method-assign]
+    mark = len(vol.write_log)
+    async with trio.open_nursery() as n:
+        n.start_soon(fs.log.force)
+        await at_gate.wait()  # the log page is on its way
+        n.start_soon(fs.cache.flush)
+        await trio.sleep(0.05)
+        assert vol.write_log[mark:] == [], "a block reached storage before its records"
+        gate.set()
+    writes = vol.write_log[mark:]
+    assert writes[0][0] in log_area and any(off not in log_area for off, _ in writes)
+    assert not fs.log.pending
+
+
 async def test_fsync_survives_a_crash_of_the_host():
     vol = await make_volume()
     fs = host(vol)
