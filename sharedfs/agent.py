@@ -460,22 +460,24 @@ class ClusterAgent:
 
     # -- peers -------------------------------------------------------------------------
     async def _send_peer(self, node: int, msg: p.Message) -> None:
+        """Send to a peer.  One that cannot be reached has died or is being
+        fenced: what we send it is lost, as it would be with the peer, and
+        the master recovers what that peer should have had."""
         lock = self._peer_locks.setdefault(node, trio.Lock())
         async with lock:
-            link = self._peer_links.get(node)
-            if link is None:
-                addr = self._peers.get(node)
-                if addr is None:
-                    log.error("host %d: no address for peer %d", self.host, node)
-                    return
-                stream = await trio.open_tcp_stream(*addr)
-                link = await Link.open(stream, self.key, self.host, initiator=True)
-                self._peer_links[node] = link
             try:
+                link = self._peer_links.get(node)
+                if link is None:
+                    addr = self._peers.get(node)
+                    if addr is None:
+                        raise LinkClosed("the master says it is down")
+                    stream = await trio.open_tcp_stream(*addr)
+                    link = await Link.open(stream, self.key, self.host, initiator=True)
+                    self._peer_links[node] = link
                 await link.send(msg)
-            except LinkClosed:
+            except (OSError, LinkClosed, p.ProtocolError, trio.TooSlowError) as e:
                 self._peer_links.pop(node, None)
-                raise
+                log.warning("host %d: peer %d unreachable: %s", self.host, node, e)
 
     async def _peer_handler(self, stream: trio.SocketStream) -> None:
         try:

@@ -17,6 +17,7 @@ from cluster_util import cluster
 from conftest import CTX, ROOT, host, make_volume
 
 from sharedfs import journal
+from sharedfs import protocol as p
 from sharedfs.fs import FileSystem, FsError
 from sharedfs.fsck import run_fsck
 from sharedfs.protocol import Mode
@@ -64,6 +65,13 @@ async def test_a_dead_hosts_fsynced_files_survive_and_its_slot_comes_back():
         with trio.fail_after(5), pytest.raises(FsError) as eio:
             await a.create(ROOT, b"late", 0o644, CTX)
         assert eio.value.errno == errno.EIO
+        # A transfer to the dead host (a ping sent before its death was
+        # known) is lost quietly; the sender goes on.
+        with trio.socket.socket() as closed:
+            closed.bind(("127.0.0.1", 0))
+            b.cache.agent._peers[0] = closed.getsockname()
+        await b.cache.agent._send_peer(0, p.Bye())
+        assert not b.fenced
         # Survivors carry on, and the slot can be taken again.
         await put(h3, d, b"g", b"after")
         a2 = await c.start(0)
