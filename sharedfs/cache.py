@@ -192,6 +192,13 @@ class BlockCache:
         self.log_counters: Callable[[], dict[str, int]] = dict
         self._op: _Op | None = None
         self._op_changed = trio.Event()
+        # A recovery taking blocks in X to rebuild them: those that leave
+        # before the hold starts (asked for again), and those held: pings
+        # for them wait until the rebuilt copy is in the cache.
+        self._rebuild_watch: set[int] = set()
+        self._rebuild_lost: set[int] = set()
+        self._rebuild_held: set[int] = set()
+        self._rebuild_released = trio.Event()
         if isinstance(agent, ClusterAgent):
             agent.cache = self
 
@@ -528,6 +535,27 @@ class BlockCache:
         those another host shipped are cached, the rest are not."""
         await self._lock(blocknos, mode, pin=False, recovery=True)
 
+    def watch_for_rebuild(self, blocknos: Iterable[int]) -> None:
+        """A recovery is about to take these blocks in X: note those that
+        leave from now on."""
+        self._rebuild_watch.update(blocknos)
+        self._rebuild_lost.difference_update(blocknos)
+
+    def hold_for_rebuild(self, blocknos: list[int]) -> list[int]:
+        """Hold back pings for the watched blocks that are still ours until
+        release_rebuild_hold(); return those that left meanwhile."""
+        lost = [b for b in blocknos if b in self._rebuild_lost]
+        self._rebuild_held.update(b for b in blocknos if b not in self._rebuild_lost)
+        self._rebuild_watch.difference_update(blocknos)
+        self._rebuild_lost.difference_update(blocknos)
+        return lost
+
+    def release_rebuild_hold(self, blocknos: Iterable[int]) -> None:
+        self._rebuild_held.difference_update(blocknos)
+        self._rebuild_watch.difference_update(blocknos)
+        ev, self._rebuild_released = self._rebuild_released, trio.Event()
+        ev.set()
+
     def holding(self, blockno: int, mode: Mode) -> Buffer | None:
         """Our copy of `blockno` if we hold it in `mode` and it is not leaving."""
         buf = self._bufs.get(blockno)
@@ -626,13 +654,15 @@ class BlockCache:
         out: list[tuple[int, int]] = []
         todo = list(range(start, start + count))
         while todo:
-            while not self.logged(todo):
-                await self.wal(todo)
+            await self._wal_write_locked(todo)
             # No await from here to the write's start: what is written is
             # what the log has.  A change the running operation has not
             # committed never goes to storage: it may yet be undone, and a
-            # crash must not find half an operation there.
-            todo = [b for b in todo if b in self._bufs and not self._in_flux(b)]
+            # crash must not find half an operation there.  (Another write
+            # may have taken some meanwhile.)
+            todo = [
+                b for b in todo if b in self._bufs and self._bufs[b].dirty and not self._in_flux(b)
+            ]
             if not todo:
                 break
             s, n = _runs(todo)[0]
@@ -640,6 +670,19 @@ class BlockCache:
             await self._write_blocks(s, n)
             todo = todo[n:]
         return out
+
+    async def _wal_write_locked(self, blocks: list[int]) -> None:
+        """Write-ahead for a writer that holds the write lock: the lock is let
+        go while the log is forced.  A force waits for the LLOL, and the
+        LLOL's holder may be a checkpoint or a recovery here that needs the
+        write lock to write the log header."""
+        while not self.logged(blocks):
+            self._write_lock.release()
+            try:
+                await self.wal(blocks)
+            finally:
+                with trio.CancelScope(shield=True):
+                    await self._write_lock.acquire()
 
     def _in_flux(self, b: int) -> bool:
         """Changed by the running operation, not yet committed."""
@@ -686,49 +729,56 @@ class BlockCache:
     async def perform_write(self, blocknos: list[int]) -> list[tuple[int, int]]:
         """The master chose us to write these blocks (claims 19-21): write our
         current copy, or our newest past image; say which versions landed."""
+        # Their records first, without the write lock (see _wal_write_locked).
+        await self.wal(blocknos)
         out: list[tuple[int, int]] = []
         async with self._write_lock:
             for b in blocknos:
-                buf = self._bufs.get(b)
-                if buf is not None and self._in_flux(b):
-                    out.append(await self._write_committed(b))
-                    continue
-                if buf is not None and buf.dirty:
-                    done = await self._write_run(b, 1)
-                    if done:
-                        out += done
-                        continue
-                    # It left while its log records were written (what we
-                    # keep of it now is a past image), or an operation
-                    # changed it meanwhile.
-                    if self._in_flux(b):
-                        out.append(await self._write_committed(b))
-                        continue
-                buf = self._bufs.get(b)
-                if (pi := self.pis.newest(b)) is not None:
-                    data = bytearray(pi.data)
-                    if pi.btype is not None:
-                        fmt.seal(data, pi.btype, b, pi.version)
-                    await self.storage.write(b * self.bs, data)
-                    self.stats.storage_writes += 1
-                    out.append((b, pi.version))
-                elif buf is not None:
-                    out.append((b, buf.version))  # clean already: storage has it
-                else:
-                    # Nothing of it here: the master must still hear back, or
-                    # whoever waits for this write waits for ever.
-                    out.append((b, 0))
+                while (done := await self._perform_one(b)) is None:
+                    pass
+                out.append(done)
         return out
 
-    async def _write_committed(self, b: int) -> tuple[int, int]:
+    async def _perform_one(self, b: int) -> tuple[int, int] | None:
+        """perform_write() of one block, with the write lock; None: the lock
+        was let go meanwhile, and what to write must be decided again."""
+        buf = self._bufs.get(b)
+        if buf is not None and self._in_flux(b):
+            return await self._write_committed(b)
+        if buf is not None and buf.dirty:
+            done = await self._write_run(b, 1)
+            if done:
+                return done[0]
+            # It left while its log records were written (what we keep of
+            # it now is a past image), or an operation changed it meanwhile.
+            if self._in_flux(b):
+                return await self._write_committed(b)
+        buf = self._bufs.get(b)
+        if (pi := self.pis.newest(b)) is not None:
+            data = bytearray(pi.data)
+            if pi.btype is not None:
+                fmt.seal(data, pi.btype, b, pi.version)
+            await self.storage.write(b * self.bs, data)
+            self.stats.storage_writes += 1
+            return (b, pi.version)
+        if buf is not None:
+            return (b, buf.version)  # clean already: storage has it
+        # Nothing of it here: the master must still hear back, or whoever
+        # waits for this write waits for ever.
+        return (b, 0)
+
+    async def _write_committed(self, b: int) -> tuple[int, int] | None:
         """The version of `b` before the running operation changed it: on
-        storage already if it was clean, else written now."""
+        storage already if it was clean, else written now.  None: its
+        records had to be forced first (with the write lock let go)."""
         assert self._op is not None
         snap = self._op.undo[b]
         if snap is None:
             return (b, 0)  # allocated by the operation: nothing committed
         if snap.dirty:
-            await self.wal([b])  # its records, from an earlier operation
+            if not self.logged([b]):
+                await self._wal_write_locked([b])  # from an earlier operation
+                return None
             data = bytearray(snap.data)
             if snap.btype is not None:
                 fmt.seal(data, snap.btype, b, snap.version)
@@ -803,6 +853,10 @@ class BlockCache:
         return await self._leave(b, Mode(ping.keep))
 
     async def _leave(self, b: int, keep: Mode) -> Shipped:
+        while b in self._rebuild_held:
+            await self._rebuild_released.wait()
+        if b in self._rebuild_watch:
+            self._rebuild_lost.add(b)
         buf = self._bufs.get(b)
         if buf is None:
             return Shipped(b"", 0, False, 0, 0, True)  # storage has our last copy

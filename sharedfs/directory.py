@@ -53,6 +53,9 @@ class BlockState:
     write_waiters: nodes that asked for the write: notified at once.
     recovering: the dead node whose recovery holds the block: nobody is
         served until a survivor has rebuilt it.
+    revoking: nodes told to drop their copy outside any request (a rebuild
+        takes the block in X; a transfer's sender died mid-request): nobody
+        is served until they have.
     """
 
     holders: dict[int, Mode] = field(default_factory=dict)
@@ -66,6 +69,7 @@ class BlockState:
     writer: int | None = None
     write_waiters: set[int] = field(default_factory=set)
     recovering: int | None = None
+    revoking: set[int] = field(default_factory=set)
 
 
 @dataclass(slots=True)
@@ -80,15 +84,21 @@ class Recovery:
         writes: block -> version storage must reach first (the newest past
             image of a block it held; the current copy of a block it kept a
             past image of, so that none of its log records is still needed).
+        closer: the survivor told, once every block is rebuilt, to clear the
+            dead host's mark in the log header.  Only then may the log's
+            checkpoint pass its records, and only then is its slot free:
+            a mark cleared by an earlier round would let the checkpoint pass
+            records that a later round still has to read.
     """
 
     dead: int
     pending: set[int] = field(default_factory=set)
     sent: dict[int, int] = field(default_factory=dict)
     writes: dict[int, int] = field(default_factory=dict)
+    closer: int | None = None
 
     @property
-    def done(self) -> bool:
+    def rebuilt(self) -> bool:
         return not (self.pending or self.sent or self.writes)
 
 
@@ -178,13 +188,18 @@ class Directory:
         self.counters.hosts_failed += 1
         rec = self.recoveries.setdefault(node, Recovery(node))
         out: Out = []
-        for other in self.recoveries.values():
+        for other in list(self.recoveries.values()):
             # It was rebuilding another dead host's blocks: someone else will.
             for b in [b for b, by in other.sent.items() if by == node]:
                 del other.sent[b]
                 other.pending.add(b)
                 self.blocks[b].holders.pop(node, None)
+            if other.closer == node:
+                other.closer = None
+                if other is not rec:
+                    out += self._advance(other)
         for block, st in list(self.blocks.items()):
+            st.revoking.discard(node)
             mode = st.holders.pop(node, None)
             owned = st.owner == node
             if owned:
@@ -217,10 +232,16 @@ class Directory:
             return self._serve(block, st) if head is None else []
         st.acks.discard(node)
         if st.src == node:
-            # It may have shipped before it died; the recovery's ping of the
-            # rebuilt copy will ship the same version again.
+            # It may have shipped before it died, or not: the head request is
+            # served again once the block is rebuilt (the same version, from
+            # the rebuilder).  Holders still dropping their copies for it are
+            # waited for all the same; completing the request when they are
+            # done would grant it with no copy at all.
             st.final = False
             st.src = None
+            st.revoking |= st.acks
+            st.acks.clear()
+            return self._serve(block, st)
         if st.acks or st.recovering is not None:
             return []
         return self._complete(block, st)
@@ -242,25 +263,70 @@ class Directory:
 
     def _advance(self, rec: Recovery) -> Out:
         """Hand the blocks whose writes are done to a survivor (the lowest
-        live node); a dead node whose recovery is over is gone for good."""
-        if rec.done:
-            self.recoveries.pop(rec.dead, None)
-            log.info("master: node %d recovered", rec.dead)
-            return []
-        ready = sorted(b for b in rec.pending if b not in rec.writes)
-        if not ready or not self.nodes:
+        live node); once all are rebuilt, have one clear the dead host's
+        mark in the log (an empty Recover)."""
+        if not self.nodes:
             return []  # the next host to join does it
         by = min(self.nodes)
+        if rec.rebuilt:
+            if rec.closer is None:
+                rec.closer = by
+                return [(by, p.Recover(rec.dead, (), self.scn))]
+            return []
+        ready = sorted(b for b in rec.pending if b not in rec.writes)
+        if not ready:
+            return []
+        out: Out = [(by, p.Recover(rec.dead, tuple(ready), self.scn))]
         for b in ready:
             rec.pending.discard(b)
             rec.sent[b] = by
+            st = self.blocks[b]
+            out += self._revoke_others(b, st, by)
             # It rebuilds them under an X hold (served by nobody meanwhile).
-            self.blocks[b].holders[by] = Mode.X
-        return [(by, p.Recover(rec.dead, tuple(ready), self.scn))]
+            st.holders[by] = Mode.X
+            # Its recovery requests queued before it held the block.
+            out += self._serve(b, st)
+        return out
+
+    def _revoke_others(self, block: int, st: BlockState, keeper: int) -> Out:
+        """Every holder but `keeper` drops its copy: read copies of a dead
+        owner's version must not outlive the rebuilder's next change, nor
+        be taken for current by a later rebuild on their host."""
+        out: Out = []
+        for x in [x for x in st.holders if x != keeper]:
+            del st.holders[x]
+            if x in st.acks:
+                continue  # already told to drop it, by the head request
+            st.revoking.add(x)
+            self.counters.revokes += 1
+            ping = p.Ping(
+                block,
+                NOBODY,
+                int(Mode.X),
+                int(Mode.N),
+                0,
+                self.scn,
+                0.0,
+                False,
+                self._take_deferred(x),
+            )
+            out.append((x, ping))
+        return out
 
     def on_recover_done(self, node: int, msg: p.RecoverDone) -> Out:
         self._see(msg.scn)
         rec = self.recoveries.get(msg.dead)
+        if rec is not None and not msg.blocks and rec.closer == node:
+            rec.closer = None
+            if rec.rebuilt:
+                # Its mark is gone from the log: the recovery is over, and
+                # the slot may be joined again.
+                del self.recoveries[msg.dead]
+                log.info("master: node %d recovered", msg.dead)
+                return []
+            # A block it was being sent when it died came back to it
+            # meanwhile: rebuild that, then close again.
+            return self._advance(rec)
         out: Out = []
         installed = set(msg.installed)
         for block in msg.blocks:
@@ -271,8 +337,10 @@ class Directory:
             st.recovering = None
             if block in installed:
                 st.owner = node  # rebuilt, dirty, in its cache
-            else:
-                st.holders.pop(node, None)  # storage has the newest version
+            # Not installed: storage has the newest version.  The X hold
+            # stays all the same: the rebuilder may have the block cached
+            # (a copy it took in X to follow the log), and a second X
+            # holder could be granted beside it.
             out += self._serve(block, st)
             self._gc(block, st)
         if rec is not None:
@@ -313,7 +381,7 @@ class Directory:
                 st.queue.remove(r)
                 out.append((r.node, self._grant(r.node, r.req, (block,), r.mode)))
             return out
-        while st.queue and not st.acks:
+        while st.queue and not st.acks and not st.revoking:
             r = st.queue[0]
             held = st.holders.get(r.node, Mode.N)
             conflicts = {
@@ -369,6 +437,13 @@ class Directory:
     def on_ping_done(self, node: int, msg: p.PingDone) -> Out:
         self._see(msg.scn)
         st = self._state(msg.block)
+        if node in st.revoking and node not in st.acks:
+            st.revoking.discard(node)
+            if msg.pi:
+                st.pis[node] = max(st.pis.get(node, 0), msg.pi)
+            if st.revoking or st.recovering is not None:
+                return []
+            return self._serve(msg.block, st)
         if node not in st.acks:
             log.warning("master: unexpected PingDone from node %d for block %d", node, msg.block)
             return []
@@ -445,7 +520,7 @@ class Directory:
         return out
 
     def _gc(self, block: int, st: BlockState) -> None:
-        busy = st.holders or st.pis or st.queue or st.acks or st.write_waiters
+        busy = st.holders or st.pis or st.queue or st.acks or st.revoking or st.write_waiters
         if not busy and st.owner is None and st.writer is None and st.recovering is None:
             del self.blocks[block]
 

@@ -684,7 +684,11 @@ class Log:
         # The log's end before the cache closes its open bin: what we logged
         # before it will be covered by the next checkpoint's bin writes.
         # (As of our last hold of the LLOL: stale only ever means lower.)
-        mark, self._mark = self._mark, self._known.next_seq
+        # The end is the first page an append may still fill: the last page
+        # is appended to in place, so changes logged there later are not
+        # covered by this checkpoint.
+        k = self._known
+        mark, self._mark = self._mark, k.next_seq - 1 if k.llp_used else k.next_seq
         since, self._mark_scn = self._mark_scn, self.cache.scn
         await self.cache.checkpoint()
         async with self._llol() as hbuf:
@@ -698,15 +702,20 @@ class Log:
                     h.low[self.host] = 0
                 elif oldest is None or oldest >= since:
                     h.low[self.host] = max(h.low[self.host], mark)
-            moved = h.advance()
-            pack_header(hbuf.data, h)
-            self.cache.mark_dirty(hbuf)
-            self._known = h
-            if moved:
-                # Pages before the new checkpoint may be reused only once the
-                # header saying so is on storage.
-                await self.cache.flush([self.area.header])
-                await self.cache.storage.flush()
+            await self._put_header(hbuf, h)
+
+    async def _put_header(self, hbuf: Buffer, h: JournalHeader) -> None:
+        """`h`, with the checkpoint moved as far as every host allows, as the
+        LLOL's value (held, in `hbuf`)."""
+        moved = h.advance()
+        pack_header(hbuf.data, h)
+        self.cache.mark_dirty(hbuf)
+        self._known = h
+        if moved:
+            # Pages before the new checkpoint may be reused only once the
+            # header saying so is on storage.
+            await self.cache.flush([self.area.header])
+            await self.cache.storage.flush()
 
     # -- recovery --------------------------------------------------------------
     async def recover(self, dead: int, blocks: list[int], report: Report) -> None:
@@ -714,13 +723,19 @@ class Log:
         them now, and storage has the newest copy that survived elsewhere.
         Rebuild each from storage and the committed records after the
         checkpoint, take the result into our cache and our log (FULL
-        records: our checkpoints now answer for them), clear the dead host's
-        mark in the log header, and `report` the blocks done.
+        records: our checkpoints now answer for them), and `report` the
+        blocks done.  No blocks: every round is over, and we clear the dead
+        host's mark in the log header, which lets the checkpoint pass its
+        records at last.
 
         The blocks it allocated were private to it (the master knows
         nothing of them) and are reachable now: its records name them, and
         we take them in X like any other block before rebuilding them.
         """
+        if not blocks:
+            await self._close_recovery(dead)
+            await report([], [])
+            return
         want = set(blocks)
         self._rebuilding |= want
         try:
@@ -728,8 +743,16 @@ class Log:
         finally:
             self._rebuilding -= set(blocks)
 
+    async def _close_recovery(self, dead: int) -> None:
+        async with self._llol() as hbuf:
+            h = unpack_header(hbuf.data, self.area.header)
+            if dead < len(h.low):
+                h.low[dead] = 0
+            await self._put_header(hbuf, h)
+        log.info("host %d: the log no longer keeps records for dead node %d", self.host, dead)
+
     async def _recover(self, dead: int, want: set[int], report: Report) -> None:
-        blocks = sorted(want)
+        given = set(want)
         # Read without the LLOL: the dead host's records are all on storage.
         _, pages = await read_log(self.cache.storage, self.sb)
         if self.area.header in want:
@@ -738,7 +761,7 @@ class Log:
             # LLOL goes back into service at once: other hosts may need to
             # append before they can ship us what we ask for next.
             want.discard(self.area.header)
-            await report([self.area.header], await self._adopt_header(pages))
+            await report([self.area.header], await self._adopt_header(dead, pages))
         # The blocks its records name, except those the master gave us to
         # rebuild in another round: they are ours already, and wait for that
         # round, not for a lock.
@@ -749,9 +772,38 @@ class Log:
             if r.host == dead and r.kind in (Kind.DELTA, Kind.FULL)
         }
         private = theirs - self._rebuilding - {self.area.header}
-        if private:
-            await self.cache.lock_blocks(sorted(private), Mode.X)
-            want |= {b for b in private if self.cache.holding(b, Mode.X) is None}
+        try:
+            if private:
+                await self._take_for_rebuild(sorted(private))
+                want |= {b for b in private if self.cache.holding(b, Mode.X) is None}
+            installed = await self._rebuild_into_cache(dead, want)
+        finally:
+            self.cache.release_rebuild_hold(private)
+        self.recovered += len(installed)
+        log.warning(
+            "host %d: rebuilt %d blocks of dead node %d from the log (%d it had allocated)",
+            self.host,
+            len(installed),
+            dead,
+            len(want - given),
+        )
+        rest = given - {self.area.header}
+        if rest:
+            await report(sorted(rest), [b for b in installed if b in rest])
+
+    async def _take_for_rebuild(self, blocks: list[int]) -> None:
+        """X on `blocks`, held until the rebuild is in our cache: a ping that
+        took one away between its grant and the rebuild would leave us
+        rebuilding a block another host now holds in X."""
+        todo = blocks
+        while todo:
+            self.cache.watch_for_rebuild(todo)
+            await self.cache.lock_blocks(todo, Mode.X)
+            # No await from the grant's return to here: from now on pings
+            # for them wait; those that left meanwhile are asked for again.
+            todo = self.cache.hold_for_rebuild(todo)
+
+    async def _rebuild_into_cache(self, dead: int, want: set[int]) -> list[int]:
         async with self._llol() as hbuf:
             # Nobody appends while we read the log (we hold the LLOL).
             h = unpack_header(hbuf.data, self.area.header)
@@ -760,26 +812,11 @@ class Log:
                 [(b, fmt.BlockType(t), v, data) for b, t, v, data in images]
             )
             self.commit([(b, t, v, None, data) for b, t, v, data in images])
-            # Our records on storage before its mark goes: from then on the
-            # log keeps these blocks' changes for us, not for it.
+            # Our records on storage before anything of it leaves us: from
+            # then on the log keeps these blocks' changes for us too (the
+            # dead host's mark stays until the master's closing round).
             await self._force(hbuf)
-            h = unpack_header(hbuf.data, self.area.header)
-            if dead < len(h.low):
-                h.low[dead] = 0
-            h.advance()
-            pack_header(hbuf.data, h)
-            self.cache.mark_dirty(hbuf)
-            self._known = h
-        self.recovered += len(installed)
-        log.warning(
-            "host %d: rebuilt %d blocks of dead node %d from the log (%d it had allocated)",
-            self.host,
-            len(installed),
-            dead,
-            len(want - set(blocks)),
-        )
-        rest = set(blocks) - {self.area.header}
-        await report(sorted(rest), [b for b in installed if b in rest])
+        return installed
 
     async def _rebuild(
         self, want: set[int], h: JournalHeader
@@ -791,7 +828,7 @@ class Log:
         rp, _ = await apply_log(storage, self.bs, pages, want)
         return rp.results()
 
-    async def _adopt_header(self, pages: list[Page]) -> list[int]:
+    async def _adopt_header(self, dead: int, pages: list[Page]) -> list[int]:
         """The LLOL's value as storage and the log chain (`pages`, read from
         the checkpoint it names) make it: the log ends after the last whole
         group on storage."""
@@ -799,10 +836,11 @@ class Log:
         h = decode_header(data, self.area.header)
         if pages and pages[-1].seq + 1 >= h.next_seq:
             h.next_seq, h.llp_used = pages[-1].seq + 1, pages[-1].used
-        # The marks of live hosts may be newer than this copy: where it says
-        # a host had nothing unwritten, it may have now.  Each host's next
-        # checkpoint puts its own mark right again.
-        for n in self.cache.agent.live_nodes():
+        # The marks on storage may be older than the ones the dead host had:
+        # where this copy says a host had nothing unwritten, it may have now
+        # (each live host's next checkpoint puts its own mark right again),
+        # and the dead host's records stay needed until its recovery is over.
+        for n in [*self.cache.agent.live_nodes(), dead]:
             if n < len(h.low) and not h.low[n]:
                 h.low[n] = h.checkpoint_seq
         pack_header(data, h)

@@ -31,8 +31,14 @@ def test_a_dead_holders_block_waits_for_its_rebuild_by_the_lowest_survivor():
     assert d.blocks[5].recovering == 1 and d.blocks[5].holders == {2: Mode.X}
     assert lock(d, 3, 3, (5,), Mode.X) == []  # still waits
     out = d.on_recover_done(2, p.RecoverDone(1, (5,), (5,), 9))
-    # Node 2 rebuilt it: node 3's requests are served from node 2's copy.
-    assert [(n, type(m).__name__, m.to) for n, m in out] == [(2, "Ping", 3)]
+    # Node 2 rebuilt it: node 3's requests are served from node 2's copy;
+    # and node 2 is told to close the recovery (clear node 1's log mark).
+    assert [(n, type(m).__name__) for n, m in out] == [(2, "Ping"), (2, "Recover")]
+    assert out[0][1].to == 3
+    assert out[1][1] == p.Recover(1, (), 9)
+    # Until that is done, node 1's slot stays closed.
+    assert 1 in d.recoveries
+    assert d.on_recover_done(2, p.RecoverDone(1, (), (), 10)) == []
     assert 1 not in d.recoveries
     assert d.counters.hosts_failed == 1 and d.counters.blocks_recovered == 1
 
@@ -61,6 +67,93 @@ def test_a_block_the_dead_host_was_being_sent_is_rebuilt_from_the_senders_image(
     assert d.blocks[9].recovering == 1
     out = d.on_write_done(2, p.WriteDone(((9, 50),), 51))
     assert (2, p.Recover(1, (9,), 51)) in out
+
+
+def test_closing_rounds_go_to_the_next_survivor_when_the_closer_dies():
+    d = joined(1, 2, 3)
+    # A dead host that held nothing still has its mark in the log cleared.
+    assert d.fail(1) == [(2, p.Recover(1, (), 0))]
+    out = d.fail(2)
+    assert sorted(out, key=lambda x: x[1].dead) == [
+        (3, p.Recover(1, (), 0)),
+        (3, p.Recover(2, (), 0)),
+    ]
+    assert d.on_recover_done(2, p.RecoverDone(1, (), (), 1)) == []  # dead: ignored
+    assert 1 in d.recoveries
+    d.on_recover_done(3, p.RecoverDone(1, (), (), 1))
+    d.on_recover_done(3, p.RecoverDone(2, (), (), 1))
+    assert d.recoveries == {}
+
+
+def test_a_rebuild_revokes_the_read_copies_of_a_dead_owners_version():
+    """Node 1 shipped read copies of its dirty version and died: the
+    rebuilder takes the block in X, so those copies must go first, and
+    nobody is served until they have."""
+    d = joined(1, 2, 3)
+    lock(d, 1, 1, (4,), Mode.X)
+    lock(d, 3, 2, (4,), Mode.S)  # node 1 ships a read copy, keeps S, owns it
+    d.on_ping_done(1, p.PingDone(4, 3, int(Mode.S), 0, 30, True, 0, 30))
+    assert d.blocks[4].holders == {1: Mode.S, 3: Mode.S} and d.blocks[4].owner == 1
+    out = d.fail(1)
+    assert out == [
+        (2, p.Recover(1, (4,), 30)),
+        (3, p.Ping(4, -1, int(Mode.X), int(Mode.N), 0, 30, 0.0, False)),
+    ]
+    assert d.blocks[4].holders == {2: Mode.X} and d.blocks[4].revoking == {3}
+    d.on_recover_done(2, p.RecoverDone(1, (4,), (4,), 31))
+    assert lock(d, 3, 3, (4,), Mode.S) == []  # waits for its own revoke
+    out = d.on_ping_done(3, p.PingDone(4, -1, int(Mode.N), 0, 30, False, 0, 31))
+    assert [(n, type(m).__name__, m.to) for n, m in out] == [(2, "Ping", 3)]
+
+
+def test_a_rebuilders_recovery_request_queued_before_its_round_is_granted():
+    """Node 2 follows node 1's records to block 8, which dead node 3 held and
+    which waits for a write before its rebuild: the request queues; when the
+    round hands block 8 to node 2, that request is granted too."""
+    d = joined(1, 2, 3, 4)
+    lock(d, 4, 1, (8,), Mode.X)
+    lock(d, 3, 1, (8,), Mode.X)
+    d.on_ping_done(4, p.PingDone(8, 3, int(Mode.N), 40, 40, True, 0, 40))
+    d.fail(1)
+    assert d.fail(3) == [(4, p.WritePerform((8,), 40))]
+    req = p.LockRequest(7, (8,), int(Mode.X), 40, 0.0, True)
+    assert d.on_lock_request(2, req) == []
+    out = d.on_write_done(4, p.WriteDone(((8, 40),), 41))
+    assert (2, p.Recover(3, (8,), 41)) in out
+    grants = [m for n, m in out if n == 2 and isinstance(m, p.Grant)]
+    assert [(g.req, g.blocks) for g in grants] == [(7, (8,))]
+
+
+def test_a_block_rebuilt_from_storage_alone_stays_held_by_its_rebuilder():
+    d = joined(1, 2, 3)
+    lock(d, 1, 1, (5,), Mode.X)
+    d.fail(1)
+    d.on_recover_done(2, p.RecoverDone(1, (5,), (), 3))
+    assert d.blocks[5].holders == {2: Mode.X} and d.blocks[5].owner is None
+    out = lock(d, 3, 2, (5,), Mode.X)
+    assert [(n, type(m).__name__) for n, m in out] == [(2, "Ping")]
+
+
+def test_a_senders_death_mid_transfer_waits_for_the_other_copies_to_go():
+    """Node 1 owns a dirty version shared with node 2; node 3 asks for X:
+    node 1 is to ship it, node 2 to drop its copy.  Node 1 dies first: node
+    3's request must be served from the rebuilt copy, not granted bare when
+    node 2's answer comes."""
+    d = joined(1, 2, 3, 4)
+    lock(d, 1, 1, (9,), Mode.X)
+    lock(d, 2, 1, (9,), Mode.S)
+    d.on_ping_done(1, p.PingDone(9, 2, int(Mode.S), 0, 20, True, 0, 20))
+    out = lock(d, 3, 1, (9,), Mode.X)
+    assert sorted(n for n, _ in out) == [1, 2]
+    out = d.fail(1)
+    assert (2, p.Recover(1, (9,), 20)) in out
+    d.on_recover_done(2, p.RecoverDone(1, (9,), (9,), 21))
+    out = d.on_ping_done(2, p.PingDone(9, -1, int(Mode.N), 0, 20, False, 0, 21))
+    # Served anew: the rebuilder (node 2) ships; no bare grant to node 3.
+    assert [(n, type(m).__name__) for n, m in out if not isinstance(m, p.Recover)] == [
+        (2, "Ping")
+    ]
+    assert out[0][1].to == 3
 
 
 def test_a_clean_leave_recovers_nothing():
