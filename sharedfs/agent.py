@@ -17,14 +17,14 @@ import contextlib
 import functools
 import itertools
 import logging
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import trio
 
 from . import protocol as p
-from .errors import QuietError
+from .errors import QuietError, StorageError
 from .link import Link, LinkClosed
 from .master import LockMaster
 from .protocol import HostId, Mode, Resource, block_resource
@@ -180,20 +180,18 @@ class ClusterAgent:
                 stream = await trio.open_tcp_stream(*master)
                 link = await Link.open(stream, self.key, self.host, initiator=True)
                 await link.send(p.Join(self.host, listen_host, self.peer_port, self.coherence))
-                async for msg in link.messages():
+                while not isinstance(msg := await link.receive(), p.Welcome):
+                    if msg is None:
+                        raise LinkClosed("master closed the connection")
                     if isinstance(msg, p.Refused):
                         raise QuietError(
                             f"master {master[0]}:{master[1]} refused: {msg.reason}", 32
                         )
-                    if isinstance(msg, p.Welcome):
-                        self._peers.update(msg.peers)
-                        self.lease = msg.lease
-                        self._heard = trio.current_time()
-                        assert self.cache is not None
-                        self.cache.see_scn(msg.scn)
-                        break
-                else:
-                    raise LinkClosed("master closed the connection")
+                self._peers.update(msg.peers)
+                self.lease = msg.lease
+                self._heard = trio.current_time()
+                assert self.cache is not None
+                self.cache.see_scn(msg.scn)
         except OSError as e:
             raise QuietError(
                 f"cannot reach master {master[0]}:{master[1]}: {e.strerror or e}", 32
@@ -257,13 +255,14 @@ class ClusterAgent:
         """Releases also go out on their own, batched, when nothing else does;
         and now and then our counters, for `sharedfs status`."""
         ticks = 0
-        while True:
-            await trio.sleep(0.05)
-            if self._releases:
-                await self._send_master(None)
-            ticks += 1
-            if ticks % STATS_TICKS == 0:
-                await self._send_master(p.Stats(self.host, self.counters()))
+        with contextlib.suppress(LinkClosed):  # fenced: nothing more to say
+            while True:
+                await trio.sleep(0.05)
+                if self._releases:
+                    await self._send_master(None)
+                ticks += 1
+                if ticks % STATS_TICKS == 0:
+                    await self._send_master(p.Stats(self.host, self.counters()))
 
     async def _lease_task(self) -> None:
         """Renew our lease; fence ourselves once the master has been silent
@@ -324,7 +323,11 @@ class ClusterAgent:
     def write_done(self, blocks: list[tuple[int, int]]) -> None:
         """Storage has these versions of global blocks (claim 34)."""
         assert self._nursery is not None and self.cache is not None
-        self._nursery.start_soon(self._send_master, p.WriteDone(tuple(blocks), self.cache.scn))
+        self._nursery.start_soon(self._send_or_fence, p.WriteDone(tuple(blocks), self.cache.scn))
+
+    async def _send_or_fence(self, msg: p.Message) -> None:
+        with contextlib.suppress(LinkClosed):  # _send_master fenced us
+            await self._send_master(msg)
 
     async def _send_master(self, msg: p.Message | None) -> None:
         """Send to the master, releases first: a Release must never reach the
@@ -365,7 +368,9 @@ class ClusterAgent:
                     self._peers[msg.node] = (msg.host, msg.port)
                 elif isinstance(msg, p.PeerDown):
                     self._peers.pop(msg.node, None)
-                    self._peer_links.pop(msg.node, None)
+                    gone = self._peer_links.pop(msg.node, None)
+                    if gone is not None:
+                        self._nursery.start_soon(gone.aclose)
         except p.ProtocolError as e:
             log.error("host %d: bad message from the master: %s", self.host, e)
         self.fence("lost the connection to the lock master")
@@ -393,6 +398,20 @@ class ClusterAgent:
 
     async def _serve_ping(self, msg: p.Ping) -> None:
         """Ship `block` to the requester (or just drop it) and tell the master."""
+        with self._fence_on_failure(f"serving a ping for block {msg.block}"):
+            await self._ship(msg)
+
+    @contextlib.contextmanager
+    def _fence_on_failure(self, what: str) -> Iterator[None]:
+        """A failure to write what the master asked for, or to answer it,
+        leaves the master waiting on a host it can no longer trust: fence.
+        (Once fenced, writes fail as a matter of course: no more to say.)"""
+        try:
+            yield
+        except (StorageError, LinkClosed) as e:
+            self.fence(f"{what} failed: {e}")
+
+    async def _ship(self, msg: p.Ping) -> None:
         assert self.cache is not None
         # The master granted us this block and then pinged us for it (the
         # grant came first on its link): let the data on its way land first.
@@ -435,8 +454,9 @@ class ClusterAgent:
     async def _perform(self, msg: p.WritePerform) -> None:
         assert self.cache is not None
         self.stats.write_performs += 1
-        written = await self.cache.perform_write(list(msg.blocks))
-        await self._send_master(p.WriteDone(tuple(written), self.cache.scn))
+        with self._fence_on_failure(f"writing {len(msg.blocks)} blocks for the master"):
+            written = await self.cache.perform_write(list(msg.blocks))
+            await self._send_master(p.WriteDone(tuple(written), self.cache.scn))
 
     async def _recover(self, msg: p.Recover) -> None:
         """Rebuild what a dead host held (the journal does it)."""

@@ -24,9 +24,10 @@ import trio
 from . import format as fmt
 from .agent import OpRetry
 from .cache import BlockCache, Buffer
-from .errors import CorruptVolume, FsError
+from .errors import CorruptVolume, FsError, StorageError
 from .format import BlockType, DirEntry, Inode
 from .journal import Log
+from .link import LinkClosed
 from .protocol import Mode
 
 log = logging.getLogger(__name__)
@@ -1106,7 +1107,9 @@ class FileSystem:
         log makes the metadata durable, which stays in the cache."""
         await self.getattr(ino)
         wrote = await self.cache.flush(self.cache.dirty_data())
-        if self.log.plc:
+        if self.log.pending:
+            # Records not yet durable, ours in the PLC or another task's
+            # append under way: force() waits for both.
             await self.log.force()  # its storage flush covers the data too
         elif wrote:
             await self.cache.storage.flush()
@@ -1214,6 +1217,21 @@ class FileSystem:
         await self._iput(inode)
 
     # -- lifecycle -------------------------------------------------------
+
+    async def write_back_every(self, interval: float) -> None:
+        """The mount's write-back task: every interval a checkpoint (dirty
+        blocks written, past images older than the last checkpoint covered
+        through the master, the log's checkpoint moved past what is now on
+        storage).  A fenced host stops quietly: it may write nothing more."""
+        while True:
+            await trio.sleep(interval)
+            try:
+                await self.log.checkpoint()
+            except (StorageError, LinkClosed) as e:
+                if self.fenced:
+                    return
+                # The next round tries again; what is dirty stays dirty.
+                log.error("host %d: checkpoint failed: %s", self.host, e)
 
     async def destroy(self) -> None:
         """Unmount: free inodes unlinked while open, write everything back."""

@@ -196,7 +196,7 @@ async def _run_fuse(
     try:
         async with trio.open_nursery() as tasks:
             tasks.start_soon(_heartbeat_task, storage, sb, node, slot)
-            tasks.start_soon(_writeback_task, fs, writeback)
+            tasks.start_soon(fs.write_back_every, writeback)
             tasks.start_soon(_signal_task)
             ready()
             await pyfuse3.main()
@@ -230,15 +230,6 @@ async def replay_log(storage: Storage, sb: fmt.Superblock, node: int) -> None:
             done.pages,
             done.blocks_written,
         )
-
-
-async def _writeback_task(fs: FileSystem, interval: float) -> None:
-    """Every interval a checkpoint: dirty blocks written, past images older
-    than the last checkpoint covered through the master, and the log's
-    checkpoint moved past what is now on storage."""
-    while True:
-        await trio.sleep(interval)
-        await fs.log.checkpoint()
 
 
 async def _signal_task() -> None:

@@ -103,13 +103,22 @@ def slot_is_live(slot: fmt.HostSlot, now_ns: int | None = None) -> bool:
 
 
 def _pid_alive(pid: int) -> bool:
+    # A zombie (killed, not yet reaped by its parent) mounts nothing.
+    return process_state(pid) not in (None, "Z", "X")
+
+
+def process_state(pid: int) -> str | None:
+    """The state letter of process `pid` (R, S, D, T, Z, ...), None if there
+    is no such process."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+        with open(f"/proc/{pid}/stat") as f:
+            stat_line = f.read()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    except OSError:
+        return "?"  # it exists, but we may not look
+    # "pid (comm) S ...": comm may hold spaces and parentheses.
+    return stat_line.rpartition(")")[2].split()[0]
 
 
 def live_slots(storage: Storage, sb: fmt.Superblock) -> dict[int, fmt.HostSlot]:

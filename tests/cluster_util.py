@@ -62,7 +62,7 @@ class Cluster:
             async with trio.open_nursery() as n:
                 await n.start(fs.cache.agent.run, ("127.0.0.1", self._port))
                 if self._checkpoint_every is not None:
-                    n.start_soon(checkpoints, fs, self._checkpoint_every)
+                    n.start_soon(fs.write_back_every, self._checkpoint_every)
                 task_status.started(scope)
 
     def kill(self, node: int) -> None:
@@ -80,13 +80,6 @@ class Cluster:
                 or (node in self.directory.nodes)
             ):
                 await trio.sleep(0.01)
-
-
-async def checkpoints(fs: FileSystem, every: float) -> None:
-    """What a mount's write-back task does, more often."""
-    while True:
-        await trio.sleep(every)
-        await fs.log.checkpoint()
 
 
 @asynccontextmanager
