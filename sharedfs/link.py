@@ -80,21 +80,26 @@ class Link:
 
     async def messages(self) -> AsyncIterator[p.Message]:
         """Every message until the other side closes; ProtocolError on garbage."""
-        while self._early:
+        while (msg := await self.receive()) is not None:
+            yield msg
+
+    async def receive(self) -> p.Message | None:
+        """The next message, or None once the other side has closed;
+        ProtocolError on garbage.  (For one reply: no generator to close.)"""
+        if self._early:
             self.received += 1
-            yield self._early.pop(0)
+            return self._early.pop(0)
         while True:
             msg, _ = self.conn.next_event()
             if msg is not None:
                 self.received += 1
-                yield msg
-                continue
+                return msg
             try:
                 data = await self.stream.receive_some(_RECV)
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-                return
+                return None
             if not data:
-                return
+                return None
             self.conn.receive_data(data)
 
     async def aclose(self) -> None:
