@@ -617,8 +617,10 @@ class BlockCache:
     def oldest_unwritten(self) -> int | None:
         """The first-dirty SCN of the oldest change of ours not on storage
         (in a dirty block or a past image), or None if there is none."""
-        # The log's header block is no change of ours: it is not logged.
-        dirty = [self._bufs[b].first_dirty for b in self._dirty if b != self.llol_block]
+        # The log's header block is no change of ours: it is not logged.  A
+        # block being written is clean already, but not yet on storage.
+        unwritten = self._dirty | {b for b in self._inflight if b in self._bufs}
+        dirty = [self._bufs[b].first_dirty for b in unwritten if b != self.llol_block]
         pi = self.pis.oldest_since(skip=self.llol_block)
         marks = dirty + ([pi] if pi is not None else [])
         return min(marks) if marks else None

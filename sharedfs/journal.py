@@ -694,13 +694,14 @@ class Log:
         async with self._llol() as hbuf:
             h = unpack_header(hbuf.data, self.area.header)
             if h.low[self.host]:
-                # Our changes logged before `mark` were made before `since`:
-                # if nothing older than that is left unwritten here, they are
-                # all on storage.  Nothing left at all: none of ours is needed.
+                # Our changes logged before `mark` have versions up to
+                # `since`: if everything left unwritten here was first
+                # changed after it, they are all on storage.  Nothing left
+                # at all: none of ours is needed.
                 oldest = self.cache.oldest_unwritten()
                 if oldest is None and not self.plc:
                     h.low[self.host] = 0
-                elif oldest is None or oldest >= since:
+                elif oldest is None or oldest > since:
                     h.low[self.host] = max(h.low[self.host], mark)
             await self._put_header(hbuf, h)
 
