@@ -320,7 +320,8 @@ class MasterService:
         }
         info["coherence"] = self.directory.coherence
         info["lease"] = self.lease
-        info["recovering"] = sorted(self.directory.recoveries)
+        # A host in its close grace is as good as dead: it is being fenced.
+        info["recovering"] = sorted(set(self.directory.recoveries) | self._dying)
         info["refused_connections"] = self.refused
         return info
 

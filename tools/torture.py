@@ -1,0 +1,388 @@
+"""Crash trials on real mounts; see tools/torture.
+
+A standalone master and N mount processes on one image.  On every host a
+writer creates files in its own directory (and now and then rewrites one in
+place), fsyncs each, and only then records it in an acknowledgement file
+outside the filesystem.  Each trial kills one host at a random moment (kill -9
+of its mount and its writer, or SIGSTOP until its lease lapses), waits for the
+master to recover it, reads on a survivor every file the dead host
+acknowledged and a sample of the others, and mounts the dead host again in
+its slot.  At the end every host unmounts, `fsck -n` must be clean, and a
+fresh mount must read every acknowledged file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import trio
+import xxhash
+
+from sharedfs.status import ask_master
+from sharedfs.storage import open_volume
+from sharedfs.volume import open_superblock
+
+PY = sys.executable
+
+#: The writer: `W name digest` before a rewrite, `A name digest` once a
+#: create or rewrite has been fsync'd.  A name whose last line is W may hold
+#: the old or the new contents.
+WRITER = r"""
+import os, random, sys, xxhash
+top, acks, seed, start = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+rng = random.Random(seed)
+os.makedirs(top, exist_ok=True)
+log = open(acks, "a", buffering=1)
+def ack(kind, name, data):
+    log.write(f"{kind} {name} {xxhash.xxh64_hexdigest(data)}\n")
+    log.flush()
+    os.fsync(log.fileno())
+mine, i = [], start
+while True:
+    i += 1
+    if i % 5 == 0 and mine:
+        name = rng.choice(mine)
+        path = os.path.join(top, name)
+        data = os.urandom(os.path.getsize(path))
+        ack("W", name, data)
+        fd = os.open(path, os.O_WRONLY)
+    else:
+        name = f"f{i:06d}"
+        path = os.path.join(top, name)
+        data = os.urandom(rng.choice((100, 4096, 5000, 20000, 70000)))
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        mine.append(name)
+    os.write(fd, data)
+    os.fsync(fd)
+    os.close(fd)
+    ack("A", name, data)
+"""
+
+
+class TortureFailed(Exception):
+    pass
+
+
+def sfs(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    r = subprocess.run([PY, "-m", "sharedfs.cli", *args], capture_output=True, text=True)
+    if check and r.returncode:
+        raise TortureFailed(f"sharedfs {' '.join(args)} exited {r.returncode}: {r.stderr.strip()}")
+    return r
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_until(pred, timeout: float, what: str) -> float:  # type: ignore[no-untyped-def]
+    """Poll `pred`; the seconds it took, or TortureFailed after `timeout`."""
+    t0 = time.monotonic()
+    while not pred():
+        if time.monotonic() - t0 > timeout:
+            raise TortureFailed(f"timed out after {timeout:g} s waiting for {what}")
+        time.sleep(0.05)
+    return time.monotonic() - t0
+
+
+@dataclass
+class Host:
+    node: int
+    mnt: Path
+    log: Path
+    acks: Path
+    mount: subprocess.Popen[bytes] | None = None
+    writer: subprocess.Popen[bytes] | None = None
+
+
+@dataclass
+class Acked:
+    """What a host's writer acknowledged: name -> digests it may hold."""
+
+    files: dict[str, set[str]] = field(default_factory=dict)
+    last: int = 0  # highest file number created
+
+    @classmethod
+    def read(cls, path: Path) -> Acked:
+        out = cls()
+        if not path.exists():
+            return out
+        for line in path.read_text().splitlines():
+            parts = line.split()
+            if len(parts) != 3:
+                continue  # torn by a kill mid-line: not acknowledged
+            kind, name, digest = parts
+            if kind == "W":
+                out.files[name] = out.files.get(name, set()) | {digest}
+            else:
+                out.files[name] = {digest}
+            out.last = max(out.last, int(name[1:]))
+        return out
+
+
+class Cluster:
+    def __init__(self, work: Path, hosts: int, size: str, lease: float, seed: int) -> None:
+        self.work = work
+        self.vol = work / "volume.img"
+        self.seed = seed
+        self.lease = lease
+        sfs("mkfs", str(self.vol), "--size", size, "-q")
+        storage = open_volume(str(self.vol))
+        try:
+            self.key = open_superblock(storage).cluster_key
+        finally:
+            storage.close()
+        self.port = free_port()
+        self.addr = f"127.0.0.1:{self.port}"
+        self.master_log = work / "master.log"
+        self.master = self._start_master()
+        self.hosts = [
+            Host(n, work / f"host{n}", work / f"host{n}.log", work / f"acks{n}.txt")
+            for n in range(hosts)
+        ]
+        for h in self.hosts:
+            self.mount(h)
+            self.start_writer(h)
+
+    def _start_master(self) -> subprocess.Popen[bytes]:
+        with open(self.master_log, "a") as log:
+            proc = subprocess.Popen(
+                [PY, "-m", "sharedfs.cli", "master", str(self.vol), "--listen", self.addr]
+                + ["--lease", str(self.lease)],
+                stdout=subprocess.DEVNULL,
+                stderr=log,
+            )
+
+        def listening() -> bool:
+            if proc.poll() is not None:
+                raise TortureFailed(f"master exited: {self.master_log.read_text()[-2000:]}")
+            with socket.socket() as s:
+                return s.connect_ex(("127.0.0.1", self.port)) == 0
+
+        wait_until(listening, 30, "the master")
+        return proc
+
+    def status(self) -> dict:  # type: ignore[type-arg]
+        return trio.run(ask_master, self.key, ("127.0.0.1", self.port))
+
+    def mount(self, h: Host) -> None:
+        h.mnt.mkdir(exist_ok=True)
+        with open(h.log, "a") as log:
+            h.mount = subprocess.Popen(
+                [PY, "-m", "sharedfs.cli", "mount", "--foreground", str(self.vol), str(h.mnt)]
+                + ["--master", self.addr, "--node", str(h.node), "--writeback", "1"],
+                stdout=subprocess.DEVNULL,
+                stderr=log,
+            )
+        proc = h.mount
+
+        def up() -> bool:
+            if proc.poll() is not None:
+                raise TortureFailed(f"mount of host {h.node} exited: {h.log.read_text()[-2000:]}")
+            return os.path.ismount(h.mnt)
+
+        wait_until(up, 60, f"host {h.node} to mount")
+
+    def start_writer(self, h: Host) -> None:
+        start = Acked.read(h.acks).last + 1000  # past anything a dead writer began
+        h.writer = subprocess.Popen(
+            [PY, "-c", WRITER, str(h.mnt / f"w{h.node}"), str(h.acks)]
+            + [str(self.seed * 100 + h.node + start), str(start)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+
+    def pause_writers(self, sig: int) -> None:
+        for h in self.hosts:
+            if h.writer is not None and h.writer.poll() is None:
+                h.writer.send_signal(sig)
+
+    def kill(self, h: Host, mode: str) -> float:
+        """Kill host `h`; return the seconds from its death (or, for a
+        stopped host, the lapse of its lease) to the end of its recovery."""
+        assert h.mount is not None and h.writer is not None
+        if mode == "stop":
+            h.mount.send_signal(signal.SIGSTOP)
+            lapse = time.monotonic() + self.lease
+        else:
+            h.mount.kill()
+            lapse = time.monotonic()
+        h.writer.kill()
+        wait_until(lambda: self._recovered(h.node), self.lease + 60, f"recovery of host {h.node}")
+        took = max(0.0, time.monotonic() - lapse)
+        if mode == "stop":
+            h.mount.kill()  # it fenced itself, or would once it ran again
+        h.mount.wait()
+        h.writer.wait()
+        subprocess.run(["fusermount3", "-u", "-z", str(h.mnt)], capture_output=True)
+        return took
+
+    def _recovered(self, node: int) -> bool:
+        info = self.status()
+        hosts = {int(n) for n in info["hosts"]}
+        return node not in hosts and node not in info["recovering"]
+
+    def check(self, reader: Host, dead: Host, sample: int, rng: random.Random) -> int:
+        """Every file `dead` acknowledged, and `sample` of each other host's,
+        as acknowledged when read through `reader`; return files checked."""
+        checked = 0
+        for h in self.hosts:
+            acked = Acked.read(h.acks)
+            names = sorted(acked.files)
+            if h is not dead:
+                names = rng.sample(names, min(sample, len(names)))
+            for name in names:
+                check_file(reader.mnt / f"w{h.node}" / name, acked.files[name])
+                checked += 1
+        return checked
+
+    def stop(self) -> None:
+        """Writers stopped, every host unmounted cleanly, the master gone."""
+        for h in self.hosts:
+            if h.writer is not None:
+                h.writer.kill()
+                h.writer.wait()
+        for h in self.hosts:
+            if h.mount is not None and h.mount.poll() is None:
+                r = subprocess.run(["fusermount3", "-u", str(h.mnt)], capture_output=True)
+                if r.returncode or h.mount.wait(timeout=120):
+                    raise TortureFailed(f"host {h.node} did not unmount cleanly: {h.log}")
+        self.master.terminate()
+        self.master.wait(timeout=30)
+
+    def abort(self) -> None:
+        for h in self.hosts:
+            for proc in (h.writer, h.mount):
+                if proc is not None and proc.poll() is None:
+                    proc.kill()
+                    proc.wait()
+            subprocess.run(["fusermount3", "-u", "-z", str(h.mnt)], capture_output=True)
+        if self.master.poll() is None:
+            self.master.kill()
+            self.master.wait()
+
+
+def check_file(path: Path, digests: set[str]) -> None:
+    try:
+        got = xxhash.xxh64_hexdigest(path.read_bytes())
+    except OSError as e:
+        raise TortureFailed(f"{path}: acknowledged, now {e.strerror}") from None
+    if got not in digests:
+        raise TortureFailed(f"{path}: acknowledged contents lost (got {got}, want {digests})")
+
+
+def final_check(c: Cluster) -> int:
+    """fsck -n clean, then a fresh mount reads every acknowledged file."""
+    r = sfs("fsck", "-n", str(c.vol), check=False)
+    if r.returncode:
+        raise TortureFailed(f"fsck -n exited {r.returncode}:\n{r.stdout}{r.stderr}")
+    mnt = c.work / "final"
+    mnt.mkdir()
+    sfs("mount", str(c.vol), str(mnt), "--log", str(c.work / "final.log"))
+    try:
+        n = 0
+        for h in c.hosts:
+            for name, digests in Acked.read(h.acks).files.items():
+                check_file(mnt / f"w{h.node}" / name, digests)
+                n += 1
+    finally:
+        sfs("umount", str(mnt))
+    r = sfs("fsck", "-n", str(c.vol), check=False)
+    if r.returncode:
+        raise TortureFailed(f"fsck -n after the final mount exited {r.returncode}:\n{r.stdout}")
+    return n
+
+
+def run(args: argparse.Namespace) -> dict:  # type: ignore[type-arg]
+    rng = random.Random(args.seed)
+    work = Path(tempfile.mkdtemp(prefix="sharedfs-torture-", dir=args.dir))
+    work.chmod(0o755)
+    c = Cluster(work, args.hosts, args.size, args.lease, args.seed)
+    result: dict = {"work": str(work), "trials": 0, "recovery_s": [], "checked": 0}  # type: ignore[type-arg]
+    ok = False
+    try:
+        for trial in range(args.trials):
+            time.sleep(rng.uniform(0.3, args.max_wait))
+            victim = rng.choice(c.hosts)
+            mode = args.mode if args.mode != "mixed" else rng.choice(("kill", "kill", "stop"))
+            took = c.kill(victim, mode)
+            reader = rng.choice([h for h in c.hosts if h is not victim])
+            c.pause_writers(signal.SIGSTOP)
+            try:
+                checked = c.check(reader, victim, args.sample, rng)
+            finally:
+                c.pause_writers(signal.SIGCONT)
+            c.mount(victim)
+            c.start_writer(victim)
+            result["trials"] += 1
+            result["recovery_s"].append(round(took, 2))
+            result["checked"] += checked
+            print(
+                f"trial {trial + 1}/{args.trials}: {mode} host {victim.node}, recovered in "
+                f"{took:.2f} s, {checked} files read on host {reader.node}: ok",
+                flush=True,
+            )
+        c.stop()
+        result["final_files"] = final_check(c)
+        ok = True
+    finally:
+        if not ok:
+            c.abort()
+            print(f"torture: logs kept in {work}", file=sys.stderr)
+    if not args.keep:
+        shutil.rmtree(work, ignore_errors=True)
+    return result
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(prog="tools/torture", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--trials", type=int, default=20)
+    ap.add_argument("--hosts", type=int, default=3)
+    ap.add_argument("--size", default="512M", help="volume size (default 512M)")
+    ap.add_argument(
+        "--mode",
+        choices=("kill", "stop", "mixed"),
+        default="kill",
+        help="kill -9, SIGSTOP until the lease lapses, or both at random",
+    )
+    ap.add_argument("--lease", type=float, default=3.0, help="the master's lease (default 3 s)")
+    ap.add_argument(
+        "--max-wait", type=float, default=3.0, help="longest pause between trials (seconds)"
+    )
+    ap.add_argument("--sample", type=int, default=50, help="files per survivor checked per trial")
+    ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--dir", default=None, help="where to make the work directory")
+    ap.add_argument("--keep", action="store_true", help="keep the volume and logs")
+    ap.add_argument("--json", action="store_true", help="print the result as JSON at the end")
+    args = ap.parse_args()
+    try:
+        result = run(args)
+    except TortureFailed as e:
+        print(f"torture: FAILED: {e}", file=sys.stderr)
+        sys.exit(1)
+    rec = result["recovery_s"]
+    print(
+        f"torture: {result['trials']} trials passed; recovery {min(rec):.2f} / "
+        f"{statistics.median(rec):.2f} / {max(rec):.2f} s (min/median/max); "
+        f"{result['checked']} files read in trials, {result['final_files']} at the end; fsck clean"
+    )
+    if args.json:
+        print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
