@@ -17,7 +17,7 @@ import contextlib
 import functools
 import itertools
 import logging
-from collections.abc import Awaitable, Callable, Iterable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -53,11 +53,12 @@ class LocalAgent:
         self.host = host
         self.master = master
 
-    async def acquire_blocks(
+    @contextlib.asynccontextmanager
+    async def taking(
         self, blocknos: list[int], mode: Mode, op_start: float = 0.0, recovery: bool = False
-    ) -> dict[int, p.Transfer]:
+    ) -> AsyncIterator[dict[int, p.Transfer]]:
         await self.master.acquire(self.host, [block_resource(b) for b in blocknos], mode)
-        return {}
+        yield {}
 
     async def acquire(self, res: Resource, mode: Mode) -> None:
         await self.master.acquire(self.host, [res], mode)
@@ -89,6 +90,10 @@ class Pending:
     arrived: dict[int, p.Transfer] = field(default_factory=dict)
     await_transfer: set[int] = field(default_factory=set)
     done: trio.Event = field(default_factory=trio.Event)
+    #: The asker has taken what it was granted into its cache (copies
+    #: installed, the rest read from storage): only now may a ping take
+    #: the blocks away again.
+    used: trio.Event = field(default_factory=trio.Event)
     abandoned: bool = False
 
     def check(self) -> None:
@@ -211,12 +216,25 @@ class ClusterAgent:
         return link
 
     # -- requests ------------------------------------------------------------------
-    async def acquire_blocks(
+    @contextlib.asynccontextmanager
+    async def taking(
         self, blocknos: list[int], mode: Mode, op_start: float = 0.0, recovery: bool = False
-    ) -> dict[int, p.Transfer]:
-        """Get `mode` on these blocks in one request; return the copies that
-        other hosts shipped.  Raises OpRetry if the operation must back off.
-        recovery: asked while rebuilding a dead host's blocks."""
+    ) -> AsyncIterator[dict[int, p.Transfer]]:
+        """Get `mode` on these blocks in one request, and yield the copies
+        other hosts shipped; inside, the caller takes what it was granted
+        into its cache.  Pings for the blocks wait until it has: a block
+        taken away between its grant and the caller's storage read would be
+        read stale and held as if granted.  Raises OpRetry if the operation
+        must back off.  recovery: asked while rebuilding a dead host's blocks."""
+        pend = await self._acquire(blocknos, mode, op_start, recovery)
+        try:
+            yield pend.arrived
+        finally:
+            self._used(pend)
+
+    async def _acquire(
+        self, blocknos: list[int], mode: Mode, op_start: float, recovery: bool
+    ) -> Pending:
         assert self._master is not None and self.cache is not None
         req = next(self._reqs)
         pend = Pending(req, set(blocknos), mode)
@@ -236,17 +254,22 @@ class ClusterAgent:
                 self.stats.retries += 1
             pend.abandoned = True
             if pend.done.is_set():
-                self.cache.install(pend.arrived, pend.blocks, pend.mode)
+                self._finish(pend)
             raise
-        return pend.arrived
+        return pend
 
     def _finish(self, pend: Pending) -> None:
-        """A request is complete: its arrivals go into the cache (even if the
-        operation that asked has given up meanwhile)."""
-        self._pending.pop(pend.req, None)
+        """A request is complete.  If its asker has given up meanwhile, its
+        arrivals go into the cache all the same (they may be the newest
+        copies there are)."""
         if pend.abandoned:
             assert self.cache is not None
             self.cache.install(pend.arrived, pend.blocks, pend.mode)
+            self._used(pend)
+
+    def _used(self, pend: Pending) -> None:
+        self._pending.pop(pend.req, None)
+        pend.used.set()
 
     def release_block(self, blockno: int) -> None:
         self._releases.append(blockno)
@@ -418,7 +441,7 @@ class ClusterAgent:
         # A request of ours still queued is not about this hold: no waiting.
         for pend in list(self._pending.values()):
             if msg.block in pend.granted and msg.block in pend.blocks:
-                await pend.done.wait()
+                await pend.used.wait()
         shipped = await self.cache.give_up(msg)
         if msg.to == -1:
             self.stats.revokes_served += 1

@@ -21,11 +21,12 @@ every cycle of hosts waiting on each other.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 
 import trio
@@ -168,6 +169,7 @@ class BlockCache:
         self.storage = storage
         self.bs = block_size
         self.agent = agent
+        self._host = agent.host  # for log lines
         self.coherence = coherence
         self.capacity = max(capacity, 64)
         self.dirty_limit = max(self.capacity // 2, 32)
@@ -192,11 +194,8 @@ class BlockCache:
         self.log_counters: Callable[[], dict[str, int]] = dict
         self._op: _Op | None = None
         self._op_changed = trio.Event()
-        # A recovery taking blocks in X to rebuild them: those that leave
-        # before the hold starts (asked for again), and those held: pings
-        # for them wait until the rebuilt copy is in the cache.
-        self._rebuild_watch: set[int] = set()
-        self._rebuild_lost: set[int] = set()
+        # Blocks a recovery took in X to rebuild: pings for them wait until
+        # the rebuilt copy is in the cache.
         self._rebuild_held: set[int] = set()
         self._rebuild_released = trio.Event()
         if isinstance(agent, ClusterAgent):
@@ -359,7 +358,28 @@ class BlockCache:
         pin: bool = True,
     ) -> list[Buffer]:
         """Several blocks at once: one lock request, adjacent misses in one read."""
-        await self._lock(blocknos, mode, btype, pin=pin)
+        async with self._locked(blocknos, mode, btype, pin=pin):
+            await self._read_missing(blocknos, mode, btype)
+            return self._hand_out(blocknos, mode, btype, pin)
+
+    def _hand_out(
+        self, blocknos: list[int], mode: Mode, btype: fmt.BlockType | None, pin: bool
+    ) -> list[Buffer]:
+        out = []
+        for b in blocknos:
+            buf = self._bufs[b]
+            if btype is not None and buf.btype != btype:
+                raise CorruptVolume(f"block {b}: used as {btype.name}, cached as {buf.btype}")
+            buf.mode = max(buf.mode, mode)
+            self._bufs.move_to_end(b)
+            if pin:
+                self._touch(buf, mode)
+            out.append(buf)
+        return out
+
+    async def _read_missing(
+        self, blocknos: list[int], mode: Mode, btype: fmt.BlockType | None
+    ) -> None:
         missing = sorted({b for b in blocknos if b not in self._bufs})
         self.stats.hits += len(blocknos) - len(missing)
         self.stats.misses += len(missing)
@@ -378,19 +398,10 @@ class BlockCache:
                     buf.version = fmt.verify(block, btype, b).version
                     self.see_scn(buf.version)
                 self._insert(buf)
-        out = []
-        for b in blocknos:
-            buf = self._bufs[b]
-            if btype is not None and buf.btype != btype:
-                raise CorruptVolume(f"block {b}: used as {btype.name}, cached as {buf.btype}")
-            buf.mode = max(buf.mode, mode)
-            self._bufs.move_to_end(b)
-            if pin:
-                self._touch(buf, mode)
-            out.append(buf)
-        return out
+                log.debug("host %d: block %d read from storage, v%d", self._host, b, buf.version)
 
-    async def _lock(
+    @contextlib.asynccontextmanager
+    async def _locked(
         self,
         blocknos: list[int],
         mode: Mode,
@@ -398,9 +409,10 @@ class BlockCache:
         *,
         pin: bool = True,
         recovery: bool = False,
-    ) -> None:
+    ) -> AsyncIterator[None]:
         """Hold `mode` on these blocks: pin them to the operation, then ask
-        the master (one request) for those we do not hold well enough."""
+        the master (one request) for those we do not hold well enough.
+        Inside, read what is missing: no ping takes them meanwhile."""
         while any(
             (b := self._bufs.get(n)) is not None and (b.going or b.leaving and mode is Mode.X)
             for n in blocknos
@@ -416,13 +428,16 @@ class BlockCache:
             if mode is Mode.X:
                 op.exclusive.update(blocknos)
         need_lock = [b for b in blocknos if self._held(b) < mode]
-        if need_lock:
-            self.stats.lock_requests += 1
-            # Outside operations (the log's appender) nothing can be undone:
-            # such a request counts as the oldest, and always wins.
-            op_start = op.start if op is not None else (time.time() if pin else 0.0)
-            arrived = await self.agent.acquire_blocks(need_lock, mode, op_start, recovery)
+        if not need_lock:
+            yield
+            return
+        self.stats.lock_requests += 1
+        # Outside operations (the log's appender) nothing can be undone:
+        # such a request counts as the oldest, and always wins.
+        op_start = op.start if op is not None else (time.time() if pin else 0.0)
+        async with self.agent.taking(need_lock, mode, op_start, recovery) as arrived:
             self.install(arrived, need_lock, mode, btype)
+            yield
 
     def install(
         self,
@@ -439,6 +454,14 @@ class BlockCache:
             if buf is not None and buf.private:
                 pass  # registering a block we allocated: our copy is the one
             elif t is not None and not t.via_storage:
+                log.debug(
+                    "host %d: block %d arrived, v%d%s (had %s)",
+                    self._host,
+                    b,
+                    t.version,
+                    " dirty" if t.dirty else "",
+                    f"v{buf.version} {buf.mode.name}" if buf is not None else "none",
+                )
                 self.stats.transfers_in += 1
                 tbtype = fmt.BlockType(t.btype) if t.btype else None
                 if buf is None:
@@ -476,6 +499,13 @@ class BlockCache:
             self.see_scn(version)
             out.append(b)
             buf = self._bufs.get(b)
+            log.debug(
+                "host %d: block %d rebuilt, v%d (had %s)",
+                self._host,
+                b,
+                version,
+                f"v{buf.version} {buf.mode.name}" if buf is not None else "none",
+            )
             if buf is not None and buf.mode is Mode.X and buf.version >= version:
                 continue
             if buf is None:
@@ -520,39 +550,27 @@ class BlockCache:
         """A data block the caller will overwrite whole: X, but no storage read."""
         if blockno in self._bufs:
             return await self.get(blockno, Mode.X)
-        await self._lock([blockno], Mode.X)
-        if blockno in self._bufs:  # another host shipped its copy
-            return await self.get(blockno, Mode.X)
-        buf = Buffer(blockno, bytearray(self.bs), None, Mode.X)
-        if self._op is not None:
-            self._op.undo.setdefault(blockno, None)
-        self._insert(buf)
-        self._touch(buf, Mode.X)
-        return buf
+        async with self._locked([blockno], Mode.X):
+            if blockno not in self._bufs:
+                buf = Buffer(blockno, bytearray(self.bs), None, Mode.X)
+                if self._op is not None:
+                    self._op.undo.setdefault(blockno, None)
+                self._insert(buf)
+                self._touch(buf, Mode.X)
+                return buf
+        return await self.get(blockno, Mode.X)  # another host shipped its copy
 
-    async def lock_blocks(self, blocknos: list[int], mode: Mode) -> None:
-        """Hold `mode` on these blocks for a recovery, without reading them:
-        those another host shipped are cached, the rest are not."""
-        await self._lock(blocknos, mode, pin=False, recovery=True)
-
-    def watch_for_rebuild(self, blocknos: Iterable[int]) -> None:
-        """A recovery is about to take these blocks in X: note those that
-        leave from now on."""
-        self._rebuild_watch.update(blocknos)
-        self._rebuild_lost.difference_update(blocknos)
-
-    def hold_for_rebuild(self, blocknos: list[int]) -> list[int]:
-        """Hold back pings for the watched blocks that are still ours until
-        release_rebuild_hold(); return those that left meanwhile."""
-        lost = [b for b in blocknos if b in self._rebuild_lost]
-        self._rebuild_held.update(b for b in blocknos if b not in self._rebuild_lost)
-        self._rebuild_watch.difference_update(blocknos)
-        self._rebuild_lost.difference_update(blocknos)
-        return lost
+    async def take_for_rebuild(self, blocknos: list[int]) -> None:
+        """X on these blocks for a recovery, without reading them (those
+        another host shipped are cached, the rest are not), held until
+        release_rebuild_hold(): a ping that took one away before the
+        rebuild is in the cache would leave us rebuilding a block another
+        host now holds."""
+        async with self._locked(blocknos, Mode.X, pin=False, recovery=True):
+            self._rebuild_held.update(blocknos)
 
     def release_rebuild_hold(self, blocknos: Iterable[int]) -> None:
         self._rebuild_held.difference_update(blocknos)
-        self._rebuild_watch.difference_update(blocknos)
         ev, self._rebuild_released = self._rebuild_released, trio.Event()
         ev.set()
 
@@ -705,6 +723,13 @@ class BlockCache:
             buf.dirty = False
             self._dirty.discard(b)
             self._inflight[b] = buf.version
+        log.debug(
+            "host %d: writing blocks %d+%d, versions %s",
+            self._host,
+            start,
+            count,
+            [self._inflight[b] for b in range(start, start + count)],
+        )
         try:
             await self.storage.write(start * self.bs, chunk)
         except BaseException:
@@ -791,6 +816,8 @@ class BlockCache:
     def notified(self, written: Iterable[tuple[int, int]]) -> None:
         """Storage holds at least these versions: drop past images up to them;
         a copy no newer is clean, and local again (claims 31, 36, 40)."""
+        written = list(written)
+        log.debug("host %d: on storage: %s", self._host, written)
         for b, version in written:
             self.pis.covered(b, version)
             buf = self._bufs.get(b)
@@ -857,10 +884,9 @@ class BlockCache:
     async def _leave(self, b: int, keep: Mode) -> Shipped:
         while b in self._rebuild_held:
             await self._rebuild_released.wait()
-        if b in self._rebuild_watch:
-            self._rebuild_lost.add(b)
         buf = self._bufs.get(b)
         if buf is None:
+            log.debug("host %d: block %d leaves, not cached", self._host, b)
             return Shipped(b"", 0, False, 0, 0, True)  # storage has our last copy
         buf.leaving = True
         buf.going = keep is Mode.N
@@ -889,7 +915,8 @@ class BlockCache:
             if not self._private:
                 return
             blocks, self._private = sorted(self._private), set()
-            await self.agent.acquire_blocks(blocks, Mode.X, 0.0)
+            async with self.agent.taking(blocks, Mode.X, 0.0):
+                pass
             for b in blocks:
                 buf = self._bufs.get(b)
                 if buf is not None:
@@ -928,6 +955,15 @@ class BlockCache:
                 pi = buf.version
         else:
             buf.mode = keep
+        log.debug(
+            "host %d: block %d leaves, v%d%s, keeping %s%s",
+            self._host,
+            b,
+            buf.version,
+            " dirty" if buf.dirty else "",
+            keep.name,
+            f", past image v{pi}" if pi else "",
+        )
         if self.coherence == "disk":
             return Shipped(b"", buf.version, False, 0, 0, True)
         btype = int(buf.btype) if buf.btype is not None else 0
@@ -969,6 +1005,7 @@ class BlockCache:
             del self._bufs[b]
             self.agent.release_block(b)
         self.stats.evictions += len(victims)
+        log.debug("host %d: evicted %s", self._host, victims)
 
     def drop_all(self) -> None:
         """Forget every clean block and release its lock (unmount)."""

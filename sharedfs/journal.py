@@ -654,6 +654,15 @@ class Log:
         for b, data in writes:
             await self.cache.storage.write(b * self.bs, data)
         await self.cache.storage.flush()
+        log.debug(
+            "host %d: appended pages %d..%d, log end %d (+%d bytes), checkpoint %d",
+            self.host,
+            first,
+            seq,
+            seq + 1,
+            used,
+            h.checkpoint_seq,
+        )
         self.pages_written += len(writes)
         h.next_seq, h.llp_used = seq + 1, used
         if not h.low[self.host]:
@@ -699,16 +708,28 @@ class Log:
                 # changed after it, they are all on storage.  Nothing left
                 # at all: none of ours is needed.
                 oldest = self.cache.oldest_unwritten()
+                was = h.low[self.host]
                 if oldest is None and not self.plc:
                     h.low[self.host] = 0
                 elif oldest is None or oldest > since:
                     h.low[self.host] = max(h.low[self.host], mark)
+                log.debug(
+                    "host %d: checkpoint: mark %d -> %d (oldest unwritten %s, since %d, mark %d)",
+                    self.host,
+                    was,
+                    h.low[self.host],
+                    oldest,
+                    since,
+                    mark,
+                )
             await self._put_header(hbuf, h)
 
     async def _put_header(self, hbuf: Buffer, h: JournalHeader) -> None:
         """`h`, with the checkpoint moved as far as every host allows, as the
         LLOL's value (held, in `hbuf`)."""
         moved = h.advance()
+        if moved:
+            log.debug("host %d: log checkpoint moves to page %d", self.host, h.checkpoint_seq)
         pack_header(hbuf.data, h)
         self.cache.mark_dirty(hbuf)
         self._known = h
@@ -775,7 +796,7 @@ class Log:
         private = theirs - self._rebuilding - {self.area.header}
         try:
             if private:
-                await self._take_for_rebuild(sorted(private))
+                await self.cache.take_for_rebuild(sorted(private))
                 want |= {b for b in private if self.cache.holding(b, Mode.X) is None}
             installed = await self._rebuild_into_cache(dead, want)
         finally:
@@ -791,18 +812,6 @@ class Log:
         rest = given - {self.area.header}
         if rest:
             await report(sorted(rest), [b for b in installed if b in rest])
-
-    async def _take_for_rebuild(self, blocks: list[int]) -> None:
-        """X on `blocks`, held until the rebuild is in our cache: a ping that
-        took one away between its grant and the rebuild would leave us
-        rebuilding a block another host now holds in X."""
-        todo = blocks
-        while todo:
-            self.cache.watch_for_rebuild(todo)
-            await self.cache.lock_blocks(todo, Mode.X)
-            # No await from the grant's return to here: from now on pings
-            # for them wait; those that left meanwhile are asked for again.
-            todo = self.cache.hold_for_rebuild(todo)
 
     async def _rebuild_into_cache(self, dead: int, want: set[int]) -> list[int]:
         async with self._llol() as hbuf:

@@ -45,7 +45,15 @@ class Link:
     async def open(cls, stream: trio.abc.Stream, key: bytes, node: int, *, initiator: bool) -> Link:
         """Run the handshake; raise AuthError/ProtocolError/LinkClosed."""
         link = cls(stream, p.Connection(key, node, initiator=initiator))
-        conn = link.conn
+        try:
+            await link._handshake()
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as e:
+            # A peer that dies mid-handshake is a closed link, nothing worse.
+            raise LinkClosed(f"broken during the handshake: {e}") from None
+        return link
+
+    async def _handshake(self) -> None:
+        stream, conn = self.stream, self.conn
         with trio.fail_after(HANDSHAKE_TIMEOUT):
             await stream.send_all(conn.hello())
             while not conn.authenticated:
@@ -56,14 +64,13 @@ class Link:
                 if reply:
                     await stream.send_all(reply)
                 if msg is not None:
-                    link._early.append(msg)  # the first frames after the handshake
+                    self._early.append(msg)  # the first frames after the handshake
                 if conn.authenticated or conn.buffered < before:
                     continue
                 data = await stream.receive_some(_RECV)
                 if not data:
                     raise LinkClosed("closed during the handshake")
                 conn.receive_data(data)
-        return link
 
     async def send(self, msg: p.Message) -> None:
         async with self._send_lock:

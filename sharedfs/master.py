@@ -246,6 +246,8 @@ class MasterService:
     async def _on_message(self, node: int, msg: p.Message) -> None:
         d = self.directory
         d.counters.messages_in += 1
+        if not isinstance(msg, p.Beat | p.Stats):
+            log.debug("master: <- node %d %s", node, msg)
         if isinstance(msg, p.LockRequest):
             out = d.on_lock_request(node, msg)
         elif isinstance(msg, p.PingDone):
@@ -275,6 +277,7 @@ class MasterService:
 
     async def _dispatch(self, out: list[tuple[int, p.Message]]) -> None:
         for node, msg in out:
+            log.debug("master: -> node %d %s", node, msg)
             box = self._outboxes.get(node)
             if box is not None:
                 box.send_nowait(msg)

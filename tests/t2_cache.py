@@ -558,14 +558,16 @@ async def test_master_own_hold_never_blocks():
 async def test_master_release_all():
     master = LockMaster()
     a, b = Agent(HostId(1), master), Agent(HostId(2), master)
-    await a.acquire_blocks([1, 2, 3], Mode.X)
-    await b.acquire_blocks([7], Mode.S)
+    async with a.taking([1, 2, 3], Mode.X):
+        pass
+    async with b.taking([7], Mode.S):
+        pass
     assert master.requests == 2 and master.grants == 4
     got = trio.Event()
 
     async def want() -> None:
-        await b.acquire_blocks([1, 2, 3], Mode.X)
-        got.set()
+        async with b.taking([1, 2, 3], Mode.X):
+            got.set()
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(want)

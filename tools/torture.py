@@ -135,8 +135,11 @@ class Acked:
 
 
 class Cluster:
-    def __init__(self, work: Path, hosts: int, size: str, lease: float, seed: int) -> None:
+    def __init__(
+        self, work: Path, hosts: int, size: str, lease: float, seed: int, debug: bool
+    ) -> None:
         self.work = work
+        self.debug = ["--debug"] if debug else []
         self.vol = work / "volume.img"
         self.seed = seed
         self.lease = lease
@@ -162,7 +165,8 @@ class Cluster:
         with open(self.master_log, "a") as log:
             proc = subprocess.Popen(
                 [PY, "-m", "sharedfs.cli", "master", str(self.vol), "--listen", self.addr]
-                + ["--lease", str(self.lease)],
+                + ["--lease", str(self.lease)]
+                + self.debug,
                 stdout=subprocess.DEVNULL,
                 stderr=log,
             )
@@ -184,7 +188,8 @@ class Cluster:
         with open(h.log, "a") as log:
             h.mount = subprocess.Popen(
                 [PY, "-m", "sharedfs.cli", "mount", "--foreground", str(self.vol), str(h.mnt)]
-                + ["--master", self.addr, "--node", str(h.node), "--writeback", "1"],
+                + ["--master", self.addr, "--node", str(h.node), "--writeback", "1"]
+                + self.debug,
                 stdout=subprocess.DEVNULL,
                 stderr=log,
             )
@@ -215,6 +220,8 @@ class Cluster:
         """Kill host `h`; return the seconds from its death (or, for a
         stopped host, the lapse of its lease) to the end of its recovery."""
         assert h.mount is not None and h.writer is not None
+        if h.mount.poll() is not None:
+            raise TortureFailed(f"host {h.node} died on its own: {h.log}")
         if mode == "stop":
             h.mount.send_signal(signal.SIGSTOP)
             lapse = time.monotonic() + self.lease
@@ -311,7 +318,7 @@ def run(args: argparse.Namespace) -> dict:  # type: ignore[type-arg]
     rng = random.Random(args.seed)
     work = Path(tempfile.mkdtemp(prefix="sharedfs-torture-", dir=args.dir))
     work.chmod(0o755)
-    c = Cluster(work, args.hosts, args.size, args.lease, args.seed)
+    c = Cluster(work, args.hosts, args.size, args.lease, args.seed, args.debug)
     result: dict = {"work": str(work), "trials": 0, "recovery_s": [], "checked": 0}  # type: ignore[type-arg]
     ok = False
     try:
@@ -368,6 +375,7 @@ def main() -> None:
     ap.add_argument("--dir", default=None, help="where to make the work directory")
     ap.add_argument("--keep", action="store_true", help="keep the volume and logs")
     ap.add_argument("--json", action="store_true", help="print the result as JSON at the end")
+    ap.add_argument("--debug", action="store_true", help="debug logs from the master and hosts")
     args = ap.parse_args()
     try:
         result = run(args)
