@@ -73,16 +73,16 @@ class _Retry:
 
     def wait(self) -> float:
         """Seconds to sleep before the next attempt."""
-        return max(0.0, min(self._delay, self._left()))
+        return max(0.0, min(self._delay, self.left()))
 
     def connect_timeout(self) -> float:
-        return max(1.0, min(CONNECT_TIMEOUT, self._left()))
+        return max(1.0, min(CONNECT_TIMEOUT, self.left()))
 
     def failed(self, why: str) -> str:
         """Count a failed attempt: the reason to give up ("" to go on)."""
         self.attempts += 1
         elapsed = time.monotonic() - self.started
-        if self._left() <= 0:
+        if self.left() <= 0:
             return (
                 f"{self.name}: NBD server lost for {elapsed:.0f} s, "
                 f"{self.attempts} reconnect attempts failed: {why}"
@@ -98,7 +98,7 @@ class _Retry:
         )
         return ""
 
-    def _left(self) -> float:
+    def left(self) -> float:
         return self.started + self.timeout - time.monotonic()
 
 
@@ -339,6 +339,8 @@ class NbdStorage(Storage):
         if lost:
             self.resent += len(lost)
             conn.drop("the server is shutting down")  # after ESHUTDOWN it may live on
+        elif self._retry is not None:
+            self._retry = None  # answered: the server is back for real
         return lost
 
     def _watch(self, conn: Connection) -> None:
@@ -346,21 +348,26 @@ class NbdStorage(Storage):
         conn.on_stalled = self._stalled
 
     def _lost(self, conn: Connection) -> None:
-        if conn is self._conn and self._retry is None and not self._failed:
-            log.warning(
-                "%s: connection to the NBD server lost (%s); reconnecting for up to %g s",
-                self.name,
-                conn.lost,
-                self.timeout,
-            )
+        """The current connection died.  The time allowed to get another
+        runs from the first loss until a request is answered again: a
+        server that takes connections and drops them is no better than one
+        that is gone."""
+        if conn is not self._conn or self._failed:
+            return
+        if self._retry is None:
             self._retry = _Retry(self.name, self.timeout)
+        log.warning(
+            "%s: connection to the NBD server lost (%s); reconnecting for up to %.0f s more",
+            self.name,
+            conn.lost,
+            self._retry.left(),
+        )
 
     def _retry_for_loss(self) -> _Retry:
         if self._failed:
             raise StorageError(self._failed)
-        if self._retry is None:  # lost before anyone noticed (closed by us)
-            self._lost(self._conn)
-        assert self._retry is not None
+        if self._retry is None:
+            self._retry = _Retry(self.name, self.timeout)
         return self._retry
 
     def _attempt_failed(self, retry: _Retry, why: str) -> None:
@@ -373,7 +380,6 @@ class NbdStorage(Storage):
         """Use the new connection `conn` from now on."""
         old, self._conn = self._conn, conn
         old.close()
-        retry, self._retry = self._retry, None
         if conn.info.size != self.size:
             conn.close()
             msg = (
@@ -385,9 +391,10 @@ class NbdStorage(Storage):
         self._watch(conn)
         self.reconnects += 1
         log.warning(
-            "%s: reconnected to the NBD server after %.1f s; unanswered requests go again",
+            "%s: reconnected to the NBD server %.1f s after losing it; "
+            "unanswered requests go again",
             self.name,
-            time.monotonic() - retry.started if retry else 0.0,
+            time.monotonic() - self._retry.started if self._retry else 0.0,
         )
 
     def _stalled(self, conn: Connection) -> None:
@@ -417,6 +424,7 @@ class NbdStorage(Storage):
             log.error("%s", msg)
 
     def close(self) -> None:
+        self._failed = self._failed or f"{self.name}: closed"
         self._conn.close()
 
 

@@ -157,7 +157,9 @@ class Connection:
 
     # -- commands ------------------------------------------------------------
     def submit(self, cmd: Command) -> None:
-        """Hand `cmd` to libnbd; its completion sets cmd.error (and cmd.done)."""
+        """Hand `cmd` to libnbd; its completion sets cmd.error (and cmd.done).
+        It may complete at once: libnbd fails it while sending when it finds
+        the connection dead."""
         cmd.error = None
         if self.lost:
             cmd.error = errno.ENOTCONN
@@ -168,6 +170,9 @@ class Connection:
             self._completed(cmd, err.value)
             return 1  # retire the command
 
+        if not self._in_flight:
+            self.quiet_since = time.monotonic()
+        self._in_flight.add(cmd)
         try:
             if cmd.kind == "read":
                 self._h.aio_pread(cmd.buf, cmd.offset, completion=completed)
@@ -178,15 +183,15 @@ class Connection:
             else:
                 self._h.aio_flush(completion=completed)
         except self._nbd.Error as e:
+            self._in_flight.discard(cmd)
             if not (self._h.aio_is_dead() or self._h.aio_is_closed()):
                 raise Rejected(f"{cmd}: {_describe(e)}") from None
-            self._lose(_describe(e))
             cmd.error = errno.ENOTCONN
+            self._lose(_describe(e))
             return
-        if not self._in_flight:
-            self.quiet_since = time.monotonic()
-        self._in_flight.add(cmd)
-        if self._h.aio_get_direction() & _WRITE:
+        if self._h.aio_is_dead() or self._h.aio_is_closed():
+            self._lose("the server closed the connection")
+        elif self._h.aio_get_direction() & _WRITE:
             self._kick.set()  # libnbd has bytes to send: wake the writer
 
     def _completed(self, cmd: Command, err: int) -> None:

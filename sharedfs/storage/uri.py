@@ -4,11 +4,13 @@
     nbd+unix:///[EXPORT]?socket=PATH          a unix socket on this machine
 
 Anything else with `://` in it is a mistake, and says so in one line.  No I/O
-here: parsing only.
+here: parsing only (a relative socket path is made absolute, since a
+daemonized mount reconnects from /).
 """
 
 from __future__ import annotations
 
+import os.path
 import urllib.parse
 from dataclasses import dataclass
 
@@ -32,7 +34,7 @@ class NbdAddress:
     def __str__(self) -> str:
         export = urllib.parse.quote(self.export, safe="")
         if self.socket:
-            return f"nbd+unix:///{export}?socket={self.socket}"
+            return f"nbd+unix:///{export}?socket={urllib.parse.quote(self.socket)}"
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"nbd://{host}:{self.port}/{export}"
 
@@ -73,7 +75,7 @@ def _parse(uri: str) -> NbdAddress:
             raise ValueError(f"unknown query parameter {sorted(query)[0]!r}")
         if len(sockets) != 1 or not sockets[0]:
             raise ValueError("say which socket: ?socket=PATH")
-        return NbdAddress(export, socket=sockets[0])
+        return NbdAddress(export, socket=os.path.abspath(sockets[0]))
     if parts.scheme in ("nbds", "nbds+unix", "nbd+vsock", "nbds+vsock"):
         raise ValueError(f"{parts.scheme}:// is not supported")
     raise ValueError(f"unknown scheme {parts.scheme!r}")
