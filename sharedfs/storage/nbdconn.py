@@ -20,7 +20,7 @@ import logging
 import re
 import select
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
 from types import ModuleType
 from typing import Any
@@ -250,31 +250,47 @@ class Connection:
             trio.lowlevel.spawn_system_task(task, name=f"nbd-{task.__name__[1:]}-{self._fd}")
 
     async def _reader(self) -> None:
-        try:
-            while not self.lost:
-                # Once ready, libnbd always wants to read: replies, or EOF.
-                await trio.lowlevel.wait_readable(self._fd)
+        async def step() -> None:
+            # Once ready, libnbd always wants to read: replies, or EOF.
+            await trio.lowlevel.wait_readable(self._fd)
+            if not self.lost:
                 self._notify(self._h.aio_notify_read)
-        except trio.ClosedResourceError:
-            pass
+
+        try:
+            await self._pump(step)
         finally:
             self._pumps = None
 
     async def _writer(self) -> None:
-        try:
-            while not self.lost:
-                await self._kick.wait()
-                self._kick = trio.Event()
-                while not self.lost and self._h.aio_get_direction() & _WRITE:
-                    await trio.lowlevel.wait_writable(self._fd)
+        async def step() -> None:
+            await self._kick.wait()
+            self._kick = trio.Event()
+            while not self.lost and self._h.aio_get_direction() & _WRITE:
+                await trio.lowlevel.wait_writable(self._fd)
+                if not self.lost:
                     self._notify(self._h.aio_notify_write)
-        except trio.ClosedResourceError:
-            pass
+
+        await self._pump(step)
 
     async def _watchdog(self) -> None:
-        while not self.lost:
+        async def step() -> None:
             await trio.sleep(1.0)
             self._check_stalled()
+
+        await self._pump(step)
+
+    async def _pump(self, step: Callable[[], Awaitable[None]]) -> None:
+        """Run `step` until the connection is lost.  A system task must not
+        raise (it would end the whole trio run), so a bug here is logged
+        and ends the connection instead."""
+        try:
+            while not self.lost:
+                await step()
+        except trio.ClosedResourceError:
+            pass  # closed under us (notify_closing)
+        except Exception:
+            log.exception("NBD connection pump failed")
+            self._lose("internal error in the NBD client")
 
     def _check_stalled(self) -> None:
         quiet = time.monotonic() - self.quiet_since
