@@ -151,6 +151,10 @@ class NbdStorage(Storage):
         if writable and conn.info.read_only:
             conn.close()
             raise QuietError(f"{address}: the NBD export is read-only")
+        if writable and not conn.info.can_flush:
+            log.info(
+                "%s: the server offers no flush: writes are as durable as it makes them", address
+            )
         return cls(address, conn, timeout=timeout, writable=writable)
 
     @property
