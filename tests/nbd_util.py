@@ -135,6 +135,27 @@ def qemu_nbd(image: Path, *args: str, unix: bool = False, export: str = "") -> S
     return Server(command, unix=unix, export=export)
 
 
+class Servers:
+    """The servers one test starts, stopped after it (the nbd_servers fixture)."""
+
+    def __init__(self) -> None:
+        self.started: list[Server] = []
+
+    def nbdkit(self, *args: str, unix: bool = False, pause: bool = False) -> Server:
+        return self._keep(nbdkit(*args, unix=unix, pause=pause))
+
+    def qemu_nbd(self, image: Path, *args: str, unix: bool = False, export: str = "") -> Server:
+        return self._keep(qemu_nbd(image, *args, unix=unix, export=export))
+
+    def _keep(self, s: Server) -> Server:
+        self.started.append(s)
+        return s
+
+    def stop(self) -> None:
+        for s in self.started:
+            s.stop()
+
+
 def sparse_image(path: Path, size: int) -> Path:
     with open(path, "wb") as f:
         f.truncate(size)

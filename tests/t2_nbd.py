@@ -6,12 +6,11 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import trio
-from nbd_util import Server, nbdkit, needs_nbdkit, needs_qemu_nbd, qemu_nbd, sparse_image
+from nbd_util import needs_nbdkit, needs_qemu_nbd, sparse_image
 
 from sharedfs.errors import QuietError, StorageError
 from sharedfs.storage.nbd import NbdStorage
@@ -19,21 +18,6 @@ from sharedfs.storage.nbd import NbdStorage
 pytestmark = needs_nbdkit
 
 MiB = 1 << 20
-
-
-@pytest.fixture
-def servers() -> Iterator[list[Server]]:
-    """What a test starts goes here, to be stopped after it."""
-    started: list[Server] = []
-    yield started
-    for s in started:
-        s.stop()
-
-
-def serve(servers: list[Server], *args: str, unix: bool = False, pause: bool = False) -> Server:
-    s = nbdkit(*args, unix=unix, pause=pause)
-    servers.append(s)
-    return s
 
 
 def pattern(n: int, tag: int) -> bytes:
@@ -57,9 +41,9 @@ def warnings(caplog: pytest.LogCaptureFixture, text: str) -> list[str]:
 
 
 @pytest.mark.parametrize("unix", [False, True], ids=["tcp", "unix"])
-async def test_requests_reach_the_export(servers, tmp_path: Path, unix: bool) -> None:  # type: ignore[no-untyped-def]
+async def test_requests_reach_the_export(nbd_servers, tmp_path: Path, unix: bool) -> None:  # type: ignore[no-untyped-def]
     img = sparse_image(tmp_path / "img", 16 * MiB)
-    vol = NbdStorage.open(serve(servers, "file", str(img), unix=unix).uri)
+    vol = NbdStorage.open(nbd_servers.nbdkit("file", str(img), unix=unix).uri)
     assert vol.size == 16 * MiB and vol.shared  # nbdkit's file plugin: multi-conn
     vol.write_sync(0, pattern(4096, 1))  # before trio, as mount's checks run
     assert vol.read_sync(0, 4096) == pattern(4096, 1)
@@ -83,8 +67,8 @@ async def test_requests_reach_the_export(servers, tmp_path: Path, unix: bool) ->
     vol.close()
 
 
-async def test_many_requests_in_flight_on_one_connection(servers) -> None:  # type: ignore[no-untyped-def]
-    srv = serve(servers, "memory", "64M", pause=True)
+async def test_many_requests_in_flight_on_one_connection(nbd_servers) -> None:  # type: ignore[no-untyped-def]
+    srv = nbd_servers.nbdkit("memory", "64M", pause=True)
     vol = NbdStorage.open(srv.uri)
     srv.pause()
     async with trio.open_nursery() as n:
@@ -97,10 +81,10 @@ async def test_many_requests_in_flight_on_one_connection(servers) -> None:  # ty
     vol.close()
 
 
-async def test_requests_are_cut_to_the_exports_block_size_limits(servers) -> None:  # type: ignore[no-untyped-def]
+async def test_requests_are_cut_to_the_exports_block_size_limits(nbd_servers) -> None:  # type: ignore[no-untyped-def]
     # The filter fails any request outside the limits it advertises.
     limits = ["blocksize-minimum=4096", "blocksize-maximum=64K", "blocksize-error-policy=error"]
-    srv = serve(servers, "--filter=blocksize-policy", "memory", "16M", *limits)
+    srv = nbd_servers.nbdkit("--filter=blocksize-policy", "memory", "16M", *limits)
     vol = NbdStorage.open(srv.uri)
     assert vol.min_block == 4096 and vol.info.max_request == 64 << 10
     await vol.write(4096, pattern(MiB, 5))  # in 16 requests
@@ -111,10 +95,9 @@ async def test_requests_are_cut_to_the_exports_block_size_limits(servers) -> Non
     vol.close()
 
 
-async def test_an_io_error_fails_that_request_and_no_other(servers, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+async def test_an_io_error_fails_that_request_and_no_other(nbd_servers, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     bad_writes, bad_reads = tmp_path / "fail-writes", tmp_path / "fail-reads"
-    srv = serve(
-        servers,
+    srv = nbd_servers.nbdkit(
         "--filter=error",
         "memory",
         "16M",
@@ -142,10 +125,10 @@ async def test_an_io_error_fails_that_request_and_no_other(servers, tmp_path: Pa
 
 
 async def test_a_killed_server_restarted_gets_the_unanswered_requests_again(  # type: ignore[no-untyped-def]
-    servers, tmp_path: Path, caplog
+    nbd_servers, tmp_path: Path, caplog
 ) -> None:
     img = sparse_image(tmp_path / "img", 16 * MiB)
-    srv = serve(servers, "file", str(img), pause=True)
+    srv = nbd_servers.nbdkit("file", str(img), pause=True)
     vol = NbdStorage.open(srv.uri, timeout=60)
     await vol.write(0, pattern(4096, 8))
     srv.pause()
@@ -165,8 +148,32 @@ async def test_a_killed_server_restarted_gets_the_unanswered_requests_again(  # 
     vol.close()
 
 
-async def test_a_server_gone_for_good_fails_the_volume_after_the_timeout(servers, caplog) -> None:  # type: ignore[no-untyped-def]
-    srv = serve(servers, "memory", "16M", unix=True)
+async def test_a_request_in_pieces_sent_on_a_connection_already_dead(
+    nbd_servers, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
+    img = sparse_image(tmp_path / "img", 16 * MiB)
+    srv = nbd_servers.nbdkit(
+        "--filter=blocksize-policy", "file", str(img), "blocksize-maximum=64K", unix=True
+    )
+    vol = NbdStorage.open(srv.uri, timeout=60)
+    await vol.write(0, pattern(MiB, 15))
+    srv.kill()  # and no checkpoint: the reader has not seen it yet
+    async with trio.open_nursery() as n:
+
+        async def read() -> None:
+            assert await vol.read(0, MiB) == pattern(MiB, 15)  # 16 commands
+
+        n.start_soon(read)
+        await wait_until(lambda: vol._conn.lost, "the loss noticed")
+        srv.start()
+    assert vol.reconnects == 1
+    vol.close()
+
+
+async def test_a_server_gone_for_good_fails_the_volume_after_the_timeout(  # type: ignore[no-untyped-def]
+    nbd_servers, caplog
+) -> None:
+    srv = nbd_servers.nbdkit("memory", "16M", unix=True)
     vol = NbdStorage.open(srv.uri, timeout=1.5)
     await vol.write(0, pattern(4096, 10))
     srv.kill()
@@ -182,8 +189,8 @@ async def test_a_server_gone_for_good_fails_the_volume_after_the_timeout(servers
     vol.close()
 
 
-async def test_a_server_that_stops_answering_fails_and_nothing_goes_again(servers, caplog) -> None:  # type: ignore[no-untyped-def]
-    srv = serve(servers, "memory", "16M", pause=True)
+async def test_a_server_that_stops_answering_fails_and_nothing_goes_again(nbd_servers) -> None:  # type: ignore[no-untyped-def]
+    srv = nbd_servers.nbdkit("memory", "16M", pause=True)
     vol = NbdStorage.open(srv.uri, timeout=2)
     srv.pause()  # alive, connected, silent
     with pytest.raises(StorageError, match=r"has not answered for \d+ s"):
@@ -196,11 +203,10 @@ async def test_a_server_that_stops_answering_fails_and_nothing_goes_again(server
     vol.close()
 
 
-async def test_a_server_shutting_down_is_asked_again(servers, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+async def test_a_server_shutting_down_is_asked_again(nbd_servers, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     flag = tmp_path / "shutting-down"
     flag.touch()
-    srv = serve(
-        servers,
+    srv = nbd_servers.nbdkit(
         "--filter=error",
         "memory",
         "16M",
@@ -217,9 +223,9 @@ async def test_a_server_shutting_down_is_asked_again(servers, tmp_path: Path) ->
     vol.close()
 
 
-async def test_a_different_export_after_a_restart_is_refused(servers, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+async def test_a_different_export_after_a_restart_is_refused(nbd_servers, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     img = sparse_image(tmp_path / "img", 16 * MiB)
-    srv = serve(servers, "file", str(img))
+    srv = nbd_servers.nbdkit("file", str(img))
     vol = NbdStorage.open(srv.uri)
     await vol.write(0, pattern(4096, 13))
     srv.kill()
@@ -230,8 +236,8 @@ async def test_a_different_export_after_a_restart_is_refused(servers, tmp_path: 
     vol.close()
 
 
-def test_read_only_exports_and_read_only_opens(servers) -> None:  # type: ignore[no-untyped-def]
-    srv = serve(servers, "-r", "memory", "16M")
+def test_read_only_exports_and_read_only_opens(nbd_servers) -> None:  # type: ignore[no-untyped-def]
+    srv = nbd_servers.nbdkit("-r", "memory", "16M")
     with pytest.raises(QuietError, match="read-only"):
         NbdStorage.open(srv.uri)
     vol = NbdStorage.open(srv.uri, writable=False)
@@ -243,10 +249,9 @@ def test_read_only_exports_and_read_only_opens(servers) -> None:  # type: ignore
 
 @needs_qemu_nbd
 @pytest.mark.parametrize(("clients", "multi_conn"), [("1", False), ("2", True)])
-def test_qemu_nbd(servers, tmp_path: Path, clients: str, multi_conn: bool) -> None:  # type: ignore[no-untyped-def]
+def test_qemu_nbd(nbd_servers, tmp_path: Path, clients: str, multi_conn: bool) -> None:  # type: ignore[no-untyped-def]
     img = sparse_image(tmp_path / "img", 16 * MiB)
-    srv = qemu_nbd(img, "-e", clients, "--cache=none", unix=True, export="vol")
-    servers.append(srv)
+    srv = nbd_servers.qemu_nbd(img, "-e", clients, "--cache=none", unix=True, export="vol")
     vol = NbdStorage.open(srv.uri)
     # qemu-nbd promises hosts' connections see each other only when it
     # lets several in.

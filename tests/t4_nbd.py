@@ -8,12 +8,11 @@ import errno
 import json
 import os
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from mount_util import PY, Mount, fsck_ok, mkfs, needs_fuse, public_dir, sharedfs, wait_for
-from nbd_util import Server, free_port, nbdkit, needs_nbdkit, needs_qemu_nbd, qemu_nbd
+from nbd_util import free_port, needs_nbdkit, needs_qemu_nbd
 from nbd_util import sparse_image as image
 from t4_cli import one_line_error
 
@@ -22,23 +21,9 @@ pytestmark = needs_nbdkit
 SRC = Path(__file__).resolve().parent.parent / "sharedfs"
 
 
-@pytest.fixture
-def servers() -> Iterator[list[Server]]:
-    started: list[Server] = []
-    yield started
-    for s in started:
-        s.stop()
-
-
-def serve(servers: list[Server], *args: str, unix: bool = False) -> Server:
-    s = nbdkit(*args, unix=unix)
-    servers.append(s)
-    return s
-
-
-def test_mkfs_fsck_status_journal_through_nbd(servers, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_mkfs_fsck_status_journal_through_nbd(nbd_servers, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     img = image(tmp_path / "img", 256 << 20)
-    uri = serve(servers, "file", str(img)).uri
+    uri = nbd_servers.nbdkit("file", str(img)).uri
     r = sharedfs("mkfs", uri, "--label", "net")  # the size is the export's
     assert "65536 blocks of 4096 bytes" in r.stdout
     msg = one_line_error(sharedfs("mkfs", uri, check=False))
@@ -49,7 +34,7 @@ def test_mkfs_fsck_status_journal_through_nbd(servers, tmp_path: Path) -> None: 
     fsck_ok(img)  # the server wrote it where it should
 
 
-def test_unreachable_servers_and_refused_exports_are_one_line(servers, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_unreachable_servers_and_refused_exports_are_one_line(nbd_servers, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     closed = f"nbd://127.0.0.1:{free_port()}/"
     nowhere = f"nbd+unix:///?socket={tmp_path}/no.sock"
     mnt = tmp_path / "mnt"
@@ -61,36 +46,36 @@ def test_unreachable_servers_and_refused_exports_are_one_line(servers, tmp_path:
     ):
         msg = one_line_error(sharedfs(*argv, check=False), code)
         assert "cannot use the NBD export" in msg and "connect" in msg, argv
-    srv = serve(servers, "--filter=exportname", "memory", "64M", "exportname-strict=true")
+    srv = nbd_servers.nbdkit("--filter=exportname", "memory", "64M", "exportname-strict=true")
     msg = one_line_error(sharedfs("mkfs", srv.uri + "other", check=False))
     assert "server has no export named 'other'" in msg
 
 
-def test_bad_uris_and_exports_that_cannot_hold_the_volume(servers, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_bad_uris_and_exports_that_cannot_hold_the_volume(nbd_servers, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     msg = one_line_error(sharedfs("mkfs", "nbd://host:port/x", check=False), 2)
     assert "nbd://HOST[:PORT][/EXPORT]" in msg
     one_line_error(sharedfs("fsck", "-n", "nbds://host/x", check=False))
-    small = serve(servers, "memory", "64M").uri
+    small = nbd_servers.nbdkit("memory", "64M").uri
     msg = one_line_error(sharedfs("mkfs", small, "--size", "1G", check=False))
     assert "only 67108864 bytes" in msg
     # A volume made bigger than the export that serves it now.
     img = image(tmp_path / "img", 128 << 20)
     mkfs(img, "128M")
-    cut = serve(servers, "--filter=truncate", "file", str(img), "truncate=64M").uri
+    cut = nbd_servers.nbdkit("--filter=truncate", "file", str(img), "truncate=64M").uri
     msg = one_line_error(sharedfs("fsck", "-n", cut, check=False), 8)
     assert "not a sharedfs volume" in msg and "67108864 bytes" in msg
     # Blocks smaller than the export's smallest write.
     policy = ["blocksize-minimum=4096", "blocksize-error-policy=error"]
-    strict = serve(servers, "--filter=blocksize-policy", "memory", "64M", *policy).uri
+    strict = nbd_servers.nbdkit("--filter=blocksize-policy", "memory", "64M", *policy).uri
     msg = one_line_error(sharedfs("mkfs", strict, "--block-size", "1024", check=False), 2)
     assert "4096-byte units" in msg
     sharedfs("mkfs", strict, "--block-size", "8192", "-q")
     fsck_ok(strict)
 
 
-def test_a_cluster_needs_an_export_with_multi_conn(servers, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    uri = serve(
-        servers, "--filter=multi-conn", "memory", "64M", "multi-conn-mode=disable", unix=True
+def test_a_cluster_needs_an_export_with_multi_conn(nbd_servers, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    uri = nbd_servers.nbdkit(
+        "--filter=multi-conn", "memory", "64M", "multi-conn-mode=disable", unix=True
     ).uri
     mkfs(uri, "64M")
     mnt = tmp_path / "mnt"
@@ -101,10 +86,9 @@ def test_a_cluster_needs_an_export_with_multi_conn(servers, tmp_path: Path) -> N
 
 @needs_fuse
 @needs_qemu_nbd
-def test_a_mount_over_qemu_nbd(servers, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_a_mount_over_qemu_nbd(nbd_servers, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     img = image(tmp_path / "img", 256 << 20)
-    srv = qemu_nbd(img, "-e", "2", "--cache=none", unix=True, export="vol")
-    servers.append(srv)
+    srv = nbd_servers.qemu_nbd(img, "-e", "2", "--cache=none", unix=True, export="vol")
     mkfs(srv.uri)
     m = Mount(srv.uri, public_dir() / "mnt")
     try:
@@ -135,9 +119,9 @@ def fsync_file(path: Path) -> subprocess.Popen[str]:
 
 
 @needs_fuse
-def test_a_mount_rides_out_a_server_killed_and_restarted(servers, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_a_mount_rides_out_a_server_killed_and_restarted(nbd_servers, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     img = image(tmp_path / "img", 256 << 20)
-    srv = serve(servers, "file", str(img))
+    srv = nbd_servers.nbdkit("file", str(img))
     mkfs(srv.uri)
     m = Mount(srv.uri, public_dir() / "mnt", "--nbd-timeout", "120")
     try:
@@ -161,8 +145,8 @@ def test_a_mount_rides_out_a_server_killed_and_restarted(servers, tmp_path: Path
 
 
 @needs_fuse
-def test_a_mount_whose_server_is_gone_for_good_fails_clearly(servers, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    srv = serve(servers, "memory", "256M", unix=True)
+def test_a_mount_whose_server_is_gone_for_good_fails_clearly(nbd_servers, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    srv = nbd_servers.nbdkit("memory", "256M", unix=True)
     mkfs(srv.uri)
     m = Mount(srv.uri, public_dir() / "mnt", "--nbd-timeout", "2")
     try:
@@ -184,10 +168,9 @@ def test_a_mount_whose_server_is_gone_for_good_fails_clearly(servers, tmp_path: 
 
 
 @needs_fuse
-def test_an_io_error_fails_the_operation_that_met_it(servers, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_an_io_error_fails_the_operation_that_met_it(nbd_servers, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     bad_reads = tmp_path / "fail-reads"
-    srv = serve(
-        servers,
+    srv = nbd_servers.nbdkit(
         "--filter=error",
         "memory",
         "256M",

@@ -31,6 +31,10 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import trio
+
+from sharedfs.storage import open_volume
+
 TOP = Path(__file__).resolve().parent.parent
 PY = sys.executable
 
@@ -173,8 +177,13 @@ MiB = 1 << 20
 SEQ_MIB = 256
 RANDOM_OPS = 3000
 SMALL_FILES = 1000
-#: workload -> unit; higher is better for each.
+BACKEND_MIB = 64
+#: workload -> unit; higher is better for each.  "storage:" ones call the
+#: volume's Storage directly (no mount), the others go through a mount.
 WORKLOADS = {
+    "storage: write 1 MiB": "MB/s",
+    "storage: read 4 KiB, 1 at a time": "IOPS",
+    "storage: read 4 KiB, 16 in flight": "IOPS",
     "seq write 1 MiB": "MB/s",
     "seq read 1 MiB, cold": "MB/s",
     "rand write 4 KiB": "IOPS",
@@ -301,13 +310,41 @@ def small_files(d: Path) -> int:
     return SMALL_FILES
 
 
+async def storage_ops(name: str) -> dict[str, float]:
+    """The backend alone: what a host's cache asks of it, without FUSE."""
+    storage = open_volume(name)
+    try:
+        chunk = os.urandom(MiB)
+        t0 = time.monotonic()
+        for i in range(BACKEND_MIB):
+            await storage.write(i * MiB, chunk)
+        await storage.flush()
+        out = {"storage: write 1 MiB": BACKEND_MIB * MiB / 1e6 / (time.monotonic() - t0)}
+        rng = random.Random(6)
+        offs = [rng.randrange(BACKEND_MIB * MiB // 4096) * 4096 for _ in range(4 * RANDOM_OPS)]
+        for depth, label in ((1, "1 at a time"), (16, "16 in flight")):
+
+            async def reader(mine: list[int]) -> None:
+                for off in mine:
+                    await storage.read(off, 4096)
+
+            t0 = time.monotonic()
+            async with trio.open_nursery() as n:
+                for k in range(depth):
+                    n.start_soon(reader, offs[k::depth])
+            out[f"storage: read 4 KiB, {label}"] = len(offs) / (time.monotonic() - t0)
+        return out
+    finally:
+        storage.close()
+
+
 def one_host(kind: str, work: Path) -> dict[str, float]:
     """Each workload once on a fresh volume of `kind`; cold reads after a
     remount (the host's cache and the kernel's page cache are empty; the
     image file itself stays in this machine's page cache for every kind)."""
     mnt, log = work / "mnt", work / f"{kind.split()[0]}.log"
-    out: dict[str, float] = {}
     with volume_of(kind, work) as vol:
+        out = trio.run(storage_ops, vol)
         sfs("mkfs", vol, "-q", "--force")
         with mounted(vol, mnt, log):
             out["seq write 1 MiB"] = timed(lambda: seq_write(mnt / "big"))
@@ -334,9 +371,11 @@ def nbd_bench(args: argparse.Namespace, work: Path) -> str:
         "the machine's disk, mounted by one host (embedded master): `file` opens the",
         "image, the NBD kinds reach the same kind of image through nbdkit's file",
         "plugin on a unix socket or on loopback TCP, with sharedfs's libnbd client.",
-        f"{SEQ_MIB} MiB sequential; {RANDOM_OPS} random 4 KiB ops in that file (writes",
-        f"then one fsync); {SMALL_FILES} new 4 KiB files, then one fsync; cold reads",
-        "after a remount.",
+        f"`storage:` rows call the volume's Storage (no mount): {BACKEND_MIB} MiB written",
+        f"1 MiB at a time, then flushed; {4 * RANDOM_OPS} random 4 KiB reads in it. The",
+        f"others go through the mount: {SEQ_MIB} MiB sequential; {RANDOM_OPS} random",
+        f"4 KiB ops in that file (writes then one fsync); {SMALL_FILES} new 4 KiB files,",
+        "then one fsync; cold reads after a remount.",
         "",
         f"Median of {args.repeat} runs per kind (the runs in brackets).",
         "",

@@ -5,9 +5,10 @@ libnbd speaks the protocol: the fixed newstyle handshake with NBD_OPT_GO
 replies, and any number of commands in flight on the one socket.  This
 module runs libnbd's state machine: the handshake with a blocking poll()
 loop and a deadline (in a worker thread when trio waits for it); commands
-with completion callbacks, pumped either by two trio system tasks (one
-waits until the socket is readable, one writes while libnbd has output
-queued) or, for the synchronous twins, by the same poll() loop.
+with completion callbacks, pumped either by trio system tasks (one waits
+until the socket is readable, one writes while libnbd has output queued,
+one watches for a server that stopped answering) or, for the synchronous
+twins, by the same poll() loop.
 
 A connection that dies is never revived: libnbd completes each command it
 had in flight with ENOTCONN, and whoever owns the connection opens a new one.
@@ -162,7 +163,7 @@ class Connection:
         the connection dead."""
         cmd.error = None
         if self.lost:
-            cmd.error = errno.ENOTCONN
+            _answer(cmd, errno.ENOTCONN)
             return
         flags = self._nbd.CMD_FLAG_FUA if cmd.fua else 0
 
@@ -186,7 +187,7 @@ class Connection:
             self._in_flight.discard(cmd)
             if not (self._h.aio_is_dead() or self._h.aio_is_closed()):
                 raise Rejected(f"{cmd}: {_describe(e)}") from None
-            cmd.error = errno.ENOTCONN
+            _answer(cmd, errno.ENOTCONN)
             self._lose(_describe(e))
             return
         if self._h.aio_is_dead() or self._h.aio_is_closed():
@@ -199,9 +200,7 @@ class Connection:
             return  # failed already (a stall)
         self._in_flight.discard(cmd)
         self.quiet_since = time.monotonic()
-        cmd.error = err
-        if cmd.done is not None:
-            cmd.done.set()
+        _answer(cmd, err)
 
     @property
     def in_flight(self) -> int:
@@ -325,6 +324,12 @@ class Connection:
             except RuntimeError:
                 pass  # not in a trio run: its pumps ended with it
         self._h = None  # libnbd closes the socket with the handle
+
+
+def _answer(cmd: Command, err: int) -> None:
+    cmd.error = err
+    if cmd.done is not None:
+        cmd.done.set()
 
 
 def _poll_once(h: Any, timeout: float) -> bool:
