@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import stat
 import struct
 import sys
@@ -48,8 +47,7 @@ from .fs import MAX_DIR_DEPTH, MAX_HEIGHT, Ctx, FileSystem
 from .host import open_host
 from .progress import Progress
 from .protocol import Mode
-from .storage import Storage
-from .storage.file import FileStorage
+from .storage import Storage, open_volume
 from .volume import (
     describe_slot,
     live_slots,
@@ -1637,21 +1635,10 @@ def fsck(storage: Storage, repair: bool = False, *, force: bool = False) -> Fsck
 
 def open_storage(path: str, *, writable: bool) -> Storage:
     """The volume, opened read-only unless fsck is to repair it."""
-    if "://" in path:
-        raise QuietError(f"{path}: volume URIs are not supported yet", EXIT_OPERATIONAL)
     try:
-        st = os.stat(path)
-    except OSError as e:
-        raise QuietError(f"{path}: {e.strerror}", EXIT_OPERATIONAL) from None
-    is_blk = stat.S_ISBLK(st.st_mode)
-    if not (is_blk or stat.S_ISREG(st.st_mode)):
-        raise QuietError(f"{path}: not an image file or block device", EXIT_OPERATIONAL)
-    flags = (os.O_RDWR if writable else os.O_RDONLY) | (os.O_DIRECT if is_blk else 0)
-    try:
-        fd = os.open(path, flags)
-    except OSError as e:
-        raise QuietError(f"{path}: cannot open: {e.strerror}", EXIT_OPERATIONAL) from None
-    return FileStorage(path, fd, os.lseek(fd, 0, os.SEEK_END), is_blk)
+        return open_volume(path, writable=writable)
+    except QuietError as e:
+        raise QuietError(str(e), EXIT_OPERATIONAL) from None
 
 
 class _Parser(argparse.ArgumentParser):
@@ -1668,7 +1655,7 @@ def make_parser() -> argparse.ArgumentParser:
         description="Check a sharedfs volume and repair it. Exit status: 0 clean, 1 errors "
         "corrected, 4 errors left, 8 operational error, 16 usage error.",
     )
-    p.add_argument("volume", help="image file or block device")
+    p.add_argument("volume", help="image file, block device or NBD URI")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument(
         "-n", dest="mode", action="store_const", const="n", help="check only; never write"

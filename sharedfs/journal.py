@@ -467,8 +467,7 @@ async def replay(storage: Storage, sb: fmt.Superblock, *, dry_run: bool = False)
     if pages or any(header.low):
         area = Area.of(sb)
         empty = JournalHeader(end, end, [0] * len(header.low))
-        await storage.write(area.header * bs, encode_header(bs, area.header, empty))
-        await storage.flush()
+        await storage.write(area.header * bs, encode_header(bs, area.header, empty), fua=True)
     return ReplayResult(len(pages), txs, rp.applied, rp.skipped, len(written))
 
 

@@ -19,7 +19,8 @@ from .fs import Ctx
 from .host import open_host
 from .progress import Progress
 from .storage import Storage, open_volume
-from .volume import live_slots, read_backup_superblock, read_superblock
+from .storage.uri import is_uri
+from .volume import check_block_size, live_slots, read_backup_superblock, read_superblock
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +37,8 @@ def existing_volume(storage: Storage) -> fmt.Superblock | None:
 async def format_volume(storage: Storage, sb: fmt.Superblock, *, quiet: bool = True) -> None:
     """Write the layout `sb` describes onto `storage`, then the root directory."""
     bs = sb.block_size
+    # What the volume held is of no use now: a thin NBD export gets it back.
+    await storage.trim(0, sb.volume_blocks * bs)
     for node in range(sb.host_slots):
         b = sb.hosts_start + node
         await storage.write(b * bs, fmt.HostSlot().pack(bs, b))
@@ -56,11 +59,11 @@ async def format_volume(storage: Storage, sb: fmt.Superblock, *, quiet: bool = T
     fs = open_host(storage, sb)
     await fs.mkroot(Ctx(os.getuid(), os.getgid()))
     await fs.destroy()  # on storage, and the log empty again
-    # The superblock goes last: a volume interrupted while being made is
-    # never taken for a sharedfs volume.
-    await storage.write(sb.backup_blockno * bs, sb.pack(sb.backup_blockno))
-    await storage.write(0, sb.pack(0))
+    # The superblock goes last, once the rest is durable: a volume
+    # interrupted while being made is never taken for a sharedfs volume.
     await storage.flush()
+    await storage.write(sb.backup_blockno * bs, sb.pack(sb.backup_blockno), fua=True)
+    await storage.write(0, sb.pack(0), fua=True)
 
 
 def _group_bitmaps(sb: fmt.Superblock, g: int) -> bytes:
@@ -78,7 +81,9 @@ def _group_bitmaps(sb: fmt.Superblock, g: int) -> bytes:
 
 def make_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sharedfs mkfs", description="Make a sharedfs volume.")
-    p.add_argument("volume", help="image file (created if missing) or block device")
+    p.add_argument(
+        "volume", help="image file (created if missing), block device, or NBD URI (nbd://...)"
+    )
     p.add_argument("--size", type=parse_size, help="volume size, e.g. 3G (required for a new file)")
     p.add_argument("--block-size", type=parse_size, default=fmt.DEFAULT_BLOCK_SIZE)
     p.add_argument("--nodes", type=int, default=8, help="host slots (default 8)")
@@ -89,36 +94,50 @@ def make_parser() -> argparse.ArgumentParser:
     return p
 
 
-def refuse_existing(path: str, force: bool) -> None:
+def refuse_existing(storage: Storage, force: bool) -> None:
     """Never overwrite a sharedfs volume unasked, nor one that is mounted."""
-    if not os.path.exists(path):
+    old = existing_volume(storage)
+    if old is None:
         return
-    storage = open_volume(path)
-    try:
-        old = existing_volume(storage)
-        if old is None:
-            return
-        if not force:
-            raise QuietError(
-                f"{path}: already holds a sharedfs volume "
-                f"(label {old.label!r}); use --force to overwrite it"
-            )
-        live = live_slots(storage, old)
-        if live:
-            raise QuietError(f"{path}: is mounted by node {min(live)}; unmount it first")
-    finally:
-        storage.close()
+    if not force:
+        raise QuietError(
+            f"{storage.name}: already holds a sharedfs volume "
+            f"(label {old.label!r}); use --force to overwrite it"
+        )
+    live = live_slots(storage, old)
+    if live:
+        raise QuietError(f"{storage.name}: is mounted by node {min(live)}; unmount it first")
+
+
+def open_for_mkfs(volume: str, size: int | None, force: bool) -> Storage:
+    """The volume, checked before anything is written; an image file is
+    created or resized only after the check (resizing moves its end, where
+    the backup superblock is)."""
+    if is_uri(volume):
+        storage = open_volume(volume)
+        try:
+            refuse_existing(storage, force)
+        except BaseException:
+            storage.close()
+            raise
+        return storage
+    if size is None and not os.path.exists(volume):
+        raise QuietError(f"{volume}: does not exist; give --size to create it", 2)
+    if os.path.exists(volume):
+        old = open_volume(volume)
+        try:
+            refuse_existing(old, force)
+        finally:
+            old.close()
+    return open_volume(volume, create_size=size)
 
 
 def mkfs(args: argparse.Namespace) -> None:
-    if args.size is None and not os.path.exists(args.volume):
-        raise QuietError(f"{args.volume}: does not exist; give --size to create it", 2)
-    refuse_existing(args.volume, args.force)
-    storage = open_volume(args.volume, create_size=args.size)
+    storage = open_for_mkfs(args.volume, args.size, args.force)
     try:
         size = args.size or storage.size
         if size > storage.size:
-            raise QuietError(f"{args.volume}: device is only {storage.size} bytes")
+            raise QuietError(f"{args.volume}: the volume is only {storage.size} bytes")
         try:
             sb = fmt.make_geometry(
                 size,
@@ -130,6 +149,7 @@ def mkfs(args: argparse.Namespace) -> None:
             )
         except ValueError as e:
             raise QuietError(f"{args.volume}: {e}", 2) from None
+        check_block_size(storage, sb.block_size)
         trio.run(lambda: format_volume(storage, sb, quiet=args.quiet))
     finally:
         storage.close()

@@ -30,9 +30,11 @@ from .fuse_ops import Operations
 from .host import DEFAULT_CACHE_BYTES, open_cluster_host
 from .link import parse_address
 from .master import MasterService
-from .storage import Storage, open_volume
+from .storage import Storage, canonical_name, open_volume
+from .storage.nbd import DEFAULT_TIMEOUT as NBD_TIMEOUT
 from .volume import (
     HEARTBEAT_INTERVAL,
+    check_block_size,
     claim_slot,
     describe_slot,
     heartbeat,
@@ -52,7 +54,7 @@ def make_parser() -> argparse.ArgumentParser:
 
 
 def add_mount_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("volume", help="image file or block device holding the volume")
+    p.add_argument("volume", help="image file, block device or NBD URI holding the volume")
     p.add_argument("mountpoint")
     p.add_argument("--foreground", "-f", action="store_true", help="stay in the foreground")
     p.add_argument("--master", metavar="HOST:PORT", help="lock master to join (default: embed one)")
@@ -78,6 +80,14 @@ def add_mount_args(p: argparse.ArgumentParser) -> None:
         default=5.0,
         metavar="SECONDS",
         help="write dirty blocks back this often (like ext4's commit=; default 5)",
+    )
+    p.add_argument(
+        "--nbd-timeout",
+        type=float,
+        default=NBD_TIMEOUT,
+        metavar="SECONDS",
+        help="how long to keep trying to reach an NBD server that went away "
+        f"before failing (default {NBD_TIMEOUT:g})",
     )
     p.add_argument("-o", dest="options", action="append", default=[], help="FUSE mount options")
     p.add_argument("--log", metavar="FILE", help="log file (default: stderr in the foreground)")
@@ -114,9 +124,23 @@ def pick_node(storage: Storage, sb: fmt.Superblock, node: int | None, master: st
     return node
 
 
+def check_shared(storage: Storage, master: str | None) -> None:
+    """A host joining a cluster needs a volume whose every host sees the
+    others' writes (an NBD export without multi-conn may not)."""
+    if storage.shared:
+        return
+    why = (
+        "the NBD server does not promise that one connection sees what another wrote "
+        "(no multi-conn)"
+    )
+    if master:
+        raise QuietError(f"{storage.name}: {why}, so no cluster can share it", 32)
+    log.warning("%s: %s: no other host may join this one", storage.name, why)
+
+
 def fuse_options(volume: str, extra: list[str]) -> set[str]:
     opts = set(pyfuse3.default_options)
-    opts.add(f"fsname={os.path.abspath(volume)}")
+    opts.add(f"fsname={canonical_name(volume)}")
     opts.add("subtype=sharedfs")
     if os.getuid() == 0:
         opts.add("allow_other")  # a cluster filesystem is for every user
@@ -295,9 +319,13 @@ def mount(args: argparse.Namespace) -> None:
                 parse_address(addr)
             except ValueError as e:
                 raise QuietError(f"{addr}: {e}", 2) from None
+    if args.nbd_timeout <= 0:
+        raise QuietError(f"--nbd-timeout {args.nbd_timeout:g}: give a positive number", 2)
     mountpoint = check_mountpoint(args.mountpoint)
-    storage = open_volume(args.volume)
+    storage = open_volume(args.volume, nbd_timeout=args.nbd_timeout)
     sb = open_superblock(storage)
+    check_block_size(storage, sb.block_size)
+    check_shared(storage, args.master)
     node = pick_node(storage, sb, args.node, args.master)
     if not 0 <= node < sb.host_slots:
         raise QuietError(f"--node {node}: this volume has host slots 0..{sb.host_slots - 1}", 2)
@@ -346,6 +374,8 @@ def mount_helper_main(argv: list[str] | None = None) -> None:
             setattr(args, key, value)
         elif key == "writeback":
             args.writeback = float(value)
+        elif key == "nbd_timeout":
+            args.nbd_timeout = float(value)
         elif key == "cache_size":
             args.cache_size = parse_size(value)
         elif key == "log":

@@ -70,6 +70,16 @@ def open_superblock(storage: Storage) -> fmt.Superblock:
         ) from None
 
 
+def check_block_size(storage: Storage, block_size: int) -> None:
+    """Blocks must be whole multiples of what the storage writes at least."""
+    if block_size % storage.min_block:
+        raise QuietError(
+            f"{storage.name}: writes must be in {storage.min_block}-byte units, "
+            f"which {block_size}-byte blocks are not",
+            2,
+        )
+
+
 # -- host slots ----------------------------------------------------------------
 
 

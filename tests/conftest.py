@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import faulthandler
 import signal
+from collections.abc import Iterator
 
 import pytest
+from nbd_util import Servers
 
 from sharedfs import format as fmt
 from sharedfs.fs import Ctx, FileSystem
@@ -39,3 +41,11 @@ async def volume() -> MemoryStorage:
 @pytest.fixture
 async def fs(volume: MemoryStorage) -> FileSystem:
     return host(volume)
+
+
+@pytest.fixture
+def nbd_servers() -> Iterator[Servers]:
+    """NBD servers the test starts (nbdkit, qemu-nbd), stopped after it."""
+    servers = Servers()
+    yield servers
+    servers.stop()

@@ -37,11 +37,11 @@ def sharedfs(*args: str, check: bool = True, **kw: object) -> subprocess.Complet
     return r
 
 
-def mkfs(volume: Path, size: str = "256M", *extra: str) -> None:
+def mkfs(volume: Path | str, size: str = "256M", *extra: str) -> None:
     sharedfs("mkfs", str(volume), "--size", size, "-q", *extra)
 
 
-def fsck_ok(volume: Path) -> None:
+def fsck_ok(volume: Path | str) -> None:
     r = sharedfs("fsck", "-n", str(volume), check=False)
     assert r.returncode == 0, f"fsck -n exited {r.returncode}:\n{r.stdout}{r.stderr}"
 
@@ -57,7 +57,7 @@ def wait_for(pred, timeout: float = 30.0, what: str = "condition") -> None:  # t
 class Mount:
     """One host: a foreground mount process and its mountpoint."""
 
-    def __init__(self, volume: Path, mnt: Path, *args: str) -> None:
+    def __init__(self, volume: Path | str, mnt: Path, *args: str) -> None:
         self.volume = volume
         self.mnt = mnt
         mnt.mkdir(exist_ok=True)

@@ -278,9 +278,9 @@ class GatedStorage(MemoryStorage):
         super().__init__(size)
         self.gate = trio.Event()
 
-    async def write(self, offset: int, data) -> None:
+    async def write(self, offset: int, data, *, fua: bool = False) -> None:
         await self.gate.wait()
-        await super().write(offset, data)
+        await super().write(offset, data, fua=fua)
 
 
 async def test_change_during_write_back_redirties():

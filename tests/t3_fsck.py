@@ -922,7 +922,7 @@ def test_cli_operational_errors(tmp_path, cli):
     assert r.returncode == 8 and "not a sharedfs volume" in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
     code, out, err = cli("-y", str(tmp_path / "missing.img"))
-    assert code == 8 and "No such file" in err and out == ""
+    assert code == 8 and "no such file" in err.lower() and out == ""
 
     def live(storage: MemoryStorage, inos: dict[str, int]) -> None:
         write_slot(storage, sb_of(storage), 1, live_slot(777, "h1"))

@@ -27,10 +27,10 @@ class CrashPoints(MemoryStorage):
         self.every = every
         self.images: list[bytes] = []
 
-    async def write(self, offset: int, data) -> None:  # type: ignore[no-untyped-def]
+    async def write(self, offset: int, data, *, fua: bool = False) -> None:  # type: ignore[no-untyped-def]
         if (self.writes + 1) % self.every == 0:
             self.images.append(bytes(self._data))
-        await super().write(offset, data)
+        await super().write(offset, data, fua=fua)
 
 
 async def replay_and_check(image: bytes) -> journal.ReplayResult:

@@ -161,11 +161,11 @@ async def test_version_boundary_while_a_write_is_in_flight():
         gate, at_gate = trio.Event(), trio.Event()
         real_write = vol.write
 
-        async def gated_write(offset: int, data: bytes) -> None:
+        async def gated_write(offset: int, data: bytes, *, fua: bool = False) -> None:
             if offset == blk * 4096:
                 at_gate.set()
                 await gate.wait()
-            await real_write(offset, data)
+            await real_write(offset, data, fua=fua)
 
         vol.write = gated_write  # type: ignore[method-assign]
         async with trio.open_nursery() as n:

@@ -1,5 +1,9 @@
 """Three real mounts of one volume, each its own process, joined to a
-standalone `sharedfs master`, driven by os calls and ordinary tools."""
+standalone `sharedfs master`, driven by os calls and ordinary tools.
+
+Twice: on an image file, and on one nbdkit export that host 1 reaches over
+a unix socket and hosts 0 and 2 over TCP (made by mkfs through NBD, and
+checked at the end by fsck through NBD)."""
 
 from __future__ import annotations
 
@@ -8,10 +12,12 @@ import os
 import socket
 import subprocess
 import time
+from contextlib import ExitStack
 from pathlib import Path
 
 import pytest
 from mount_util import PY, Mount, fsck_ok, mkfs, needs_fuse, public_dir, sharedfs, wait_for
+from nbd_util import needs_nbdkit, one_export_two_ways
 
 pytestmark = [needs_fuse, pytest.mark.fuse]
 
@@ -25,7 +31,7 @@ def free_port() -> int:
 
 
 class Master:
-    def __init__(self, volume: Path, log: Path) -> None:
+    def __init__(self, volume: Path | str, log: Path) -> None:
         self.port = free_port()
         self.addr = f"127.0.0.1:{self.port}"
         with open(log, "w") as f:
@@ -47,20 +53,27 @@ class Master:
         self.proc.wait(timeout=30)
 
 
-@pytest.fixture(scope="module")
-def hosts(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+@pytest.fixture(scope="module", params=["image", pytest.param("nbd", marks=needs_nbdkit)])
+def hosts(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
     d = tmp_path_factory.mktemp("cluster")
-    vol = d / "vol.img"
-    mkfs(vol, "1G")
-    master = Master(vol, d / "master.log")
-    pub = public_dir()
-    mounts = [
-        Mount(vol, pub / f"host{n}", "--master", master.addr, "--node", str(n)) for n in range(3)
-    ]
-    yield mounts, master, vol
-    for m in mounts:
-        m.kill()
-    master.stop()
+    with ExitStack() as stack:
+        if request.param == "image":
+            vol: Path | str = d / "vol.img"
+            names = [vol] * 3
+        else:
+            tcp, unix = stack.enter_context(one_export_two_ways("1G"))
+            vol, names = tcp, [tcp, unix, tcp]
+        mkfs(vol, "1G")
+        master = Master(vol, d / "master.log")
+        pub = public_dir()
+        mounts = [
+            Mount(names[n], pub / f"host{n}", "--master", master.addr, "--node", str(n))
+            for n in range(3)
+        ]
+        yield mounts, master, vol
+        for m in mounts:
+            m.kill()
+        master.stop()
 
 
 def test_file_created_on_one_host_is_listed_on_the_others_at_once(hosts) -> None:  # type: ignore[no-untyped-def]

@@ -5,14 +5,21 @@ shared file and reading the other's, so the file's blocks move host to host
 on every turn.  Run once with Cache Fusion and once with --coherence disk
 (write before every transfer, as GFS2 and OCFS2 do on a lock downgrade), on
 a volume on this machine's disk, in the same run.
+
+nbd: one host's workloads (sequential 1 MiB writes and cold reads, random
+4 KiB writes and cold O_DIRECT reads, small files) on a volume that is an
+image file, and on the same kind of image served by nbdkit over a unix
+socket and over loopback TCP, interleaved in the same run.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import mmap
 import os
 import platform
+import random
 import shutil
 import socket
 import statistics
@@ -20,7 +27,13 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
+
+import trio
+
+from sharedfs.storage import open_volume
 
 TOP = Path(__file__).resolve().parent.parent
 PY = sys.executable
@@ -158,27 +171,233 @@ def machine() -> str:
     )
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(prog="tools/bench")
-    ap.add_argument("what", choices=["pingpong"])
-    ap.add_argument("--rounds", type=int, default=200)
-    ap.add_argument("--repeat", type=int, default=3, help="runs per mode; the median is reported")
-    ap.add_argument("--dir", default=str(TOP / ".bench"), help="where the volumes live (real disk)")
-    ap.add_argument(
-        "--record", action="store_true", help="append the results to docs/BENCHMARKS.md"
+# -- one host over NBD and on a file ---------------------------------------------
+
+MiB = 1 << 20
+SEQ_MIB = 256
+RANDOM_OPS = 3000
+SMALL_FILES = 1000
+BACKEND_MIB = 64
+#: workload -> unit; higher is better for each.  "storage:" ones call the
+#: volume's Storage directly (no mount), the others go through a mount.
+WORKLOADS = {
+    "storage: write 1 MiB": "MB/s",
+    "storage: read 4 KiB, 1 at a time": "IOPS",
+    "storage: read 4 KiB, 16 in flight": "IOPS",
+    "seq write 1 MiB": "MB/s",
+    "seq read 1 MiB, cold": "MB/s",
+    "rand write 4 KiB": "IOPS",
+    "rand read 4 KiB O_DIRECT, cold": "IOPS",
+    "small files 4 KiB": "files/s",
+}
+KINDS = ("file", "nbd+unix", "nbd (tcp)")
+
+
+@contextmanager
+def volume_of(kind: str, work: Path) -> Iterator[str]:
+    """A fresh 1 GiB image file; for the NBD kinds, served by nbdkit's file
+    plugin (the same image on the same disk: only the NBD path differs)."""
+    img = work / f"{kind.split()[0]}.img"
+    img.unlink(missing_ok=True)
+    with open(img, "wb") as f:
+        f.truncate(1 << 30)
+    if kind == "file":
+        yield str(img)
+        return
+    pid = work / "nbdkit.pid"
+    pid.unlink(missing_ok=True)
+    if kind == "nbd+unix":
+        sock = work / "nbd.sock"
+        sock.unlink(missing_ok=True)
+        where, uri = ["-U", str(sock)], f"nbd+unix:///?socket={sock}"
+    else:
+        port = free_port()
+        where, uri = ["-i", "127.0.0.1", "-p", str(port)], f"nbd://127.0.0.1:{port}/"
+    server = subprocess.Popen(
+        ["nbdkit", "-f", "--exit-with-parent", "-P", str(pid), *where, "file", str(img)]
     )
-    args = ap.parse_args()
-    base = Path(args.dir)
-    base.mkdir(exist_ok=True)
-    work = Path(tempfile.mkdtemp(dir=base))
     try:
-        # Interleaved, so that a noisy minute hurts both modes alike.
-        runs: dict[str, list[dict]] = {"fusion": [], "disk": []}
-        for _ in range(args.repeat):
-            for mode in runs:
-                runs[mode].append(pingpong(mode, args.rounds, work))
+        for _ in range(400):
+            if pid.exists() and pid.stat().st_size:
+                break
+            time.sleep(0.05)
+        else:
+            raise SystemExit("nbdkit did not start")
+        yield uri
     finally:
-        shutil.rmtree(work, ignore_errors=True)
+        server.terminate()
+        server.wait()
+
+
+@contextmanager
+def mounted(vol: str, mnt: Path, log: Path) -> Iterator[Path]:
+    mnt.mkdir(exist_ok=True)
+    sfs("mount", vol, str(mnt), "--writeback", "600", "--log", str(log))
+    try:
+        yield mnt
+    finally:
+        sfs("umount", str(mnt))
+
+
+def timed(fn: Callable[[], int]) -> float:
+    """Units of work per second: fn returns how many it did."""
+    t0 = time.monotonic()
+    n = fn()
+    return n / (time.monotonic() - t0)
+
+
+def seq_write(path: Path) -> int:
+    chunk = os.urandom(MiB)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        for _ in range(SEQ_MIB):
+            os.write(fd, chunk)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return SEQ_MIB * MiB // 1_000_000
+
+
+def seq_read(path: Path) -> int:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        n = 0
+        while data := os.read(fd, MiB):
+            n += len(data)
+    finally:
+        os.close(fd)
+    return n // 1_000_000
+
+
+def offsets() -> list[int]:
+    rng = random.Random(5)
+    return [rng.randrange(SEQ_MIB * MiB // 4096) * 4096 for _ in range(RANDOM_OPS)]
+
+
+def rand_write(path: Path) -> int:
+    fd = os.open(path, os.O_WRONLY)
+    block = os.urandom(4096)
+    try:
+        for off in offsets():
+            os.pwrite(fd, block, off)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return RANDOM_OPS
+
+
+def rand_read(path: Path) -> int:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+    buf = mmap.mmap(-1, 4096)  # O_DIRECT wants an aligned buffer
+    try:
+        for off in offsets():
+            os.preadv(fd, [buf], off)
+    finally:
+        os.close(fd)
+        buf.close()
+    return RANDOM_OPS
+
+
+def small_files(d: Path) -> int:
+    d.mkdir()
+    data = os.urandom(4096)
+    for i in range(SMALL_FILES):
+        fd = os.open(d / f"f{i}", os.O_WRONLY | os.O_CREAT, 0o644)
+        os.write(fd, data)
+        if i == SMALL_FILES - 1:
+            os.fsync(fd)  # the log, and with it every file before
+        os.close(fd)
+    return SMALL_FILES
+
+
+async def storage_ops(name: str) -> dict[str, float]:
+    """The backend alone: what a host's cache asks of it, without FUSE."""
+    storage = open_volume(name)
+    try:
+        chunk = os.urandom(MiB)
+        t0 = time.monotonic()
+        for i in range(BACKEND_MIB):
+            await storage.write(i * MiB, chunk)
+        await storage.flush()
+        out = {"storage: write 1 MiB": BACKEND_MIB * MiB / 1e6 / (time.monotonic() - t0)}
+        rng = random.Random(6)
+        offs = [rng.randrange(BACKEND_MIB * MiB // 4096) * 4096 for _ in range(4 * RANDOM_OPS)]
+        for depth, label in ((1, "1 at a time"), (16, "16 in flight")):
+
+            async def reader(mine: list[int]) -> None:
+                for off in mine:
+                    await storage.read(off, 4096)
+
+            t0 = time.monotonic()
+            async with trio.open_nursery() as n:
+                for k in range(depth):
+                    n.start_soon(reader, offs[k::depth])
+            out[f"storage: read 4 KiB, {label}"] = len(offs) / (time.monotonic() - t0)
+        return out
+    finally:
+        storage.close()
+
+
+def one_host(kind: str, work: Path) -> dict[str, float]:
+    """Each workload once on a fresh volume of `kind`; cold reads after a
+    remount (the host's cache and the kernel's page cache are empty; the
+    image file itself stays in this machine's page cache for every kind)."""
+    mnt, log = work / "mnt", work / f"{kind.split()[0]}.log"
+    with volume_of(kind, work) as vol:
+        out = trio.run(storage_ops, vol)
+        sfs("mkfs", vol, "-q", "--force")
+        with mounted(vol, mnt, log):
+            out["seq write 1 MiB"] = timed(lambda: seq_write(mnt / "big"))
+            out["rand write 4 KiB"] = timed(lambda: rand_write(mnt / "big"))
+            out["small files 4 KiB"] = timed(lambda: small_files(mnt / "small"))
+        with mounted(vol, mnt, log):
+            out["seq read 1 MiB, cold"] = timed(lambda: seq_read(mnt / "big"))
+        with mounted(vol, mnt, log):
+            out["rand read 4 KiB O_DIRECT, cold"] = timed(lambda: rand_read(mnt / "big"))
+    return out
+
+
+def nbd_bench(args: argparse.Namespace, work: Path) -> str:
+    runs: dict[str, list[dict[str, float]]] = {k: [] for k in KINDS}
+    for _ in range(args.repeat):
+        for kind in KINDS:  # interleaved: a noisy minute hurts every kind alike
+            runs[kind].append(one_host(kind, work))
+    med = {k: {w: statistics.median(r[w] for r in runs[k]) for w in WORKLOADS} for k in KINDS}
+    cmd = f"tools/bench nbd --repeat {args.repeat}"
+    out = [
+        f"### one host over NBD, {time.strftime('%Y-%m-%d')}",
+        "",
+        f"`{cmd}` on {machine()}; each volume a fresh 1 GiB sparse image file on",
+        "the machine's disk, mounted by one host (embedded master): `file` opens the",
+        "image, the NBD kinds reach the same kind of image through nbdkit's file",
+        "plugin on a unix socket or on loopback TCP, with sharedfs's libnbd client.",
+        f"`storage:` rows call the volume's Storage (no mount): {BACKEND_MIB} MiB written",
+        f"1 MiB at a time, then flushed; {4 * RANDOM_OPS} random 4 KiB reads in it. The",
+        f"others go through the mount: {SEQ_MIB} MiB sequential; {RANDOM_OPS} random",
+        f"4 KiB ops in that file (writes then one fsync); {SMALL_FILES} new 4 KiB files,",
+        "then one fsync; cold reads after a remount.",
+        "",
+        f"Median of {args.repeat} runs per kind (the runs in brackets).",
+        "",
+        "| workload | " + " | ".join(KINDS) + " | nbd+unix / file | nbd (tcp) / file |",
+        "| --- | " + " | ".join("---" for _ in KINDS) + " | --- | --- |",
+    ]
+    for w, unit in WORKLOADS.items():
+        cells = [
+            f"{med[k][w]:.0f} {unit} ({', '.join(f'{r[w]:.0f}' for r in runs[k])})" for k in KINDS
+        ]
+        ratios = [f"{med[k][w] / med['file'][w]:.2f}" for k in KINDS[1:]]
+        out.append(f"| {w} | " + " | ".join(cells + ratios) + " |")
+    out.append("")
+    return "\n".join(out)
+
+
+def pingpong_bench(args: argparse.Namespace, work: Path) -> str:
+    # Interleaved, so that a noisy minute hurts both modes alike.
+    runs: dict[str, list[dict]] = {"fusion": [], "disk": []}
+    for _ in range(args.repeat):
+        for mode in runs:
+            runs[mode].append(pingpong(mode, args.rounds, work))
     results = [median_run(r) for r in runs.values()]
     fusion, disk = results
     cmd = f"tools/bench pingpong --rounds {args.rounds} --repeat {args.repeat}"
@@ -211,7 +430,27 @@ def main() -> None:
         f"fusion / disk: {fusion['ops_per_s'] / disk['ops_per_s']:.1f}x the operations per second.",
         "",
     ]
-    text = "\n".join(out)
+    return "\n".join(out)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(prog="tools/bench")
+    ap.add_argument("what", choices=["pingpong", "nbd"])
+    ap.add_argument("--rounds", type=int, default=200, help="pingpong: turns per host")
+    ap.add_argument("--repeat", type=int, default=3, help="runs per mode; the median is reported")
+    ap.add_argument("--dir", default=str(TOP / ".bench"), help="where the volumes live (real disk)")
+    ap.add_argument(
+        "--record", action="store_true", help="append the results to docs/BENCHMARKS.md"
+    )
+    args = ap.parse_args()
+    base = Path(args.dir)
+    base.mkdir(exist_ok=True)
+    work = Path(tempfile.mkdtemp(dir=base))
+    try:
+        bench = pingpong_bench if args.what == "pingpong" else nbd_bench
+        text = bench(args, work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
     print(text)
     if args.record:
         doc = TOP / "docs" / "BENCHMARKS.md"

@@ -26,6 +26,8 @@ class Fence(Storage):
         self.inner = inner
         self.name = inner.name
         self.size = inner.size
+        self.shared = inner.shared
+        self.min_block = inner.min_block
         self.reason = ""
 
     def close_gate(self, reason: str) -> None:
@@ -38,9 +40,11 @@ class Fence(Storage):
     async def read(self, offset: int, length: int) -> bytes:
         return await self.inner.read(offset, length)
 
-    async def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+    async def write(
+        self, offset: int, data: bytes | bytearray | memoryview, *, fua: bool = False
+    ) -> None:
         self._check()
-        await self.inner.write(offset, data)
+        await self.inner.write(offset, data, fua=fua)
 
     async def flush(self) -> None:
         self._check()

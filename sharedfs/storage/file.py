@@ -37,7 +37,7 @@ class FileStorage(Storage):
         self._limiter = trio.CapacityLimiter(4)
 
     @classmethod
-    def open(cls, path: str) -> FileStorage:
+    def open(cls, path: str, *, writable: bool = True) -> FileStorage:
         try:
             st = os.stat(path)
         except FileNotFoundError:
@@ -47,7 +47,7 @@ class FileStorage(Storage):
         is_blk = stat.S_ISBLK(st.st_mode)
         if not (is_blk or stat.S_ISREG(st.st_mode)):
             raise QuietError(f"{path}: not an image file or block device")
-        flags = os.O_RDWR | (os.O_DIRECT if is_blk else 0)
+        flags = (os.O_RDWR if writable else os.O_RDONLY) | (os.O_DIRECT if is_blk else 0)
         try:
             fd = os.open(path, flags)
         except OSError as e:
@@ -101,8 +101,12 @@ class FileStorage(Storage):
     async def read(self, offset: int, length: int) -> bytes:
         return await trio.to_thread.run_sync(self.read_sync, offset, length, limiter=self._limiter)
 
-    async def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+    async def write(
+        self, offset: int, data: bytes | bytearray | memoryview, *, fua: bool = False
+    ) -> None:
         await trio.to_thread.run_sync(self.write_sync, offset, data, limiter=self._limiter)
+        if fua:
+            await self.flush()
 
     async def flush(self) -> None:
         await trio.to_thread.run_sync(os.fdatasync, self._fd, limiter=self._limiter)

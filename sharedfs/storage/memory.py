@@ -39,7 +39,9 @@ class MemoryStorage(Storage):
         await trio.lowlevel.checkpoint()
         return self.read_sync(offset, length)
 
-    async def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+    async def write(
+        self, offset: int, data: bytes | bytearray | memoryview, *, fua: bool = False
+    ) -> None:
         await trio.lowlevel.checkpoint()
         self.write_sync(offset, data)
 
