@@ -40,7 +40,9 @@ def main(argv: list[str] | None = None) -> None:
         print(f"sharedfs {__version__}")
         sys.exit(0)
     if argv[0] not in COMMANDS:
-        print(f"sharedfs: unknown command {argv[0]!r}\n\n{USAGE}", file=sys.stderr)
+        print(
+            f"sharedfs: unknown command {argv[0]!r} ('sharedfs --help' lists them)", file=sys.stderr
+        )
         sys.exit(2)
     _command(argv[0])(argv[1:])
 

@@ -7,6 +7,7 @@ import logging
 import re
 import sys
 from collections.abc import Callable
+from typing import NoReturn
 
 from .errors import QuietError, StorageError
 
@@ -19,6 +20,27 @@ def parse_size(text: str) -> int:
     if not m:
         raise argparse.ArgumentTypeError(f"not a size: {text!r} (try 512M or 3G)")
     return int(m.group(1)) * _UNITS[m.group(2).upper()]
+
+
+def parse_address_arg(text: str) -> tuple[str, int]:
+    """An argparse type for HOST:PORT options (parse_address, with a usage error)."""
+    from .link import parse_address
+
+    try:
+        return parse_address(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"{text!r}: {e}") from None
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with usage errors in one line: what is wrong and where to
+    read more, then exit `usage_exit` (2, as argparse; fsck uses e2fsck's 16)."""
+
+    usage_exit = 2
+
+    def error(self, message: str) -> NoReturn:
+        print(f"{self.prog}: {message} (see '{self.prog} --help')", file=sys.stderr)
+        sys.exit(self.usage_exit)
 
 
 def setup_logging(debug: bool = False, logfile: str | None = None, node: int | None = None) -> None:

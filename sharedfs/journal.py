@@ -861,11 +861,11 @@ def main(argv: list[str] | None = None) -> None:
     import argparse
     import sys
 
-    from .cli_util import run_tool
+    from .cli_util import Parser, run_tool
     from .storage import open_volume
     from .volume import open_superblock
 
-    ap = argparse.ArgumentParser(
+    ap = Parser(
         prog="sharedfs journal", description="Show a volume's log: pages, records, checkpoint."
     )
     ap.add_argument("volume")

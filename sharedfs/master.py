@@ -21,7 +21,7 @@ from collections import defaultdict
 import trio
 
 from . import protocol as p
-from .cli_util import run_tool, setup_logging
+from .cli_util import Parser, run_tool, setup_logging
 from .directory import Directory
 from .errors import QuietError
 from .link import Link, LinkClosed, parse_address
@@ -357,7 +357,7 @@ def run_master(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="sharedfs master", description="Run a volume's lock master.")
+    ap = Parser(prog="sharedfs master", description="Run a volume's lock master.")
     ap.add_argument("volume", help="the volume (its cluster key authenticates hosts)")
     ap.add_argument("--listen", default="127.0.0.1:7400", metavar="HOST:PORT")
     ap.add_argument("--coherence", choices=("fusion", "disk"), default="fusion")

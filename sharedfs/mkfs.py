@@ -13,7 +13,7 @@ import trio
 
 from . import format as fmt
 from . import journal
-from .cli_util import parse_size, run_tool, setup_logging
+from .cli_util import Parser, parse_size, run_tool, setup_logging
 from .errors import CorruptVolume, QuietError
 from .fs import Ctx
 from .host import open_host
@@ -77,7 +77,7 @@ def _group_bitmaps(sb: fmt.Superblock, g: int) -> bytes:
 
 
 def make_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="sharedfs mkfs", description="Make a sharedfs volume.")
+    p = Parser(prog="sharedfs mkfs", description="Make a sharedfs volume.")
     p.add_argument("volume", help="image file (created if missing) or block device")
     p.add_argument("--size", type=parse_size, help="volume size, e.g. 3G (required for a new file)")
     p.add_argument("--block-size", type=parse_size, default=fmt.DEFAULT_BLOCK_SIZE)

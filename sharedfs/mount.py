@@ -23,7 +23,7 @@ import trio
 from . import format as fmt
 from . import journal
 from .agent import ClusterAgent
-from .cli_util import find_quiet, parse_size, run_tool, setup_logging
+from .cli_util import Parser, find_quiet, parse_size, run_tool, setup_logging
 from .errors import QuietError
 from .fs import FileSystem
 from .fuse_ops import Operations
@@ -46,7 +46,7 @@ log = logging.getLogger(__name__)
 
 
 def make_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="sharedfs mount", description="Mount a sharedfs volume.")
+    p = Parser(prog="sharedfs mount", description="Mount a sharedfs volume.")
     add_mount_args(p)
     return p
 
@@ -335,7 +335,7 @@ _FSTAB_ONLY = {"defaults", "auto", "noauto", "user", "nouser", "users", "_netdev
 
 def mount_helper_main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
-    p = argparse.ArgumentParser(prog="mount.sharedfs")
+    p = Parser(prog="mount.sharedfs")
     p.add_argument("volume")
     p.add_argument("mountpoint")
     p.add_argument("-o", dest="options", default="")

@@ -11,7 +11,7 @@ from typing import Any
 import trio
 
 from . import protocol as p
-from .cli_util import run_tool
+from .cli_util import Parser, run_tool
 from .errors import QuietError
 from .link import Link, LinkClosed, parse_address
 from .storage import open_volume
@@ -110,7 +110,7 @@ def status(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="sharedfs status", description=__doc__.splitlines()[0])
+    ap = Parser(prog="sharedfs status", description=__doc__.splitlines()[0])
     ap.add_argument("volume", help="the volume (its cluster key authenticates us to the master)")
     ap.add_argument("--json", action="store_true", help="machine-readable output")
     ap.add_argument(
