@@ -25,7 +25,7 @@ import trio
 
 from . import protocol as p
 from .errors import QuietError
-from .link import Link, LinkClosed
+from .link import Link, LinkClosed, open_master
 from .master import LockMaster
 from .protocol import HostId, Mode, Resource, block_resource
 
@@ -175,16 +175,14 @@ class ClusterAgent:
                         await link.aclose()
 
     async def _connect(self, master: tuple[str, int], listen_host: str) -> Link:
+        where = f"master {master[0]}:{master[1]}"
         try:
             with trio.fail_after(CONNECT_TIMEOUT):
-                stream = await trio.open_tcp_stream(*master)
-                link = await Link.open(stream, self.key, self.host, initiator=True)
+                link = await open_master(master, self.key, self.host, exitcode=32)
                 await link.send(p.Join(self.host, listen_host, self.peer_port, self.coherence))
                 async for msg in link.messages():
                     if isinstance(msg, p.Refused):
-                        raise QuietError(
-                            f"master {master[0]}:{master[1]} refused: {msg.reason}", 32
-                        )
+                        raise QuietError(f"{where} refused: {msg.reason}", 32)
                     if isinstance(msg, p.Welcome):
                         self._peers.update(msg.peers)
                         self.lease = msg.lease
@@ -194,20 +192,10 @@ class ClusterAgent:
                         break
                 else:
                     raise LinkClosed("master closed the connection")
-        except OSError as e:
-            raise QuietError(
-                f"cannot reach master {master[0]}:{master[1]}: {e.strerror or e}", 32
-            ) from None
         except trio.TooSlowError:
-            raise QuietError(f"master {master[0]}:{master[1]} did not answer", 32) from None
-        except p.AuthError:
-            raise QuietError(
-                f"master {master[0]}:{master[1]} refused our cluster key: "
-                "is it the master of this volume?",
-                32,
-            ) from None
+            raise QuietError(f"{where} did not answer; is it a sharedfs master?", 32) from None
         except (p.ProtocolError, LinkClosed) as e:
-            raise QuietError(f"master {master[0]}:{master[1]}: {e}", 32) from None
+            raise QuietError(f"{where}: {e}; is it a sharedfs master?", 32) from None
         self._master = link
         log.info("host %d: joined master %s:%d", self.host, *master)
         return link

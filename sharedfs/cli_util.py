@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import re
+import socket
 import sys
 from collections.abc import Callable
 from typing import NoReturn
@@ -41,6 +43,19 @@ class Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         print(f"{self.prog}: {message} (see '{self.prog} --help')", file=sys.stderr)
         sys.exit(self.usage_exit)
+
+
+def notify_systemd(state: str) -> None:
+    """Tell systemd how we are (`READY=1` once serving), when it runs us as
+    a Type=notify unit; nothing otherwise."""
+    path = os.environ.get("NOTIFY_SOCKET")
+    if not path:
+        return
+    if path.startswith("@"):  # an abstract socket
+        path = "\0" + path[1:]
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+        s.connect(path)
+        s.sendall(state.encode())
 
 
 def setup_logging(debug: bool = False, logfile: str | None = None, node: int | None = None) -> None:
@@ -89,4 +104,8 @@ def run_tool(fn: Callable[[argparse.Namespace], int | None], args: argparse.Name
     except KeyboardInterrupt:
         print("sharedfs: interrupted", file=sys.stderr)
         sys.exit(130)
+    except BrokenPipeError:
+        # The reader went away (`| head`): stop quietly, as other tools do.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(141)
     sys.exit(code or 0)
