@@ -431,14 +431,16 @@ def _peername(stream: trio.SocketStream) -> str:
 async def _serve_forever(
     service: MasterService, host: str, port: int, metrics: tuple[str, int] | None
 ) -> None:
-    async with contextlib.AsyncExitStack() as stack, trio.open_nursery() as nursery:
-        if metrics is not None:
-            bound = await stack.enter_async_context(serve_metrics(metrics, service.metric_samples))
-        await nursery.start(service.serve, host, port)
-        if metrics is not None:
-            log.info("master: metrics on http://%s:%d/metrics", metrics[0], bound)
-        notify_systemd("READY=1")
-        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+    # Signals are ours before we say we are ready: a stop may follow at once.
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async with contextlib.AsyncExitStack() as stack, trio.open_nursery() as nursery:
+            if metrics is not None:
+                samples = service.metric_samples
+                bound = await stack.enter_async_context(serve_metrics(metrics, samples))
+            await nursery.start(service.serve, host, port)
+            if metrics is not None:
+                log.info("master: metrics on http://%s:%d/metrics", metrics[0], bound)
+            notify_systemd("READY=1")
             async for signum in signals:
                 log.info("master: signal %d, stopping", signum)
                 nursery.cancel_scope.cancel()
