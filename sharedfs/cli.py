@@ -14,13 +14,14 @@ commands:
   master   run a volume's lock master    (sharedfs master VOLUME --listen HOST:PORT)
   umount   unmount and wait until clean  (sharedfs umount MOUNTPOINT)
   fsck     check and repair a volume     (sharedfs fsck -n|-y VOLUME)
-  status   show a volume's hosts         (sharedfs status VOLUME | --master HOST:PORT)
+  status   show a volume's cluster       (sharedfs status VOLUME [--master HOST:PORT] [--watch])
   journal  show a volume's log           (sharedfs journal VOLUME [--records])
+  inspect  look inside a volume          (sharedfs inspect VOLUME superblock|inode N|path P|block N)
 
 'sharedfs COMMAND --help' tells more."""
 
 
-COMMANDS = ("mkfs", "mount", "master", "umount", "fsck", "status", "journal")
+COMMANDS = ("mkfs", "mount", "master", "umount", "fsck", "status", "journal", "inspect")
 
 
 def _command(name: str) -> Callable[[list[str]], None]:
