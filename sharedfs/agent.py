@@ -151,15 +151,26 @@ class ClusterAgent:
         master: tuple[str, int],
         *,
         listen_host: str = "127.0.0.1",
+        listen_port: int = 0,
         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:
-        """Listen for peers, join the master, then serve until cancelled."""
+        """Listen for peers at listen_host (the address they reach us at; port 0:
+        any), join the master, then serve until cancelled."""
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
-                listeners = await nursery.start(
-                    functools.partial(trio.serve_tcp, self._peer_handler, 0, host=listen_host)
-                )
+                try:
+                    listeners = await nursery.start(
+                        functools.partial(
+                            trio.serve_tcp, self._peer_handler, listen_port, host=listen_host
+                        )
+                    )
+                except OSError as e:
+                    raise QuietError(
+                        f"--peer-address {listen_host}:{listen_port}: cannot listen: "
+                        f"{e.strerror or e}; give an address of this machine and a free port",
+                        32,
+                    ) from None
                 self.peer_port = listeners[0].socket.getsockname()[1]
                 link = await self._connect(master, listen_host)
                 nursery.start_soon(self._master_loop, link)

@@ -77,6 +77,14 @@ def add_mount_args(p: argparse.ArgumentParser) -> None:
         "--node", type=int, default=None, help="host slot to claim (default: first free)"
     )
     p.add_argument(
+        "--peer-address",
+        type=parse_peer_address,
+        default=("127.0.0.1", 0),
+        metavar="HOST[:PORT]",
+        help="where the other hosts reach this one for block transfers: an address of this "
+        "machine (default 127.0.0.1, any port: hosts on one machine)",
+    )
+    p.add_argument(
         "--coherence",
         choices=("fusion", "disk"),
         default="fusion",
@@ -99,6 +107,18 @@ def add_mount_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("-o", dest="options", action="append", default=[], help="FUSE mount options")
     p.add_argument("--log", metavar="FILE", help="log file (default: stderr in the foreground)")
     p.add_argument("--debug", action="store_true")
+
+
+def parse_peer_address(text: str) -> tuple[str, int]:
+    """HOST or HOST:PORT; without a port, any free one."""
+    if ":" not in text:
+        text += ":0"
+    host, port = parse_address_arg(text)
+    if host in ("0.0.0.0", "::"):
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: give the address the other hosts reach this one at, not {host}"
+        )
+    return host, port
 
 
 def check_mountpoint(path: str) -> str:
@@ -172,7 +192,10 @@ async def serve(
                     samples = functools.partial(_metric_samples, fs, agent, service)
                     port = await stack.enter_async_context(serve_metrics(args.metrics, samples))
                     log.info("host %d: metrics on %s:%d/metrics", node, args.metrics[0], port)
-                await nursery.start(agent.run, master)
+                lhost, lport = args.peer_address
+                await nursery.start(
+                    functools.partial(agent.run, master, listen_host=lhost, listen_port=lport)
+                )
                 await _run_fuse(
                     fs,
                     ops,
@@ -377,6 +400,7 @@ _HELPER_OPTIONS = {
     "node": "--node",
     "listen": "--listen",
     "coherence": "--coherence",
+    "peer_address": "--peer-address",
     "writeback": "--writeback",
     "cache_size": "--cache-size",
     "metrics": "--metrics",
@@ -406,7 +430,8 @@ def mount_helper_main(argv: list[str] | None = None) -> None:
     p = Parser(
         prog="mount.sharedfs",
         description="mount(8)'s helper: mount -t sharedfs VOLUME DIR -o OPTIONS.",
-        epilog="OPTIONS: master=HOST:PORT, node=N, listen=HOST:PORT, coherence=fusion|disk, "
+        epilog="OPTIONS: master=HOST:PORT, node=N, peer_address=HOST[:PORT], "
+        "listen=HOST:PORT, coherence=fusion|disk, "
         "writeback=SECONDS, cache_size=SIZE, metrics=HOST:PORT, log=FILE, debug, and FUSE "
         "options; defaults, auto, noauto, _netdev, nofail, user(s), rw and x-* are for "
         "mount(8) and fstab and are ignored.",

@@ -78,9 +78,7 @@ def cases(s: Scene) -> list[Case]:
             ("block size",),
         ),
         Case("mkfs-nodes", ("mkfs", f"{d}/n.img", "--size", "64M", "--nodes", "0"), ("--nodes",)),
-        Case(
-            "mkfs-existing", ("mkfs", other, "--size", "64M"), ("already holds", "--force")
-        ),
+        Case("mkfs-existing", ("mkfs", other, "--size", "64M"), ("already holds", "--force")),
         Case(
             "mkfs-mounted",
             ("mkfs", vol, "--size", "64M", "--force"),
@@ -143,6 +141,29 @@ def cases(s: Scene) -> list[Case]:
             ("mount", vol, empty, "--master", s.master, "--node", "99"),
             ("host slots 0..7",),
             2,
+        ),
+        Case(
+            "mount-peer-address-any",
+            ("mount", vol, empty, "--peer-address", "0.0.0.0"),
+            ("the address the other hosts reach this one at",),
+            2,
+        ),
+        Case(
+            "mount-peer-address-not-here",
+            (
+                "mount",
+                vol,
+                empty,
+                "--master",
+                s.master,
+                "--node",
+                "4",
+                "--peer-address",
+                "192.0.2.1",
+                *log,
+            ),
+            ("--peer-address 192.0.2.1:0: cannot listen", "an address of this machine"),
+            32,
         ),
         Case("mount-node-not-a-number", ("mount", vol, empty, "--node", "x"), ("invalid int",), 2),
         Case(

@@ -69,6 +69,8 @@ def hosts(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-
             "--node",
             str(n),
             *(["--metrics", f"127.0.0.1:{METRICS[1]}"] if n == 0 else []),
+            # Peers reach host 2 at the address it gives, not at 127.0.0.1.
+            *(["--peer-address", "127.0.0.2"] if n == 2 else []),
         )
         for n in range(3)
     ]
@@ -202,6 +204,7 @@ def test_status_shows_hosts_leases_locks_rates_and_the_journal(hosts) -> None:  
     # A transfer costs at least request, ping, transfer, done (and a grant,
     # unless the transfer was the grant).
     assert m["messages_per_transfer"] >= 4
+    assert [h["peer"][0] for h in m["hosts"].values()] == ["127.0.0.1", "127.0.0.1", "127.0.0.2"]
     for node, h in m["hosts"].items():
         assert 0 <= h["heard_s"] < m["lease"]  # its lease is being renewed
         assert 0 < h["cache_hit_rate"] <= 1
