@@ -21,7 +21,7 @@ from .errors import QuietError
 from .protocol import STATS_LEVELS
 
 if TYPE_CHECKING:
-    from prometheus_client.core import Metric
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +72,7 @@ def families(samples: Iterable[Sample]) -> list[Metric]:
     """Samples grouped into metric families, one per name."""
     from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-    out: dict[str, Metric] = {}
+    out: dict[str, CounterMetricFamily | GaugeMetricFamily] = {}
     for s in samples:
         keys = sorted(s.labels)
         fam = out.get(s.name)
