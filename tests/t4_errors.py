@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 import trio
-from mount_util import PY, Mount, mkfs, needs_fuse, public_dir
+from mount_util import PY, Master, Mount, free_port, mkfs, needs_fuse, public_dir
 
 from sharedfs import format as fmt
 from sharedfs.fs import Ctx
@@ -41,12 +41,6 @@ class Case:
     argv: tuple[str, ...]  # after `sharedfs`; a first word "mount.sharedfs" runs the helper
     want: tuple[str, ...]  # each must be in the line
     code: int | None = None  # the exit status, where it is fixed
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass
@@ -293,19 +287,15 @@ def scene(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Scene]:
     junk = d / "junk.img"
     junk.write_bytes(os.urandom(1 << 20))
     (d / "empty").mkdir()
-    port = free_port()
-    master = subprocess.Popen(
-        [PY, "-m", "sharedfs.cli", "master", str(vol), "--listen", f"127.0.0.1:{port}"],
-        stderr=subprocess.DEVNULL,
-    )
+    master = Master(vol, d / "master.log")
     host = None
     not_master, stop = not_a_master()
     try:
-        host = Mount(vol, public_dir() / "mnt", "--master", f"127.0.0.1:{port}", "--node", "0")
+        host = Mount(vol, public_dir() / "mnt", "--master", master.addr, "--node", "0")
         yield Scene(
             d,
             vol,
-            f"127.0.0.1:{port}",
+            master.addr,
             host.mnt,
             other,
             junk,
@@ -318,8 +308,7 @@ def scene(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Scene]:
         stop.set()
         if host is not None:
             host.kill()
-        master.terminate()
-        master.wait(timeout=30)
+        master.stop()
 
 
 def run_case(case: Case) -> subprocess.CompletedProcess[str]:

@@ -19,7 +19,17 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from mount_util import PY, Mount, fsck_ok, mkfs, needs_fuse, public_dir, sharedfs, wait_for
+from mount_util import (
+    PY,
+    Mount,
+    free_port,
+    fsck_ok,
+    mkfs,
+    needs_fuse,
+    public_dir,
+    sharedfs,
+    wait_for,
+)
 
 pytestmark = [
     needs_fuse,
@@ -115,9 +125,7 @@ def test_fstab_with_netdev_mounts_two_hosts(tmp_path: Path, env: dict[str, str])
     m0, m1 = pub / "h0", pub / "h1"
     m0.mkdir()
     m1.mkdir()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     fstab = tmp_path / "fstab"
     fstab.write_text(
         "# sharedfs on two hosts of one machine\n"

@@ -12,7 +12,18 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from mount_util import PY, Mount, fsck_ok, mkfs, needs_fuse, public_dir, sharedfs, wait_for
+from mount_util import (
+    PY,
+    Master,
+    Mount,
+    free_port,
+    fsck_ok,
+    mkfs,
+    needs_fuse,
+    public_dir,
+    sharedfs,
+    wait_for,
+)
 from prometheus_client.parser import text_string_to_metric_families
 
 pytestmark = [needs_fuse, pytest.mark.fuse]
@@ -20,37 +31,8 @@ pytestmark = [needs_fuse, pytest.mark.fuse]
 SRC = Path(__file__).resolve().parent.parent / "sharedfs"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 #: /metrics ports of the master and of host 0.
 METRICS = (free_port(), free_port())
-
-
-class Master:
-    def __init__(self, volume: Path, log: Path, *args: str) -> None:
-        self.port = free_port()
-        self.addr = f"127.0.0.1:{self.port}"
-        with open(log, "w") as f:
-            self.proc = subprocess.Popen(
-                [PY, "-m", "sharedfs.cli", "master", str(volume), "--listen", self.addr, *args],
-                stdout=subprocess.DEVNULL,
-                stderr=f,
-            )
-
-        def listening() -> bool:
-            assert self.proc.poll() is None, log.read_text()
-            with socket.socket() as s:
-                return s.connect_ex(("127.0.0.1", self.port)) == 0
-
-        wait_for(listening, what="master")
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(timeout=30)
 
 
 @pytest.fixture(scope="module")
