@@ -115,21 +115,7 @@ def render(info: dict[str, Any]) -> str:
         f"volume {info['volume']}: label {info['label']!r}, {info['blocks']} blocks of "
         f"{info['block_size']} bytes, {info['host_slots']} host slots"
     ]
-    j = info["journal"]
-    if "error" in j:
-        out.append(f"journal: header unreadable: {j['error']}")
-    else:
-        marks = ", ".join(f"node {n} page {s}" for n, s in j["unwritten_since"].items())
-        seen = [
-            h["counters"].get("log_pages_in_use", 0)
-            for h in info.get("master", {}).get("hosts", {}).values()
-        ]
-        out.append(
-            f"journal: {j['in_use']} of {j['pages']} pages in use ({j['percent']}%) on storage"
-            + (f", up to {max(seen)} as the hosts last saw it" if seen else "")
-            + f"; checkpoint at page {j['checkpoint']}"
-            + (f"; oldest unwritten change: {marks}" if marks else "")
-        )
+    out.append(_render_journal(info))
     m = info.get("master")
     if m is not None:
         out += _render_master(m)
@@ -137,6 +123,24 @@ def render(info: dict[str, Any]) -> str:
         out.append(f"master: {info['master_error']}")
     out += _render_hosts(info["hosts"], m)
     return "\n".join(out)
+
+
+def _render_journal(info: dict[str, Any]) -> str:
+    """Its use on storage; with the master, also as the hosts last saw it."""
+    j = info["journal"]
+    if "error" in j:
+        return f"journal: header unreadable: {j['error']}"
+    marks = ", ".join(f"node {n} page {s}" for n, s in j["unwritten_since"].items())
+    seen = [
+        h["counters"].get("log_pages_in_use", 0)
+        for h in info.get("master", {}).get("hosts", {}).values()
+    ]
+    return (
+        f"journal: {j['in_use']} of {j['pages']} pages in use ({j['percent']}%) on storage"
+        + (f", up to {max(seen)} as the hosts last saw it" if seen else "")
+        + f"; checkpoint at page {j['checkpoint']}"
+        + (f"; oldest unwritten change: {marks}" if marks else "")
+    )
 
 
 def _render_master(m: dict[str, Any]) -> list[str]:
