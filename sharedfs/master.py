@@ -352,7 +352,7 @@ class MasterService:
         info["hosts"] = {
             n: {
                 "peer": list(self._peers.get(n, ("", 0))),
-                "heard_s": round(now - self._heard.get(n, now), 2),
+                "heard_s": round(self._silent(n, now), 2),
                 "counters": self._host_stats.get(n, {}),
             }
             for n in sorted(self._links)
@@ -363,6 +363,11 @@ class MasterService:
         info["refused_connections"] = self.refused
         info["rates"] = self.rates()
         return info
+
+    def _silent(self, node: int, now: float) -> float:
+        """Seconds since we last heard from `node` (never below 0: a host's
+        last word may be dated ahead when the master itself was starved)."""
+        return max(0.0, now - self._heard.get(node, now))
 
     def metric_samples(self) -> list[Sample]:
         """The master's side of /metrics."""
@@ -382,7 +387,7 @@ class MasterService:
             out.append(
                 Sample(
                     "master_host_silent_seconds",
-                    now - self._heard.get(n, now),
+                    self._silent(n, now),
                     "seconds since the master last heard from the host (its lease)",
                     counter=False,
                     labels={"node": str(n)},
