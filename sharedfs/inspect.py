@@ -382,10 +382,11 @@ def _data_block(vol: Volume, blockno: int, g: int, k: int) -> list[str]:
     bitmap = vol.read(sb.bitmap_block(g))
     allocated = fmt.bit_test(bitmap, k)
     out = [f"data area of group {g}: {'allocated' if allocated else 'free'} in the block bitmap"]
+    data = vol.read(blockno)
     try:
-        hdr = fmt.read_header(vol.read(blockno))
-        valid = hdr.blockno == blockno and hdr.checksum == fmt.checksum(vol.read(blockno))
-        kind = BlockType(hdr.btype).name if hdr.btype in BlockType._value2member_map_ else "?"
+        hdr = fmt.read_header(data)
+        valid = hdr.blockno == blockno and hdr.checksum == fmt.checksum(data)
+        kind = _type_name(hdr.btype)
         out.append(
             f"metadata block: {kind}, version {hdr.version}"
             + ("" if valid else " (header does not check out: stale or damaged)")
@@ -394,6 +395,13 @@ def _data_block(vol: Volume, blockno: int, g: int, k: int) -> list[str]:
         out.append("no metadata header: " + ("file data" if allocated else "unused"))
     out.append(_owner(vol, blockno))
     return out
+
+
+def _type_name(btype: int) -> str:
+    try:
+        return BlockType(btype).name
+    except ValueError:
+        return f"unknown type {btype}"
 
 
 def _owner(vol: Volume, blockno: int) -> str:
