@@ -25,7 +25,7 @@ import trio
 
 from . import protocol as p
 from .errors import QuietError, StorageError
-from .link import Link, LinkClosed
+from .link import Link, LinkClosed, open_master
 from .master import LockMaster
 from .protocol import HostId, Mode, Resource, block_resource
 
@@ -156,15 +156,26 @@ class ClusterAgent:
         master: tuple[str, int],
         *,
         listen_host: str = "127.0.0.1",
+        listen_port: int = 0,
         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:
-        """Listen for peers, join the master, then serve until cancelled."""
+        """Listen for peers at listen_host (the address they reach us at; port 0:
+        any), join the master, then serve until cancelled."""
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
-                listeners = await nursery.start(
-                    functools.partial(trio.serve_tcp, self._peer_handler, 0, host=listen_host)
-                )
+                try:
+                    listeners = await nursery.start(
+                        functools.partial(
+                            trio.serve_tcp, self._peer_handler, listen_port, host=listen_host
+                        )
+                    )
+                except OSError as e:
+                    raise QuietError(
+                        f"--peer-address {listen_host}:{listen_port}: cannot listen: "
+                        f"{e.strerror or e}; give an address of this machine and a free port",
+                        32,
+                    ) from None
                 self.peer_port = listeners[0].socket.getsockname()[1]
                 link = await self._connect(master, listen_host)
                 nursery.start_soon(self._master_loop, link)
@@ -180,37 +191,25 @@ class ClusterAgent:
                         await link.aclose()
 
     async def _connect(self, master: tuple[str, int], listen_host: str) -> Link:
+        where = f"master {master[0]}:{master[1]}"
         try:
             with trio.fail_after(CONNECT_TIMEOUT):
-                stream = await trio.open_tcp_stream(*master)
-                link = await Link.open(stream, self.key, self.host, initiator=True)
+                link = await open_master(master, self.key, self.host, exitcode=32)
                 await link.send(p.Join(self.host, listen_host, self.peer_port, self.coherence))
                 while not isinstance(msg := await link.receive(), p.Welcome):
                     if msg is None:
                         raise LinkClosed("master closed the connection")
                     if isinstance(msg, p.Refused):
-                        raise QuietError(
-                            f"master {master[0]}:{master[1]} refused: {msg.reason}", 32
-                        )
+                        raise QuietError(f"{where} refused: {msg.reason}", 32)
                 self._peers.update(msg.peers)
                 self.lease = msg.lease
                 self._heard = trio.current_time()
                 assert self.cache is not None
                 self.cache.see_scn(msg.scn)
-        except OSError as e:
-            raise QuietError(
-                f"cannot reach master {master[0]}:{master[1]}: {e.strerror or e}", 32
-            ) from None
         except trio.TooSlowError:
-            raise QuietError(f"master {master[0]}:{master[1]} did not answer", 32) from None
-        except p.AuthError:
-            raise QuietError(
-                f"master {master[0]}:{master[1]} refused our cluster key: "
-                "is it the master of this volume?",
-                32,
-            ) from None
+            raise QuietError(f"{where} did not answer; is it a sharedfs master?", 32) from None
         except (p.ProtocolError, LinkClosed) as e:
-            raise QuietError(f"master {master[0]}:{master[1]}: {e}", 32) from None
+            raise QuietError(f"{where}: {e}; is it a sharedfs master?", 32) from None
         self._master = link
         log.info("host %d: joined master %s:%d", self.host, *master)
         return link

@@ -14,13 +14,14 @@ commands:
   master   run a volume's lock master    (sharedfs master VOLUME --listen HOST:PORT)
   umount   unmount and wait until clean  (sharedfs umount MOUNTPOINT)
   fsck     check and repair a volume     (sharedfs fsck -n|-y VOLUME)
-  status   show a volume's hosts         (sharedfs status VOLUME | --master HOST:PORT)
+  status   show a volume's cluster       (sharedfs status VOLUME [--master HOST:PORT] [--watch])
   journal  show a volume's log           (sharedfs journal VOLUME [--records])
+  inspect  look inside a volume          (sharedfs inspect VOLUME superblock|inode N|path P|block N)
 
 'sharedfs COMMAND --help' tells more."""
 
 
-COMMANDS = ("mkfs", "mount", "master", "umount", "fsck", "status", "journal")
+COMMANDS = ("mkfs", "mount", "master", "umount", "fsck", "status", "journal", "inspect")
 
 
 def _command(name: str) -> Callable[[list[str]], None]:
@@ -40,7 +41,9 @@ def main(argv: list[str] | None = None) -> None:
         print(f"sharedfs {__version__}")
         sys.exit(0)
     if argv[0] not in COMMANDS:
-        print(f"sharedfs: unknown command {argv[0]!r}\n\n{USAGE}", file=sys.stderr)
+        print(
+            f"sharedfs: unknown command {argv[0]!r} ('sharedfs --help' lists them)", file=sys.stderr
+        )
         sys.exit(2)
     _command(argv[0])(argv[1:])
 

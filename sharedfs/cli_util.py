@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import re
+import socket
 import sys
 from collections.abc import Callable
+from typing import NoReturn
 
 from .errors import QuietError, StorageError
 
@@ -19,6 +22,40 @@ def parse_size(text: str) -> int:
     if not m:
         raise argparse.ArgumentTypeError(f"not a size: {text!r} (try 512M or 3G)")
     return int(m.group(1)) * _UNITS[m.group(2).upper()]
+
+
+def parse_address_arg(text: str) -> tuple[str, int]:
+    """An argparse type for HOST:PORT options (parse_address, with a usage error)."""
+    from .link import parse_address
+
+    try:
+        return parse_address(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"{text!r}: {e}") from None
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with usage errors in one line: what is wrong and where to
+    read more, then exit `usage_exit` (2, as argparse; fsck uses e2fsck's 16)."""
+
+    usage_exit = 2
+
+    def error(self, message: str) -> NoReturn:
+        print(f"{self.prog}: {message} (see '{self.prog} --help')", file=sys.stderr)
+        sys.exit(self.usage_exit)
+
+
+def notify_systemd(state: str) -> None:
+    """Tell systemd how we are (`READY=1` once serving), when it runs us as
+    a Type=notify unit; nothing otherwise."""
+    path = os.environ.get("NOTIFY_SOCKET")
+    if not path:
+        return
+    if path.startswith("@"):  # an abstract socket
+        path = "\0" + path[1:]
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+        s.connect(path)
+        s.sendall(state.encode())
 
 
 def setup_logging(debug: bool = False, logfile: str | None = None, node: int | None = None) -> None:
@@ -67,4 +104,8 @@ def run_tool(fn: Callable[[argparse.Namespace], int | None], args: argparse.Name
     except KeyboardInterrupt:
         print("sharedfs: interrupted", file=sys.stderr)
         sys.exit(130)
+    except BrokenPipeError:
+        # The reader went away (`| head`): stop quietly, as other tools do.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(141)
     sys.exit(code or 0)

@@ -40,7 +40,7 @@ import trio
 
 from . import format as fmt
 from . import journal
-from .cli_util import run_tool, setup_logging
+from .cli_util import Parser, run_tool, setup_logging
 from .errors import CorruptVolume, FsError, QuietError, StorageError
 from .format import BlockType, DirEntry, Inode
 from .fs import MAX_DIR_DEPTH, MAX_HEIGHT, Ctx, FileSystem
@@ -1641,12 +1641,8 @@ def open_storage(path: str, *, writable: bool) -> Storage:
         raise QuietError(str(e), EXIT_OPERATIONAL) from None
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # type: ignore[override]
-        """Usage errors exit 16, as e2fsck's do."""
-        self.print_usage(sys.stderr)
-        print(f"{self.prog}: error: {message}", file=sys.stderr)
-        sys.exit(EXIT_USAGE)
+class _Parser(Parser):
+    usage_exit = EXIT_USAGE  # as e2fsck's
 
 
 def make_parser() -> argparse.ArgumentParser:

@@ -33,7 +33,7 @@ import struct
 from collections.abc import AsyncIterator, Iterable, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import trio
 import xxhash
@@ -864,11 +864,33 @@ class Log:
             "log_pages_written": self.pages_written,
             "log_last_page_reads": self.llp_reads,
             "log_full_waits": self.waits,
+            # A level: the log's use as of our last LLOL hold.
+            "log_pages_in_use": self._known.next_seq - self._known.checkpoint_seq,
         }
 
 
 # --------------------------------------------------------------------------
 # `sharedfs journal`: the log as it is on storage
+
+
+def usage(storage: Storage, sb: fmt.Superblock) -> dict[str, Any]:
+    """How much of the log lies between its checkpoint and its end, from the
+    header as last written to storage (the appending host may be ahead)."""
+    area = Area.of(sb)
+    bs = sb.block_size
+    try:
+        h = decode_header(storage.read_sync(area.header * bs, bs), area.header)
+    except CorruptVolume as e:
+        return {"error": f"{e}; run 'sharedfs fsck'"}
+    used = h.next_seq - h.checkpoint_seq
+    return {
+        "pages": area.count,
+        "in_use": used,
+        "percent": round(100 * used / area.count, 1),
+        "checkpoint": h.checkpoint_seq,
+        "end": h.next_seq,
+        "unwritten_since": {str(n): seq for n, seq in enumerate(h.low) if seq},
+    }
 
 
 def describe(header: JournalHeader, pages: list[Page], *, records: bool) -> list[str]:
@@ -908,11 +930,11 @@ def main(argv: list[str] | None = None) -> None:
     import argparse
     import sys
 
-    from .cli_util import run_tool
+    from .cli_util import Parser, run_tool
     from .storage import open_volume
     from .volume import open_superblock
 
-    ap = argparse.ArgumentParser(
+    ap = Parser(
         prog="sharedfs journal", description="Show a volume's log: pages, records, checkpoint."
     )
     ap.add_argument("volume")

@@ -6,11 +6,13 @@ Used for every connection: host to master, host to host, tool to master.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import AsyncIterator
 
 import trio
 
 from . import protocol as p
+from .errors import QuietError
 
 log = logging.getLogger(__name__)
 
@@ -122,3 +124,35 @@ def parse_address(text: str, default_port: int = 7400) -> tuple[str, int]:
     if not port.isdigit() or not 0 <= int(port) < 65536:
         raise ValueError(f"bad port in {text!r}")
     return host.strip("[]") or "127.0.0.1", int(port)
+
+
+async def open_master(addr: tuple[str, int], key: bytes, node: int, *, exitcode: int) -> Link:
+    """An authenticated link to the lock master at `addr` (as `node`, -1 for
+    a tool); if there is none, a QuietError naming the cause and the fix."""
+    where = f"master {addr[0]}:{addr[1]}"
+    try:
+        stream = await trio.open_tcp_stream(*addr)
+    except OSError as e:
+        raise QuietError(f"cannot reach {where}: {_why(e)}; is it running?", exitcode) from None
+    try:
+        return await Link.open(stream, key, node, initiator=True)
+    except p.AuthError:
+        await stream.aclose()
+        raise QuietError(
+            f"{where} refused this volume's cluster key: it is the master of another volume",
+            exitcode,
+        ) from None
+    except (p.ProtocolError, LinkClosed, trio.BrokenResourceError, trio.TooSlowError) as e:
+        await stream.aclose()
+        why = str(e) or "no answer to the handshake"
+        raise QuietError(f"{where}: {why}; is it a sharedfs master?", exitcode) from None
+
+
+def _why(e: OSError) -> str:
+    """trio gathers one failure per address tried: the first says why."""
+    cause = e.__cause__
+    if isinstance(cause, BaseExceptionGroup) and isinstance(cause.exceptions[0], OSError):
+        e = cause.exceptions[0]
+    if e.errno and e.errno > 0:
+        return os.strerror(e.errno)
+    return e.strerror or str(e)

@@ -11,20 +11,23 @@ released.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import logging
 import math
 import signal
 import sys
-from collections import defaultdict
+from collections import defaultdict, deque
+from dataclasses import asdict
 
 import trio
 
 from . import protocol as p
-from .cli_util import run_tool, setup_logging
+from .cli_util import Parser, notify_systemd, parse_address_arg, run_tool, setup_logging
 from .directory import Directory
 from .errors import QuietError
 from .link import Link, LinkClosed, parse_address
+from .metrics import Sample, counter_samples, serve_metrics
 from .protocol import HostId, Mode, Resource
 from .storage import open_volume
 from .volume import open_superblock
@@ -41,6 +44,11 @@ DEFAULT_LEASE = 10.0
 CLOSE_GRACE = 0.5
 #: How long a host rejoining in a slot whose recovery is running waits.
 JOIN_WAIT = 30.0
+#: Rates in status are over this many seconds of counters, sampled each second.
+RATE_WINDOW = 10
+
+#: (when, the master's counters, each host's counters)
+_CounterSample = tuple[float, dict[str, int], dict[int, dict[str, int]]]
 
 
 class LockMaster:
@@ -125,6 +133,7 @@ class MasterService:
         self._outboxes: dict[int, trio.MemorySendChannel[p.Message]] = {}
         self._peers: dict[int, tuple[str, int]] = {}
         self._host_stats: dict[int, dict[str, int]] = {}
+        self._samples: deque[_CounterSample] = deque(maxlen=RATE_WINDOW + 1)
         self._nursery: trio.Nursery | None = None
 
     async def serve(
@@ -132,13 +141,21 @@ class MasterService:
     ) -> None:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
-            listeners = await nursery.start(
-                functools.partial(trio.serve_tcp, self._handle, port, host=host)
-            )
+            try:
+                listeners = await nursery.start(
+                    functools.partial(trio.serve_tcp, self._handle, port, host=host)
+                )
+            except OSError as e:
+                raise QuietError(
+                    f"cannot listen on {host}:{port}: {e.strerror or e}; "
+                    "is another master running there?",
+                    1,
+                ) from None
             self.port = listeners[0].socket.getsockname()[1]
             log.info("master: listening on %s:%d", host, self.port)
             nursery.start_soon(self._notify_task)
             nursery.start_soon(self._lease_task)
+            nursery.start_soon(self._sample_task)
             task_status.started(self.port)
 
     async def _notify_task(self) -> None:
@@ -166,6 +183,31 @@ class MasterService:
                 if now - self._heard.get(node, now) > self.lease:
                     log.warning("master: node %d silent for %.1f s: lease lapsed", node, self.lease)
                     self._scopes[node].cancel()
+
+    async def _sample_task(self) -> None:
+        """Keep the last RATE_WINDOW seconds of counters, for rates."""
+        while True:
+            counters = asdict(self.directory.counters)
+            self._samples.append((trio.current_time(), counters, dict(self._host_stats)))
+            await trio.sleep(1)
+
+    def rates(self) -> dict[str, object]:
+        """Per second over the last samples: the master's counters, and each
+        host's from the oldest sample that has it."""
+        if len(self._samples) < 2:
+            return {"window_s": 0.0, "master": {}, "hosts": {}}
+        t0, first, _ = self._samples[0]
+        now, last, hosts = self._samples[-1]
+        per_host = {}
+        for node, counters in hosts.items():
+            since = next((t, h[node]) for t, _, h in self._samples if node in h)
+            if since[0] < now:
+                per_host[node] = _per_second(since[1], counters, now - since[0])
+        return {
+            "window_s": round(now - t0, 1),
+            "master": _per_second(first, last, now - t0),
+            "hosts": per_host,
+        }
 
     async def _handle(self, stream: trio.SocketStream) -> None:
         # Every failure stays with this connection: serve_tcp would otherwise
@@ -317,8 +359,13 @@ class MasterService:
 
     def status(self) -> dict[str, object]:
         info = self.directory.summary()
+        now = trio.current_time()
         info["hosts"] = {
-            n: {"peer": list(self._peers.get(n, ("", 0))), "counters": self._host_stats.get(n, {})}
+            n: {
+                "peer": list(self._peers.get(n, ("", 0))),
+                "heard_s": round(self._silent(n, now), 2),
+                "counters": self._host_stats.get(n, {}),
+            }
             for n in sorted(self._links)
         }
         info["coherence"] = self.directory.coherence
@@ -326,7 +373,68 @@ class MasterService:
         # A host in its close grace is as good as dead: it is being fenced.
         info["recovering"] = sorted(set(self.directory.recoveries) | self._dying)
         info["refused_connections"] = self.refused
+        info["rates"] = self.rates()
         return info
+
+    def _silent(self, node: int, now: float) -> float:
+        """Seconds since we last heard from `node` (never below 0: a host's
+        last word may be dated ahead when the master itself was starved)."""
+        return max(0.0, now - self._heard.get(node, now))
+
+    def metric_samples(self) -> list[Sample]:
+        """The master's side of /metrics."""
+        out = counter_samples("master", asdict(self.directory.counters))
+        out += [
+            Sample("master_hosts", len(self._links), "hosts joined", counter=False),
+            Sample(
+                "master_blocks_tracked",
+                len(self.directory.blocks),
+                "blocks in the directory",
+                counter=False,
+            ),
+            Sample("master_refused_connections", self.refused, "connections refused"),
+        ]
+        now = trio.current_time()
+        for n in sorted(self._links):
+            out.append(
+                Sample(
+                    "master_host_silent_seconds",
+                    self._silent(n, now),
+                    "seconds since the master last heard from the host (its lease)",
+                    counter=False,
+                    labels={"node": str(n)},
+                )
+            )
+        held = self.directory.summary()["held"]
+        assert isinstance(held, dict)
+        for n, h in sorted(held.items()):
+            for mode in ("S", "X"):
+                out.append(
+                    Sample(
+                        "master_locks_held",
+                        h[mode],
+                        "blocks a host holds, by mode",
+                        counter=False,
+                        labels={"node": str(n), "mode": mode},
+                    )
+                )
+            out.append(
+                Sample(
+                    "master_past_images",
+                    h["pi"],
+                    "past images a host keeps",
+                    counter=False,
+                    labels={"node": str(n)},
+                )
+            )
+        return out
+
+
+def _per_second(old: dict[str, int], new: dict[str, int], dt: float) -> dict[str, float]:
+    """Rates of the running totals in `new` since `old` (levels left out)."""
+    return {
+        k: round((v - old.get(k, 0)) / dt, 2) for k, v in new.items() if k not in p.STATS_LEVELS
+    }
 
 
 def _peername(stream: trio.SocketStream) -> str:
@@ -337,10 +445,19 @@ def _peername(stream: trio.SocketStream) -> str:
     return f"{host}:{port}"
 
 
-async def _serve_forever(service: MasterService, host: str, port: int) -> None:
-    async with trio.open_nursery() as nursery:
-        await nursery.start(service.serve, host, port)
-        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+async def _serve_forever(
+    service: MasterService, host: str, port: int, metrics: tuple[str, int] | None
+) -> None:
+    # Signals are ours before we say we are ready: a stop may follow at once.
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async with contextlib.AsyncExitStack() as stack, trio.open_nursery() as nursery:
+            if metrics is not None:
+                samples = service.metric_samples
+                bound = await stack.enter_async_context(serve_metrics(metrics, samples))
+            await nursery.start(service.serve, host, port)
+            if metrics is not None:
+                log.info("master: metrics on http://%s:%d/metrics", metrics[0], bound)
+            notify_systemd("READY=1")
             async for signum in signals:
                 log.info("master: signal %d, stopping", signum)
                 nursery.cancel_scope.cancel()
@@ -362,14 +479,11 @@ def run_master(args: argparse.Namespace) -> None:
     service = MasterService(
         sb.cluster_key, coherence=args.coherence, host_slots=sb.host_slots, lease=args.lease
     )
-    try:
-        trio.run(_serve_forever, service, host, port)
-    except OSError as e:
-        raise QuietError(f"cannot listen on {host}:{port}: {e.strerror or e}", 1) from None
+    trio.run(_serve_forever, service, host, port, args.metrics)
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="sharedfs master", description="Run a volume's lock master.")
+    ap = Parser(prog="sharedfs master", description="Run a volume's lock master.")
     ap.add_argument("volume", help="the volume (its cluster key authenticates hosts)")
     ap.add_argument("--listen", default="127.0.0.1:7400", metavar="HOST:PORT")
     ap.add_argument("--coherence", choices=("fusion", "disk"), default="fusion")
@@ -379,6 +493,12 @@ def main(argv: list[str] | None = None) -> None:
         default=DEFAULT_LEASE,
         metavar="SECONDS",
         help=f"a host silent this long is declared dead (default {DEFAULT_LEASE:g})",
+    )
+    ap.add_argument(
+        "--metrics",
+        type=parse_address_arg,
+        metavar="HOST:PORT",
+        help="serve Prometheus metrics at http://HOST:PORT/metrics (off by default)",
     )
     ap.add_argument("--log", metavar="FILE")
     ap.add_argument("--debug", action="store_true")

@@ -13,7 +13,7 @@ import trio
 
 from . import format as fmt
 from . import journal
-from .cli_util import parse_size, run_tool, setup_logging
+from .cli_util import Parser, parse_size, run_tool, setup_logging
 from .errors import CorruptVolume, QuietError
 from .fs import Ctx
 from .host import open_host
@@ -80,7 +80,7 @@ def _group_bitmaps(sb: fmt.Superblock, g: int) -> bytes:
 
 
 def make_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="sharedfs mkfs", description="Make a sharedfs volume.")
+    p = Parser(prog="sharedfs mkfs", description="Make a sharedfs volume.")
     p.add_argument(
         "volume", help="image file (created if missing), block device, or NBD URI (nbd://...)"
     )

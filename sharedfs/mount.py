@@ -10,12 +10,14 @@ write everything back and free the slot, so the volume is clean.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import faulthandler
+import functools
 import logging
 import os
 import signal
 import sys
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 
 import pyfuse3
 import trio
@@ -23,13 +25,22 @@ import trio
 from . import format as fmt
 from . import journal
 from .agent import ClusterAgent
-from .cli_util import find_quiet, parse_size, run_tool, setup_logging
+from .cli_util import (
+    Parser,
+    find_quiet,
+    notify_systemd,
+    parse_address_arg,
+    parse_size,
+    run_tool,
+    setup_logging,
+)
 from .errors import QuietError
 from .fs import FileSystem
 from .fuse_ops import Operations
 from .host import DEFAULT_CACHE_BYTES, open_cluster_host
 from .link import parse_address
 from .master import MasterService
+from .metrics import Sample, counter_samples, serve_metrics
 from .storage import Storage, canonical_name, open_volume
 from .storage.nbd import DEFAULT_TIMEOUT as NBD_TIMEOUT
 from .volume import (
@@ -48,7 +59,7 @@ log = logging.getLogger(__name__)
 
 
 def make_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="sharedfs mount", description="Mount a sharedfs volume.")
+    p = Parser(prog="sharedfs mount", description="Mount a sharedfs volume.")
     add_mount_args(p)
     return p
 
@@ -66,6 +77,14 @@ def add_mount_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--node", type=int, default=None, help="host slot to claim (default: first free)"
+    )
+    p.add_argument(
+        "--peer-address",
+        type=parse_peer_address,
+        default=("127.0.0.1", 0),
+        metavar="HOST[:PORT]",
+        help="where the other hosts reach this one for block transfers: an address of this "
+        "machine (default 127.0.0.1, any port: hosts on one machine)",
     )
     p.add_argument(
         "--coherence",
@@ -89,9 +108,27 @@ def add_mount_args(p: argparse.ArgumentParser) -> None:
         help="how long to keep trying to reach an NBD server that went away "
         f"before failing (default {NBD_TIMEOUT:g})",
     )
+    p.add_argument(
+        "--metrics",
+        type=parse_address_arg,
+        metavar="HOST:PORT",
+        help="serve Prometheus metrics at http://HOST:PORT/metrics (off by default)",
+    )
     p.add_argument("-o", dest="options", action="append", default=[], help="FUSE mount options")
     p.add_argument("--log", metavar="FILE", help="log file (default: stderr in the foreground)")
     p.add_argument("--debug", action="store_true")
+
+
+def parse_peer_address(text: str) -> tuple[str, int]:
+    """HOST or HOST:PORT; without a port, any free one."""
+    if ":" not in text:
+        text += ":0"
+    host, port = parse_address_arg(text)
+    if host in ("0.0.0.0", "::"):
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: give the address the other hosts reach this one at, not {host}"
+        )
+    return host, port
 
 
 def check_mountpoint(path: str) -> str:
@@ -159,44 +196,70 @@ async def serve(
     ready: Callable[[], None],
 ) -> None:
     """Run one host until unmounted; leave the volume clean."""
-    slot = claim_slot(storage, sb, node, mountpoint)
-    if not set(live_slots(storage, sb)) - {node}:
-        await replay_log(storage, sb, node)
-    fs = open_cluster_host(
-        storage, sb, node=node, coherence=args.coherence, cache_bytes=args.cache_size
-    )
-    agent = fs.cache.agent
-    assert isinstance(agent, ClusterAgent)
-    ops = Operations(fs)
-    try:
-        async with trio.open_nursery() as nursery:
-            if args.master:
-                master = parse_address(args.master)
-            else:
-                service = MasterService(
-                    sb.cluster_key, coherence=args.coherence, host_slots=sb.host_slots
+    # Signals are ours from here to the end: one that comes while we write
+    # back after an unmount (systemd sends SIGTERM after umount(8)) must not
+    # end the process before the volume is clean.
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+        slot = claim_slot(storage, sb, node, mountpoint)
+        if not set(live_slots(storage, sb)) - {node}:
+            await replay_log(storage, sb, node)
+        fs = open_cluster_host(
+            storage, sb, node=node, coherence=args.coherence, cache_bytes=args.cache_size
+        )
+        agent = fs.cache.agent
+        assert isinstance(agent, ClusterAgent)
+        ops = Operations(fs)
+        try:
+            async with contextlib.AsyncExitStack() as stack, trio.open_nursery() as nursery:
+                master, service = await _start_master(nursery, sb, args, node)
+                if args.metrics:
+                    samples = functools.partial(_metric_samples, fs, agent, service)
+                    port = await stack.enter_async_context(serve_metrics(args.metrics, samples))
+                    log.info("host %d: metrics on %s:%d/metrics", node, args.metrics[0], port)
+                lhost, lport = args.peer_address
+                await nursery.start(
+                    functools.partial(agent.run, master, listen_host=lhost, listen_port=lport)
                 )
-                lhost, lport = parse_address(args.listen)
-                port = await nursery.start(service.serve, lhost, lport)
-                master = ("127.0.0.1" if lhost in ("0.0.0.0", "") else lhost, port)
-                log.info("host %d: embedded master on %s:%d", node, lhost, port)
-            await nursery.start(agent.run, master)
-            await _run_fuse(
-                fs,
-                ops,
-                storage,
-                sb,
-                mountpoint,
-                node,
-                options,
-                slot,
-                ready,
-                nursery,
-                args.writeback,
-            )
-    finally:
-        release_slot(storage, sb, node, slot)
-        log.info("host %d: unmounted %s, volume clean", node, mountpoint)
+                await _run_fuse(
+                    fs,
+                    ops,
+                    storage,
+                    sb,
+                    mountpoint,
+                    node,
+                    options,
+                    slot,
+                    ready,
+                    nursery,
+                    args.writeback,
+                    signals,
+                )
+        finally:
+            release_slot(storage, sb, node, slot)
+            log.info("host %d: unmounted %s, volume clean", node, mountpoint)
+
+
+async def _start_master(
+    nursery: trio.Nursery, sb: fmt.Superblock, args: argparse.Namespace, node: int
+) -> tuple[tuple[str, int], MasterService | None]:
+    """The master to join: --master's, or one embedded here."""
+    if args.master:
+        return parse_address(args.master), None
+    service = MasterService(sb.cluster_key, coherence=args.coherence, host_slots=sb.host_slots)
+    lhost, lport = parse_address(args.listen)
+    port = await nursery.start(service.serve, lhost, lport)
+    log.info("host %d: embedded master on %s:%d", node, lhost, port)
+    return ("127.0.0.1" if lhost in ("0.0.0.0", "") else lhost, port), service
+
+
+def _metric_samples(
+    fs: FileSystem, agent: ClusterAgent, service: MasterService | None
+) -> list[Sample]:
+    """This host's side of /metrics (and its embedded master's)."""
+    labels = {"node": str(agent.host)}
+    out = counter_samples("host", agent.counters(), labels)
+    out.append(Sample("host_fenced", int(fs.fenced), "1 once fenced", False, labels))
+    return out + (service.metric_samples() if service is not None else [])
 
 
 async def _run_fuse(
@@ -211,6 +274,7 @@ async def _run_fuse(
     ready: Callable[[], None],
     nursery: trio.Nursery,
     writeback: float,
+    signals: AsyncIterator[int],
 ) -> None:
     try:
         pyfuse3.init(ops, mountpoint, options)
@@ -221,7 +285,7 @@ async def _run_fuse(
         async with trio.open_nursery() as tasks:
             tasks.start_soon(_heartbeat_task, storage, sb, node, slot)
             tasks.start_soon(fs.write_back_every, writeback)
-            tasks.start_soon(_signal_task)
+            tasks.start_soon(_signal_task, signals)
             ready()
             await pyfuse3.main()
             tasks.cancel_scope.cancel()
@@ -256,12 +320,11 @@ async def replay_log(storage: Storage, sb: fmt.Superblock, node: int) -> None:
         )
 
 
-async def _signal_task() -> None:
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
-        async for signum in signals:
-            log.info("got signal %d: unmounting", signum)
-            pyfuse3.terminate()
-            return
+async def _signal_task(signals: AsyncIterator[int]) -> None:
+    async for signum in signals:
+        log.info("got signal %d: unmounting", signum)
+        pyfuse3.terminate()
+        return
 
 
 def daemonize(run: Callable[[Callable[[], None]], None]) -> None:
@@ -338,7 +401,7 @@ def mount(args: argparse.Namespace) -> None:
         trio.run(serve, storage, sb, mountpoint, node, options, args, ready)
 
     if args.foreground:
-        run(lambda: None)
+        run(lambda: notify_systemd("READY=1"))
     else:
         daemonize(run)
 
@@ -348,42 +411,69 @@ def main(argv: list[str] | None = None) -> None:
     run_tool(mount, args)
 
 
-# mount(8) calls `mount.sharedfs VOLUME DIR [-sfnv] [-o opts]`.
+# mount(8) runs `mount.sharedfs VOLUME DIR [-sfnv] [-o OPTIONS]` (from
+# `mount -t sharedfs` and fstab).  Our options map to `sharedfs mount` flags;
+# the ones only mount(8) and fstab care about are dropped; the rest go to FUSE.
+_HELPER_OPTIONS = {
+    "master": "--master",
+    "node": "--node",
+    "listen": "--listen",
+    "coherence": "--coherence",
+    "peer_address": "--peer-address",
+    "writeback": "--writeback",
+    "nbd_timeout": "--nbd-timeout",
+    "cache_size": "--cache-size",
+    "metrics": "--metrics",
+    "log": "--log",
+}
 _FSTAB_ONLY = {"defaults", "auto", "noauto", "user", "nouser", "users", "_netdev", "nofail", "rw"}
 
 
+def helper_argv(volume: str, mountpoint: str, options: str) -> list[str]:
+    """The `sharedfs mount` arguments for mount(8)'s VOLUME DIR -o OPTIONS."""
+    argv = [volume, mountpoint]
+    fuse = []
+    for opt in filter(None, options.split(",")):
+        key, eq, value = opt.partition("=")
+        if key in _HELPER_OPTIONS:
+            if not eq or not value:
+                raise QuietError(f"-o {key}: give a value ({key}=...)", 1)
+            argv.append(f"{_HELPER_OPTIONS[key]}={value}")
+        elif key == "debug":
+            argv.append("--debug")
+        elif key not in _FSTAB_ONLY and not key.startswith("x-"):
+            fuse.append(opt)
+    return argv + (["-o", ",".join(fuse)] if fuse else [])
+
+
 def mount_helper_main(argv: list[str] | None = None) -> None:
-    argv = sys.argv[1:] if argv is None else argv
-    p = argparse.ArgumentParser(prog="mount.sharedfs")
+    p = Parser(
+        prog="mount.sharedfs",
+        description="mount(8)'s helper: mount -t sharedfs VOLUME DIR -o OPTIONS.",
+        epilog="OPTIONS: master=HOST:PORT, node=N, peer_address=HOST[:PORT], "
+        "listen=HOST:PORT, coherence=fusion|disk, "
+        "writeback=SECONDS, nbd_timeout=SECONDS, cache_size=SIZE, metrics=HOST:PORT, log=FILE, "
+        "debug, and FUSE "
+        "options; defaults, auto, noauto, _netdev, nofail, user(s), rw and x-* are for "
+        "mount(8) and fstab and are ignored.",
+    )
     p.add_argument("volume")
     p.add_argument("mountpoint")
-    p.add_argument("-o", dest="options", default="")
-    for flag in ("-s", "-f", "-n", "-v"):
-        p.add_argument(flag, action="store_true")
+    p.add_argument("-o", dest="options", action="append", default=[])
+    p.add_argument("-f", dest="fake", action="store_true", help="do everything but mount")
+    for flag in ("-s", "-n", "-v"):
+        p.add_argument(flag, action="store_true", help="accepted, as mount(8) passes it")
     p.add_argument("-t", dest="fstype")
-    ns = p.parse_args(argv)
-    args = make_parser().parse_args([ns.volume, ns.mountpoint])
-    fuse: list[str] = []
-    for opt in filter(None, ns.options.split(",")):
-        key, _, value = opt.partition("=")
-        if key == "master":
-            args.master = value
-        elif key == "node":
-            args.node = int(value)
-        elif key in ("listen", "coherence"):
-            setattr(args, key, value)
-        elif key == "writeback":
-            args.writeback = float(value)
-        elif key == "nbd_timeout":
-            args.nbd_timeout = float(value)
-        elif key == "cache_size":
-            args.cache_size = parse_size(value)
-        elif key == "log":
-            args.log = value
-        elif key not in _FSTAB_ONLY:
-            fuse.append(opt)
-    args.options = [",".join(fuse)] if fuse else []
-    if ns.f:  # mount -f: fake it, do nothing
+    ns = p.parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        mount_argv = helper_argv(ns.volume, ns.mountpoint, ",".join(ns.options))
+    except QuietError as e:
+        print(f"mount.sharedfs: {e}", file=sys.stderr)
+        sys.exit(e.exitcode)
+    mount_parser = make_parser()
+    mount_parser.prog = "mount.sharedfs"
+    args = mount_parser.parse_args(mount_argv)
+    if ns.fake:
         sys.exit(0)
     run_tool(mount, args)
 

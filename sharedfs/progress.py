@@ -1,30 +1,45 @@
-"""Progress for long work: a line that updates in place on a terminal, silent
-otherwise (logs and pipes get no noise)."""
+"""Progress bars for long work (mkfs of a large volume, fsck's passes): a
+tqdm bar on a terminal, nothing otherwise, so logs and pipes get no noise.
+
+tqdm rather than rich: a bar is all we draw, and tqdm is one small package
+with no dependencies of its own that is quick to import; rich brings a whole
+terminal renderer (and pygments) for the same line.
+"""
 
 from __future__ import annotations
 
 import sys
-import time
+from typing import TextIO
+
+from tqdm import tqdm
 
 
 class Progress:
-    def __init__(self, what: str, total: int, *, stream=None) -> None:  # type: ignore[no-untyped-def]
+    """A bar for `total` steps of `what`.
+
+    Attributes:
+        enabled: draw it (on by default when the stream is a terminal); a
+            caller may turn it off before the first update (--quiet).
+    """
+
+    def __init__(self, what: str, total: int, *, stream: TextIO | None = None) -> None:
         self.what = what
         self.total = max(total, 1)
         self.stream = stream if stream is not None else sys.stderr
         self.enabled = self.stream.isatty()
-        self._last = 0.0
+        self._bar: tqdm | None = None  # type: ignore[type-arg]
 
     def update(self, done: int) -> None:
-        now = time.monotonic()
-        if not self.enabled or (now - self._last < 0.2 and done < self.total):
+        """`done` steps of the total are finished."""
+        if not self.enabled:
             return
-        self._last = now
-        pct = 100 * done // self.total
-        self.stream.write(f"\r{self.what}: {pct:3d}% ({done}/{self.total})")
-        self.stream.flush()
+        if self._bar is None:
+            self._bar = tqdm(
+                total=self.total, desc=self.what, file=self.stream, mininterval=0.2, leave=True
+            )
+        self._bar.update(done - self._bar.n)
 
     def close(self) -> None:
-        if self.enabled:
-            self.stream.write(f"\r{self.what}: done{' ' * 30}\n")
-            self.stream.flush()
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None

@@ -331,10 +331,15 @@ class StatusReply(Message):
 
 @message(42)
 class Stats(Message):
-    """A host's counters, sent to the master now and then for status."""
+    """A host's counters, sent to the master every second for status: running
+    totals, except the levels named in STATS_LEVELS."""
 
     node: int
     counters: dict[str, int]
+
+
+#: Stats counters that are levels (blocks cached now), not running totals.
+STATS_LEVELS = frozenset({"cache_blocks", "cache_dirty", "cache_pis", "log_pages_in_use"})
 
 
 # ---------------------------------------------------------------------------

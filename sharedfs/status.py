@@ -1,4 +1,13 @@
-"""`sharedfs status`: which hosts have a volume mounted, read from the volume."""
+"""`sharedfs status`: a view of a volume's cluster.
+
+From the volume itself: which hosts hold a slot (and their heartbeats) and
+how much of the journal is in use, as its header on storage says.  With
+`--master`, from the lock master: each host's lease, the locks and past
+images it holds, its counters (cache hits and misses, transfers, storage
+I/O) and their rates over the last seconds.  `--json` prints the same as
+one JSON document (one per line with `--watch`); `--watch` repeats the
+view every few seconds until interrupted.
+"""
 
 from __future__ import annotations
 
@@ -10,112 +19,273 @@ from typing import Any
 
 import trio
 
+from . import format as fmt
+from . import journal
 from . import protocol as p
-from .cli_util import run_tool
+from .cli_util import Parser, parse_address_arg, run_tool
 from .errors import QuietError
-from .link import Link, LinkClosed, parse_address
-from .storage import open_volume
+from .link import LinkClosed, open_master
+from .storage import Storage, open_volume
 from .volume import open_superblock, read_slot, slot_is_live
+
+ASK_TIMEOUT = 10.0
+_CLEAR = "\033[H\033[2J"
 
 
 async def ask_master(key: bytes, addr: tuple[str, int]) -> dict[str, Any]:
+    where = f"master {addr[0]}:{addr[1]}"
     try:
-        with trio.fail_after(10):
-            stream = await trio.open_tcp_stream(*addr)
-            link = await Link.open(stream, key, -1, initiator=True)
-            await link.send(p.StatusRequest())
-            async for msg in link.messages():
-                if isinstance(msg, p.StatusReply):
-                    await link.aclose()
-                    return msg.info
-    except OSError as e:
-        raise QuietError(f"cannot reach master {addr[0]}:{addr[1]}: {e.strerror or e}", 1) from None
+        with trio.fail_after(ASK_TIMEOUT):
+            link = await open_master(addr, key, -1, exitcode=1)
+            try:
+                await link.send(p.StatusRequest())
+                async for msg in link.messages():
+                    if isinstance(msg, p.StatusReply):
+                        return msg.info
+            finally:
+                await link.aclose()
     except trio.TooSlowError:
-        raise QuietError(f"master {addr[0]}:{addr[1]} did not answer", 1) from None
+        raise QuietError(f"{where} did not answer in {ASK_TIMEOUT:g} s", 1) from None
     except (p.ProtocolError, LinkClosed) as e:
-        raise QuietError(f"master {addr[0]}:{addr[1]}: {e}", 1) from None
-    raise QuietError(f"master {addr[0]}:{addr[1]} closed the connection", 1)
+        raise QuietError(f"{where}: {e}; is it a sharedfs master?", 1) from None
+    raise QuietError(f"{where} closed the connection; is it a sharedfs master?", 1)
 
 
-def print_master(info: dict[str, Any]) -> None:
-    print(
-        f"master: coherence {info['coherence']}, {info['blocks_tracked']} blocks tracked, "
-        f"{info['messages_per_transfer']} messages per block transfer"
-    )
-    for node, h in info["hosts"].items():
-        held = info["held"].get(node, {})
-        print(
-            f"  node {node}: peer port {h['peer'][1]}, holds {held.get('S', 0)} S, "
-            f"{held.get('X', 0)} X, {held.get('pi', 0)} past images"
+def volume_info(storage: Storage, sb: fmt.Superblock) -> dict[str, Any]:
+    now = time.time_ns()
+    hosts = []
+    for n in range(sb.host_slots):
+        s = read_slot(storage, sb, n)
+        if not s.in_use and not s.mount_count:
+            continue
+        hosts.append(
+            {
+                "node": n,
+                "live": slot_is_live(s, now),
+                "hostname": s.hostname,
+                "pid": s.pid,
+                "mountpoint": s.mountpoint,
+                "heartbeat_age_s": round((now - s.heartbeat_ns) / 1e9, 1),
+                "mounts": s.mount_count,
+            }
         )
-        for k, v in sorted(h["counters"].items()):
-            print(f"      {k}: {v}")
-    print("  master counters:")
-    for k, v in info["counters"].items():
-        print(f"      {k}: {v}")
-
-
-def status(args: argparse.Namespace) -> None:
-    storage = open_volume(args.volume)
-    try:
-        sb = open_superblock(storage)
-        now = time.time_ns()
-        hosts = []
-        for n in range(sb.host_slots):
-            s = read_slot(storage, sb, n)
-            if not s.in_use and not s.mount_count:
-                continue
-            hosts.append(
-                {
-                    "node": n,
-                    "live": slot_is_live(s, now),
-                    "hostname": s.hostname,
-                    "pid": s.pid,
-                    "mountpoint": s.mountpoint,
-                    "heartbeat_age_s": round((now - s.heartbeat_ns) / 1e9, 1),
-                    "mounts": s.mount_count,
-                }
-            )
-    finally:
-        storage.close()
-    info = {
-        "volume": args.volume,
+    return {
+        "volume": storage.name,
         "label": sb.label,
         "uuid": sb.uuid.hex(),
         "block_size": sb.block_size,
         "blocks": sb.volume_blocks,
         "host_slots": sb.host_slots,
         "hosts": hosts,
+        "journal": journal.usage(storage, sb),
     }
-    if args.master:
-        try:
-            addr = parse_address(args.master)
-        except ValueError as e:
-            raise QuietError(f"--master {args.master}: {e}", 2) from None
-        info["master"] = trio.run(ask_master, sb.cluster_key, addr)
-    if args.json:
-        print(json.dumps(info, indent=2))
-        return
-    print(f"{args.volume}: label {sb.label!r}, {sb.volume_blocks} blocks of {sb.block_size}")
-    if not hosts:
-        print("  no host has mounted it yet")
-    for h in hosts:
-        state = "live" if h["live"] else "gone"
-        print(
-            f"  node {h['node']}: {state}, {h['hostname']} pid {h['pid']} on {h['mountpoint']}, "
-            f"heartbeat {h['heartbeat_age_s']} s ago, mounted {h['mounts']} times"
+
+
+def gather(storage: Storage, master: tuple[str, int] | None) -> dict[str, Any]:
+    """Everything status shows.  A master that cannot be asked is an error
+    (QuietError), unless `master` is None."""
+    sb = open_superblock(storage)
+    info = volume_info(storage, sb)
+    if master is not None:
+        info["master"] = m = trio.run(ask_master, sb.cluster_key, master)
+        m["address"] = f"{master[0]}:{master[1]}"
+        # Node numbers as the JSON view has them, so both views read alike.
+        m["hosts"] = {str(n): h for n, h in m["hosts"].items()}
+        m["held"] = {str(n): h for n, h in m["held"].items()}
+        m["rates"]["hosts"] = {str(n): r for n, r in m["rates"]["hosts"].items()}
+        for node, h in m["hosts"].items():
+            h["cache_hit_rate"] = hit_rate(h["counters"])
+            rates = m["rates"]["hosts"].get(node)
+            if rates:
+                rates["cache_hit_rate"] = hit_rate(rates)
+    return info
+
+
+def hit_rate(counters: dict[str, float]) -> float | None:
+    """Share of block lookups the cache answered, or None before any."""
+    hits, misses = counters.get("cache_hits", 0), counters.get("cache_misses", 0)
+    return round(hits / (hits + misses), 4) if hits + misses else None
+
+
+# -- the text view ---------------------------------------------------------------
+
+
+def render(info: dict[str, Any]) -> str:
+    out = [
+        f"volume {info['volume']}: label {info['label']!r}, {info['blocks']} blocks of "
+        f"{info['block_size']} bytes, {info['host_slots']} host slots"
+    ]
+    out.append(_render_journal(info))
+    m = info.get("master")
+    if m is not None:
+        out += _render_master(m)
+    if "master_error" in info:
+        out.append(f"master: {info['master_error']}")
+    out += _render_hosts(info["hosts"], m)
+    return "\n".join(out)
+
+
+def _render_journal(info: dict[str, Any]) -> str:
+    """Its use on storage; with the master, also as the hosts last saw it."""
+    j = info["journal"]
+    if "error" in j:
+        return f"journal: header unreadable: {j['error']}"
+    marks = ", ".join(f"node {n} page {s}" for n, s in j["unwritten_since"].items())
+    seen = [
+        h["counters"].get("log_pages_in_use", 0)
+        for h in info.get("master", {}).get("hosts", {}).values()
+    ]
+    return (
+        f"journal: {j['in_use']} of {j['pages']} pages in use ({j['percent']}%) on storage"
+        + (f", up to {max(seen)} as the hosts last saw it" if seen else "")
+        + f"; checkpoint at page {j['checkpoint']}"
+        + (f"; oldest unwritten change: {marks}" if marks else "")
+    )
+
+
+def _render_master(m: dict[str, Any]) -> list[str]:
+    out = [
+        f"master {m['address']}: coherence {m['coherence']}, lease {m['lease']:g} s, "
+        f"{len(m['hosts'])} hosts joined, {m['blocks_tracked']} blocks tracked, "
+        f"{m['messages_per_transfer']} messages per block transfer"
+    ]
+    if m["recovering"]:
+        out.append(f"  recovering dead nodes: {', '.join(map(str, m['recovering']))}")
+    r = m["rates"]["master"]
+    if r:
+        out.append(
+            f"  last {m['rates']['window_s']:g} s: {r['lock_requests']:g} lock requests/s, "
+            f"{r['transfers']:g} block transfers/s, {r['write_performs']:g} writes/s, "
+            f"{r['messages_in'] + r['messages_out']:g} messages/s"
         )
-    if "master" in info:
-        print_master(info["master"])
+    return out
+
+
+_SLOT_COLUMNS = ("node", "state", "host:pid", "mountpoint", "heartbeat", "mounts")
+_MASTER_COLUMNS = ("heard", "S", "X", "PIs", "hit rate", "sent/s", "recv/s", "reads/s", "writes/s")
+
+
+def _render_hosts(hosts: list[dict[str, Any]], m: dict[str, Any] | None) -> list[str]:
+    """One row per host slot ever used, as the volume has it; with the
+    master, also what it knows: when it last heard from the host (its
+    lease), the blocks it holds in S and X, its past images, its cache hit
+    rate, blocks sent and received host to host and storage reads and writes
+    per second."""
+    if not hosts:
+        return ["no host has mounted it yet"]
+    header = _SLOT_COLUMNS + (_MASTER_COLUMNS if m is not None else ())
+    rows = [list(header)]
+    for h in hosts:
+        node = str(h["node"])
+        row = [
+            node,
+            "live" if h["live"] else "gone",
+            f"{h['hostname']}:{h['pid']}",
+            h["mountpoint"],
+            f"{h['heartbeat_age_s']:g}s ago",
+            str(h["mounts"]),
+        ]
+        if m is not None:
+            row += _master_cells(m, node)
+        rows.append(row)
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    return ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
+
+
+def _master_cells(m: dict[str, Any], node: str) -> list[str]:
+    joined = m["hosts"].get(node)
+    if joined is None:
+        return ["-"] * len(_MASTER_COLUMNS)
+    held = m["held"].get(node, {})
+    rates = m["rates"]["hosts"].get(node, {})
+    rate = joined["cache_hit_rate"]
+    return [
+        f"{joined['heard_s']:.1f}s ago",
+        str(held.get("S", 0)),
+        str(held.get("X", 0)),
+        str(held.get("pi", 0)),
+        "-" if rate is None else f"{100 * rate:.1f}%",
+        _rate(rates, "agent_transfers_sent"),
+        _rate(rates, "agent_transfers_received"),
+        _rate(rates, "cache_storage_reads"),
+        _rate(rates, "cache_storage_writes"),
+    ]
+
+
+def _rate(rates: dict[str, float], key: str) -> str:
+    return f"{rates[key]:g}" if key in rates else "-"
+
+
+def render_counters(m: dict[str, Any]) -> str:
+    """Every raw counter (status --counters)."""
+    out = ["master counters:"]
+    out += [f"  {k}: {v}" for k, v in m["counters"].items()]
+    for node, h in m["hosts"].items():
+        out.append(f"node {node} counters:")
+        out += [f"  {k}: {v}" for k, v in sorted(h["counters"].items())]
+    return "\n".join(out)
+
+
+# -- the command ---------------------------------------------------------------------
+
+
+def show(info: dict[str, Any], args: argparse.Namespace, watching: bool) -> None:
+    if args.json:
+        print(json.dumps(info, indent=None if watching else 2), flush=True)
+        return
+    text = render(info)
+    if args.counters and "master" in info:
+        text += "\n" + render_counters(info["master"])
+    if watching and sys.stdout.isatty():
+        text = _CLEAR + text
+    elif watching:
+        text = f"-- {time.strftime('%H:%M:%S')}\n{text}"
+    print(text, flush=True)
+
+
+def status(args: argparse.Namespace) -> None:
+    if args.watch is not None and not args.watch > 0:
+        raise QuietError(f"--watch {args.watch:g}: give a number of seconds above 0", 2)
+    storage = open_volume(args.volume)
+    try:
+        show(gather(storage, args.master), args, args.watch is not None)
+        if args.watch is None:
+            return
+        try:
+            while True:
+                time.sleep(args.watch)
+                try:
+                    info = gather(storage, args.master)
+                except QuietError as e:
+                    # The master may be restarting: say so and keep watching.
+                    info = volume_info(storage, open_superblock(storage))
+                    info["master_error"] = str(e)
+                show(info, args, True)
+        except KeyboardInterrupt:
+            return  # the way out of --watch
+    finally:
+        storage.close()
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="sharedfs status", description=__doc__.splitlines()[0])
+    ap = Parser(prog="sharedfs status", description=__doc__.splitlines()[0])
     ap.add_argument("volume", help="the volume (its cluster key authenticates us to the master)")
+    ap.add_argument(
+        "--master",
+        type=parse_address_arg,
+        metavar="HOST:PORT",
+        help="also show the master's view: leases, locks, counters, rates",
+    )
     ap.add_argument("--json", action="store_true", help="machine-readable output")
     ap.add_argument(
-        "--master", metavar="HOST:PORT", help="also show the master's view and counters"
+        "--watch",
+        type=float,
+        nargs="?",
+        const=2.0,
+        metavar="SECONDS",
+        help="show it again every SECONDS (default 2) until interrupted",
     )
+    ap.add_argument("--counters", action="store_true", help="also list every raw counter")
     run_tool(status, ap.parse_args(sys.argv[1:] if argv is None else argv))
 
 

@@ -13,7 +13,7 @@ import subprocess
 import sys
 import time
 
-from .cli_util import run_tool
+from .cli_util import Parser, run_tool
 from .errors import QuietError
 from .storage import open_volume
 from .volume import live_slots, open_superblock, read_slot, slot_is_live
@@ -54,7 +54,7 @@ def umount(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="sharedfs umount", description=__doc__.splitlines()[0])
+    p = Parser(prog="sharedfs umount", description=__doc__.splitlines()[0])
     p.add_argument("mountpoint")
     p.add_argument("-z", "--lazy", action="store_true", help="detach even if busy")
     run_tool(umount, p.parse_args(sys.argv[1:] if argv is None else argv))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -52,6 +53,37 @@ def wait_for(pred, timeout: float = 30.0, what: str = "condition") -> None:  # t
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         time.sleep(0.05)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Master:
+    """A standalone `sharedfs master` process, listening once constructed."""
+
+    def __init__(self, volume: Path, log: Path, *args: str) -> None:
+        self.port = free_port()
+        self.addr = f"127.0.0.1:{self.port}"
+        with open(log, "w") as f:
+            self.proc = subprocess.Popen(
+                [PY, "-m", "sharedfs.cli", "master", str(volume), "--listen", self.addr, *args],
+                stdout=subprocess.DEVNULL,
+                stderr=f,
+            )
+
+        def listening() -> bool:
+            assert self.proc.poll() is None, log.read_text()
+            with socket.socket() as s:
+                return s.connect_ex(("127.0.0.1", self.port)) == 0
+
+        wait_for(listening, what="master")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(timeout=30)
 
 
 class Mount:

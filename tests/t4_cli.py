@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+import pty
+import re
+import struct
+import subprocess
+import termios
 from pathlib import Path
 
 import pytest
-from mount_util import Mount, fsck_ok, mkfs, needs_fuse, sharedfs, wait_for
+from mount_util import PY, Mount, fsck_ok, mkfs, needs_fuse, sharedfs, wait_for
 
 
 def one_line_error(r, code: int | None = None) -> str:  # type: ignore[no-untyped-def]
@@ -142,3 +148,37 @@ def test_full_volume_gives_enospc_and_stays_usable(tmp_path: Path) -> None:
     finally:
         m.umount()
     fsck_ok(vol)
+
+
+def on_a_terminal(*args: str) -> str:
+    """Run `sharedfs ARGS` with stderr on a pseudo-terminal; what it drew there."""
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))
+    proc = subprocess.Popen(
+        [PY, "-m", "sharedfs.cli", *args],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=slave,
+    )
+    os.close(slave)
+    out = b""
+    while True:
+        try:
+            chunk = os.read(master, 65536)
+        except OSError:  # EIO: the other side is closed
+            break
+        if not chunk:
+            break
+        out += chunk
+    os.close(master)
+    assert proc.wait(timeout=120) == 0
+    return out.decode(errors="replace")
+
+
+def test_progress_bars_on_a_terminal_only(tmp_path: Path) -> None:
+    piped = sharedfs("mkfs", str(tmp_path / "a.img"), "--size", "64G")
+    assert piped.stderr == ""
+    drawn = on_a_terminal("mkfs", str(tmp_path / "b.img"), "--size", "64G")
+    assert "mkfs:   0%" in drawn and re.search(r"mkfs: 100%.* (\d+)/\1 ", drawn)
+    assert "fsck: inode tables: 100%" in on_a_terminal("fsck", "-n", str(tmp_path / "b.img"))
+    assert "100%" not in sharedfs("fsck", "-n", str(tmp_path / "b.img")).stderr

@@ -9,48 +9,37 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import time
+import urllib.request
 from contextlib import ExitStack
 from pathlib import Path
 
 import pytest
-from mount_util import PY, Mount, fsck_ok, mkfs, needs_fuse, public_dir, sharedfs, wait_for
+from mount_util import (
+    PY,
+    Master,
+    Mount,
+    free_port,
+    fsck_ok,
+    mkfs,
+    needs_fuse,
+    public_dir,
+    sharedfs,
+    wait_for,
+)
 from nbd_util import needs_nbdkit, one_export_two_ways
+from prometheus_client.parser import text_string_to_metric_families
 
 pytestmark = [needs_fuse, pytest.mark.fuse]
 
 SRC = Path(__file__).resolve().parent.parent / "sharedfs"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Master:
-    def __init__(self, volume: Path | str, log: Path) -> None:
-        self.port = free_port()
-        self.addr = f"127.0.0.1:{self.port}"
-        with open(log, "w") as f:
-            self.proc = subprocess.Popen(
-                [PY, "-m", "sharedfs.cli", "master", str(volume), "--listen", self.addr],
-                stdout=subprocess.DEVNULL,
-                stderr=f,
-            )
-
-        def listening() -> bool:
-            assert self.proc.poll() is None, log.read_text()
-            with socket.socket() as s:
-                return s.connect_ex(("127.0.0.1", self.port)) == 0
-
-        wait_for(listening, what="master")
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(timeout=30)
+#: /metrics ports of the master and of host 0.
+METRICS = (free_port(), free_port())
 
 
 @pytest.fixture(scope="module", params=["image", pytest.param("nbd", marks=needs_nbdkit)])
@@ -64,10 +53,20 @@ def hosts(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFacto
             tcp, unix = stack.enter_context(one_export_two_ways("1G"))
             vol, names = tcp, [tcp, unix, tcp]
         mkfs(vol, "1G")
-        master = Master(vol, d / "master.log")
+        master = Master(vol, d / "master.log", "--metrics", f"127.0.0.1:{METRICS[0]}")
         pub = public_dir()
         mounts = [
-            Mount(names[n], pub / f"host{n}", "--master", master.addr, "--node", str(n))
+            Mount(
+                names[n],
+                pub / f"host{n}",
+                "--master",
+                master.addr,
+                "--node",
+                str(n),
+                *(["--metrics", f"127.0.0.1:{METRICS[1]}"] if n == 0 else []),
+                # Peers reach host 2 at the address it gives, not at 127.0.0.1.
+                *(["--peer-address", "127.0.0.2"] if n == 2 else []),
+            )
             for n in range(3)
         ]
         yield mounts, master, vol
@@ -172,21 +171,93 @@ def test_tree_written_on_one_host_diffs_clean_from_another(hosts) -> None:  # ty
     assert not (a.mnt / "tree").exists()
 
 
-def test_status_shows_hosts_and_counters(hosts) -> None:  # type: ignore[no-untyped-def]
-    _, master, vol = hosts
-    time.sleep(1.2)  # hosts send their counters every second
-    r = sharedfs("status", str(vol), "--master", master.addr, "--json")
-    info = json.loads(r.stdout)
+def status_json(vol: Path, master: Master) -> dict:  # type: ignore[type-arg]
+    return json.loads(sharedfs("status", str(vol), "--master", master.addr, "--json").stdout)
+
+
+def test_status_shows_hosts_leases_locks_rates_and_the_journal(hosts) -> None:  # type: ignore[no-untyped-def]
+    (a, b, _), master, vol = hosts
+    (a.mnt / "status-probe").write_bytes(b"x" * 10000)
+    assert (b.mnt / "status-probe").read_bytes() == b"x" * 10000
+
+    def counted() -> bool:
+        # Hosts send their counters every second; rates need two samples.
+        m = status_json(vol, master)["master"]
+        hosts = m["hosts"].values()
+        return m["rates"]["window_s"] > 0 and all(
+            h["counters"].get("agent_lock_requests", 0) > 0 for h in hosts
+        )
+
+    wait_for(counted, what="every host's counters at the master")
+    info = status_json(vol, master)
     assert [h["node"] for h in info["hosts"] if h["live"]] == [0, 1, 2]
+    j = info["journal"]
+    assert j["pages"] > 0 and 0 <= j["in_use"] <= j["pages"]
     m = info["master"]
     assert sorted(m["hosts"]) == ["0", "1", "2"]
     assert m["counters"]["transfers"] > 0 and m["counters"]["pings"] > 0
     # A transfer costs at least request, ping, transfer, done (and a grant,
     # unless the transfer was the grant).
     assert m["messages_per_transfer"] >= 4
-    assert all(h["counters"].get("agent_lock_requests", 0) > 0 for h in m["hosts"].values())
+    assert [h["peer"][0] for h in m["hosts"].values()] == ["127.0.0.1", "127.0.0.1", "127.0.0.2"]
+    for node, h in m["hosts"].items():
+        assert 0 <= h["heard_s"] < m["lease"]  # its lease is being renewed
+        assert 0 < h["cache_hit_rate"] <= 1
+        assert "cache_hits" in m["rates"]["hosts"][node]
+    assert sum(h["X"] + h["S"] for h in m["held"].values()) > 0
+    assert "transfers" in m["rates"]["master"]
     text = sharedfs("status", str(vol), "--master", master.addr).stdout
-    assert "past images" in text and "messages per block transfer" in text
+    assert "messages per block transfer" in text and "journal:" in text
+    header = next(line for line in text.splitlines() if line.startswith("node"))
+    assert header.split()[:4] == ["node", "state", "host:pid", "mountpoint"]
+    assert "hit rate" in header and "PIs" in header
+    rows = [line.split() for line in text.splitlines() if line[:1].isdigit()]
+    assert [r[0] for r in rows] == ["0", "1", "2"] and all(r[1] == "live" for r in rows)
+
+
+def test_status_watch_repeats_until_interrupted(hosts) -> None:  # type: ignore[no-untyped-def]
+    _, master, vol = hosts
+    cmd = [PY, "-m", "sharedfs.cli", "status", str(vol), "--master", master.addr]
+    proc = subprocess.Popen(
+        [*cmd, "--json", "--watch", "0.1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    try:
+        assert proc.stdout is not None
+        views = [json.loads(proc.stdout.readline()) for _ in range(3)]
+    finally:
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0 and err == b""
+    assert all(v["master"]["hosts"].keys() == {"0", "1", "2"} for v in views)
+
+
+def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """/metrics as {(sample name, labels): value}."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30) as r:
+        text = r.read().decode()
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for fam in text_string_to_metric_families(text)
+        for s in fam.samples
+    }
+
+
+def test_prometheus_metrics_on_the_master_and_a_host(hosts) -> None:  # type: ignore[no-untyped-def]
+    (a, _, _), _, _ = hosts
+    (a.mnt / "metrics-probe").write_text("x")
+    assert (a.mnt / "metrics-probe").read_text() == "x"
+    m = scrape(METRICS[0])
+    assert m[("sharedfs_master_hosts", ())] == 3
+    assert m[("sharedfs_master_transfers_total", ())] > 0
+    silent = {k[1]: v for k, v in m.items() if k[0] == "sharedfs_master_host_silent_seconds"}
+    assert sorted(silent) == [(("node", str(n)),) for n in range(3)]
+    h = scrape(METRICS[1])
+    node0 = (("node", "0"),)
+    assert h[("sharedfs_host_cache_hits_total", node0)] > 0
+    assert h[("sharedfs_host_agent_lock_requests_total", node0)] > 0
+    assert h[("sharedfs_host_fenced", node0)] == 0
+    # Not one endpoint for both: the host exports its own counters only.
+    assert not any(name.startswith("sharedfs_master") for name, _ in h)
 
 
 def test_wrong_node_and_unauthenticated_peer_are_refused(hosts, tmp_path) -> None:  # type: ignore[no-untyped-def]
