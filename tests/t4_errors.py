@@ -212,7 +212,7 @@ def cases(s: Scene) -> list[Case]:
         Case("status-bad-watch", ("status", vol, "--watch", "0"), ("--watch",), 2),
         # umount, fsck, journal
         Case("umount-not-mounted", ("umount", empty), ("no sharedfs volume is mounted there",)),
-        Case("fsck-missing-volume", ("fsck", "-n", f"{d}/missing.img"), ("No such file",), 8),
+        Case("fsck-missing-volume", ("fsck", "-n", f"{d}/missing.img"), ("no such file",), 8),
         Case("fsck-junk", ("fsck", "-n", str(s.junk)), ("not a sharedfs volume",), 8),
         Case("fsck-mounted", ("fsck", "-n", vol), ("in use by node 0", "unmount it"), 8),
         Case("fsck-usage", ("fsck", "-n", "-y", vol), ("not allowed with",), 16),
