@@ -321,6 +321,19 @@ class ClusterAgent:
             with trio.move_on_after(CONNECT_TIMEOUT), contextlib.suppress(LinkClosed):
                 await self._send_master(p.Bye())
 
+    def describe(self) -> list[str]:
+        """Requests in flight and writes waited for (a state dump)."""
+        out = [
+            f"request {p.req}: {p.mode.name} {sorted(p.blocks)} granted {sorted(p.granted)} "
+            f"awaiting {sorted(p.await_transfer)} done {p.done.is_set()} "
+            f"abandoned {p.abandoned}"
+            for p in self._pending.values()
+        ]
+        if self._written:
+            out.append(f"write notifications awaited: {sorted(self._written)}")
+        assert self.cache is not None
+        return out + self.cache.describe()
+
     def counters(self) -> dict[str, int]:
         assert self.cache is not None
         out = {f"agent_{k}": getattr(self.stats, k) for k in AgentStats.__slots__}  # type: ignore[attr-defined]

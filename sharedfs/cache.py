@@ -212,6 +212,25 @@ class BlockCache:
         out.update(self.log_counters())
         return out
 
+    def describe(self) -> list[str]:
+        """The running operation, blocks on their way out, held for a
+        rebuild or being written, and the log's locks (a state dump)."""
+        op = self._op
+        out = []
+        if op is not None:
+            out.append(
+                f"operation since {op.start:.3f}: pinned {sorted(op.pinned)} waiting "
+                f"{sorted(op.waiting.blocks) if op.waiting else None} abort {op.abort.is_set()}"
+            )
+        leaving = sorted(b for b, buf in self._bufs.items() if buf.leaving)
+        out.append(
+            f"leaving {leaving} rebuild-held {sorted(self._rebuild_held)} "
+            f"writing {sorted(self._inflight)} write lock {self._write_lock.locked()} "
+            f"append lock {self.append_lock.locked() if self.append_lock else None} "
+            f"dirty {len(self._dirty)} private {len(self._private)}"
+        )
+        return out
+
     def fence(self, reason: str) -> None:
         """This host lost its lease: nothing more of ours reaches storage
         (a cluster host's storage is always behind a Fence)."""

@@ -645,6 +645,28 @@ class Directory:
         return out
 
     # -- status ------------------------------------------------------------------
+    def stuck(self) -> list[str]:
+        """Blocks someone waits on, and recoveries under way (a state dump)."""
+        out = []
+        for b, st in sorted(self.blocks.items()):
+            busy = st.queue or st.acks or st.revoking or st.write_waiters
+            if not (busy or st.recovering is not None or st.writer is not None):
+                continue
+            queue = [(r.node, r.req, r.mode.name, "rec" if r.recovery else "") for r in st.queue]
+            holders = {n: m.name for n, m in st.holders.items()}
+            out.append(
+                f"block {b}: holders {holders} owner {st.owner} pis {st.pis} "
+                f"disk v{st.disk_version} queue {queue} acks {sorted(st.acks)} src {st.src} "
+                f"revoking {sorted(st.revoking)} recovering {st.recovering} "
+                f"writer {st.writer} write waiters {sorted(st.write_waiters)}"
+            )
+        for rec in self.recoveries.values():
+            out.append(
+                f"recovery of node {rec.dead}: pending {sorted(rec.pending)} sent {rec.sent} "
+                f"writes {rec.writes} closer {rec.closer}"
+            )
+        return out
+
     def summary(self) -> dict[str, object]:
         held: dict[int, dict[str, int]] = {}
         for st in self.blocks.values():

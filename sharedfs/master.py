@@ -24,6 +24,7 @@ import trio
 
 from . import protocol as p
 from .cli_util import Parser, notify_systemd, parse_address_arg, run_tool, setup_logging
+from .debug import dump_on_signal
 from .directory import Directory
 from .errors import QuietError
 from .link import Link, LinkClosed, parse_address
@@ -357,6 +358,14 @@ class MasterService:
             while node in self._dying or node in self.directory.recoveries:  # noqa: ASYNC110
                 await trio.sleep(0.05)
 
+    def describe(self) -> list[str]:
+        """Who is joined, dying, recovering, and the blocks waited on."""
+        return [
+            f"joined {sorted(self._links)} dying {sorted(self._dying)} "
+            f"recovering {sorted(self.directory.recoveries)}",
+            *self.directory.stuck(),
+        ]
+
     def status(self) -> dict[str, object]:
         info = self.directory.summary()
         now = trio.current_time()
@@ -455,6 +464,7 @@ async def _serve_forever(
                 samples = service.metric_samples
                 bound = await stack.enter_async_context(serve_metrics(metrics, samples))
             await nursery.start(service.serve, host, port)
+            nursery.start_soon(dump_on_signal, "master", service.describe)
             if metrics is not None:
                 log.info("master: metrics on http://%s:%d/metrics", metrics[0], bound)
             notify_systemd("READY=1")

@@ -34,6 +34,7 @@ from .cli_util import (
     run_tool,
     setup_logging,
 )
+from .debug import dump_on_signal
 from .errors import QuietError
 from .fs import FileSystem
 from .fuse_ops import Operations
@@ -216,6 +217,8 @@ async def serve(
                     samples = functools.partial(_metric_samples, fs, agent, service)
                     port = await stack.enter_async_context(serve_metrics(args.metrics, samples))
                     log.info("host %d: metrics on %s:%d/metrics", node, args.metrics[0], port)
+                states = [agent.describe] + ([service.describe] if service else [])
+                nursery.start_soon(dump_on_signal, f"host {node}", *states)
                 lhost, lport = args.peer_address
                 await nursery.start(
                     functools.partial(agent.run, master, listen_host=lhost, listen_port=lport)

@@ -377,6 +377,8 @@ def main() -> None:
     ap.add_argument("--json", action="store_true", help="print the result as JSON at the end")
     ap.add_argument("--debug", action="store_true", help="debug logs from the master and hosts")
     args = ap.parse_args()
+    # Stopped from outside: still take the cluster down (run's cleanup).
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     try:
         result = run(args)
     except TortureFailed as e:

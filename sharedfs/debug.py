@@ -1,0 +1,52 @@
+"""What a running master or host is doing, for `kill -USR2 PID`: every trio
+task and where it waits, and the protocol state it may be stuck on, written
+to its log, one line per item."""
+
+from __future__ import annotations
+
+import logging
+import signal
+from collections.abc import Callable, Iterator
+
+import trio
+
+log = logging.getLogger(__name__)
+
+Describe = Callable[[], list[str]]
+
+
+def task_tree() -> list[str]:
+    """One line per trio task: its name, then its innermost frames."""
+    out: list[str] = []
+
+    def walk(task: trio.lowlevel.Task, depth: int) -> None:
+        frames = " <- ".join(reversed(list(_frames(task))[-4:]))
+        out.append(f"{'  ' * depth}{task.name.rsplit('.', 1)[-1]}: {frames}")
+        for nursery in task.child_nurseries:
+            for child in nursery.child_tasks:
+                walk(child, depth + 1)
+
+    walk(trio.lowlevel.current_root_task(), 0)
+    return out
+
+
+def _frames(task: trio.lowlevel.Task) -> Iterator[str]:
+    coro = task.coro
+    while coro is not None:
+        frame = getattr(coro, "cr_frame", None) or getattr(coro, "ag_frame", None)
+        if frame is None:
+            return
+        code = frame.f_code
+        yield f"{code.co_filename.rsplit('/', 1)[-1]}:{frame.f_lineno} {code.co_name}"
+        coro = getattr(coro, "cr_await", None) or getattr(coro, "ag_await", None)
+
+
+async def dump_on_signal(who: str, *describe: Describe) -> None:
+    """Until cancelled: on SIGUSR2, log the task tree and what `describe` says."""
+    with trio.open_signal_receiver(signal.SIGUSR2) as signals:
+        async for _ in signals:
+            lines = task_tree()
+            for d in describe:
+                lines += d()
+            for line in lines:
+                log.warning("%s: state: %s", who, line)
