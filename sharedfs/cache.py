@@ -912,7 +912,12 @@ class BlockCache:
         try:
             # Only now, with no operation left to change it: the operation we
             # waited for may have linked blocks it allocated into this one.
-            await self.register_private()
+            # (Not for the log's header: it points only at log pages, which
+            # are never registered; and it leaves holding the append
+            # semaphore, which a recovery the registration may wait for
+            # needs.)
+            if b != self.llol_block:
+                await self.register_private()
             if buf.going:
                 # A copy we keep cannot change elsewhere: the kernel's caches
                 # of it stay good.

@@ -31,6 +31,7 @@ from pathlib import Path
 import trio
 import xxhash
 
+from sharedfs.errors import QuietError
 from sharedfs.status import ask_master
 from sharedfs.storage import open_volume
 from sharedfs.volume import open_superblock
@@ -181,7 +182,10 @@ class Cluster:
         return proc
 
     def status(self) -> dict:  # type: ignore[type-arg]
-        return trio.run(ask_master, self.key, ("127.0.0.1", self.port))
+        try:
+            return trio.run(ask_master, self.key, ("127.0.0.1", self.port))
+        except QuietError as e:
+            raise TortureFailed(str(e)) from None
 
     def mount(self, h: Host) -> None:
         h.mnt.mkdir(exist_ok=True)
@@ -271,7 +275,16 @@ class Cluster:
         self.master.terminate()
         self.master.wait(timeout=30)
 
+    def dump_states(self) -> None:
+        """Have the master and every mount log what they wait on (USR2)."""
+        procs = [self.master] + [h.mount for h in self.hosts if h.mount is not None]
+        for proc in procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGUSR2)
+        time.sleep(1)
+
     def abort(self) -> None:
+        self.dump_states()
         for h in self.hosts:
             for proc in (h.writer, h.mount):
                 if proc is not None and proc.poll() is None:
