@@ -25,7 +25,7 @@ import contextlib
 import logging
 import math
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 
@@ -194,9 +194,9 @@ class BlockCache:
         self.log_counters: Callable[[], dict[str, int]] = dict
         self._op: _Op | None = None
         self._op_changed = trio.Event()
-        # Blocks a recovery took in X to rebuild: pings for them wait until
-        # the rebuilt copy is in the cache.
-        self._rebuild_held: set[int] = set()
+        # Blocks recoveries took in X to rebuild, and by how many rounds
+        # (they overlap): pings for them wait until every rebuilt copy is in.
+        self._rebuild_held: Counter[int] = Counter()
         self._rebuild_released = trio.Event()
         if isinstance(agent, ClusterAgent):
             agent.cache = self
@@ -589,7 +589,8 @@ class BlockCache:
             self._rebuild_held.update(blocknos)
 
     def release_rebuild_hold(self, blocknos: Iterable[int]) -> None:
-        self._rebuild_held.difference_update(blocknos)
+        self._rebuild_held.subtract(blocknos)
+        self._rebuild_held = +self._rebuild_held  # drop what no round holds
         ev, self._rebuild_released = self._rebuild_released, trio.Event()
         ev.set()
 

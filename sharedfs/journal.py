@@ -793,10 +793,10 @@ class Log:
             if r.host == dead and r.kind in (Kind.DELTA, Kind.FULL)
         }
         private = theirs - self._rebuilding - {self.area.header}
+        if private:
+            await self.cache.take_for_rebuild(sorted(private))
         try:
-            if private:
-                await self.cache.take_for_rebuild(sorted(private))
-                want |= {b for b in private if self.cache.holding(b, Mode.X) is None}
+            want |= {b for b in private if self.cache.holding(b, Mode.X) is None}
             installed = await self._rebuild_into_cache(dead, want)
         finally:
             self.cache.release_rebuild_hold(private)
