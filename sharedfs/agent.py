@@ -489,9 +489,14 @@ class ClusterAgent:
     async def _perform(self, msg: p.WritePerform) -> None:
         assert self.cache is not None
         self.stats.write_performs += 1
+
+        async def report(written: list[tuple[int, int]]) -> None:
+            assert self.cache is not None
+            if written:
+                await self._send_master(p.WriteDone(tuple(written), self.cache.scn))
+
         with self._fence_on_failure(f"writing {len(msg.blocks)} blocks for the master"):
-            written = await self.cache.perform_write(list(msg.blocks))
-            await self._send_master(p.WriteDone(tuple(written), self.cache.scn))
+            await self.cache.perform_write(list(msg.blocks), report)
 
     async def _recover(self, msg: p.Recover) -> None:
         """Rebuild what a dead host held (the journal does it)."""

@@ -138,6 +138,8 @@ class CacheStats:
 
 
 Invalidate = Callable[[Buffer], Awaitable[None]]
+#: Tells the master which (block, version)s are on storage now.
+Landed = Callable[[list[tuple[int, int]]], Awaitable[None]]
 
 
 async def _no_wal(blocks: Iterable[int]) -> None:
@@ -773,11 +775,26 @@ class BlockCache:
         if landed:
             self.agent.write_done(landed)
 
-    async def perform_write(self, blocknos: list[int]) -> list[tuple[int, int]]:
+    async def perform_write(self, blocknos: list[int], report: Landed) -> None:
         """The master chose us to write these blocks (claims 19-21): write our
-        current copy, or our newest past image; say which versions landed."""
-        # Their records first, without the write lock (see _wal_write_locked).
-        await self.wal(blocknos)
+        current copy, or our newest past image; `report` which versions
+        landed.  What needs no log force (a past image: its records were
+        forced before it left; a copy already logged or clean) is written
+        and reported first: a force waits for the LLOL, whose holder may be
+        waiting for one of those very writes (the log header's, say)."""
+        later = [b for b in blocknos if self._needs_force(b)]
+        await report(await self._perform_all([b for b in blocknos if b not in later]))
+        if later:
+            # Their records first, without the write lock (see _wal_write_locked).
+            await self.wal(later)
+            await report(await self._perform_all(later))
+
+    def _needs_force(self, b: int) -> bool:
+        """Would writing our version of `b` need its records forced first?"""
+        buf = self._bufs.get(b)
+        return buf is not None and (buf.dirty or self._in_flux(b)) and not self.logged([b])
+
+    async def _perform_all(self, blocknos: list[int]) -> list[tuple[int, int]]:
         out: list[tuple[int, int]] = []
         async with self._write_lock:
             for b in blocknos:

@@ -4,6 +4,7 @@ to its log, one line per item."""
 
 from __future__ import annotations
 
+import gc
 import logging
 import signal
 from collections.abc import Callable, Iterator
@@ -20,7 +21,7 @@ def task_tree() -> list[str]:
     out: list[str] = []
 
     def walk(task: trio.lowlevel.Task, depth: int) -> None:
-        frames = " <- ".join(reversed(list(_frames(task))[-4:]))
+        frames = " <- ".join(reversed(list(_frames(task))[-5:]))
         out.append(f"{'  ' * depth}{task.name.rsplit('.', 1)[-1]}: {frames}")
         for nursery in task.child_nurseries:
             for child in nursery.child_tasks:
@@ -31,13 +32,20 @@ def task_tree() -> list[str]:
 
 
 def _frames(task: trio.lowlevel.Task) -> Iterator[str]:
-    coro = task.coro
+    coro: object = task.coro
     while coro is not None:
         frame = getattr(coro, "cr_frame", None) or getattr(coro, "ag_frame", None)
         if frame is None:
-            return
+            # An async generator's asend/athrow (an async context manager's
+            # __aenter__ or __aexit__): its generator is what it refers to.
+            gens = [g for g in gc.get_referents(coro) if hasattr(g, "ag_frame")]
+            if not gens:
+                return
+            coro = gens[0]
+            continue
         code = frame.f_code
-        yield f"{code.co_filename.rsplit('/', 1)[-1]}:{frame.f_lineno} {code.co_name}"
+        if "/trio/" not in code.co_filename:  # where trio parks a task says little
+            yield f"{code.co_filename.rsplit('/', 1)[-1]}:{frame.f_lineno} {code.co_name}"
         coro = getattr(coro, "cr_await", None) or getattr(coro, "ag_await", None)
 
 
