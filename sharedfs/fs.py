@@ -1234,11 +1234,16 @@ class FileSystem:
                 log.error("host %d: checkpoint failed: %s", self.host, e)
 
     async def destroy(self) -> None:
-        """Unmount: free inodes unlinked while open, write everything back."""
+        """Unmount: free inodes unlinked while open, write everything back,
+        and leave nothing of ours that the log must keep."""
         await self._free_orphans()
-        await self.cache.write_past_images()
         await self.sync()
-        # Everything we logged is on storage: the log need not keep it.
+        # Other hosts go on asking for our blocks, and each dirty one we ship
+        # leaves a past image here.  Once we hold no block, none can: then
+        # have every past image covered by a write of the newest copy.
+        self.cache.drop_all()
+        await self.cache.write_past_images()
+        # Nothing of ours is unwritten now: our mark leaves the log header.
         await self.log.checkpoint()
         await self.cache.sync()
         self.cache.drop_all()

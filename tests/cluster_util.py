@@ -72,6 +72,10 @@ class Cluster:
         fs.cache.fence("killed by the test")
         self._scopes.pop(node).cancel()
 
+    def forget(self, node: int) -> None:
+        """Host `node` has unmounted (its destroy() ran): stop its tasks."""
+        self._scopes.pop(node).cancel()
+
     async def wait_recovered(self, node: int) -> None:
         with trio.fail_after(10):
             while (  # noqa: ASYNC110

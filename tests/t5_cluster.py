@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import random
 
+import pytest
 import trio
 import trio.lowlevel
 from cluster_util import cluster
 from conftest import CTX, ROOT, make_volume
 
+from sharedfs import journal
 from sharedfs.fsck import run_fsck
+from sharedfs.volume import read_superblock
 
 
 async def settle(c) -> None:  # type: ignore[no-untyped-def]
@@ -359,4 +362,45 @@ async def test_namespace_churn_with_concurrent_writeback_stays_consistent():
         listed = {e.name for e, _ in await c.hosts[1].readdir(ROOT, 0, 1000)}
         root = await c.hosts[2].getattr(ROOT)
         assert root.nlink == 2 + len(listed - {b".", b".."})
+    await fsck_clean(vol)
+
+
+async def _churn(fs, node: int, shared: int, rng: random.Random, stop: trio.Event) -> None:  # type: ignore[no-untyped-def]
+    own = (await fs.mkdir(ROOT, f"own{node}".encode(), 0o755, CTX)).ino
+    i = 0
+    while not stop.is_set():
+        i += 1
+        parent = shared if i % 2 else own
+        ino = (await fs.create(parent, f"{node}-{i}".encode(), 0o644, CTX)).ino
+        await fs.write(ino, 0, bytes([i % 256]) * rng.randrange(1, 9000))
+        if i % 3 == 0:
+            await fs.fsync(ino)
+
+
+@pytest.mark.parametrize("seed", [7, 8])
+async def test_hosts_unmounting_while_others_work_leave_the_log_empty(seed: int) -> None:
+    """Each host unmounts while the others still change blocks it held: the
+    dirty ones it ships during its unmount leave past images behind, which
+    must be covered before it goes, or its mark stays in the log header and
+    the log can never be truncated past it (it once did, seeds 7 and 8)."""
+    rng = random.Random(seed)
+    vol = await make_volume(128 << 20)
+    async with cluster(vol, 3, checkpoint_every=0.2) as c:
+        shared = (await c.hosts[0].mkdir(ROOT, b"shared", 0o755, CTX)).ino
+        stops = [trio.Event() for _ in c.hosts]
+        async with trio.open_nursery() as n:
+            for node, fs in enumerate(c.hosts):
+                n.start_soon(_churn, fs, node, shared, rng, stops[node])
+            await trio.sleep(rng.uniform(0.3, 1.0))
+            for node, fs in enumerate(c.hosts):
+                stops[node].set()
+                await trio.sleep(0.05)
+                await fs.destroy()  # the others are still at work
+                c.forget(node)
+                await trio.sleep(rng.uniform(0.05, 0.3))
+    sb = read_superblock(vol)
+    header, _ = await journal.read_log(vol, sb)
+    assert not any(header.low), header.low
+    assert header.checkpoint_seq == header.next_seq  # nothing left to replay
+    assert (await journal.replay(vol, sb, dry_run=True)).transactions == 0
     await fsck_clean(vol)
