@@ -179,8 +179,8 @@ class MasterService:
                 # meanwhile is still unread.  They get that time back.
                 for node in self._heard:
                     self._heard[node] += late
-            for node, box in list(self._outboxes.items()):
-                box.send_nowait(p.Beat())
+            for node in list(self._outboxes):
+                self._post(node, p.Beat())
                 if now - self._heard.get(node, now) > self.lease:
                     log.warning("master: node %d silent for %.1f s: lease lapsed", node, self.lease)
                     self._scopes[node].cancel()
@@ -269,9 +269,9 @@ class MasterService:
         await link.send(p.Welcome(self.directory.scn, dict(self._peers), msg.coherence, self.lease))
         self._peers[node] = (msg.peer_host, msg.peer_port)
         await self._dispatch(self.directory.join(node))
-        for other in self._outboxes:
+        for other in list(self._outboxes):
             if other != node:
-                self._outboxes[other].send_nowait(p.PeerUp(node, msg.peer_host, msg.peer_port))
+                self._post(other, p.PeerUp(node, msg.peer_host, msg.peer_port))
         log.info("master: node %d joined (peer port %d)", node, msg.peer_port)
         return node
 
@@ -312,7 +312,7 @@ class MasterService:
             self._host_stats[node] = dict(msg.counters)
             return
         elif isinstance(msg, p.StatusRequest):
-            self._outboxes[node].send_nowait(p.StatusReply(self.status()))
+            self._post(node, p.StatusReply(self.status()))
             return
         else:
             raise p.ProtocolError(f"unexpected {type(msg).__name__} from node {node}")
@@ -321,8 +321,15 @@ class MasterService:
     async def _dispatch(self, out: list[tuple[int, p.Message]]) -> None:
         for node, msg in out:
             log.debug("master: -> node %d %s", node, msg)
-            box = self._outboxes.get(node)
-            if box is not None:
+            self._post(node, msg)
+
+    def _post(self, node: int, msg: p.Message) -> None:
+        """Queue `msg` for `node` if it is joined.  One whose link has just
+        closed may not be gone yet: its sender takes nothing more, and what
+        we would tell it no longer matters."""
+        box = self._outboxes.get(node)
+        if box is not None:
+            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
                 box.send_nowait(msg)
 
     async def _gone(self, node: int) -> None:
@@ -336,8 +343,8 @@ class MasterService:
         self._peers.pop(node, None)
         self._scopes.pop(node, None)
         self._heard.pop(node, None)
-        for other in self._outboxes.values():
-            other.send_nowait(p.PeerDown(node))
+        for other in list(self._outboxes):
+            self._post(other, p.PeerDown(node))
         if node in self._said_bye:
             self._said_bye.discard(node)
             log.info("master: node %d left", node)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import math
 import os
 import random
 from collections.abc import Iterator
@@ -22,6 +23,7 @@ from sharedfs import journal
 from sharedfs import protocol as p
 from sharedfs.fs import FileSystem, FsError
 from sharedfs.fsck import run_fsck
+from sharedfs.master import MasterService
 from sharedfs.protocol import Mode
 from sharedfs.storage.fence import Fenced
 from sharedfs.volume import read_superblock
@@ -171,7 +173,7 @@ async def test_random_kills_lose_no_acknowledged_write(seed: int):
                     scope = trio.CancelScope()
                     scopes.append(scope)
 
-                    async def run(fs=fs, node=node, scope=scope) -> None:  # type: ignore[no-untyped-def]
+                    async def run(fs=fs, node=node, scope=scope, stop=stop) -> None:  # type: ignore[no-untyped-def]
                         with scope, _eio_once_killed(fs):
                             await _workload(fs, node, shared, acked, rng, stop)
 
@@ -193,3 +195,15 @@ async def test_random_kills_lose_no_acknowledged_write(seed: int):
     for (parent, name), data in acked.items():
         assert await content(fs, parent, name) in data, name
     await fs.destroy()
+
+
+async def test_the_master_survives_telling_a_host_whose_link_just_closed():
+    """A host's link has closed and its sender stopped, but the master has
+    not yet seen it go: what the master posts to it (a grant, PeerDown of
+    another host that died at the same moment) must not end the master."""
+    master = MasterService(bytes(32))
+    send, recv = trio.open_memory_channel[p.Message](math.inf)
+    await recv.aclose()
+    master._outboxes[5] = send
+    await master._dispatch([(5, p.Beat())])
+    assert master._outboxes[5] is send  # its _gone() will come
