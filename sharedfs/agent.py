@@ -290,8 +290,19 @@ class ClusterAgent:
         """Renew our lease; fence ourselves once the master has been silent
         for most of one: by the time it declares us dead, we have stopped
         writing (a master we cannot hear may already have)."""
+        tick = self.lease / 4
         while not self.master_lost.is_set():
-            await trio.sleep(self.lease / 4)
+            before = trio.current_time()
+            await trio.sleep(tick)
+            if (late := trio.current_time() - before - tick) > tick:
+                # Nothing ran here meanwhile, Beats included: a stall this
+                # long can cost the lease of a host that is alive and well.
+                log.warning(
+                    "host %d: event loop stalled for %.1f s (lease %.1f s)",
+                    self.host,
+                    late,
+                    self.lease,
+                )
             if trio.current_time() - self._heard > self.lease * 0.75:
                 self.fence(f"no word from the master for {self.lease * 0.75:.1f} s")
                 return

@@ -379,7 +379,9 @@ def main() -> None:
         default="kill",
         help="kill -9, SIGSTOP until the lease lapses, or both at random",
     )
-    ap.add_argument("--lease", type=float, default=3.0, help="the master's lease (default 3 s)")
+    ap.add_argument(
+        "--lease", type=float, default=10.0, help="the master's lease (default 10 s, as mounts)"
+    )
     ap.add_argument(
         "--max-wait", type=float, default=3.0, help="longest pause between trials (seconds)"
     )
