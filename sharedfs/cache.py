@@ -121,6 +121,7 @@ class _Op:
     abort: trio.Event = field(default_factory=trio.Event)
     doomed: bool = False
     discarded: dict[int, bool] = field(default_factory=dict)  # freed here: was it private?
+    revoked: set[int] = field(default_factory=set)  # metadata blocks freed here
 
 
 @dataclass(slots=True)
@@ -280,6 +281,16 @@ class BlockCache:
             before = snap.data if snap is not None and snap.btype == buf.btype else None
             out.append((b, int(buf.btype), buf.version, before, buf.data))
         return out
+
+    def revoke(self, blocknos: Iterable[int]) -> None:
+        """The running operation frees these metadata blocks."""
+        if self._op is not None:
+            self._op.revoked.update(blocknos)
+
+    def op_freed(self) -> list[int]:
+        """Metadata blocks the running operation freed and did not take
+        again: the log revokes their records."""
+        return sorted(self._op.revoked) if self._op is not None else []
 
     def end_op(self) -> None:
         self._op = None
@@ -559,6 +570,8 @@ class BlockCache:
         if old is not None:
             self._bufs.pop(blockno)
             self._dirty.discard(blockno)
+        if self._op is not None:
+            self._op.revoked.discard(blockno)  # in use again
         buf = Buffer(blockno, bytearray(self.bs), btype, Mode.X, private=True)
         self._insert(buf)
         self._private.add(blockno)

@@ -14,7 +14,7 @@ import logging
 import random
 import stat
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import aclosing
 from dataclasses import dataclass
 from typing import ParamSpec, TypeVar
@@ -176,7 +176,7 @@ class FileSystem:
                     self.cache.end_op()
                     raise
                 else:
-                    self.log.commit(self.cache.op_changes())
+                    self.log.commit(self.cache.op_changes(), self.cache.op_freed())
                     self._apply_refs()
                     self.cache.end_op()
                     await self.cache.trim()
@@ -312,7 +312,7 @@ class FileSystem:
         """Release an inode and everything it owns."""
         await self._truncate_blocks(inode, 0)
         if inode.xattr_block:
-            await self._free_blocks([inode.xattr_block])
+            await self._free_blocks([inode.xattr_block], [inode.xattr_block])
         g, idx = divmod(inode.ino - 1, self.sb.inodes_per_group)
         buf = await self.cache.get(self.sb.ibitmap_block(g), Mode.X, BlockType.IBITMAP)
         if fmt.bit_test(buf.data, idx):
@@ -366,7 +366,11 @@ class FileSystem:
         self._goal[inode.ino] = got[-1] + 1
         return got
 
-    async def _free_blocks(self, blocks: list[int]) -> None:
+    async def _free_blocks(self, blocks: list[int], metadata: Iterable[int] = ()) -> None:
+        """Give blocks back to their groups; those of `metadata` are revoked
+        in the log (a replay must not write their old contents over what
+        they hold next)."""
+        self.cache.revoke(metadata)
         by_group: dict[int, list[int]] = {}
         for b in blocks:
             if not self.sb.is_data_block(b):
@@ -496,22 +500,26 @@ class FileSystem:
     async def _truncate_blocks(self, inode: Inode, keep: int) -> None:
         """Free every block at logical index >= keep (and emptied indirects)."""
         freed: list[int] = []
+        indirect: list[int] = []
         span = self.ptrs**inode.height
         for i in range(fmt.N_ROOTS):
             p = inode.roots[i]
-            if p and await self._prune(p, inode.height, i * span, keep, freed):
+            if p and await self._prune(p, inode.height, i * span, keep, freed, indirect):
                 inode.roots[i] = 0
         if freed:
-            await self._free_blocks(freed)
+            # A directory's blocks are metadata as its map blocks are.
+            await self._free_blocks(freed, freed if stat.S_ISDIR(inode.mode) else indirect)
             inode.blocks -= len(freed)
 
-    async def _prune(self, ptr: int, level: int, base: int, keep: int, freed: list[int]) -> bool:
+    async def _prune(
+        self, ptr: int, level: int, base: int, keep: int, freed: list[int], indirect: list[int]
+    ) -> bool:
         """Free the part >= keep of the subtree at `ptr` (level 0: a data
         block) covering from `base`; True if the whole subtree went."""
         if not self.sb.is_data_block(ptr):
             raise CorruptVolume(f"block pointer {ptr} out of range")
         if base >= keep:
-            await self._collect(ptr, level, freed)
+            await self._collect(ptr, level, freed, indirect)
             return True
         if level == 0:
             return False
@@ -520,23 +528,28 @@ class FileSystem:
         changed = False
         for i, c in enumerate(fmt.all_ptrs(buf.data, self.bs)):
             cbase = base + i * span
-            if c and cbase + span > keep and await self._prune(c, level - 1, cbase, keep, freed):
+            if (
+                c
+                and cbase + span > keep
+                and await self._prune(c, level - 1, cbase, keep, freed, indirect)
+            ):
                 fmt.set_ptr(buf.data, i, 0)
                 changed = True
         if changed:
             self.cache.mark_dirty(buf)
         return False
 
-    async def _collect(self, ptr: int, level: int, freed: list[int]) -> None:
+    async def _collect(self, ptr: int, level: int, freed: list[int], indirect: list[int]) -> None:
         freed.append(ptr)
         if level == 0:
             return
+        indirect.append(ptr)
         buf = await self.cache.get(ptr, Mode.S, BlockType.INDIRECT)
         for c in fmt.all_ptrs(buf.data, self.bs):
             if c:
                 if not self.sb.is_data_block(c):
                     raise CorruptVolume(f"block pointer {c} out of range")
-                await self._collect(c, level - 1, freed)
+                await self._collect(c, level - 1, freed, indirect)
 
     # ==================================================================
     # File data
@@ -1210,7 +1223,7 @@ class FileSystem:
             fmt.pack_xattrs(buf.data, xs)
             self.cache.mark_dirty(buf)
         else:
-            await self._free_blocks([buf.blockno])
+            await self._free_blocks([buf.blockno], [buf.blockno])
             inode.blocks -= 1
             inode.xattr_block = 0
         self._touch(inode, m=False)

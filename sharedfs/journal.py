@@ -67,6 +67,9 @@ class Kind(enum.IntEnum):
     FULL = 2
     COMMIT = 3
     BEGIN = 4
+    #: The transaction freed this metadata block: its records up to this
+    #: version describe nothing any more (it may hold a file's data now).
+    REVOKE = 5
 
 
 @dataclass(slots=True)
@@ -319,6 +322,17 @@ class Area:
         return self.first + seq % self.count
 
 
+def _last_changed_by(pages: list[Page], host: int) -> set[int]:
+    """Blocks whose last record in `pages` is a change by `host` (not one
+    freed since: it may be a file's data block by now)."""
+    last: dict[int, Record] = {}
+    for page in pages:
+        for r in page.records:
+            if r.kind in (Kind.DELTA, Kind.FULL, Kind.REVOKE):
+                last[r.block] = r
+    return {b for b, r in last.items() if r.host == host and r.kind is not Kind.REVOKE}
+
+
 def transactions(pages: list[Page]) -> Iterator[list[Record]]:
     """The committed transactions in these pages, in log order; records
     without a COMMIT before the next append (or the end) belong to a
@@ -350,12 +364,17 @@ class Replay:
     def __init__(self, block_size: int) -> None:
         self.bs = block_size
         self._images: dict[int, _Image] = {}
+        self._revoked: dict[int, int] = {}  # block -> version up to which it is void
         self.applied = 0
         self.skipped = 0
 
     def need(self, tx: list[Record]) -> list[int]:
         """Blocks of `tx` to load from storage first."""
-        return sorted({r.block for r in tx} - set(self._images))
+        live = {r.block for r in tx if r.kind is not Kind.REVOKE and not self._void(r)}
+        return sorted(live - set(self._images))
+
+    def _void(self, r: Record) -> bool:
+        return r.version <= self._revoked.get(r.block, -1)
 
     def load(self, block: int, data: bytes | bytearray) -> None:
         try:
@@ -368,6 +387,14 @@ class Replay:
 
     def apply(self, tx: list[Record]) -> None:
         for r in tx:
+            if r.kind is Kind.REVOKE:
+                # Freed: what was replayed onto it so far is not written.
+                self._images.pop(r.block, None)
+                self._revoked[r.block] = max(self._revoked.get(r.block, -1), r.version)
+                continue
+            if self._void(r):
+                self.skipped += 1
+                continue
             img = self._images[r.block]
             if r.version <= img.base:
                 self.skipped += 1  # storage already has it
@@ -526,14 +553,22 @@ class Log:
         self._rebuilding: set[int] = set()  # blocks the master gave us to rebuild
 
     # -- committing --------------------------------------------------------------
-    def commit(self, changes: list[tuple[int, int, int, bytes | None, bytearray]]) -> None:
+    def commit(
+        self,
+        changes: list[tuple[int, int, int, bytes | None, bytearray]],
+        freed: Iterable[int] = (),
+    ) -> None:
         """An operation ended: (block, btype, version, before or None, after)
-        for each metadata block it changed."""
+        for each metadata block it changed, and the metadata blocks it freed
+        (revoked: a replay must not bring their old contents back over what
+        the block holds next, a file's data, say)."""
         recs: list[Record] = []
         top = 0
         for block, btype, version, before, after in changes:
             recs += block_records(self.host, block, btype, version, before, after, self.room)
             top = max(top, version)
+        top = top or self.cache.scn
+        recs += [Record(Kind.REVOKE, 0, self.host, b, top) for b in sorted(freed)]
         if not recs:
             return
         recs.append(Record(Kind.COMMIT, 0, self.host, 0, top))
@@ -786,12 +821,7 @@ class Log:
         # The blocks its records name, except those the master gave us to
         # rebuild in another round: they are ours already, and wait for that
         # round, not for a lock.
-        theirs = {
-            r.block
-            for page in pages
-            for r in page.records
-            if r.host == dead and r.kind in (Kind.DELTA, Kind.FULL)
-        }
+        theirs = _last_changed_by(pages, dead)
         private = theirs - self._rebuilding - {self.area.header}
         if private:
             await self.cache.take_for_rebuild(sorted(private))
@@ -916,7 +946,7 @@ def describe(header: JournalHeader, pages: list[Page], *, records: bool) -> list
                     f"  {r.kind.name:6} host {r.host} block {r.block} version {r.version}"
                     + (
                         f", {len(r.ranges)} ranges, {size} bytes"
-                        if r.kind is not Kind.COMMIT
+                        if r.kind in (Kind.DELTA, Kind.FULL)
                         else ""
                     )
                 )
