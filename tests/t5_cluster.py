@@ -365,16 +365,21 @@ async def test_namespace_churn_with_concurrent_writeback_stays_consistent():
     await fsck_clean(vol)
 
 
-async def _churn(fs, node: int, shared: int, rng: random.Random, stop: trio.Event) -> None:  # type: ignore[no-untyped-def]
-    own = (await fs.mkdir(ROOT, f"own{node}".encode(), 0o755, CTX)).ino
-    i = 0
-    while not stop.is_set():
-        i += 1
-        parent = shared if i % 2 else own
-        ino = (await fs.create(parent, f"{node}-{i}".encode(), 0o644, CTX)).ino
-        await fs.write(ino, 0, bytes([i % 256]) * rng.randrange(1, 9000))
-        if i % 3 == 0:
-            await fs.fsync(ino)
+async def _churn(  # type: ignore[no-untyped-def]
+    fs, node: int, shared: int, rng: random.Random, stop: trio.Event, done: trio.Event
+) -> None:
+    try:
+        own = (await fs.mkdir(ROOT, f"own{node}".encode(), 0o755, CTX)).ino
+        i = 0
+        while not stop.is_set():
+            i += 1
+            parent = shared if i % 2 else own
+            ino = (await fs.create(parent, f"{node}-{i}".encode(), 0o644, CTX)).ino
+            await fs.write(ino, 0, bytes([i % 256]) * rng.randrange(1, 9000))
+            if i % 3 == 0:
+                await fs.fsync(ino)
+    finally:
+        done.set()
 
 
 @pytest.mark.parametrize("seed", [7, 8])
@@ -388,13 +393,14 @@ async def test_hosts_unmounting_while_others_work_leave_the_log_empty(seed: int)
     async with cluster(vol, 3, checkpoint_every=0.2) as c:
         shared = (await c.hosts[0].mkdir(ROOT, b"shared", 0o755, CTX)).ino
         stops = [trio.Event() for _ in c.hosts]
+        dones = [trio.Event() for _ in c.hosts]
         async with trio.open_nursery() as n:
             for node, fs in enumerate(c.hosts):
-                n.start_soon(_churn, fs, node, shared, rng, stops[node])
+                n.start_soon(_churn, fs, node, shared, rng, stops[node], dones[node])
             await trio.sleep(rng.uniform(0.3, 1.0))
             for node, fs in enumerate(c.hosts):
                 stops[node].set()
-                await trio.sleep(0.05)
+                await dones[node].wait()  # as FUSE stops before a mount unmounts
                 await fs.destroy()  # the others are still at work
                 c.forget(node)
                 await trio.sleep(rng.uniform(0.05, 0.3))
