@@ -594,6 +594,19 @@ class BlockCache:
                 return buf
         return await self.get(blockno, Mode.X)  # another host shipped its copy
 
+    async def hold(self, blocknos: list[int], mode: Mode) -> None:
+        """Hold `mode` on these blocks without reading them."""
+        async with self._locked(blocknos, mode, pin=False):
+            pass
+
+    def keep_clean(self, blockno: int, data: bytes | bytearray) -> None:
+        """Our copy of a raw block we hold and have just written ourselves."""
+        buf = self._bufs.get(blockno)
+        if buf is None:
+            self._insert(Buffer(blockno, bytearray(data), None, Mode.X))
+        elif not buf.dirty:
+            buf.data[:] = data
+
     async def take_for_rebuild(self, blocknos: list[int]) -> None:
         """X on these blocks for a recovery, without reading them (those
         another host shipped are cached, the rest are not), held until

@@ -521,6 +521,10 @@ class Log:
 
     #: Operations wait (the log is "full") past this share of the circle.
     FULL = 0.75
+    #: Also take a block lock on every log page written (mount
+    #: --log-page-locks): the baseline tools/bench journal measures the
+    #: LLOL against, log pages locked as any other block would be.
+    page_locks = False
 
     def __init__(self, cache: BlockCache, sb: fmt.Superblock, host: int) -> None:
         self.cache = cache
@@ -685,8 +689,12 @@ class Log:
             # Admission keeps a quarter of the circle free; getting here
             # means hosts ran far past it.  Refuse rather than overwrite.
             raise CorruptVolume("the log is full: no checkpoint freed pages in time")
+        if self.page_locks:
+            await self.cache.hold([b for b, _ in writes], Mode.X)
         for b, data in writes:
             await self.cache.storage.write(b * self.bs, data)
+            if self.page_locks:
+                self.cache.keep_clean(b, data)  # the lock stays with its buffer
         await self.cache.storage.flush()
         log.debug(
             "host %d: appended pages %d..%d, log end %d (+%d bytes), checkpoint %d",

@@ -52,6 +52,11 @@ RATE_WINDOW = 10
 _CounterSample = tuple[float, dict[str, int], dict[int, dict[str, int]]]
 
 
+#: Messages that keep the cluster's bookkeeping, not its locks: not counted
+#: in the messages per transfer or per commit.
+_UPKEEP = (p.Beat, p.Stats, p.StatusRequest, p.StatusReply)
+
+
 class LockMaster:
     """Attributes:
     holders: resource -> {host: mode}; a resource held by nobody is absent.
@@ -282,13 +287,15 @@ class MasterService:
             async for msg in recv:
                 try:
                     await link.send(msg)
-                    self.directory.counters.messages_out += 1
+                    if not isinstance(msg, _UPKEEP):
+                        self.directory.counters.messages_out += 1
                 except LinkClosed:
                     return
 
     async def _on_message(self, node: int, msg: p.Message) -> None:
         d = self.directory
-        d.counters.messages_in += 1
+        if not isinstance(msg, _UPKEEP):
+            d.counters.messages_in += 1
         if not isinstance(msg, p.Beat | p.Stats):
             log.debug("master: <- node %d %s", node, msg)
         if isinstance(msg, p.LockRequest):

@@ -115,6 +115,11 @@ def add_mount_args(p: argparse.ArgumentParser) -> None:
         metavar="HOST:PORT",
         help="serve Prometheus metrics at http://HOST:PORT/metrics (off by default)",
     )
+    p.add_argument(
+        "--log-page-locks",
+        action="store_true",
+        help="also lock every log page written (a baseline for tools/bench journal)",
+    )
     p.add_argument("-o", dest="options", action="append", default=[], help="FUSE mount options")
     p.add_argument("--log", metavar="FILE", help="log file (default: stderr in the foreground)")
     p.add_argument("--debug", action="store_true")
@@ -207,6 +212,7 @@ async def serve(
         fs = open_cluster_host(
             storage, sb, node=node, coherence=args.coherence, cache_bytes=args.cache_size
         )
+        fs.log.page_locks = args.log_page_locks
         agent = fs.cache.agent
         assert isinstance(agent, ClusterAgent)
         ops = Operations(fs)

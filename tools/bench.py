@@ -85,21 +85,24 @@ def counters(vol: Path, addr: str) -> dict:
     return json.loads(sfs("status", str(vol), "--master", addr, "--json").stdout)["master"]
 
 
-def pingpong(coherence: str, rounds: int, work: Path) -> dict:
-    vol = work / f"pingpong-{coherence}.img"
-    sfs("mkfs", str(vol), "--size", "256M", "-q", "--force")
+@contextmanager
+def cluster(
+    vol: Path, hosts: int, work: Path, master_args: tuple[str, ...], mount_args: tuple[str, ...]
+) -> Iterator[tuple[str, list[Path]]]:
+    """A standalone master and `hosts` mounts of `vol`: (master address, mountpoints)."""
     port = free_port()
     addr = f"127.0.0.1:{port}"
     master = subprocess.Popen(
-        [PY, "-m", "sharedfs.cli", "master", str(vol), "--listen", addr, "--coherence", coherence],
+        [PY, "-m", "sharedfs.cli", "master", str(vol), "--listen", addr, *master_args],
         stderr=subprocess.DEVNULL,
     )
     wait_port(port)
-    mnts = []
+    mnts: list[Path] = []
     try:
-        for n in range(2):
-            mnt = work / f"{coherence}-host{n}"
+        for n in range(hosts):
+            mnt = work / f"{vol.stem}-host{n}"
             mnt.mkdir(exist_ok=True)
+            log = str(work / f"{mnt.name}.log")
             sfs(
                 "mount",
                 str(vol),
@@ -108,14 +111,33 @@ def pingpong(coherence: str, rounds: int, work: Path) -> dict:
                 addr,
                 "--node",
                 str(n),
-                "--coherence",
-                coherence,
-                "--writeback",
-                "600",
                 "--log",
-                str(work / f"{mnt.name}.log"),
+                log,
+                *mount_args,
             )
             mnts.append(mnt)
+        yield addr, mnts
+    finally:
+        for m in mnts:
+            subprocess.run([PY, "-m", "sharedfs.cli", "umount", str(m)], capture_output=True)
+        master.terminate()
+        master.wait()
+
+
+def grown(before: dict, after: dict, counter: str) -> int:
+    """How much a host counter grew, summed over the hosts."""
+    return sum(
+        after["hosts"][h]["counters"].get(counter, 0)
+        - before["hosts"].get(h, {}).get("counters", {}).get(counter, 0)
+        for h in after["hosts"]
+    )
+
+
+def pingpong(coherence: str, rounds: int, work: Path) -> dict:
+    vol = work / f"pingpong-{coherence}.img"
+    sfs("mkfs", str(vol), "--size", "256M", "-q", "--force")
+    mode = ("--coherence", coherence)
+    with cluster(vol, 2, work, mode, (*mode, "--writeback", "600")) as (addr, mnts):
         (mnts[0] / "pingpong").write_bytes(b"")
         before = counters(vol, addr)
         players = [
@@ -131,16 +153,7 @@ def pingpong(coherence: str, rounds: int, work: Path) -> dict:
         lines = (mnts[1] / "pingpong").read_bytes().splitlines()
         assert len(lines) == 2 * rounds, "lost an append"
         transfers = after["counters"]["transfers"] - before["counters"]["transfers"]
-
-        def grew(counter: str) -> int:
-            return sum(
-                after["hosts"][h]["counters"].get(counter, 0)
-                - before["hosts"][h]["counters"].get(counter, 0)
-                for h in after["hosts"]
-            )
-
-        writes = grew("cache_storage_writes")
-        forces = grew("log_forces")
+        writes = grown(before, after, "cache_storage_writes")
         return {
             "coherence": coherence,
             "ops": 2 * rounds,
@@ -149,19 +162,102 @@ def pingpong(coherence: str, rounds: int, work: Path) -> dict:
             "transfers": transfers,
             "storage_writes": writes,
             "writes_per_transfer": writes / transfers if transfers else 0.0,
-            "log_forces": forces,
+            "log_forces": grown(before, after, "log_forces"),
         }
-    finally:
-        for m in mnts:
-            subprocess.run([PY, "-m", "sharedfs.cli", "umount", str(m)], capture_output=True)
-        master.terminate()
-        master.wait()
 
 
-def median_run(runs: list[dict]) -> dict:
-    """The run with the median operations per second."""
-    med = statistics.median_low(r["ops_per_s"] for r in runs)
-    return next(r for r in runs if r["ops_per_s"] == med)
+# -- the journal: create+fsync from several hosts -----------------------------------
+
+COMMITTER = r"""
+import os, sys, time
+top, seconds = sys.argv[1], float(sys.argv[2])
+os.makedirs(top, exist_ok=True)
+n, end = 0, time.monotonic() + seconds
+while time.monotonic() < end:
+    fd = os.open(os.path.join(top, f"f{n}"), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    os.fsync(fd)
+    os.close(fd)
+    n += 1
+print(n)
+"""
+
+
+def journal_run(hosts: int, page_locks: bool, seconds: float, work: Path) -> dict:
+    """Each host creates and fsyncs files in its own directory for `seconds`."""
+    vol = work / "journal.img"
+    sfs("mkfs", str(vol), "--size", "512M", "-q", "--force")
+    extra = ("--writeback", "600", *(("--log-page-locks",) if page_locks else ()))
+    with cluster(vol, hosts, work, (), extra) as (addr, mnts):
+        for n, m in enumerate(mnts):
+            (m / f"d{n}").mkdir()
+        before = counters(vol, addr)
+        procs = [
+            subprocess.Popen(
+                [PY, "-c", COMMITTER, str(m / f"d{n}"), str(seconds)],
+                stdout=subprocess.PIPE,
+                text=True,
+            )
+            for n, m in enumerate(mnts)
+        ]
+        files = sum(int(p.communicate(timeout=seconds + 600)[0]) for p in procs)
+        after = counters(vol, addr)
+        msgs = sum(
+            after["counters"][k] - before["counters"][k] for k in ("messages_in", "messages_out")
+        )
+        commits = grown(before, after, "log_commits")
+        return {
+            "hosts": hosts,
+            "locks": "per page" if page_locks else "LLOL",
+            "files_per_s": files / seconds,
+            "commits": commits,
+            "forces": grown(before, after, "log_forces"),
+            "messages_per_commit": msgs / commits if commits else 0.0,
+        }
+
+
+def journal_bench(args: argparse.Namespace, work: Path) -> str:
+    rows = []
+    for hosts in (1, 2, 3):
+        runs: dict[bool, list[dict]] = {False: [], True: []}
+        for _ in range(args.repeat):  # interleaved: noise hurts both alike
+            for page_locks in runs:
+                runs[page_locks].append(journal_run(hosts, page_locks, args.seconds, work))
+        rows.append({k: _median(v, "messages_per_commit") for k, v in runs.items()})
+    cmd = f"tools/bench journal --seconds {args.seconds:g} --repeat {args.repeat}"
+    out = [
+        f"### journal: create+fsync from 1, 2, 3 hosts, {time.strftime('%Y-%m-%d')}",
+        "",
+        f"`{cmd}` on {machine()}; a 512 MiB image file on the machine's disk, a",
+        "standalone master, each host creating and fsyncing empty files in a",
+        "directory of its own. LLOL: the log's tail moves with one named lock;",
+        "per page: the same, and every log page written also takes a block lock",
+        "(`mount --log-page-locks`), as pages locked like any block would.",
+        "Messages: lock traffic through the master (not beats or statistics).",
+        f"Medians of {args.repeat} runs (by messages per commit).",
+        "",
+        "| hosts | locks | files/s | commits | log forces | master messages per commit |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for row in rows:
+        for r in row.values():
+            out.append(
+                f"| {r['hosts']} | {r['locks']} | {r['files_per_s']:.0f} | {r['commits']} "
+                f"| {r['forces']} | {r['messages_per_commit']:.2f} |"
+            )
+    out.append("")
+    for row in rows:
+        llol, pages = row[False], row[True]
+        ratio = pages["messages_per_commit"] / max(llol["messages_per_commit"], 1e-9)
+        out.append(
+            f"- {llol['hosts']} host(s): per-page locks send {ratio:.1f}x the messages per commit."
+        )
+    out.append("")
+    return "\n".join(out)
+
+
+def _median(runs: list[dict], key: str) -> dict:
+    med = statistics.median_low(r[key] for r in runs)
+    return next(r for r in runs if r[key] == med)
 
 
 def machine() -> str:
@@ -398,7 +494,7 @@ def pingpong_bench(args: argparse.Namespace, work: Path) -> str:
     for _ in range(args.repeat):
         for mode in runs:
             runs[mode].append(pingpong(mode, args.rounds, work))
-    results = [median_run(r) for r in runs.values()]
+    results = [_median(r, "ops_per_s") for r in runs.values()]
     fusion, disk = results
     cmd = f"tools/bench pingpong --rounds {args.rounds} --repeat {args.repeat}"
     out = [
@@ -435,8 +531,9 @@ def pingpong_bench(args: argparse.Namespace, work: Path) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(prog="tools/bench")
-    ap.add_argument("what", choices=["pingpong", "nbd"])
+    ap.add_argument("what", choices=["pingpong", "nbd", "journal"])
     ap.add_argument("--rounds", type=int, default=200, help="pingpong: turns per host")
+    ap.add_argument("--seconds", type=float, default=10, help="journal: seconds per run")
     ap.add_argument("--repeat", type=int, default=3, help="runs per mode; the median is reported")
     ap.add_argument("--dir", default=str(TOP / ".bench"), help="where the volumes live (real disk)")
     ap.add_argument(
@@ -447,7 +544,7 @@ def main() -> None:
     base.mkdir(exist_ok=True)
     work = Path(tempfile.mkdtemp(dir=base))
     try:
-        bench = pingpong_bench if args.what == "pingpong" else nbd_bench
+        bench = {"pingpong": pingpong_bench, "nbd": nbd_bench, "journal": journal_bench}[args.what]
         text = bench(args, work)
     finally:
         shutil.rmtree(work, ignore_errors=True)
