@@ -845,11 +845,7 @@ class BlockCache:
                 return await self._write_committed(b)
         buf = self._bufs.get(b)
         if (pi := self.pis.newest(b)) is not None:
-            data = bytearray(pi.data)
-            if pi.btype is not None:
-                fmt.seal(data, pi.btype, b, pi.version)
-            await self.storage.write(b * self.bs, data)
-            self.stats.storage_writes += 1
+            await self._write_image(b, pi.data, pi.btype, pi.version)
             return (b, pi.version)
         if buf is not None:
             return (b, buf.version)  # clean already: storage has it
@@ -869,12 +865,19 @@ class BlockCache:
             if not self.logged([b]):
                 await self._wal_write_locked([b])  # from an earlier operation
                 return None
-            data = bytearray(snap.data)
-            if snap.btype is not None:
-                fmt.seal(data, snap.btype, b, snap.version)
-            await self.storage.write(b * self.bs, data)
-            self.stats.storage_writes += 1
+            await self._write_image(b, snap.data, snap.btype, snap.version)
         return (b, snap.version)
+
+    async def _write_image(
+        self, b: int, image: bytes, btype: fmt.BlockType | None, version: int
+    ) -> None:
+        """Write a copy other than the cached one (a past image, a version
+        before the running operation), sealed as that version."""
+        data = bytearray(image)
+        if btype is not None:
+            fmt.seal(data, btype, b, version)
+        await self.storage.write(b * self.bs, data)
+        self.stats.storage_writes += 1
 
     def notified(self, written: Iterable[tuple[int, int]]) -> None:
         """Storage holds at least these versions: drop past images up to them;
