@@ -486,14 +486,15 @@ class BlockCache:
             if buf is not None and buf.private:
                 pass  # registering a block we allocated: our copy is the one
             elif t is not None and not t.via_storage:
-                log.debug(
-                    "host %d: block %d arrived, v%d%s (had %s)",
-                    self._host,
-                    b,
-                    t.version,
-                    " dirty" if t.dirty else "",
-                    f"v{buf.version} {buf.mode.name}" if buf is not None else "none",
-                )
+                if log.isEnabledFor(logging.DEBUG):
+                    log.debug(
+                        "host %d: block %d arrived, v%d%s (had %s)",
+                        self._host,
+                        b,
+                        t.version,
+                        " dirty" if t.dirty else "",
+                        _held_copy(buf),
+                    )
                 self.stats.transfers_in += 1
                 tbtype = fmt.BlockType(t.btype) if t.btype else None
                 if buf is None:
@@ -532,11 +533,7 @@ class BlockCache:
             out.append(b)
             buf = self._bufs.get(b)
             log.debug(
-                "host %d: block %d rebuilt, v%d (had %s)",
-                self._host,
-                b,
-                version,
-                f"v{buf.version} {buf.mode.name}" if buf is not None else "none",
+                "host %d: block %d rebuilt, v%d (had %s)", self._host, b, version, _held_copy(buf)
             )
             if buf is not None and buf.mode is Mode.X and buf.version >= version:
                 continue
@@ -594,18 +591,16 @@ class BlockCache:
                 return buf
         return await self.get(blockno, Mode.X)  # another host shipped its copy
 
-    async def hold(self, blocknos: list[int], mode: Mode) -> None:
-        """Hold `mode` on these blocks without reading them."""
-        async with self._locked(blocknos, mode, pin=False):
-            pass
-
-    def keep_clean(self, blockno: int, data: bytes | bytearray) -> None:
-        """Our copy of a raw block we hold and have just written ourselves."""
-        buf = self._bufs.get(blockno)
-        if buf is None:
-            self._insert(Buffer(blockno, bytearray(data), None, Mode.X))
-        elif not buf.dirty:
-            buf.data[:] = data
+    async def hold_written(self, pages: list[tuple[int, bytearray]]) -> None:
+        """X on raw blocks we are about to write ourselves, our copy cached
+        with the lock (the per-page-lock baseline of the log)."""
+        async with self._locked([b for b, _ in pages], Mode.X, pin=False):
+            for b, data in pages:
+                buf = self._bufs.get(b)
+                if buf is None:
+                    self._insert(Buffer(b, bytearray(data), None, Mode.X))
+                else:
+                    buf.data[:] = data
 
     async def take_for_rebuild(self, blocknos: list[int]) -> None:
         """X on these blocks for a recovery, without reading them (those
@@ -771,13 +766,11 @@ class BlockCache:
             buf.dirty = False
             self._dirty.discard(b)
             self._inflight[b] = buf.version
-        log.debug(
-            "host %d: writing blocks %d+%d, versions %s",
-            self._host,
-            start,
-            count,
-            [self._inflight[b] for b in range(start, start + count)],
-        )
+        if log.isEnabledFor(logging.DEBUG):
+            versions = [self._inflight[b] for b in range(start, start + count)]
+            log.debug(
+                "host %d: writing blocks %d+%d, versions %s", self._host, start, count, versions
+            )
         try:
             await self.storage.write(start * self.bs, chunk)
         except BaseException:
@@ -808,12 +801,12 @@ class BlockCache:
         forced before it left; a copy already logged or clean) is written
         and reported first: a force waits for the LLOL, whose holder may be
         waiting for one of those very writes (the log header's, say)."""
-        later = [b for b in blocknos if self._needs_force(b)]
+        later = {b for b in blocknos if self._needs_force(b)}
         await report(await self._perform_all([b for b in blocknos if b not in later]))
         if later:
             # Their records first, without the write lock (see _wal_write_locked).
             await self.wal(later)
-            await report(await self._perform_all(later))
+            await report(await self._perform_all([b for b in blocknos if b in later]))
 
     def _needs_force(self, b: int) -> bool:
         """Would writing our version of `b` need its records forced first?"""
@@ -1026,15 +1019,16 @@ class BlockCache:
                 pi = buf.version
         else:
             buf.mode = keep
-        log.debug(
-            "host %d: block %d leaves, v%d%s, keeping %s%s",
-            self._host,
-            b,
-            buf.version,
-            " dirty" if buf.dirty else "",
-            keep.name,
-            f", past image v{pi}" if pi else "",
-        )
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug(
+                "host %d: block %d leaves, v%d%s, keeping %s%s",
+                self._host,
+                b,
+                buf.version,
+                " dirty" if buf.dirty else "",
+                keep.name,
+                f", past image v{pi}" if pi else "",
+            )
         if self.coherence == "disk":
             return Shipped(b"", buf.version, False, 0, 0, True)
         btype = int(buf.btype) if buf.btype is not None else 0
@@ -1083,6 +1077,10 @@ class BlockCache:
         for b in [b for b, buf in self._bufs.items() if not buf.dirty]:
             del self._bufs[b]
             self.agent.release_block(b)
+
+
+def _held_copy(buf: Buffer | None) -> str:
+    return f"v{buf.version} {buf.mode.name}" if buf is not None else "none"
 
 
 def _runs(sorted_blocks: list[int]) -> list[tuple[int, int]]:

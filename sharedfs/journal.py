@@ -690,11 +690,9 @@ class Log:
             # means hosts ran far past it.  Refuse rather than overwrite.
             raise CorruptVolume("the log is full: no checkpoint freed pages in time")
         if self.page_locks:
-            await self.cache.hold([b for b, _ in writes], Mode.X)
+            await self.cache.hold_written(writes)
         for b, data in writes:
             await self.cache.storage.write(b * self.bs, data)
-            if self.page_locks:
-                self.cache.keep_clean(b, data)  # the lock stays with its buffer
         await self.cache.storage.flush()
         log.debug(
             "host %d: appended pages %d..%d, log end %d (+%d bytes), checkpoint %d",

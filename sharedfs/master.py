@@ -296,7 +296,6 @@ class MasterService:
         d = self.directory
         if not isinstance(msg, _UPKEEP):
             d.counters.messages_in += 1
-        if not isinstance(msg, p.Beat | p.Stats):
             log.debug("master: <- node %d %s", node, msg)
         if isinstance(msg, p.LockRequest):
             out = d.on_lock_request(node, msg)
