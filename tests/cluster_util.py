@@ -3,16 +3,21 @@ over loopback TCP, all on one MemoryStorage, without FUSE."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+import logging
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 
 import trio
+
+from sharedfs.debug import task_tree
 
 from sharedfs.fs import FileSystem
 from sharedfs.host import open_cluster_host
 from sharedfs.master import MasterService
 from sharedfs.storage.memory import MemoryStorage
 from sharedfs.volume import read_superblock
+
+log = logging.getLogger(__name__)
 
 
 class Cluster:
@@ -77,13 +82,32 @@ class Cluster:
         self._scopes.pop(node).cancel()
 
     async def wait_recovered(self, node: int) -> None:
-        with trio.fail_after(10):
+        with self.watchdog(10):
             while (  # noqa: ASYNC110
                 node in self.master._dying
                 or node in self.directory.recoveries
                 or (node in self.directory.nodes)
             ):
                 await trio.sleep(0.01)
+
+    @contextmanager
+    def watchdog(self, seconds: float) -> Iterator[None]:
+        """fail_after, logging first what every task waits on and the
+        master's and hosts' protocol state: a hang says where it hangs."""
+        try:
+            with trio.fail_after(seconds):
+                yield
+        except trio.TooSlowError:
+            self.dump()
+            raise
+
+    def dump(self) -> None:
+        lines = task_tree() + self.master.describe()
+        for node, fs in enumerate(self.hosts):
+            if node in self._scopes:
+                lines += [f"host {node}: {x}" for x in fs.cache.agent.describe()]
+        for line in lines:
+            log.warning("state: %s", line)
 
 
 @asynccontextmanager

@@ -166,29 +166,30 @@ async def test_random_kills_lose_no_acknowledged_write(seed: int):
     async with cluster(vol, 3, checkpoint_every=0.2) as c:
         shared = (await c.hosts[0].mkdir(ROOT, b"shared", 0o755, CTX)).ino
         for _trial in range(5):
-            stop = trio.Event()
-            async with trio.open_nursery() as n:
-                scopes = []
-                for node, fs in enumerate(c.hosts):
-                    scope = trio.CancelScope()
-                    scopes.append(scope)
+            with c.watchdog(60):
+                stop = trio.Event()
+                async with trio.open_nursery() as n:
+                    scopes = []
+                    for node, fs in enumerate(c.hosts):
+                        scope = trio.CancelScope()
+                        scopes.append(scope)
 
-                    async def run(fs=fs, node=node, scope=scope, stop=stop) -> None:  # type: ignore[no-untyped-def]
-                        with scope, _eio_once_killed(fs):
-                            await _workload(fs, node, shared, acked, rng, stop)
+                        async def run(fs=fs, node=node, scope=scope, stop=stop) -> None:  # type: ignore[no-untyped-def]
+                            with scope, _eio_once_killed(fs):
+                                await _workload(fs, node, shared, acked, rng, stop)
 
-                    n.start_soon(run)
-                await trio.sleep(rng.uniform(0.05, 0.6))
-                victim = rng.randrange(3)
-                c.kill(victim)
-                scopes[victim].cancel()
-                await c.wait_recovered(victim)
-                await trio.sleep(0.2)  # the survivors go on meanwhile
-                stop.set()
-            survivor = c.hosts[(victim + 1) % 3]
-            for (parent, name), data in acked.items():
-                assert await content(survivor, parent, name) in data, name
-            await c.start(victim)
+                        n.start_soon(run)
+                    await trio.sleep(rng.uniform(0.05, 0.6))
+                    victim = rng.randrange(3)
+                    c.kill(victim)
+                    scopes[victim].cancel()
+                    await c.wait_recovered(victim)
+                    await trio.sleep(0.2)  # the survivors go on meanwhile
+                    stop.set()
+                survivor = c.hosts[(victim + 1) % 3]
+                for (parent, name), data in acked.items():
+                    assert await content(survivor, parent, name) in data, name
+                await c.start(victim)
         assert c.directory.counters.hosts_failed == 5
     await fsck_clean(vol)
     fs = host(vol)
