@@ -34,7 +34,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-Report = Callable[[list[int], list[int]], Awaitable[None]]
+Report = Callable[[list[int], list[int], list[int]], Awaitable[None]]
 
 RELEASE_BATCH = 256
 STATS_TICKS = 20  # every second
@@ -146,9 +146,11 @@ class ClusterAgent:
         self.lease = 0.0  # the master's, once joined
         self._heard = 0.0  # when the master last said anything
         #: Rebuilds a dead host's blocks (the journal sets it): called with
-        #: the dead node, its blocks, and `report(blocks, installed)`, which
-        #: tells the master which are done and which are now in our cache.
-        self.on_recover: Callable[[int, list[int], Report], Awaitable[None]] | None = None
+        #: the dead node, its blocks, `report(blocks, installed, kept)`, which
+        #: tells the master which are done, which are now in our cache, and
+        #: which of those are copies newer than the rebuild; and whether to
+        #: follow its records to the blocks it had allocated.
+        self.on_recover: Callable[[int, list[int], Report, bool], Awaitable[None]] | None = None
 
     # -- start -------------------------------------------------------------------
     async def run(
@@ -516,14 +518,16 @@ class ClusterAgent:
             "host %d: recovering %d blocks of dead node %d", self.host, len(msg.blocks), msg.dead
         )
 
-        async def report(blocks: list[int], installed: list[int]) -> None:
+        async def report(blocks: list[int], installed: list[int], kept: list[int]) -> None:
             assert self.cache is not None
             await self._send_master(
-                p.RecoverDone(msg.dead, tuple(blocks), tuple(installed), self.cache.scn)
+                p.RecoverDone(
+                    msg.dead, tuple(blocks), tuple(installed), self.cache.scn, tuple(kept)
+                )
             )
 
         try:
-            await self.on_recover(msg.dead, list(msg.blocks), report)
+            await self.on_recover(msg.dead, list(msg.blocks), report, msg.follow)
         except Exception as e:  # noqa: BLE001 - any failure: we cannot be trusted either
             self.fence(f"recovery of node {msg.dead} failed: {e}")
             return

@@ -526,16 +526,17 @@ class BlockCache:
         """Blocks rebuilt for a dead host (journal recovery), which the master
         has us hold in X: (block, type, version, contents).  They are dirty,
         and written through the master (survivors may keep past images of
-        them).  A copy that reached us meanwhile, as new, stays."""
-        out = []
+        them).  A copy that reached us meanwhile, as new, stays: those are
+        returned."""
+        kept = []
         for b, btype, version, data in images:
             self.see_scn(version)
-            out.append(b)
             buf = self._bufs.get(b)
             log.debug(
                 "host %d: block %d rebuilt, v%d (had %s)", self._host, b, version, _held_copy(buf)
             )
             if buf is not None and buf.mode is Mode.X and buf.version >= version:
+                kept.append(b)
                 continue
             if buf is None:
                 buf = Buffer(b, data, btype, Mode.X)
@@ -549,7 +550,7 @@ class BlockCache:
                 buf.dirty = True
                 buf.first_dirty = self.scn
                 self._dirty.add(b)
-        return out
+        return kept
 
     def new(self, blockno: int, btype: fmt.BlockType | None = None) -> Buffer:
         """A freshly allocated block: zeroed, private, held in X, no storage read."""
@@ -919,20 +920,13 @@ class BlockCache:
         from it, and hand over the copy; keep a past image of a dirty one."""
         b = ping.block
         deadline = trio.current_time() + DEADLOCK_TIMEOUT
-        while (op := self._op) is not None and b in op.pinned:
-            if ping.keep == Mode.S and b not in op.undo and b not in op.exclusive:
-                break  # a read copy of what the operation only read: no harm
-            if op.waiting is not None and (
-                (ping.op_start, ping.to) < (op.start, self.agent.host)
-                or b in op.waiting.blocks  # queued behind this very request
-                or trio.current_time() >= deadline
-            ):
-                # It waits for another host while holding what that host (or
-                # one behind it) needs: the older operation goes first; and
-                # one waiting too long is taken for part of a cycle.
-                op.abort.set()
-            with trio.move_on_at(deadline if trio.current_time() < deadline else math.inf):
-                await self._op_changed.wait()
+        await self._wait_for_op(ping, deadline)
+        while b in self._rebuild_held:
+            await self._rebuild_released.wait()
+            # The operation may have taken the block in X meanwhile: from
+            # here to `leaving` nothing may wait, or it changes a block
+            # that is on its way out.
+            await self._wait_for_op(ping, deadline)
         if b == self.llol_block and self.append_lock is not None:
             # The LLOL leaves only between appends (an append in progress
             # finishes first, and none starts while it goes).
@@ -940,9 +934,26 @@ class BlockCache:
                 return await self._leave(b, Mode(ping.keep))
         return await self._leave(b, Mode(ping.keep))
 
+    async def _wait_for_op(self, ping: p.Ping, deadline: float) -> None:
+        """Until the running operation lets go of the block (or may keep
+        it: a read copy of what it only read), asking it to back off where
+        it waits for another host while holding what that host (or one
+        behind it) needs: the older operation goes first; and one waiting
+        too long is taken for part of a cycle."""
+        b = ping.block
+        while (op := self._op) is not None and b in op.pinned:
+            if ping.keep == Mode.S and b not in op.undo and b not in op.exclusive:
+                return
+            if op.waiting is not None and (
+                (ping.op_start, ping.to) < (op.start, self.agent.host)
+                or b in op.waiting.blocks  # queued behind this very request
+                or trio.current_time() >= deadline
+            ):
+                op.abort.set()
+            with trio.move_on_at(deadline if trio.current_time() < deadline else math.inf):
+                await self._op_changed.wait()
+
     async def _leave(self, b: int, keep: Mode) -> Shipped:
-        while b in self._rebuild_held:
-            await self._rebuild_released.wait()
         buf = self._bufs.get(b)
         if buf is None:
             log.debug("host %d: block %d leaves, not cached", self._host, b)

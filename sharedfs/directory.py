@@ -56,6 +56,11 @@ class BlockState:
     revoking: nodes told to drop their copy outside any request (a rebuild
         takes the block in X; a transfer's sender died mid-request): nobody
         is served until they have.
+    heir: the asker of a request whose sender died mid-request after being
+        told its transfer was final: the asker may hold that copy already
+        (a final transfer needs no grant) and changed it since, so it
+        rebuilds the block itself; anyone else would rebuild it without
+        those changes, beside the asker's copy.
     """
 
     holders: dict[int, Mode] = field(default_factory=dict)
@@ -70,6 +75,7 @@ class BlockState:
     write_waiters: set[int] = field(default_factory=set)
     recovering: int | None = None
     revoking: set[int] = field(default_factory=set)
+    heir: int | None = None
 
 
 @dataclass(slots=True)
@@ -190,16 +196,21 @@ class Directory:
         out: Out = []
         for other in list(self.recoveries.values()):
             # It was rebuilding another dead host's blocks: someone else will.
-            for b in [b for b, by in other.sent.items() if by == node]:
+            orphaned = [b for b, by in other.sent.items() if by == node]
+            for b in orphaned:
                 del other.sent[b]
                 other.pending.add(b)
                 self.blocks[b].holders.pop(node, None)
             if other.closer == node:
                 other.closer = None
-                if other is not rec:
-                    out += self._advance(other)
+            elif not orphaned:
+                continue
+            if other is not rec:
+                out += self._advance(other)
         for block, st in list(self.blocks.items()):
             st.revoking.discard(node)
+            if st.heir == node:
+                st.heir = None
             mode = st.holders.pop(node, None)
             owned = st.owner == node
             if owned:
@@ -237,6 +248,8 @@ class Directory:
             # the rebuilder).  Holders still dropping their copies for it are
             # waited for all the same; completing the request when they are
             # done would grant it with no copy at all.
+            if st.final and head is not None and not head.gone:
+                st.heir = head.node
             st.final = False
             st.src = None
             st.revoking |= st.acks
@@ -263,8 +276,8 @@ class Directory:
 
     def _advance(self, rec: Recovery) -> Out:
         """Hand the blocks whose writes are done to a survivor (the lowest
-        live node); once all are rebuilt, have one clear the dead host's
-        mark in the log (an empty Recover)."""
+        live node, or a block's heir); once all are rebuilt, have one clear
+        the dead host's mark in the log (an empty Recover)."""
         if not self.nodes:
             return []  # the next host to join does it
         by = min(self.nodes)
@@ -274,18 +287,23 @@ class Directory:
                 return [(by, p.Recover(rec.dead, (), self.scn))]
             return []
         ready = sorted(b for b in rec.pending if b not in rec.writes)
-        if not ready:
-            return []
-        out: Out = [(by, p.Recover(rec.dead, tuple(ready), self.scn))]
+        rounds: dict[int, list[int]] = {}
         for b in ready:
-            rec.pending.discard(b)
-            rec.sent[b] = by
-            st = self.blocks[b]
-            out += self._revoke_others(b, st, by)
-            # It rebuilds them under an X hold (served by nobody meanwhile).
-            st.holders[by] = Mode.X
-            # Its recovery requests queued before it held the block.
-            out += self._serve(b, st)
+            heir = self.blocks[b].heir
+            rounds.setdefault(heir if heir in self.nodes else by, []).append(b)
+        out: Out = [
+            (n, p.Recover(rec.dead, tuple(bs), self.scn, n == by)) for n, bs in rounds.items()
+        ]
+        for n, bs in rounds.items():
+            for b in bs:
+                rec.pending.discard(b)
+                rec.sent[b] = n
+                st = self.blocks[b]
+                out += self._revoke_others(b, st, n)
+                # It rebuilds them under an X hold (served by nobody meanwhile).
+                st.holders[n] = Mode.X
+                # Its recovery requests queued before it held the block.
+                out += self._serve(b, st)
         return out
 
     def _revoke_others(self, block: int, st: BlockState, keeper: int) -> Out:
@@ -329,14 +347,21 @@ class Directory:
             return self._advance(rec)
         out: Out = []
         installed = set(msg.installed)
+        kept = set(msg.kept)
         for block in msg.blocks:
             st = self.blocks.get(block)
             if rec is None or st is None or rec.sent.get(block) != node:
                 continue
             del rec.sent[block]
             st.recovering = None
+            st.heir = None
             if block in installed:
                 st.owner = node  # rebuilt, dirty, in its cache
+            if block in kept:
+                # Its own copy was newer than the rebuild (the dead host
+                # shipped it before dying): the dead host's records of it
+                # stay needed until storage has that copy.
+                out += self._need_write(block, st, rec, 0)
             # Not installed: storage has the newest version.  The X hold
             # stays all the same: the rebuilder may have the block cached
             # (a copy it took in X to follow the log), and a second X
@@ -535,7 +560,14 @@ class Directory:
         performs: dict[int, list[int]] = {}
         for block, version in msg.blocks:
             st = self._state(block)
-            holds = node in st.pis or st.owner == node or st.holders.get(node) is Mode.X
+            holds = (
+                node in st.pis
+                or st.owner == node
+                or st.holders.get(node) is Mode.X
+                # A final transfer reached it before its sender's PingDone
+                # reached us: it holds the block already, and changed it.
+                or bool(st.acks and st.queue and st.queue[0].node == node)
+            )
             if st.disk_version >= version or not holds:
                 # Storage already has it at least as new (claim 18); or the
                 # asker's past image was covered by a write whose notice is

@@ -780,7 +780,9 @@ class Log:
             await self.cache.storage.flush()
 
     # -- recovery --------------------------------------------------------------
-    async def recover(self, dead: int, blocks: list[int], report: Report) -> None:
+    async def recover(
+        self, dead: int, blocks: list[int], report: Report, follow: bool = True
+    ) -> None:
         """Another host died holding `blocks` in X; the master has us hold
         them now, and storage has the newest copy that survived elsewhere.
         Rebuild each from storage and the committed records after the
@@ -792,16 +794,17 @@ class Log:
 
         The blocks it allocated were private to it (the master knows
         nothing of them) and are reachable now: its records name them, and
-        we take them in X like any other block before rebuilding them.
+        we take them in X like any other block before rebuilding them
+        (`follow`: the master has one survivor do that).
         """
         if not blocks:
             await self._close_recovery(dead)
-            await report([], [])
+            await report([], [], [])
             return
         want = set(blocks)
         self._rebuilding |= want
         try:
-            await self._recover(dead, want, report)
+            await self._recover(dead, want, report, follow)
         finally:
             self._rebuilding -= set(blocks)
 
@@ -813,7 +816,7 @@ class Log:
             await self._put_header(hbuf, h)
         log.info("host %d: the log no longer keeps records for dead node %d", self.host, dead)
 
-    async def _recover(self, dead: int, want: set[int], report: Report) -> None:
+    async def _recover(self, dead: int, want: set[int], report: Report, follow: bool) -> None:
         given = set(want)
         # Read without the LLOL: the dead host's records are all on storage.
         _, pages = await read_log(self.cache.storage, self.sb)
@@ -823,17 +826,18 @@ class Log:
             # LLOL goes back into service at once: other hosts may need to
             # append before they can ship us what we ask for next.
             want.discard(self.area.header)
-            await report([self.area.header], await self._adopt_header(dead, pages))
+            kept = await self._adopt_header(dead, pages)
+            await report([self.area.header], [self.area.header], kept)
         # The blocks its records name, except those the master gave us to
         # rebuild in another round: they are ours already, and wait for that
         # round, not for a lock.
         theirs = _last_changed_by(pages, dead)
-        private = theirs - self._rebuilding - {self.area.header}
+        private = theirs - self._rebuilding - {self.area.header} if follow else set()
         if private:
             await self.cache.take_for_rebuild(sorted(private))
         try:
             want |= {b for b in private if self.cache.holding(b, Mode.X) is None}
-            installed = await self._rebuild_into_cache(dead, want)
+            installed, kept = await self._rebuild_into_cache(dead, want)
         finally:
             self.cache.release_rebuild_hold(private)
         self.recovered += len(installed)
@@ -846,22 +850,27 @@ class Log:
         )
         rest = given - {self.area.header}
         if rest:
-            await report(sorted(rest), [b for b in installed if b in rest])
+            await report(
+                sorted(rest), [b for b in installed if b in rest], [b for b in kept if b in rest]
+            )
 
-    async def _rebuild_into_cache(self, dead: int, want: set[int]) -> list[int]:
+    async def _rebuild_into_cache(self, dead: int, want: set[int]) -> tuple[list[int], list[int]]:
+        """Rebuild `want` into our cache: the blocks installed, and those of
+        them whose cached copy was newer and stayed."""
         async with self._llol() as hbuf:
             # Nobody appends while we read the log (we hold the LLOL).
             h = unpack_header(hbuf.data, self.area.header)
             images = await self._rebuild(want, h) if want else []
-            installed = self.cache.adopt(
-                [(b, fmt.BlockType(t), v, data) for b, t, v, data in images]
-            )
-            self.commit([(b, t, v, None, data) for b, t, v, data in images])
+            kept = self.cache.adopt([(b, fmt.BlockType(t), v, data) for b, t, v, data in images])
+            # A copy that stayed is newer than the image, and our records of
+            # its changes are in the log already: a full record of the older
+            # image would undo them in a replay.
+            self.commit([(b, t, v, None, data) for b, t, v, data in images if b not in kept])
             # Our records on storage before anything of it leaves us: from
             # then on the log keeps these blocks' changes for us too (the
             # dead host's mark stays until the master's closing round).
             await self._force(hbuf)
-        return installed
+        return [b for b, _, _, _ in images], kept
 
     async def _rebuild(
         self, want: set[int], h: JournalHeader

@@ -170,22 +170,31 @@ class Bye(Message):
 class Recover(Message):
     """Master to a survivor: host `dead` died holding these blocks in X.
     Rebuild them from storage and the log (you hold them in X now), take
-    its records over, then say RecoverDone."""
+    its records over, then say RecoverDone.  `follow`: also take and
+    rebuild the blocks its records name that it had allocated privately
+    (one survivor does that: two taking the same blocks would each wait
+    for the other's round to end).  A round of blocks the dead host was
+    shipping does not: it registered its private blocks before a block
+    left it."""
 
     dead: int
     blocks: tuple[int, ...]
     scn: int
+    follow: bool = True
 
 
 @message(18)
 class RecoverDone(Message):
     """Survivor to master: the dead host's blocks are rebuilt; `installed`
-    are in our cache (dirty, held X), the others are current on storage."""
+    are in our cache (dirty, held X), the others are current on storage.
+    `kept`: installed blocks whose cached copy was newer than the rebuild
+    and stayed (the dead host shipped it to us before it died)."""
 
     dead: int
     blocks: tuple[int, ...]
     installed: tuple[int, ...]
     scn: int
+    kept: tuple[int, ...] = ()
 
 
 # -- locks -------------------------------------------------------------------

@@ -23,13 +23,11 @@ def lock(d: Directory, node: int, req: int, blocks: tuple[int, ...], mode: Mode)
 def test_a_dead_holders_block_waits_for_its_rebuild_by_the_lowest_survivor():
     d = joined(1, 2, 3)
     assert lock(d, 1, 1, (5,), Mode.X) == [(1, p.Grant(1, (5,), int(Mode.X), 0))]
-    out = lock(d, 3, 2, (5,), Mode.S)
-    assert [(n, type(m).__name__) for n, m in out] == [(1, "Ping")]
     out = d.fail(1)
-    # No grant to node 3 from storage: the newest version died with node 1.
     assert out == [(2, p.Recover(1, (5,), 0))]
     assert d.blocks[5].recovering == 1 and d.blocks[5].holders == {2: Mode.X}
-    assert lock(d, 3, 3, (5,), Mode.X) == []  # still waits
+    # No grant to node 3 from storage: the newest version died with node 1.
+    assert lock(d, 3, 3, (5,), Mode.X) == []
     out = d.on_recover_done(2, p.RecoverDone(1, (5,), (5,), 9))
     # Node 2 rebuilt it: node 3's requests are served from node 2's copy;
     # and node 2 is told to close the recovery (clear node 1's log mark).
@@ -41,6 +39,48 @@ def test_a_dead_holders_block_waits_for_its_rebuild_by_the_lowest_survivor():
     assert d.on_recover_done(2, p.RecoverDone(1, (), (), 10)) == []
     assert 1 not in d.recoveries
     assert d.counters.hosts_failed == 1 and d.counters.blocks_recovered == 1
+
+
+def test_a_final_transfer_whose_sender_died_is_rebuilt_by_its_asker():
+    """Node 1 is to ship block 5 to node 3 as a final transfer (it is the
+    grant) and dies before saying it did.  Node 3 may hold that copy and
+    have changed it: node 3 rebuilds the block, not the lowest survivor
+    (whose rebuild would lack those changes, beside node 3's copy); a copy
+    it kept is written before node 1's records may go."""
+    d = joined(1, 2, 3)
+    lock(d, 1, 1, (5,), Mode.X)
+    out = lock(d, 3, 2, (5,), Mode.X)
+    assert [(n, type(m).__name__, m.final) for n, m in out] == [(1, "Ping", True)]
+    assert d.fail(1) == [(3, p.Recover(1, (5,), 0, False))]
+    assert d.blocks[5].holders == {3: Mode.X}
+    out = d.on_recover_done(3, p.RecoverDone(1, (5,), (5,), 9, (5,)))
+    assert out == [
+        (3, p.WritePerform((5,), 9)),
+        (3, p.Grant(2, (5,), int(Mode.X), 9)),
+    ]
+    out = d.on_write_done(3, p.WriteDone(((5, 9),), 10))
+    assert (2, p.Recover(1, (), 10)) in out
+    assert d.blocks[5].heir is None and d.blocks[5].holders == {3: Mode.X}
+
+
+def test_a_final_transfer_that_never_left_is_rebuilt_by_its_asker_too():
+    d = joined(1, 2, 3)
+    lock(d, 1, 1, (5,), Mode.X)
+    lock(d, 3, 2, (5,), Mode.X)
+    d.fail(1)
+    out = d.on_recover_done(3, p.RecoverDone(1, (5,), (5,), 9))
+    # Rebuilt from storage and the log: nothing to write first.
+    assert out == [(3, p.Grant(2, (5,), int(Mode.X), 9)), (2, p.Recover(1, (), 9))]
+    assert d.blocks[5].owner == 3
+
+
+def test_an_heir_that_dies_too_leaves_the_rebuild_to_the_lowest_survivor():
+    d = joined(1, 2, 3)
+    lock(d, 1, 1, (5,), Mode.X)
+    lock(d, 3, 2, (5,), Mode.X)
+    d.fail(1)
+    out = d.fail(3)
+    assert (2, p.Recover(1, (5,), 0)) in out
 
 
 def test_the_newest_surviving_past_image_is_written_before_the_rebuild():
@@ -161,3 +201,19 @@ def test_a_clean_leave_recovers_nothing():
     lock(d, 1, 1, (5,), Mode.X)
     assert d.leave(1) == []
     assert d.recoveries == {} and 5 not in d.blocks
+
+
+def test_a_write_request_that_overtakes_its_transfers_ping_done_is_performed():
+    """Node 2's final transfer reached node 3, which changed the block and
+    asked for a write, all before node 2's PingDone reached the master: the
+    write is not "avoided" (node 3 would drop its only copy of the change
+    as clean); the newest holder the master knows writes what it has, and
+    node 3 hears of that older version, which leaves its copy dirty."""
+    d = joined(2, 3)
+    lock(d, 2, 1, (6,), Mode.X)
+    lock(d, 3, 1, (6,), Mode.X)
+    out = d.on_write_request(3, p.WriteRequest(((6, 12),), 12))
+    assert out == [(2, p.WritePerform((6,), 12))]
+    assert d.counters.writes_avoided == 0
+    out = d.on_write_done(2, p.WriteDone(((6, 10),), 12))
+    assert (3, p.WriteNotify(((6, 10),), 12)) in out
