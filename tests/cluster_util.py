@@ -131,7 +131,7 @@ async def cluster(
         try:
             yield c
         finally:
-            with trio.CancelScope(shield=True):
+            with trio.CancelScope(shield=True), c.watchdog(60):
                 for node, fs in enumerate(c.hosts):
                     if node in c._scopes:
                         await fs.destroy()

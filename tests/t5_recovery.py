@@ -154,6 +154,7 @@ async def _workload(
             acked[key] = {new}
 
 
+@pytest.mark.soak
 @pytest.mark.parametrize("seed", [int(os.environ.get("SHAREDFS_SEED", "4")), 11, 29, 36])
 async def test_random_kills_lose_no_acknowledged_write(seed: int):
     """Five times per seed: three hosts write and fsync; one of them, chosen
