@@ -39,7 +39,7 @@ async def ask_master(key: bytes, addr: tuple[str, int]) -> dict[str, Any]:
             link = await open_master(addr, key, -1, exitcode=1)
             try:
                 await link.send(p.StatusRequest())
-                async for msg in link.messages():
+                while (msg := await link.receive()) is not None:
                     if isinstance(msg, p.StatusReply):
                         return msg.info
             finally:

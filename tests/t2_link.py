@@ -62,17 +62,13 @@ async def test_links_talk_over_memory_streams():
 
         async def side_b() -> None:
             link = await Link.open(b_stream, KEY, 2, initiator=False)
-            async for msg in link.messages():
-                result["b"] = msg
-                await link.send(p.Welcome(5, {}, "fusion", 5.0))
-                return
+            result["b"] = await link.receive()
+            await link.send(p.Welcome(5, {}, "fusion", 5.0))
 
         n.start_soon(side_b)
         a = await Link.open(a_stream, KEY, 1, initiator=True)
         await a.send(p.Join(1, "h", 9, "fusion"))
-        async for msg in a.messages():
-            assert msg == p.Welcome(5, {}, "fusion", 5.0)
-            break
+        assert await a.receive() == p.Welcome(5, {}, "fusion", 5.0)
     assert result["b"] == p.Join(1, "h", 9, "fusion")
 
 
