@@ -34,7 +34,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-Report = Callable[[list[int], list[int], list[int]], Awaitable[None]]
+Report = Callable[[list[int], list[int], list[tuple[int, int]]], Awaitable[None]]
 
 RELEASE_BATCH = 256
 STATS_TICKS = 20  # every second
@@ -518,7 +518,9 @@ class ClusterAgent:
             "host %d: recovering %d blocks of dead node %d", self.host, len(msg.blocks), msg.dead
         )
 
-        async def report(blocks: list[int], installed: list[int], kept: list[int]) -> None:
+        async def report(
+            blocks: list[int], installed: list[int], kept: list[tuple[int, int]]
+        ) -> None:
             assert self.cache is not None
             await self._send_master(
                 p.RecoverDone(

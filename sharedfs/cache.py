@@ -522,12 +522,14 @@ class BlockCache:
             if buf is not None:
                 buf.mode = max(buf.mode, mode)
 
-    def adopt(self, images: list[tuple[int, fmt.BlockType | None, int, bytearray]]) -> list[int]:
+    def adopt(
+        self, images: list[tuple[int, fmt.BlockType | None, int, bytearray]]
+    ) -> list[tuple[int, int]]:
         """Blocks rebuilt for a dead host (journal recovery), which the master
         has us hold in X: (block, type, version, contents).  They are dirty,
         and written through the master (survivors may keep past images of
         them).  A copy that reached us meanwhile, as new, stays: those are
-        returned."""
+        returned, (block, version of the copy)."""
         kept = []
         for b, btype, version, data in images:
             self.see_scn(version)
@@ -536,7 +538,7 @@ class BlockCache:
                 "host %d: block %d rebuilt, v%d (had %s)", self._host, b, version, _held_copy(buf)
             )
             if buf is not None and buf.mode is Mode.X and buf.version >= version:
-                kept.append(b)
+                kept.append((b, buf.version))
                 continue
             if buf is None:
                 buf = Buffer(b, data, btype, Mode.X)

@@ -347,7 +347,7 @@ class Directory:
             return self._advance(rec)
         out: Out = []
         installed = set(msg.installed)
-        kept = set(msg.kept)
+        kept = dict(msg.kept)
         for block in msg.blocks:
             st = self.blocks.get(block)
             if rec is None or st is None or rec.sent.get(block) != node:
@@ -361,7 +361,7 @@ class Directory:
                 # Its own copy was newer than the rebuild (the dead host
                 # shipped it before dying): the dead host's records of it
                 # stay needed until storage has that copy.
-                out += self._need_write(block, st, rec, 0)
+                out += self._need_write(block, st, rec, kept[block])
             # Not installed: storage has the newest version.  The X hold
             # stays all the same: the rebuilder may have the block cached
             # (a copy it took in X to follow the log), and a second X
@@ -620,14 +620,28 @@ class Directory:
         self.counters.write_performs += 1
         return [(st.writer, p.WritePerform((block,), self.scn))]
 
-    def _writes_done(self, block: int) -> Out:
-        """A write a recovery waited for is over (whatever version landed:
-        it was the newest a survivor had)."""
+    def _writes_done(self, block: int, version: int | None = None) -> Out:
+        """A write a recovery waited for is over.  A version older than it
+        waits for (another write was in flight when it asked) does not do:
+        None, no live host has anything newer than storage."""
         out: Out = []
         for rec in list(self.recoveries.values()):
-            if rec.writes.pop(block, None) is not None:
+            want = rec.writes.get(block)
+            if want is not None and (version is None or version >= want):
+                del rec.writes[block]
                 out += self._advance(rec)
         return out
+
+    def _still_wanted(self, block: int, st: BlockState, writer: int, version: int) -> Out:
+        """The write that landed is older than a recovery needs: have the
+        newest holder write, unless it is the one that just wrote (what it
+        wrote is the newest it has: the block was freed, say)."""
+        if not any(rec.writes.get(block, 0) > version for rec in self.recoveries.values()):
+            return []
+        if self._newest(st, MASTER) == writer:
+            return self._writes_done(block)
+        st.write_waiters.add(MASTER)
+        return self._start_write(block, st)
 
     def on_write_done(self, node: int, msg: p.WriteDone) -> Out:
         """Storage has these versions: tell the writer and who asked at once,
@@ -644,9 +658,10 @@ class Directory:
                 st.owner = None  # it can no longer change: storage is current
             told = st.write_waiters | {node}
             st.write_waiters.clear()
-            if MASTER in told:
+            recovery = MASTER in told
+            if recovery:
                 told.discard(MASTER)
-                out += self._writes_done(block)
+                out += self._writes_done(block, version)
             for n in told:
                 now.setdefault(n, []).append((block, version))
             for n, v in list(st.pis.items()):
@@ -657,6 +672,8 @@ class Directory:
                     # it, to drop them now (claims 43-45).
                     self.deferred.setdefault(n, {})[block] = version
                     self.counters.notifications_piggybacked += 1
+            if recovery:
+                out += self._still_wanted(block, st, node, version)
             self._gc(block, st)
         for n, written in now.items():
             self.counters.notifications_now += len(written)

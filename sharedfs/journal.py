@@ -851,12 +851,14 @@ class Log:
         rest = given - {self.area.header}
         if rest:
             await report(
-                sorted(rest), [b for b in installed if b in rest], [b for b in kept if b in rest]
+                sorted(rest), [b for b in installed if b in rest], [k for k in kept if k[0] in rest]
             )
 
-    async def _rebuild_into_cache(self, dead: int, want: set[int]) -> tuple[list[int], list[int]]:
+    async def _rebuild_into_cache(
+        self, dead: int, want: set[int]
+    ) -> tuple[list[int], list[tuple[int, int]]]:
         """Rebuild `want` into our cache: the blocks installed, and those of
-        them whose cached copy was newer and stayed."""
+        them whose cached copy was newer and stayed (block, its version)."""
         async with self._llol() as hbuf:
             # Nobody appends while we read the log (we hold the LLOL).
             h = unpack_header(hbuf.data, self.area.header)
@@ -865,7 +867,8 @@ class Log:
             # A copy that stayed is newer than the image, and our records of
             # its changes are in the log already: a full record of the older
             # image would undo them in a replay.
-            self.commit([(b, t, v, None, data) for b, t, v, data in images if b not in kept])
+            stayed = {b for b, _ in kept}
+            self.commit([(b, t, v, None, data) for b, t, v, data in images if b not in stayed])
             # Our records on storage before anything of it leaves us: from
             # then on the log keeps these blocks' changes for us too (the
             # dead host's mark stays until the master's closing round).

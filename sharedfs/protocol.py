@@ -187,14 +187,15 @@ class Recover(Message):
 class RecoverDone(Message):
     """Survivor to master: the dead host's blocks are rebuilt; `installed`
     are in our cache (dirty, held X), the others are current on storage.
-    `kept`: installed blocks whose cached copy was newer than the rebuild
-    and stayed (the dead host shipped it to us before it died)."""
+    `kept`: (block, version) of installed blocks whose cached copy was newer
+    than the rebuild and stayed (the dead host shipped it to us before it
+    died)."""
 
     dead: int
     blocks: tuple[int, ...]
     installed: tuple[int, ...]
     scn: int
-    kept: tuple[int, ...] = ()
+    kept: tuple[tuple[int, int], ...] = ()
 
 
 # -- locks -------------------------------------------------------------------

@@ -53,7 +53,7 @@ def test_a_final_transfer_whose_sender_died_is_rebuilt_by_its_asker():
     assert [(n, type(m).__name__, m.final) for n, m in out] == [(1, "Ping", True)]
     assert d.fail(1) == [(3, p.Recover(1, (5,), 0, False))]
     assert d.blocks[5].holders == {3: Mode.X}
-    out = d.on_recover_done(3, p.RecoverDone(1, (5,), (5,), 9, (5,)))
+    out = d.on_recover_done(3, p.RecoverDone(1, (5,), (5,), 9, ((5, 9),)))
     assert out == [
         (3, p.WritePerform((5,), 9)),
         (3, p.Grant(2, (5,), int(Mode.X), 9)),
@@ -217,3 +217,25 @@ def test_a_write_request_that_overtakes_its_transfers_ping_done_is_performed():
     assert d.counters.writes_avoided == 0
     out = d.on_write_done(2, p.WriteDone(((6, 10),), 12))
     assert (3, p.WriteNotify(((6, 10),), 12)) in out
+
+
+def test_a_recovery_waits_for_the_version_it_needs_not_an_older_write():
+    """Node 3 kept a copy newer than the rebuild (v30) and is asked to write
+    it; an older write landing meanwhile (node 2's past image, v20, from a
+    write that was in flight) does not let node 1's records go."""
+    d = joined(1, 2, 3)
+    lock(d, 2, 1, (5,), Mode.X)
+    lock(d, 1, 1, (5,), Mode.X)
+    d.on_ping_done(2, p.PingDone(5, 1, int(Mode.N), 20, 20, True, 0, 20))
+    lock(d, 3, 2, (5,), Mode.X)  # node 1 is to ship to node 3, final
+    # Node 2's past image goes to storage before the rebuild.
+    assert d.fail(1) == [(2, p.WritePerform((5,), 20))]
+    out = d.on_write_done(2, p.WriteDone(((5, 20),), 21))
+    assert (3, p.Recover(1, (5,), 21, False)) in out
+    out = d.on_recover_done(3, p.RecoverDone(1, (5,), (5,), 31, ((5, 30),)))
+    assert (3, p.WritePerform((5,), 31)) in out
+    out = d.on_write_done(2, p.WriteDone(((5, 20),), 32))
+    assert not any(isinstance(m, p.Recover) for _, m in out)
+    assert d.recoveries[1].writes == {5: 30}
+    out = d.on_write_done(3, p.WriteDone(((5, 30),), 33))
+    assert (2, p.Recover(1, (), 33)) in out
