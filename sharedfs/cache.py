@@ -529,7 +529,8 @@ class BlockCache:
         has us hold in X: (block, type, version, contents).  They are dirty,
         and written through the master (survivors may keep past images of
         them).  A copy that reached us meanwhile, as new, stays: those are
-        returned, (block, version of the copy)."""
+        returned, (block, the version rebuilt: storage must reach it before
+        the dead host's records may go)."""
         kept = []
         for b, btype, version, data in images:
             self.see_scn(version)
@@ -538,7 +539,7 @@ class BlockCache:
                 "host %d: block %d rebuilt, v%d (had %s)", self._host, b, version, _held_copy(buf)
             )
             if buf is not None and buf.mode is Mode.X and buf.version >= version:
-                kept.append((b, buf.version))
+                kept.append((b, version))
                 continue
             if buf is None:
                 buf = Buffer(b, data, btype, Mode.X)

@@ -858,7 +858,7 @@ class Log:
         self, dead: int, want: set[int]
     ) -> tuple[list[int], list[tuple[int, int]]]:
         """Rebuild `want` into our cache: the blocks installed, and those of
-        them whose cached copy was newer and stayed (block, its version)."""
+        them whose cached copy was newer and stayed (block, version rebuilt)."""
         async with self._llol() as hbuf:
             # Nobody appends while we read the log (we hold the LLOL).
             h = unpack_header(hbuf.data, self.area.header)

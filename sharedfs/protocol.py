@@ -187,9 +187,10 @@ class Recover(Message):
 class RecoverDone(Message):
     """Survivor to master: the dead host's blocks are rebuilt; `installed`
     are in our cache (dirty, held X), the others are current on storage.
-    `kept`: (block, version) of installed blocks whose cached copy was newer
-    than the rebuild and stayed (the dead host shipped it to us before it
-    died)."""
+    `kept`: installed blocks whose cached copy was newer than the rebuild
+    and stayed (the dead host shipped it to us before it died), each with
+    the version rebuilt, which storage must reach before the dead host's
+    records may go."""
 
     dead: int
     blocks: tuple[int, ...]
