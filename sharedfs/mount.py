@@ -244,8 +244,13 @@ async def serve(
                     signals,
                 )
         finally:
-            release_slot(storage, sb, node, slot)
-            log.info("host %d: unmounted %s, volume clean", node, mountpoint)
+            if fs.fenced:
+                # Not even our own slot: a fenced host writes nothing more.
+                # The slot frees itself (this process gone, its heartbeat old).
+                log.info("host %d: unmounted %s, fenced", node, mountpoint)
+            else:
+                release_slot(storage, sb, node, slot)
+                log.info("host %d: unmounted %s, volume clean", node, mountpoint)
 
 
 async def _start_master(
@@ -292,7 +297,7 @@ async def _run_fuse(
     log.info("host %d: mounted %s on %s", node, storage.name, mountpoint)
     try:
         async with trio.open_nursery() as tasks:
-            tasks.start_soon(_heartbeat_task, storage, sb, node, slot)
+            tasks.start_soon(_heartbeat_task, fs, storage, sb, node, slot)
             tasks.start_soon(fs.write_back_every, writeback)
             tasks.start_soon(_signal_task, signals)
             ready()
@@ -308,11 +313,14 @@ async def _run_fuse(
 
 
 async def _heartbeat_task(
-    storage: Storage, sb: fmt.Superblock, node: int, slot: fmt.HostSlot
+    fs: FileSystem, storage: Storage, sb: fmt.Superblock, node: int, slot: fmt.HostSlot
 ) -> None:
-    while True:
+    """Keep our slot fresh until we are fenced (the slot is written on the
+    raw volume, not behind the fence: it must stop by itself)."""
+    while not fs.fenced:
         await trio.sleep(HEARTBEAT_INTERVAL)
-        slot = await trio.to_thread.run_sync(heartbeat, storage, sb, node, slot)
+        if not fs.fenced:
+            slot = await trio.to_thread.run_sync(heartbeat, storage, sb, node, slot)
 
 
 async def replay_log(storage: Storage, sb: fmt.Superblock, node: int) -> None:
