@@ -10,7 +10,6 @@ from contextlib import asynccontextmanager, contextmanager
 import trio
 
 from sharedfs.debug import task_tree
-
 from sharedfs.fs import FileSystem
 from sharedfs.host import open_cluster_host
 from sharedfs.master import MasterService

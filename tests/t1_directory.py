@@ -190,9 +190,7 @@ def test_a_senders_death_mid_transfer_waits_for_the_other_copies_to_go():
     d.on_recover_done(2, p.RecoverDone(1, (9,), (9,), 21))
     out = d.on_ping_done(2, p.PingDone(9, -1, int(Mode.N), 0, 20, False, 0, 21))
     # Served anew: the rebuilder (node 2) ships; no bare grant to node 3.
-    assert [(n, type(m).__name__) for n, m in out if not isinstance(m, p.Recover)] == [
-        (2, "Ping")
-    ]
+    assert [(n, type(m).__name__) for n, m in out if not isinstance(m, p.Recover)] == [(2, "Ping")]
     assert out[0][1].to == 3
 
 

@@ -83,7 +83,7 @@ def test_unlink_open_file_keeps_data_until_close(mnt: Path, host: Mount) -> None
     payload = os.urandom(300_000)
     f.write_bytes(payload)
     before = shutil.disk_usage(host.mnt).free
-    fh = open(f, "rb")
+    fh = open(f, "rb")  # noqa: SIM115 - held open across the unlink
     os.unlink(f)
     assert not f.exists()
     assert fh.read() == payload

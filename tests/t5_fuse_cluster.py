@@ -12,7 +12,6 @@ import os
 import signal
 import socket
 import subprocess
-import time
 import urllib.request
 from contextlib import ExitStack
 from pathlib import Path
