@@ -747,6 +747,7 @@ def make_parser() -> argparse.ArgumentParser:
     d.add_argument("volume")
     pr = sub.add_parser("promote", help="make a secondary a volume of its own")
     pr.add_argument("secondary")
+    pr.add_argument("--force", action="store_true", help="it is named otherwise than at attach")
     return p
 
 
@@ -945,6 +946,12 @@ async def promote(args: argparse.Namespace) -> None:
     try:
         if not sb.mirror_secondary:
             raise QuietError(f"{args.secondary}: is not a secondary (its volume names no mirror)")
+        _refuse_mounted(sec, sb, "promote")
+        if canonical_name(args.secondary) != sb.mirror_secondary and not args.force:
+            raise QuietError(
+                f"{args.secondary}: is the primary of {sb.mirror_secondary}, not a secondary "
+                "(--force if it is that secondary under another name)"
+            )
         await promote_secondary(sec, sb)
     finally:
         sec.close()
