@@ -526,8 +526,8 @@ def find_clear_run(buf: bytes | bytearray, nbits: int, start: int, want: int) ->
 def seal_indicators(buf: bytearray, blockno: int) -> bytes:
     """A copy of indicator block `buf` ready for storage: counted and sealed."""
     out = bytearray(buf)
-    bits = memoryview(out)[BITMAP_BITS_OFF:]
-    struct.pack_into("<II", out, HDR_SIZE, sum(b.bit_count() for b in bits), 0)
+    count = int.from_bytes(out[BITMAP_BITS_OFF:], "little").bit_count()
+    struct.pack_into("<II", out, HDR_SIZE, count, 0)
     seal(out, BlockType.MIRROR, blockno, 0)
     return bytes(out)
 

@@ -81,6 +81,8 @@ SECONDARY_NBD_TIMEOUT = 5.0
 #: An update whose range keeps changing under it this many times is left
 #: stale rather than chased (the writers' own updates are in flight anyway).
 MAX_RECHECKS = 8
+#: How long the marks a write-back announced (will_write) are held for its writes.
+HINT_HOLD = 1.0
 #: How long an unmount waits for the queue to drain to a reachable secondary.
 DRAIN_TIMEOUT = 30.0
 
@@ -218,6 +220,10 @@ class Indicators:
         i, bit = self._where(region)
         fmt.bit_clear(self.wanted[i], bit)
 
+    def resets_pending(self) -> bool:
+        """Some bit is set on storage and no longer wanted."""
+        return any(_and_not(d, w) for d, w in zip(self.durable, self.wanted, strict=True))
+
     def snapshot(self) -> list[bytes]:
         return [bytes(w) for w in self.wanted]
 
@@ -335,6 +341,8 @@ class MirrorStorage(Storage):
         self._closed = False
         self._full_logged = False
         self._resets_due = trio.Event()
+        #: Regions a write-back announced, and until when their marks hold.
+        self._hinted: dict[int, float] = {}
         if self.stale:
             log.info(
                 "host %d: mirror: %d regions marked by an earlier mount wait for a resync",
@@ -381,6 +389,25 @@ class MirrorStorage(Storage):
     async def flush(self) -> None:
         await self.inner.flush()
 
+    async def will_write(self, ranges: list[tuple[int, int]]) -> None:
+        """A write-back of many runs: their marks in one indicator write per
+        block rather than one per region.  The marks are held for HINT_HOLD
+        seconds for the writes to come (a reset meanwhile would have each
+        write set its mark again); then the lazy reset takes those with no
+        update left."""
+        regions = {
+            r
+            for offset, length in ranges
+            for o, n in mirrored_pieces(self.sb, offset, length)
+            for r in regions_of(self.sb, o, n)
+        }
+        until = trio.current_time() + HINT_HOLD
+        for r in regions:
+            self._hinted[r] = until
+        await self.indicators.mark(regions)
+        self._resets_due.set()  # for those whose writes never come
+        await self.inner.will_write(ranges)
+
     async def trim(self, offset: int, length: int) -> None:
         # Trimmed bytes read as anything: the region differs until a resync.
         regions = regions_of(self.sb, offset, length)
@@ -425,9 +452,22 @@ class MirrorStorage(Storage):
         self.shipped += 1
         for r in update.regions:
             self._forget(r, update.uid)
-            if r not in self.updates and r not in self.stale:
-                self.indicators.reset(r)
-                self._resets_due.set()
+            self._maybe_reset(r)
+
+    def _maybe_reset(self, region: int) -> None:
+        """An empty update set resets the indicator (claims 7-8), unless the
+        region is stale or announced writes may still come."""
+        if region in self.updates or region in self.stale or region in self._hinted:
+            return
+        self.indicators.reset(region)
+        self._resets_due.set()
+
+    def _expire_hints(self) -> None:
+        now = trio.current_time()
+        for r, until in list(self._hinted.items()):
+            if until <= now:
+                del self._hinted[r]
+                self._maybe_reset(r)
 
     def _forget(self, region: int, uid: int) -> None:
         ids = self.updates.get(region)
@@ -438,7 +478,7 @@ class MirrorStorage(Storage):
 
     def marked(self) -> set[int]:
         """Regions whose indicator is set in memory."""
-        return set(self.updates) | self.stale
+        return set(self.updates) | self.stale | set(self._hinted)
 
     # -- the background tasks -----------------------------------------------------
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -539,6 +579,9 @@ class MirrorStorage(Storage):
         while True:
             await self._resets_due.wait()
             self._resets_due = trio.Event()
+            self._expire_hints()
+            if self._hinted:
+                self._resets_due.set()  # come back once they expire
             await self.write_resets()
             await trio.sleep(CLEAR_EVERY)
 
@@ -548,7 +591,7 @@ class MirrorStorage(Storage):
         unacknowledged updates need to stay on storage)."""
         before = self.indicators.snapshot()
         sec = self._secondary
-        if sec is None:
+        if sec is None or not self.indicators.resets_pending():
             return
         try:
             await sec.flush()
@@ -564,6 +607,9 @@ class MirrorStorage(Storage):
         marked on storage."""
         self._closed = True
         self._send.close()
+        hinted, self._hinted = self._hinted, {}  # no write comes any more
+        for r in hinted:
+            self._maybe_reset(r)
         with trio.move_on_after(timeout):
             while self.queued_bytes and self.reachable:  # noqa: ASYNC110 - counters, no event
                 await trio.sleep(0.01)

@@ -289,3 +289,22 @@ async def test_a_damaged_indicator_block_marks_every_region_it_covers():
     primary.write_sync(indicator_offset(sb, 3, 0) + 64, b"\xff" * 16)
     assert read_marks(primary, sb)[3] == set(range(sb.region_count))
 
+
+
+async def test_a_write_back_marks_all_its_regions_in_one_indicator_write():
+    primary, secondary, sb = await mirrored_pair()
+    m = MirrorStorage(primary, sb, 0, open_secondary=lambda: secondary)
+    runs = [(data_offset(sb, r), 8192) for r in range(20, 30)]
+    await m.will_write(runs)
+    assert m.indicators.writes == 1
+    assert all(on_storage(primary, sb, 0, r) for r in range(20, 30))
+    for off, n in runs[:6]:  # the last four never come (the blocks went clean)
+        await m.write(off, b"w" * n)
+    assert m.indicators.writes == 1 and set(m.updates) == set(range(20, 26))
+    assert m.marked() == set(range(20, 30))  # held a while for writes to come
+    async with trio.open_nursery() as n:
+        await n.start(m.run)
+        await until(lambda: not any(on_storage(primary, sb, 0, r) for r in range(20, 30)))
+        await m.drain()
+        n.cancel_scope.cancel()
+    assert await differing_regions(primary, secondary, sb) == []

@@ -55,6 +55,11 @@ class Storage(abc.ABC):
         """The range's contents are no longer needed: storage may give the
         space back (and read anything there until it is written again)."""
 
+    async def will_write(self, ranges: list[tuple[int, int]]) -> None:  # noqa: B027 - optional
+        """These (offset, length) ranges are about to be written: a layer
+        that prepares for each write (the mirror's marks) may do it for all
+        of them at once.  Only a hint: each write still does what it must."""
+
     @abc.abstractmethod
     def close(self) -> None: ...
 

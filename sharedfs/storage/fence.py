@@ -50,6 +50,10 @@ class Fence(Storage):
         self._check()
         await self.inner.flush()
 
+    async def will_write(self, ranges: list[tuple[int, int]]) -> None:
+        self._check()
+        await self.inner.will_write(ranges)
+
     def close(self) -> None:
         self.inner.close()
 
