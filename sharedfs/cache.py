@@ -213,6 +213,7 @@ class BlockCache:
         out["cache_pis_merged"] = self.pis.merged
         out["cache_pis_discarded"] = self.pis.discarded
         out.update(self.log_counters())
+        out.update(self.storage.counters())
         return out
 
     def describe(self) -> list[str]:

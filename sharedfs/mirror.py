@@ -50,15 +50,17 @@ from collections import defaultdict
 from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import trio
 import xxhash
 
 from . import format as fmt
-from .cli_util import Parser, run_tool, setup_logging
+from .cli_util import Parser, parse_address_arg, run_tool, setup_logging
 from .mkfs import existing_volume
 from .errors import QuietError, StorageError
 from .progress import Progress
+from .status import ask_master
 from .storage import Storage, canonical_name, create_image, open_volume
 from .storage.uri import is_uri
 from .volume import describe_slot, live_slots, open_superblock
@@ -280,6 +282,7 @@ class _Update:
     uid: int
     pieces: list[tuple[int, bytes]]
     regions: range
+    queued: float = 0.0  # trio time
 
     @property
     def size(self) -> int:
@@ -341,6 +344,8 @@ class MirrorStorage(Storage):
         self._closed = False
         self._full_logged = False
         self._resets_due = trio.Event()
+        #: When each queued update was queued, oldest first (for the lag).
+        self._queued: dict[int, float] = {}
         #: Regions a write-back announced, and until when their marks hold.
         self._hinted: dict[int, float] = {}
         if self.stale:
@@ -437,6 +442,8 @@ class MirrorStorage(Storage):
             self._drop(update.uid, update.regions)
             return
         self.queued_bytes += update.size
+        update.queued = trio.current_time()
+        self._queued[update.uid] = update.queued
         self._send.send_nowait(update)
 
     def _drop(self, uid: int, regions: range) -> None:
@@ -448,7 +455,6 @@ class MirrorStorage(Storage):
 
     def _acknowledged(self, update: _Update) -> None:
         """The secondary holds the update and the primary still does (claims 4, 7)."""
-        self.queued_bytes -= update.size
         self.shipped += 1
         for r in update.regions:
             self._forget(r, update.uid)
@@ -476,6 +482,22 @@ class MirrorStorage(Storage):
             if not ids:
                 del self.updates[region]
 
+    def counters(self) -> dict[str, int]:
+        """For status and /metrics: the queue, its lag, the marks."""
+        oldest = next(iter(self._queued.values()), None)
+        lag = 0 if oldest is None else trio.current_time() - oldest
+        return {
+            "mirror_queued_bytes": self.queued_bytes,
+            "mirror_queued_updates": len(self._queued),
+            "mirror_lag_ms": round(lag * 1000),
+            "mirror_marked_regions": len(self.marked()),
+            "mirror_reachable": int(self.reachable),
+            "mirror_shipped": self.shipped,
+            "mirror_rechecks": self.rechecks,
+            "mirror_dropped": self.dropped,
+            "mirror_indicator_writes": self.indicators.writes,
+        }
+
     def marked(self) -> set[int]:
         """Regions whose indicator is set in memory."""
         return set(self.updates) | self.stale | set(self._hinted)
@@ -493,10 +515,12 @@ class MirrorStorage(Storage):
     async def _shipper(self, recv: trio.MemoryReceiveChannel[_Update]) -> None:
         async with recv:
             async for update in recv:
-                if await self._ship(update):
+                shipped = await self._ship(update)
+                self.queued_bytes -= update.size
+                del self._queued[update.uid]
+                if shipped:
                     self._acknowledged(update)
                 else:
-                    self.queued_bytes -= update.size
                     self._drop(update.uid, update.regions)
 
     async def _ship(self, update: _Update) -> bool:
@@ -782,6 +806,12 @@ def make_parser() -> argparse.ArgumentParser:
     a.add_argument("--quiet", "-q", action="store_true")
     s = sub.add_parser("status", help="regions not yet on the secondary")
     s.add_argument("volume")
+    s.add_argument(
+        "--master",
+        type=parse_address_arg,
+        metavar="HOST:PORT",
+        help="also each mounted host's queue and lag, from the cluster's master",
+    )
     s.add_argument("--json", action="store_true")
     r = sub.add_parser("resync", help="copy the marked regions to the secondary")
     r.add_argument("volume")
@@ -905,6 +935,7 @@ async def status(args: argparse.Namespace) -> None:
     finally:
         primary.close()
     union = set().union(*marks.values())
+    queues = await _host_queues(sb, args.master) if args.master else {}
     report = {
         "secondary": secondary,
         "regions": sb.region_count,
@@ -914,6 +945,8 @@ async def status(args: argparse.Namespace) -> None:
         "by_host": {str(n): len(m) for n, m in marks.items() if m},
         "mounted": live,
     }
+    if args.master:
+        report["hosts"] = queues
     if args.json:
         print(json.dumps(report, indent=2))
         return
@@ -926,8 +959,33 @@ async def status(args: argparse.Namespace) -> None:
     for n, m in sorted(marks.items()):
         if m:
             print(f"  node {n}: {len(m)} regions")
-    if live:
-        print(f"mounted by nodes {', '.join(map(str, live))}: their queues are in their logs")
+    for node, q in sorted(queues.items()):
+        print(
+            f"  node {node} queue: {_mib(q['queued_bytes'])} in {q['queued_updates']} updates, "
+            f"oldest {q['lag_s']:.1f} s, {q['marked_regions']} regions marked, secondary "
+            + ("reachable" if q["reachable"] else "UNREACHABLE")
+        )
+    if live and not args.master:
+        print(f"mounted by nodes {', '.join(map(str, live))}: --master shows their queues")
+
+
+async def _host_queues(sb: fmt.Superblock, master: tuple[str, int]) -> dict[str, dict[str, Any]]:
+    """Each mounted host's mirror counters, as it last reported them."""
+    info = await ask_master(sb.cluster_key, master)
+    out = {}
+    for node, h in info["hosts"].items():
+        c = h["counters"]
+        if "mirror_queued_bytes" not in c:
+            continue
+        out[str(node)] = {
+            "queued_bytes": c["mirror_queued_bytes"],
+            "queued_updates": c["mirror_queued_updates"],
+            "lag_s": c["mirror_lag_ms"] / 1000,
+            "marked_regions": c["mirror_marked_regions"],
+            "reachable": bool(c["mirror_reachable"]),
+            "shipped": c["mirror_shipped"],
+        }
+    return out
 
 
 async def resync_command(args: argparse.Namespace) -> None:

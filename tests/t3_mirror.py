@@ -166,6 +166,9 @@ async def test_writes_go_on_while_the_secondary_is_away_and_ship_when_it_is_back
         await until(lambda: not m.reachable)
         assert m.marked() == set(range(10, 15))
         assert all(on_storage(primary, sb, 0, r) for r in range(10, 15))
+        c = m.counters()
+        assert c["mirror_reachable"] == 0 and c["mirror_marked_regions"] == 5
+        assert c["mirror_queued_updates"] == 50 and c["mirror_queued_bytes"] == 50 * 4096
         secondary.down = False
         await until(lambda: not m.marked())
         await until(lambda: not any(on_storage(primary, sb, 0, r) for r in range(10, 15)))

@@ -15,7 +15,16 @@ import pytest
 import trio
 from cluster_util import Cluster, cluster
 from conftest import CTX, ROOT, host, make_volume
-from mount_util import Master, Mount, fsck_ok, mkfs, needs_fuse, public_dir, sharedfs
+from mount_util import (
+    Master,
+    Mount,
+    fsck_ok,
+    mkfs,
+    needs_fuse,
+    public_dir,
+    sharedfs,
+    wait_for,
+)
 from nbd_util import needs_nbdkit
 from nbd_util import sparse_image as image
 
@@ -214,6 +223,13 @@ def test_two_mounts_mirror_what_they_write_and_the_secondary_will_not_mount() ->
                     with open(m.mnt / f"{tag.decode()}{i}", "wb") as f:
                         f.write(tag * (i * 70_000 + 1))
                         os.fsync(f.fileno())
+            def both_report() -> bool:
+                r = sharedfs("mirror", "status", str(vol), "--master", master.addr, "--json")
+                return set(json.loads(r.stdout)["hosts"]) == {"0", "1"}
+
+            wait_for(both_report, what="the hosts' mirror counters at the master")
+            text = sharedfs("mirror", "status", str(vol), "--master", master.addr).stdout
+            assert "node 1 queue:" in text and "secondary reachable" in text, text
             a.umount()
             b.umount()
         finally:

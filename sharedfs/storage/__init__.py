@@ -55,6 +55,10 @@ class Storage(abc.ABC):
         """The range's contents are no longer needed: storage may give the
         space back (and read anything there until it is written again)."""
 
+    def counters(self) -> dict[str, int]:
+        """What a layer has to report to status and /metrics (none by default)."""
+        return {}
+
     async def will_write(self, ranges: list[tuple[int, int]]) -> None:  # noqa: B027 - optional
         """These (offset, length) ranges are about to be written: a layer
         that prepares for each write (the mirror's marks) may do it for all
