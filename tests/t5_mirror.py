@@ -240,5 +240,13 @@ def test_two_mounts_mirror_what_they_write_and_the_secondary_will_not_mount() ->
         assert r.returncode == 32 and "mirror promote" in r.stderr
         sharedfs("mirror", "promote", str(sec))
         fsck_ok(sec)
+        c = Mount(sec, d / "c")  # a volume of its own now, with every fsync'd byte
+        try:
+            for tag in "ab":
+                for i in range(5):
+                    assert (c.mnt / f"{tag}{i}").read_bytes() == tag.encode() * (i * 70_000 + 1)
+        finally:
+            c.umount()
+        fsck_ok(sec)
     finally:
         shutil.rmtree(d, ignore_errors=True)
