@@ -73,6 +73,8 @@ QUEUE_BYTES = 256 << 20
 #: Shipping tasks per host: an NBD secondary answers faster with several
 #: requests in flight.  Their order does not matter (step 4 above).
 SHIPPERS = 4
+#: Updates a shipping task takes from the queue at once.
+SHIP_BATCH = 64
 #: How often reset indicators are written to storage.
 CLEAR_EVERY = 0.5
 #: Waits between attempts to reach a lost secondary: first, then doubling.
@@ -189,12 +191,9 @@ class Indicators:
         i, bit = self._where(region)
         return fmt.bit_test(self.durable[i], bit)
 
-    def is_set(self, region: int) -> bool:
-        i, bit = self._where(region)
-        return fmt.bit_test(self.wanted[i], bit)
-
     async def mark(self, regions: Iterable[int]) -> None:
         """Set the bits of `regions`; return once they are durable."""
+        regions = list(regions)
         todo = set()
         for r in regions:
             i, bit = self._where(r)
@@ -205,8 +204,9 @@ class Indicators:
             await self._write(i, regions)
 
     def mark_sync(self, regions: Iterable[int]) -> None:
-        """mark() for callers without an event loop (tools' sync writes).
-        They never run beside the async writers of the same run."""
+        """mark() for tools' synchronous writes (fsck -y), which never run
+        beside async writers of the same run.  Not forced to the disk: no
+        host is mounted, and the tool flushes before it is done."""
         for r in regions:
             i, bit = self._where(r)
             fmt.bit_set(self.wanted[i], bit)
@@ -229,17 +229,13 @@ class Indicators:
     def snapshot(self) -> list[bytes]:
         return [bytes(w) for w in self.wanted]
 
-    async def write_resets(self, before: list[bytes]) -> int:
+    async def write_resets(self, before: list[bytes]) -> None:
         """Write the blocks whose bits were reset before the snapshot
         `before` was taken (and still are); bits reset since stay set on
-        storage until the next call.  Returns the blocks written."""
-        n = 0
+        storage until the next call."""
         for i, old in enumerate(before):
-            keep = _or(self.wanted[i], old)
-            if keep != self.durable[i] and _and_not(self.durable[i], keep):
+            if _and_not(self.durable[i], _or(self.wanted[i], old)):
                 await self._write(i, (), keep=old)
-                n += 1
-        return n
 
     async def _write(self, i: int, regions: Iterable[int], keep: bytes | None = None) -> None:
         async with self._locks[i]:
@@ -249,7 +245,7 @@ class Indicators:
             content = bytearray(self.wanted[i] if keep is None else _or(self.wanted[i], keep))
             blockno = self._blocks()[i][0]
             # Bits this write clears are clear from now on (see `durable`).
-            self.durable[i][:] = _or_and(self.durable[i], content)
+            self.durable[i][:] = _and(self.durable[i], content)
             await self.storage.write(
                 blockno * self.sb.block_size, fmt.seal_indicators(content, blockno), fua=True
             )
@@ -262,11 +258,9 @@ def _or(a: bytes | bytearray, b: bytes | bytearray) -> bytes:
     return (int.from_bytes(a, "little") | int.from_bytes(b, "little")).to_bytes(n, "little")
 
 
-def _or_and(durable: bytes | bytearray, content: bytes | bytearray) -> bytes:
-    """durable AND content: what storage may be trusted to hold mid-write."""
-    n = len(durable)
-    v = int.from_bytes(durable, "little") & int.from_bytes(content, "little")
-    return v.to_bytes(n, "little")
+def _and(a: bytes | bytearray, b: bytes | bytearray) -> bytes:
+    n = len(a)
+    return (int.from_bytes(a, "little") & int.from_bytes(b, "little")).to_bytes(n, "little")
 
 
 def _and_not(a: bytes | bytearray, b: bytes | bytearray) -> bool:
@@ -514,46 +508,64 @@ class MirrorStorage(Storage):
 
     async def _shipper(self, recv: trio.MemoryReceiveChannel[_Update]) -> None:
         async with recv:
-            async for update in recv:
-                shipped = await self._ship(update)
-                self.queued_bytes -= update.size
-                del self._queued[update.uid]
-                if shipped:
-                    self._acknowledged(update)
-                else:
-                    self._drop(update.uid, update.regions)
+            async for first in recv:
+                batch = [first]
+                while len(batch) < SHIP_BATCH:
+                    try:
+                        batch.append(recv.receive_nowait())
+                    except trio.WouldBlock:
+                        break
+                results = await self._ship(batch)
+                for update, shipped in zip(batch, results, strict=True):
+                    self.queued_bytes -= update.size
+                    del self._queued[update.uid]
+                    if shipped:
+                        self._acknowledged(update)
+                    else:
+                        self._drop(update.uid, update.regions)
 
-    async def _ship(self, update: _Update) -> bool:
-        """Put the update on the secondary, then make sure the primary still
-        holds what was sent (step 4 of the module docstring); False when the
-        range keeps changing."""
-        for offset, data in update.pieces:
-            for _ in range(MAX_RECHECKS):
-                await self._write_secondary(offset, data)
-                now = await self.inner.read(offset, len(data))
-                if now == data:
-                    break
-                self.rechecks += 1
-                data = now
-            else:
-                return False
-        return True
-
-    async def _write_secondary(self, offset: int, data: bytes) -> None:
-        """Retry until the secondary has it."""
+    async def _ship(self, batch: list[_Update]) -> list[bool]:
+        """Put the updates on the secondary, retrying until it has them;
+        for each, whether the primary still held it afterwards."""
         while True:
             sec = await self._secondary_storage()
             try:
-                await sec.write(offset, data)
+                # One thread for the batch: a hop per request would cost the
+                # event loop more than the writes it mirrors.
+                results, rechecks = await trio.to_thread.run_sync(
+                    self._ship_sync, sec, batch, abandon_on_cancel=True
+                )
             except (StorageError, OSError) as e:
                 self._lost(sec, str(e))
                 await trio.sleep(self._next_retry())
                 continue
+            self.rechecks += rechecks
             if not self.reachable:
                 log.info("host %d: mirror: %s answers again", self.node, self.secondary_name)
                 self.reachable = True
             self._retry = RETRY_FIRST
-            return
+            return results
+
+    def _ship_sync(self, sec: Storage, batch: list[_Update]) -> tuple[list[bool], int]:
+        """Write each update to the secondary, then read its range on the
+        primary again (step 4 of the module docstring): changed meanwhile,
+        the new contents go too; still changing after MAX_RECHECKS, the
+        update is left stale.  Returns that per update, and the rechecks."""
+        results, rechecks = [], 0
+        for update in batch:
+            ok = True
+            for offset, data in update.pieces:
+                for _ in range(MAX_RECHECKS):
+                    sec.write_sync(offset, data)
+                    now = self.inner.read_sync(offset, len(data))
+                    if now == data:
+                        break
+                    rechecks += 1
+                    data = now
+                else:
+                    ok = False
+            results.append(ok)
+        return results, rechecks
 
     async def _secondary_storage(self) -> Storage:
         async with self._opening:
