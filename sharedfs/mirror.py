@@ -525,47 +525,53 @@ class MirrorStorage(Storage):
                         self._drop(update.uid, update.regions)
 
     async def _ship(self, batch: list[_Update]) -> list[bool]:
-        """Put the updates on the secondary, retrying until it has them;
-        for each, whether the primary still held it afterwards."""
+        """Put the updates on the secondary, retrying until it has them, then
+        read their ranges on the primary again (step 4 of the module
+        docstring): a range changed meanwhile goes again with its new
+        contents; one still changing after MAX_RECHECKS leaves its update
+        stale.  Returns, per update, whether it made it."""
+        ok = [True] * len(batch)
+        tries = [0] * len(batch)
+        todo = [(i, offset, data) for i, u in enumerate(batch) for offset, data in u.pieces]
+        while todo:
+            await self._put([(offset, data) for _, offset, data in todo])
+            now = await trio.to_thread.run_sync(
+                self._read_primary, [(offset, len(data)) for _, offset, data in todo]
+            )
+            again = []
+            for (i, offset, data), current in zip(todo, now, strict=True):
+                if current == data:
+                    continue
+                self.rechecks += 1
+                tries[i] += 1
+                if tries[i] < MAX_RECHECKS:
+                    again.append((i, offset, current))
+                else:
+                    ok[i] = False
+            todo = again
+        return ok
+
+    def _read_primary(self, ranges: list[tuple[int, int]]) -> list[bytes]:
+        return [self.inner.read_sync(offset, length) for offset, length in ranges]
+
+    async def _put(self, pieces: list[tuple[int, bytes]]) -> None:
+        """Write the pieces to the secondary; retry until it has them all."""
         while True:
             sec = await self._secondary_storage()
+            failed: BaseException | None = None
             try:
-                # One thread for the batch: a hop per request would cost the
-                # event loop more than the writes it mirrors.
-                results, rechecks = await trio.to_thread.run_sync(
-                    self._ship_sync, sec, batch, abandon_on_cancel=True
-                )
-            except (StorageError, OSError) as e:
-                self._lost(sec, str(e))
+                await _write_all(sec, pieces)
+            except* (StorageError, OSError) as eg:
+                failed = eg.exceptions[0]
+            if failed is not None:
+                self._lost(sec, str(failed))
                 await trio.sleep(self._next_retry())
                 continue
-            self.rechecks += rechecks
             if not self.reachable:
                 log.info("host %d: mirror: %s answers again", self.node, self.secondary_name)
                 self.reachable = True
             self._retry = RETRY_FIRST
-            return results
-
-    def _ship_sync(self, sec: Storage, batch: list[_Update]) -> tuple[list[bool], int]:
-        """Write each update to the secondary, then read its range on the
-        primary again (step 4 of the module docstring): changed meanwhile,
-        the new contents go too; still changing after MAX_RECHECKS, the
-        update is left stale.  Returns that per update, and the rechecks."""
-        results, rechecks = [], 0
-        for update in batch:
-            ok = True
-            for offset, data in update.pieces:
-                for _ in range(MAX_RECHECKS):
-                    sec.write_sync(offset, data)
-                    now = self.inner.read_sync(offset, len(data))
-                    if now == data:
-                        break
-                    rechecks += 1
-                    data = now
-                else:
-                    ok = False
-            results.append(ok)
-        return results, rechecks
+            return
 
     async def _secondary_storage(self) -> Storage:
         async with self._opening:
@@ -658,6 +664,22 @@ class MirrorStorage(Storage):
                 len(self.marked()),
             )
         await self.write_resets()
+
+
+async def _write_all(storage: Storage, pieces: list[tuple[int, bytes]]) -> None:
+    if storage.pipelined:
+        async with trio.open_nursery() as n:
+            for offset, data in pieces:
+                n.start_soon(storage.write, offset, data)
+        return
+    # One thread for them all: a hop per write would cost the event loop
+    # more than the write-back it mirrors.
+    await trio.to_thread.run_sync(_write_all_sync, storage, pieces, abandon_on_cancel=True)
+
+
+def _write_all_sync(storage: Storage, pieces: list[tuple[int, bytes]]) -> None:
+    for offset, data in pieces:
+        storage.write_sync(offset, data)
 
 
 @asynccontextmanager

@@ -29,6 +29,8 @@ class Storage(abc.ABC):
             host's handle reads, and a flush on one makes it durable for all
             (an image file or a disk: yes; NBD: when the server says so).
         min_block: writes must be aligned to this many bytes.
+        pipelined: many requests in flight at once go faster than one by
+            one from a worker thread (NBD: one connection carries them all).
     """
 
     name: str
@@ -37,6 +39,7 @@ class Storage(abc.ABC):
     writes: int = 0
     shared: bool = True
     min_block: int = 1
+    pipelined: bool = False
 
     @abc.abstractmethod
     async def read(self, offset: int, length: int) -> bytes: ...
