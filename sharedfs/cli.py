@@ -17,7 +17,7 @@ commands:
   status   show a volume's cluster       (sharedfs status VOLUME [--master HOST:PORT] [--watch])
   journal  show a volume's log           (sharedfs journal VOLUME [--records])
   inspect  look inside a volume          (sharedfs inspect VOLUME superblock|inode N|path P|block N)
-  mirror   mirror a volume to another    (sharedfs mirror attach|status|resync|verify|detach|promote)
+  mirror   keep a secondary in step      (sharedfs mirror attach|status|resync|verify|promote)
 
 'sharedfs COMMAND --help' tells more."""
 
