@@ -213,6 +213,7 @@ class BlockCache:
         out["cache_pis_merged"] = self.pis.merged
         out["cache_pis_discarded"] = self.pis.discarded
         out.update(self.log_counters())
+        out.update(self.storage.counters())
         return out
 
     def describe(self) -> list[str]:
@@ -704,7 +705,9 @@ class BlockCache:
         glob = [(b, self._bufs[b].version) for b in todo if self._bufs[b].role_global]
         written = 0
         async with self._write_lock:
-            for start, count in _runs(local):
+            runs = _runs(local)
+            await self.storage.will_write([(s * self.bs, n * self.bs) for s, n in runs])
+            for start, count in runs:
                 # Re-check: earlier writes awaited, and blocks may have gone.
                 still = [b for b in range(start, start + count) if b in self._dirty]
                 for s, n in _runs(still):

@@ -17,11 +17,12 @@ commands:
   status   show a volume's cluster       (sharedfs status VOLUME [--master HOST:PORT] [--watch])
   journal  show a volume's log           (sharedfs journal VOLUME [--records])
   inspect  look inside a volume          (sharedfs inspect VOLUME superblock|inode N|path P|block N)
+  mirror   keep a secondary in step      (sharedfs mirror attach|status|resync|verify|promote)
 
 'sharedfs COMMAND --help' tells more."""
 
 
-COMMANDS = ("mkfs", "mount", "master", "umount", "fsck", "status", "journal", "inspect")
+COMMANDS = ("mkfs", "mount", "master", "umount", "fsck", "status", "journal", "inspect", "mirror")
 
 
 def _command(name: str) -> Callable[[list[str]], None]:

@@ -56,7 +56,7 @@ class BlockType(enum.IntEnum):
     DIRBUCKET = 9
     XATTR = 10
     JOURNAL = 11
-    MIRROR = 12
+    MIRROR = 12  # mirror indicators
 
 
 # magic, type, flags, blockno, version, checksum
@@ -124,7 +124,10 @@ _SB = struct.Struct(
     "QQQQQI"  # hosts_start, journal_start, journal_blocks, mirror_start, mirror_blocks, region
     "QIIII"  # groups_start, blocks_per_group, group_count, inodes_per_group, itable_blocks
     "q32s"  # created_ns, cluster_key
+    "256s"  # mirror_secondary
 )
+#: Longest secondary address a superblock holds (UTF-8 bytes).
+MAX_SECONDARY = 256
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,6 +150,9 @@ class Superblock:
     label: str = ""
     created_ns: int = 0
     cluster_key: bytes = field(default=b"\0" * 32)
+    #: Where the volume is mirrored to (a path or an NBD URI); "" for none.
+    #: Volumes made before mirroring existed have zeros here: no mirror.
+    mirror_secondary: str = ""
     version: int = FORMAT_VERSION
 
     # -- derived geometry -------------------------------------------------
@@ -204,6 +210,26 @@ class Superblock:
         g = self.group_of_block(blockno)
         return g < self.group_count and blockno - self.group_start(g) >= self.group_overhead()
 
+    # -- mirror regions ----------------------------------------------------
+    @property
+    def region_count(self) -> int:
+        return -(-self.volume_blocks // self.mirror_region_blocks)
+
+    @property
+    def indicator_run_blocks(self) -> int:
+        """Indicator blocks per host slot."""
+        return self.mirror_blocks // self.host_slots
+
+    def indicator_block(self, node: int, region: int) -> tuple[int, int]:
+        """(block number, bit) of host `node`'s indicator for `region`."""
+        i, bit = divmod(region, bitmap_capacity(self.block_size))
+        return self.mirror_start + node * self.indicator_run_blocks + i, bit
+
+    def region_range(self, region: int) -> tuple[int, int]:
+        """(first block, block count) of `region`; the last one may be short."""
+        first = region * self.mirror_region_blocks
+        return first, min(self.mirror_region_blocks, self.volume_blocks - first)
+
     @property
     def data_blocks(self) -> int:
         return sum(self.group_blocks(g) - self.group_overhead() for g in range(self.group_count))
@@ -234,6 +260,7 @@ class Superblock:
             self.itable_blocks,
             self.created_ns,
             self.cluster_key,
+            self.mirror_secondary.encode(),
         )
         seal(buf, BlockType.SUPER, blockno, 0)
         return buf
@@ -269,6 +296,7 @@ class Superblock:
             itable_blocks=f[17],
             created_ns=f[18],
             cluster_key=f[19],
+            mirror_secondary=f[20].rstrip(b"\0").decode(errors="replace"),
         )
         sb.check_geometry()
         return sb
@@ -292,6 +320,11 @@ class Superblock:
 
     def with_label(self, label: str) -> Superblock:
         return replace(self, label=label)
+
+    def with_secondary(self, secondary: str) -> Superblock:
+        if len(secondary.encode()) > MAX_SECONDARY:
+            raise ValueError(f"secondary address is longer than {MAX_SECONDARY} bytes")
+        return replace(self, mirror_secondary=secondary)
 
 
 def bitmap_capacity(block_size: int) -> int:
@@ -481,6 +514,35 @@ def find_clear_run(buf: bytes | bytearray, nbits: int, start: int, want: int) ->
     while n < want and first + n < nbits and not bit_test(buf, first + n):
         n += 1
     return first, n
+
+
+# --------------------------------------------------------------------------
+# Mirror indicators (seed 004): one bit per region of the volume, set while
+# the region may differ on the secondary.  A block has the bitmap layout:
+# a u32 count of set bits, a u32 zero, then the bits.  An all-zero block (as
+# mkfs and `mirror resync` leave it) has no header and marks nothing.
+
+
+def seal_indicators(buf: bytearray, blockno: int) -> bytes:
+    """A copy of indicator block `buf` ready for storage: counted and sealed."""
+    out = bytearray(buf)
+    count = int.from_bytes(out[BITMAP_BITS_OFF:], "little").bit_count()
+    struct.pack_into("<II", out, HDR_SIZE, count, 0)
+    seal(out, BlockType.MIRROR, blockno, 0)
+    return bytes(out)
+
+
+def read_indicators(buf: bytes | bytearray, blockno: int) -> bytearray | None:
+    """Indicator block `blockno` as read from storage (bits via bit_test);
+    None when it is damaged, so the caller must take every region it covers
+    as marked."""
+    if not any(buf):
+        return bytearray(len(buf))
+    try:
+        verify(buf, BlockType.MIRROR, blockno)
+    except CorruptVolume:
+        return None
+    return bytearray(buf)
 
 
 # --------------------------------------------------------------------------

@@ -45,6 +45,7 @@ from .errors import CorruptVolume, FsError, QuietError, StorageError
 from .format import BlockType, DirEntry, Inode
 from .fs import MAX_DIR_DEPTH, MAX_HEIGHT, Ctx, FileSystem
 from .host import open_host
+from .mirror import marking_only
 from .progress import Progress
 from .protocol import Mode
 from .storage import Storage, open_volume
@@ -1593,6 +1594,8 @@ async def run_fsck(
 
     Raises QuietError (exit code 8) when the volume cannot be checked: not a
     sharedfs volume, or in use by a live host without `force`."""
+    if repair:
+        storage = _marking_mirror(storage)
     f = Fsck(storage, repair=repair, force=force, progress=progress)
     await _check_journal(f, storage, force)
     f.check()
@@ -1602,6 +1605,17 @@ async def run_fsck(
         await f.repair_namespace()
         await f.verify()
     return f
+
+
+def _marking_mirror(storage: Storage) -> Storage:
+    """Repairs of a mirrored volume mark the regions they write, for the
+    next `sharedfs mirror resync` (no host ships them: none is mounted)."""
+    for reader in (read_superblock, read_backup_superblock):
+        try:
+            return marking_only(storage, reader(storage))
+        except CorruptVolume:
+            continue
+    return storage
 
 
 async def _check_journal(f: Fsck, storage: Storage, force: bool) -> None:

@@ -111,6 +111,7 @@ async def show_superblock(vol: Volume) -> list[str]:
         f"superblock: sharedfs format v{sb.version}, label {sb.label!r}, uuid {sb.uuid.hex()}",
         f"  created {created}, block size {sb.block_size}, {sb.volume_blocks} blocks "
         f"({sb.volume_blocks * sb.block_size} bytes), {sb.host_slots} host slots",
+        f"  mirrored to {sb.mirror_secondary}" if sb.mirror_secondary else "  not mirrored",
         "  layout:",
         _area(0, 1, f"superblock (backup in block {sb.backup_blockno})"),
         _area(sb.hosts_start, sb.host_slots, "host slots"),
@@ -329,7 +330,8 @@ def what_block(vol: Volume, blockno: int) -> list[str]:
     if blockno < sb.mirror_start:
         return [_journal_block(vol, blockno)]
     if blockno < sb.groups_start:
-        return [f"mirror indicator block {blockno - sb.mirror_start} (not yet written by hosts)"]
+        node, i = divmod(blockno - sb.mirror_start, sb.indicator_run_blocks)
+        return [f"mirror indicator block {i} of node {node} (sharedfs mirror status counts them)"]
     g = sb.group_of_block(blockno)
     if g >= sb.group_count:
         return ["unused tail of the volume (too short for a group)"]

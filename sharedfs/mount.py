@@ -42,6 +42,7 @@ from .host import DEFAULT_CACHE_BYTES, open_cluster_host
 from .link import parse_address
 from .master import MasterService
 from .metrics import Sample, counter_samples, serve_metrics
+from .mirror import mirrored, refuse_own_secondary
 from .storage import Storage, canonical_name, open_volume
 from .storage.nbd import DEFAULT_TIMEOUT as NBD_TIMEOUT
 from .volume import (
@@ -207,42 +208,10 @@ async def serve(
     # end the process before the volume is clean.
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
         slot = claim_slot(storage, sb, node, mountpoint)
-        if not set(live_slots(storage, sb)) - {node}:
-            await replay_log(storage, sb, node)
-        fs = open_cluster_host(
-            storage, sb, node=node, coherence=args.coherence, cache_bytes=args.cache_size
-        )
-        fs.log.page_locks = args.log_page_locks
-        agent = fs.cache.agent
-        assert isinstance(agent, ClusterAgent)
-        ops = Operations(fs)
         try:
-            async with contextlib.AsyncExitStack() as stack, trio.open_nursery() as nursery:
-                master, service = await _start_master(nursery, sb, args, node)
-                if args.metrics:
-                    samples = functools.partial(_metric_samples, fs, agent, service)
-                    port = await stack.enter_async_context(serve_metrics(args.metrics, samples))
-                    log.info("host %d: metrics on %s:%d/metrics", node, args.metrics[0], port)
-                states = [agent.describe] + ([service.describe] if service else [])
-                nursery.start_soon(dump_on_signal, f"host {node}", *states)
-                lhost, lport = args.peer_address
-                await nursery.start(
-                    functools.partial(agent.run, master, listen_host=lhost, listen_port=lport)
-                )
-                await _run_fuse(
-                    fs,
-                    ops,
-                    storage,
-                    sb,
-                    mountpoint,
-                    node,
-                    options,
-                    slot,
-                    ready,
-                    nursery,
-                    args.writeback,
-                    signals,
-                )
+            # The mirror wraps everything this host writes, the replay too.
+            async with mirrored(storage, sb, node) as volume:
+                await _serve_host(volume, sb, mountpoint, node, options, args, ready, signals, slot)
         finally:
             if fs.fenced:
                 # Not even our own slot: a fenced host writes nothing more.
@@ -251,6 +220,54 @@ async def serve(
             else:
                 release_slot(storage, sb, node, slot)
                 log.info("host %d: unmounted %s, volume clean", node, mountpoint)
+
+
+async def _serve_host(
+    storage: Storage,
+    sb: fmt.Superblock,
+    mountpoint: str,
+    node: int,
+    options: set[str],
+    args: argparse.Namespace,
+    ready: Callable[[], None],
+    signals: AsyncIterator[int],
+    slot: fmt.HostSlot,
+) -> None:
+    if not set(live_slots(storage, sb)) - {node}:
+        await replay_log(storage, sb, node)
+    fs = open_cluster_host(
+        storage, sb, node=node, coherence=args.coherence, cache_bytes=args.cache_size
+    )
+    fs.log.page_locks = args.log_page_locks
+    agent = fs.cache.agent
+    assert isinstance(agent, ClusterAgent)
+    ops = Operations(fs)
+    async with contextlib.AsyncExitStack() as stack, trio.open_nursery() as nursery:
+        master, service = await _start_master(nursery, sb, args, node)
+        if args.metrics:
+            samples = functools.partial(_metric_samples, fs, agent, service)
+            port = await stack.enter_async_context(serve_metrics(args.metrics, samples))
+            log.info("host %d: metrics on %s:%d/metrics", node, args.metrics[0], port)
+        states = [agent.describe] + ([service.describe] if service else [])
+        nursery.start_soon(dump_on_signal, f"host {node}", *states)
+        lhost, lport = args.peer_address
+        await nursery.start(
+            functools.partial(agent.run, master, listen_host=lhost, listen_port=lport)
+        )
+        await _run_fuse(
+            fs,
+            ops,
+            storage,
+            sb,
+            mountpoint,
+            node,
+            options,
+            slot,
+            ready,
+            nursery,
+            args.writeback,
+            signals,
+        )
 
 
 async def _start_master(
@@ -406,6 +423,7 @@ def mount(args: argparse.Namespace) -> None:
     sb = open_superblock(storage)
     check_block_size(storage, sb.block_size)
     check_shared(storage, args.master)
+    refuse_own_secondary(args.volume, sb)
     node = pick_node(storage, sb, args.node, args.master)
     if not 0 <= node < sb.host_slots:
         raise QuietError(f"--node {node}: this volume has host slots 0..{sb.host_slots - 1}", 2)

@@ -350,7 +350,19 @@ class Stats(Message):
 
 
 #: Stats counters that are levels (blocks cached now), not running totals.
-STATS_LEVELS = frozenset({"cache_blocks", "cache_dirty", "cache_pis", "log_pages_in_use"})
+STATS_LEVELS = frozenset(
+    {
+        "cache_blocks",
+        "cache_dirty",
+        "cache_pis",
+        "log_pages_in_use",
+        "mirror_queued_bytes",
+        "mirror_queued_updates",
+        "mirror_marked_regions",
+        "mirror_lag_ms",
+        "mirror_reachable",
+    }
+)
 
 
 # ---------------------------------------------------------------------------

@@ -4,7 +4,7 @@ over loopback TCP, all on one MemoryStorage, without FUSE."""
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 
 import trio
@@ -13,6 +13,8 @@ from sharedfs.debug import task_tree
 from sharedfs.fs import FileSystem
 from sharedfs.host import open_cluster_host
 from sharedfs.master import MasterService
+from sharedfs.mirror import MirrorStorage
+from sharedfs.storage import Storage
 from sharedfs.storage.memory import MemoryStorage
 from sharedfs.volume import read_superblock
 
@@ -29,6 +31,7 @@ class Cluster:
         coherence: str,
         cache_bytes: int,
         checkpoint_every: float | None,
+        open_secondary: Callable[[], Storage] | None,
     ):
         self.storage = storage
         self.master = master
@@ -40,6 +43,9 @@ class Cluster:
         self._cache_bytes = cache_bytes
         self._checkpoint_every = checkpoint_every
         self._scopes: dict[int, trio.CancelScope] = {}
+        self._open_secondary = open_secondary
+        #: Per host, its mirror (when the volume names a secondary).
+        self.mirrors: dict[int, MirrorStorage] = {}
 
     @property
     def directory(self):  # type: ignore[no-untyped-def]
@@ -47,8 +53,14 @@ class Cluster:
 
     async def start(self, node: int) -> FileSystem:
         """Start host `node` (again, after a kill: in the same slot)."""
+        storage: Storage = self.storage
+        if self.sb.mirror_secondary:
+            storage = MirrorStorage(
+                self.storage, self.sb, node, open_secondary=self._open_secondary
+            )
+            self.mirrors[node] = storage
         fs = open_cluster_host(
-            self.storage,
+            storage,
             self.sb,
             node=node,
             coherence=self._coherence,
@@ -64,6 +76,8 @@ class Cluster:
     async def _run(self, fs: FileSystem, task_status=trio.TASK_STATUS_IGNORED) -> None:  # type: ignore[no-untyped-def]
         with trio.CancelScope() as scope:
             async with trio.open_nursery() as n:
+                if fs.sb.mirror_secondary:
+                    await n.start(self.mirrors[fs.host].run)
                 await n.start(fs.cache.agent.run, ("127.0.0.1", self._port))
                 if self._checkpoint_every is not None:
                     n.start_soon(fs.write_back_every, self._checkpoint_every)
@@ -117,14 +131,19 @@ async def cluster(
     coherence: str = "fusion",
     cache_bytes: int = 64 << 20,
     checkpoint_every: float | None = 0.5,
+    open_secondary: Callable[[], Storage] | None = None,
 ) -> AsyncIterator[Cluster]:
     """checkpoint_every=None: no background checkpoints, for tests that
-    account for every storage write."""
+    account for every storage write.  On a volume that names a secondary,
+    every host mirrors to what `open_secondary` gives (default: the
+    volume it names), and drains its queue at the end."""
     sb = read_superblock(storage)
     master = MasterService(sb.cluster_key, coherence=coherence, host_slots=sb.host_slots)
     async with trio.open_nursery() as nursery:
         port = await nursery.start(master.serve, "127.0.0.1", 0)
-        c = Cluster(storage, master, nursery, port, coherence, cache_bytes, checkpoint_every)
+        c = Cluster(
+            storage, master, nursery, port, coherence, cache_bytes, checkpoint_every, open_secondary
+        )
         for node in range(n):
             await c.start(node)
         try:
@@ -134,4 +153,6 @@ async def cluster(
                 for node, fs in enumerate(c.hosts):
                     if node in c._scopes:
                         await fs.destroy()
+                        if node in c.mirrors:
+                            await c.mirrors[node].drain()
             nursery.cancel_scope.cancel()

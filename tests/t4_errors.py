@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 import trio
-from mount_util import PY, Master, Mount, free_port, mkfs, needs_fuse, public_dir
+from mount_util import PY, Master, Mount, free_port, mkfs, needs_fuse, public_dir, sharedfs
 
 from sharedfs import format as fmt
 from sharedfs.fs import Ctx
@@ -55,6 +55,7 @@ class Scene:
     empty: Path  # a directory nothing is mounted on
     closed: str  # nothing listens there
     not_master: str  # something that is not a sharedfs master listens there
+    mirrored: Path  # mirrored to an image file that is gone since
 
 
 def cases(s: Scene) -> list[Case]:
@@ -244,6 +245,56 @@ def cases(s: Scene) -> list[Case]:
             ("inspect", other, "block", "99999999"),
             ("block 99999999 is out of range", "blocks 0-"),
         ),
+        # mirror
+        Case("mirror-no-action", ("mirror",), ("required: ACTION",), 2),
+        Case("mirror-bad-action", ("mirror", "frob", vol), ("invalid choice: 'frob'",), 2),
+        Case("mirror-status-junk", ("mirror", "status", str(s.junk)), ("not a sharedfs volume",)),
+        Case(
+            "mirror-status-none",
+            ("mirror", "status", other),
+            ("has no secondary", f"sharedfs mirror attach {other} SECONDARY"),
+        ),
+        Case(
+            "mirror-attach-mounted",
+            ("mirror", "attach", vol, f"{d}/never.img"),
+            ("mounted by node 0", "unmount every host"),
+            32,
+        ),
+        Case("mirror-attach-itself", ("mirror", "attach", other, other), ("the volume itself",), 2),
+        Case(
+            "mirror-attach-too-small",
+            ("mirror", "attach", other, str(s.junk)),
+            ("holds 1048576 bytes", "the volume needs"),
+        ),
+        Case(
+            "mirror-attach-another-volume",
+            ("mirror", "attach", other, str(s.damaged)),
+            ("holds another sharedfs volume", "--force"),
+        ),
+        Case(
+            "mirror-attach-twice",
+            ("mirror", "attach", str(s.mirrored), f"{d}/never.img"),
+            ("already mirrored to", "detach"),
+        ),
+        Case(
+            "mirror-resync-secondary-gone",
+            ("mirror", "resync", str(s.mirrored)),
+            ("secondary", "gone.img: no such file"),
+        ),
+        Case(
+            "mirror-verify-secondary-gone",
+            ("mirror", "verify", str(s.mirrored)),
+            ("secondary", "gone.img: no such file"),
+        ),
+        Case("mirror-verify-none", ("mirror", "verify", vol), ("has no secondary",)),
+        Case("mirror-detach-none", ("mirror", "detach", other), ("has no secondary",)),
+        Case("mirror-promote-unmirrored", ("mirror", "promote", other), ("is not a secondary",)),
+        Case(
+            "mirror-promote-primary",
+            ("mirror", "promote", str(s.mirrored)),
+            ("is the primary of", "gone.img", "--force"),
+        ),
+        Case("mirror-resync-missing", ("mirror", "resync", f"{d}/missing.img"), ("no such file",)),
     ]
 
 
@@ -286,6 +337,10 @@ def scene(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Scene]:
         f.write(b"\xff" * 16)
     junk = d / "junk.img"
     junk.write_bytes(os.urandom(1 << 20))
+    mirrored = d / "mirrored.img"
+    mkfs(mirrored, "64M")
+    sharedfs("mirror", "attach", str(mirrored), str(d / "gone.img"))
+    (d / "gone.img").unlink()
     (d / "empty").mkdir()
     master = Master(vol, d / "master.log")
     host = None
@@ -303,6 +358,7 @@ def scene(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Scene]:
             d / "empty",
             f"127.0.0.1:{free_port()}",
             not_master,
+            mirrored,
         )
     finally:
         stop.set()

@@ -10,6 +10,11 @@ nbd: one host's workloads (sequential 1 MiB writes and cold reads, random
 4 KiB writes and cold O_DIRECT reads, small files) on a volume that is an
 image file, and on the same kind of image served by nbdkit over a unix
 socket and over loopback TCP, interleaved in the same run.
+
+mirror: one host's write workloads with mirroring off, to an image file,
+and to nbdkit over a unix socket, interleaved; the lag (how long after a
+workload's last fsync the secondary has everything); then `sharedfs mirror
+resync` against the fraction of regions marked.
 """
 
 from __future__ import annotations
@@ -529,9 +534,156 @@ def pingpong_bench(args: argparse.Namespace, work: Path) -> str:
     return "\n".join(out)
 
 
+# -- mirroring ------------------------------------------------------------------
+
+MIRROR_MODES = ("off", "file", "nbd+unix")
+MIRROR_WORKLOADS = ("seq write 1 MiB", "rand write 4 KiB", "small files 4 KiB")
+
+
+@contextmanager
+def secondary_of(mode: str, work: Path) -> Iterator[str | None]:
+    """Where a mirrored volume's secondary is: an image file on the same
+    disk, or one that nbdkit serves on a unix socket."""
+    if mode == "off":
+        yield None
+        return
+    if mode == "file":
+        img = work / "secondary.img"
+        img.unlink(missing_ok=True)
+        yield str(img)
+        return
+    with volume_of("nbd+unix", work) as uri:
+        yield uri
+
+
+def marked_regions(vol: Path) -> int:
+    from sharedfs.mirror import read_marks
+    from sharedfs.volume import read_superblock
+
+    storage = open_volume(str(vol), writable=False)
+    try:
+        return len(set().union(*read_marks(storage, read_superblock(storage)).values()))
+    finally:
+        storage.close()
+
+
+def lag(vol: Path) -> float:
+    """Seconds until no region is marked any more (the host's resets are
+    written lazily, every 0.5 s, after a flush of the secondary)."""
+    t0 = time.monotonic()
+    while marked_regions(vol):
+        if time.monotonic() - t0 > 120:
+            raise SystemExit("the secondary never caught up")
+        time.sleep(0.02)
+    return time.monotonic() - t0
+
+
+def mirror_run(mode: str, work: Path) -> dict[str, float]:
+    vol, mnt, log = work / "primary.img", work / "mnt", work / f"mirror-{mode}.log"
+    vol.unlink(missing_ok=True)
+    sfs("mkfs", str(vol), "--size", "1G", "-q")
+    out: dict[str, float] = {}
+    with secondary_of(mode, work) as secondary:
+        if secondary is not None:
+            sfs("mirror", "attach", str(vol), secondary, "-q")
+        with mounted(str(vol), mnt, log):
+            for name, fn in (
+                ("seq write 1 MiB", lambda: seq_write(mnt / "big")),
+                ("rand write 4 KiB", lambda: rand_write(mnt / "big")),
+                ("small files 4 KiB", lambda: small_files(mnt / "small")),
+            ):
+                out[name] = timed(fn)
+                if secondary is not None:
+                    out[f"lag after {name}"] = lag(vol)
+        if secondary is not None:
+            verify = sfs("mirror", "verify", str(vol), "-q").stdout
+            assert "identical" in verify, verify
+    return out
+
+
+def resync_run(work: Path, fractions: tuple[float, ...]) -> list[dict[str, float]]:
+    """`sharedfs mirror resync` with a fraction of the regions of a 1 GiB
+    volume marked; the bytes are random (resync copies bytes, not files)."""
+    from sharedfs.mirror import Indicators
+    from sharedfs.volume import read_superblock
+
+    vol, sec = work / "resync.img", work / "resync-secondary.img"
+    for p in (vol, sec):
+        p.unlink(missing_ok=True)
+    sfs("mkfs", str(vol), "--size", "1G", "-q")
+    sfs("mirror", "attach", str(vol), str(sec), "-q")
+    storage = open_volume(str(vol))
+    sb = read_superblock(storage)
+    start = sb.groups_start * sb.block_size  # keep the layout (marks live there)
+    rng = random.Random(7)
+    for off in range(start, (sb.volume_blocks - 1) * sb.block_size - MiB, MiB):
+        storage.write_sync(off, rng.randbytes(MiB))
+    rows = []
+    for f in fractions:
+        regions = rng.sample(range(sb.region_count), round(f * sb.region_count))
+        trio.run(Indicators(storage, sb, 0).mark, regions)
+        t0 = time.monotonic()
+        said = sfs("mirror", "resync", str(vol), "-q").stdout
+        secs = time.monotonic() - t0
+        assert f"resynced {len(regions)} regions" in said, said
+        rows.append({"fraction": f, "regions": len(regions), "seconds": secs})
+    storage.close()
+    return rows
+
+
+def mirror_bench(args: argparse.Namespace, work: Path) -> str:
+    runs: dict[str, list[dict[str, float]]] = {m: [] for m in MIRROR_MODES}
+    for _ in range(args.repeat):  # interleaved: noise hurts every mode alike
+        for mode in MIRROR_MODES:
+            runs[mode].append(mirror_run(mode, work))
+    med = {
+        m: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for m, rs in runs.items()
+    }
+    fractions = (0.0, 0.01, 0.1, 0.5, 1.0)
+    resyncs = resync_run(work, fractions)
+    cmd = f"tools/bench mirror --repeat {args.repeat}"
+    out = [
+        f"### mirroring, {time.strftime('%Y-%m-%d')}",
+        "",
+        f"`{cmd}` on {machine()}; a fresh 1 GiB image file on the machine's disk,",
+        "one host (embedded master, `--writeback 600`: blocks reach storage at",
+        "fsync); mirroring off, to an image file on the same disk, and to nbdkit's",
+        "file plugin on a unix socket. Each workload ends with an fsync (as in",
+        "`tools/bench nbd`). Lag: seconds after that fsync until no region is",
+        "marked on the volume (resets are written lazily, every 0.5 s, after a",
+        f"flush of the secondary). Medians of {args.repeat} runs (each run in brackets).",
+        "",
+        "| workload | off | file | nbd+unix | file / off | nbd+unix / off |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for w in MIRROR_WORKLOADS:
+        cells = [
+            f"{med[m][w]:.0f} ({', '.join(f'{r[w]:.0f}' for r in runs[m])})" for m in MIRROR_MODES
+        ]
+        ratios = [f"{med[m][w] / med['off'][w]:.0%}" for m in MIRROR_MODES[1:]]
+        out.append(f"| {w}, {WORKLOADS[w]} | {' | '.join(cells)} | {' | '.join(ratios)} |")
+    for w in MIRROR_WORKLOADS:
+        lags = [f"{med[m][f'lag after {w}']:.2f}" for m in MIRROR_MODES[1:]]
+        out.append(f"| lag after {w}, s | – | {' | '.join(lags)} | | |")
+    out += [
+        "",
+        "`sharedfs mirror resync` (the whole command, process start included) of",
+        "the same kind of volume to an image file, with random bytes in every",
+        "region and a random fraction of them marked:",
+        "",
+        "| marked | regions | seconds | MB/s copied |",
+        "| --- | --- | --- | --- |",
+    ]
+    for r in resyncs:
+        rate = r["regions"] * MiB / 1e6 / r["seconds"]
+        out.append(f"| {r['fraction']:.0%} | {r['regions']} | {r['seconds']:.2f} | {rate:.0f} |")
+    out.append("")
+    return "\n".join(out)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(prog="tools/bench")
-    ap.add_argument("what", choices=["pingpong", "nbd", "journal"])
+    ap.add_argument("what", choices=["pingpong", "nbd", "journal", "mirror"])
     ap.add_argument("--rounds", type=int, default=200, help="pingpong: turns per host")
     ap.add_argument("--seconds", type=float, default=10, help="journal: seconds per run")
     ap.add_argument("--repeat", type=int, default=3, help="runs per mode; the median is reported")
@@ -544,7 +696,12 @@ def main() -> None:
     base.mkdir(exist_ok=True)
     work = Path(tempfile.mkdtemp(dir=base))
     try:
-        bench = {"pingpong": pingpong_bench, "nbd": nbd_bench, "journal": journal_bench}[args.what]
+        bench = {
+            "pingpong": pingpong_bench,
+            "nbd": nbd_bench,
+            "journal": journal_bench,
+            "mirror": mirror_bench,
+        }[args.what]
         text = bench(args, work)
     finally:
         shutil.rmtree(work, ignore_errors=True)

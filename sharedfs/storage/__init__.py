@@ -29,6 +29,8 @@ class Storage(abc.ABC):
             host's handle reads, and a flush on one makes it durable for all
             (an image file or a disk: yes; NBD: when the server says so).
         min_block: writes must be aligned to this many bytes.
+        pipelined: many requests in flight at once go faster than one by
+            one from a worker thread (NBD: one connection carries them all).
     """
 
     name: str
@@ -37,6 +39,7 @@ class Storage(abc.ABC):
     writes: int = 0
     shared: bool = True
     min_block: int = 1
+    pipelined: bool = False
 
     @abc.abstractmethod
     async def read(self, offset: int, length: int) -> bytes: ...
@@ -54,6 +57,15 @@ class Storage(abc.ABC):
     async def trim(self, offset: int, length: int) -> None:  # noqa: B027 - optional
         """The range's contents are no longer needed: storage may give the
         space back (and read anything there until it is written again)."""
+
+    def counters(self) -> dict[str, int]:
+        """What a layer has to report to status and /metrics (none by default)."""
+        return {}
+
+    async def will_write(self, ranges: list[tuple[int, int]]) -> None:  # noqa: B027 - optional
+        """These (offset, length) ranges are about to be written: a layer
+        that prepares for each write (the mirror's marks) may do it for all
+        of them at once.  Only a hint: each write still does what it must."""
 
     @abc.abstractmethod
     def close(self) -> None: ...

@@ -50,6 +50,13 @@ class Fence(Storage):
         self._check()
         await self.inner.flush()
 
+    def counters(self) -> dict[str, int]:
+        return self.inner.counters()
+
+    async def will_write(self, ranges: list[tuple[int, int]]) -> None:
+        self._check()
+        await self.inner.will_write(ranges)
+
     def close(self) -> None:
         self.inner.close()
 

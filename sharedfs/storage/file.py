@@ -76,16 +76,19 @@ class FileStorage(Storage):
         return data
 
     def write_sync(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        self._pwrite(offset, data, 0)
+
+    def _pwrite(self, offset: int, data: bytes | bytearray | memoryview, flags: int) -> None:
         self._check_range(offset, len(data))
         self.writes += 1
         try:
             if not self.direct:
-                n = os.pwrite(self._fd, data, offset)
+                n = os.pwritev(self._fd, [data], offset, flags)
             else:
                 buf = mmap.mmap(-1, _round_up(len(data)))
                 try:
                     buf[: len(data)] = data
-                    n = os.pwritev(self._fd, [memoryview(buf)[: len(data)]], offset)
+                    n = os.pwritev(self._fd, [memoryview(buf)[: len(data)]], offset, flags)
                 finally:
                     buf.close()
         except OSError as e:
@@ -104,9 +107,11 @@ class FileStorage(Storage):
     async def write(
         self, offset: int, data: bytes | bytearray | memoryview, *, fua: bool = False
     ) -> None:
-        await trio.to_thread.run_sync(self.write_sync, offset, data, limiter=self._limiter)
-        if fua:
-            await self.flush()
+        # FUA makes this write durable, not all the others: RWF_DSYNC rather
+        # than an fdatasync of the whole image (mirror indicators are
+        # written so before data, and must not flush the data in flight).
+        flags = os.RWF_DSYNC if fua else 0
+        await trio.to_thread.run_sync(self._pwrite, offset, data, flags, limiter=self._limiter)
 
     async def flush(self) -> None:
         await trio.to_thread.run_sync(os.fdatasync, self._fd, limiter=self._limiter)

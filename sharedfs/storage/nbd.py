@@ -113,6 +113,8 @@ class NbdStorage(Storage):
         resent: requests sent again after their connection died.
     """
 
+    pipelined = True
+
     def __init__(
         self, address: NbdAddress, conn: Connection, *, timeout: float, writable: bool
     ) -> None:
