@@ -57,8 +57,8 @@ import xxhash
 
 from . import format as fmt
 from .cli_util import Parser, parse_address_arg, run_tool, setup_logging
-from .mkfs import existing_volume
 from .errors import QuietError, StorageError
+from .mkfs import existing_volume
 from .progress import Progress
 from .status import ask_master
 from .storage import Storage, canonical_name, create_image, open_volume

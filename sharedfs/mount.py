@@ -208,12 +208,15 @@ async def serve(
     # end the process before the volume is clean.
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
         slot = claim_slot(storage, sb, node, mountpoint)
+        host: list[FileSystem] = []  # the host, once there is one
         try:
             # The mirror wraps everything this host writes, the replay too.
             async with mirrored(storage, sb, node) as volume:
-                await _serve_host(volume, sb, mountpoint, node, options, args, ready, signals, slot)
+                await _serve_host(
+                    volume, sb, mountpoint, node, options, args, ready, signals, slot, host
+                )
         finally:
-            if fs.fenced:
+            if host and host[0].fenced:
                 # Not even our own slot: a fenced host writes nothing more.
                 # The slot frees itself (this process gone, its heartbeat old).
                 log.info("host %d: unmounted %s, fenced", node, mountpoint)
@@ -232,12 +235,14 @@ async def _serve_host(
     ready: Callable[[], None],
     signals: AsyncIterator[int],
     slot: fmt.HostSlot,
+    host: list[FileSystem],
 ) -> None:
     if not set(live_slots(storage, sb)) - {node}:
         await replay_log(storage, sb, node)
     fs = open_cluster_host(
         storage, sb, node=node, coherence=args.coherence, cache_bytes=args.cache_size
     )
+    host.append(fs)
     fs.log.page_locks = args.log_page_locks
     agent = fs.cache.agent
     assert isinstance(agent, ClusterAgent)
