@@ -338,6 +338,10 @@ class MirrorStorage(Storage):
         self._closed = False
         self._full_logged = False
         self._resets_due = trio.Event()
+        #: Why the host behind us is fenced ("" while it is not; its mount
+        #: sets this): a fenced host writes nothing more to the primary, so
+        #: its marks stay for a resync.
+        self.fenced: Callable[[], str] = lambda: ""
         #: When each queued update was queued, oldest first (for the lag).
         self._queued: dict[int, float] = {}
         #: Regions a write-back announced, and until when their marks hold.
@@ -633,7 +637,7 @@ class MirrorStorage(Storage):
         unacknowledged updates need to stay on storage)."""
         before = self.indicators.snapshot()
         sec = self._secondary
-        if sec is None or not self.indicators.resets_pending():
+        if sec is None or not self.indicators.resets_pending() or self.fenced():
             return
         try:
             await sec.flush()

@@ -42,7 +42,7 @@ from .host import DEFAULT_CACHE_BYTES, open_cluster_host
 from .link import parse_address
 from .master import MasterService
 from .metrics import Sample, counter_samples, serve_metrics
-from .mirror import mirrored, refuse_own_secondary
+from .mirror import MirrorStorage, mirrored, refuse_own_secondary
 from .storage import Storage, canonical_name, open_volume
 from .storage.nbd import DEFAULT_TIMEOUT as NBD_TIMEOUT
 from .volume import (
@@ -243,6 +243,8 @@ async def _serve_host(
         storage, sb, node=node, coherence=args.coherence, cache_bytes=args.cache_size
     )
     host.append(fs)
+    if isinstance(storage, MirrorStorage):
+        storage.fenced = lambda: fs.fenced
     fs.log.page_locks = args.log_page_locks
     agent = fs.cache.agent
     assert isinstance(agent, ClusterAgent)

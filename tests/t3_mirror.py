@@ -310,3 +310,25 @@ async def test_a_write_back_marks_all_its_regions_in_one_indicator_write():
         await m.drain()
         n.cancel_scope.cancel()
     assert await differing_regions(primary, secondary, sb) == []
+
+
+async def test_a_fenced_host_leaves_its_marks_on_storage():
+    """Its updates may still reach the secondary, but the primary gets no
+    more writes from it, resets of its marks included: a resync copies
+    those regions again."""
+    primary, secondary, sb = await mirrored_pair()
+    m = MirrorStorage(primary, sb, 1, open_secondary=lambda: secondary)
+    r = 21
+    await m.write(data_offset(sb, r), b"y" * 4096)
+    m.fenced = lambda: "cut off"
+    async with trio.open_nursery() as n:
+        await n.start(m.run)
+        await until(lambda: not m.updates)
+        await m.drain()
+        n.cancel_scope.cancel()
+    assert ("secondary write", data_offset(sb, r)) in primary.events
+    assert [e for e in primary.events if e[0] == "primary write"] == [
+        ("primary write", indicator_offset(sb, 1, r)),
+        ("primary write", data_offset(sb, r)),
+    ]
+    assert on_storage(primary, sb, 1, r)
