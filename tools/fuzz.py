@@ -67,6 +67,9 @@ class Report:
         connections: connections opened.
         rejected_master / rejected_hosts: the services' own counts.
         ops / wrong: workload operations, and reads that came back wrong.
+
+    An exception in the master or a host ends the run with its traceback:
+    a report means no crash.
     """
 
     frames: int = 0
@@ -178,7 +181,8 @@ _UNASKED = (p.Beat, p.PeerUp, p.PeerDown, p.WriteNotify)
 
 
 class Attacker:
-    """Opens connections to `targets` and sends one attack on each."""
+    """Opens connections to the master and the hosts' peer listeners and
+    sends one attack on each."""
 
     def __init__(self, key: bytes, master_port: int, peer_ports: list[int], report: Report):
         self.key = key
@@ -187,9 +191,9 @@ class Attacker:
         self.report = report
         self.recorded = b""  # a whole authenticated session, sent by a tool
         # Host slots insiders join in; a slot is busy until its fencing ends.
-        self._slots, self._free_slots = trio.open_memory_channel[int](8)
+        self._slot_back, self._slot_free = trio.open_memory_channel[int](8)
         for node in range(HOSTS, 8):
-            self._slots.send_nowait(node)
+            self._slot_back.send_nowait(node)
 
     async def record_session(self) -> None:
         """What an honest tool sends for `sharedfs status`: replay material."""
@@ -238,16 +242,20 @@ class Attacker:
                     return
                 if conn is not None and conn.authenticated:
                     conn.receive_data(data)
-                    try:
-                        msg, _ = conn.next_event()
-                    except p.ProtocolError:
-                        continue
-                    if msg is not None and not isinstance(msg, _UNASKED):
-                        log.error("accepted: a bad frame got %.200r", msg)
+                    if reply := self._reply(conn):
+                        log.error("accepted: a bad frame got %.200r", reply)
                         self.report.accepted += 1
                         return
         log.error("accepted: a bad frame left the connection open")
         self.report.accepted += 1
+
+    @staticmethod
+    def _reply(conn: p.Connection) -> p.Message | None:
+        """A message in what arrived that answers us, if any."""
+        while (msg := conn.next_event()[0]) is not None:
+            if not isinstance(msg, _UNASKED):
+                return msg
+        return None
 
     async def handshake(
         self, stream: trio.SocketStream, node: int, tape: list[bytes] | None = None
@@ -364,13 +372,13 @@ async def _insider_bad_body(
 
 async def _bad_values(a: Attacker, stream: trio.SocketStream, rng: random.Random, m: bool) -> None:
     """Join in a free slot, then send values no honest host sends."""
-    node = await a._free_slots.receive()
+    node = await a._slot_free.receive()
     try:
         await _join_and_misbehave(a, stream, rng, node)
     finally:
         # Its slot is fenced and recovered before the next insider may join.
         await trio.sleep(0.6)
-        a._slots.send_nowait(node)
+        a._slot_back.send_nowait(node)
 
 
 async def _join_and_misbehave(
