@@ -48,8 +48,9 @@ from sharedfs.volume import read_superblock
 log = logging.getLogger("fuzz")
 
 CTX = Ctx(0, 0)
-#: How long a peer gets to answer a bad frame by closing the connection.
-VERDICT_TIMEOUT = 10.0
+#: How long a peer gets to answer a bad frame by closing the connection
+#: (generous: the machine may be loaded; only a failure waits this long).
+VERDICT_TIMEOUT = 30.0
 #: Files each host creates before it only rewrites its own.
 SHARED_FILES = 60
 HOSTS = 2
