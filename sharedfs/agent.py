@@ -113,6 +113,7 @@ class AgentStats:
     write_performs: int = 0
     notifications: int = 0
     retries: int = 0
+    peer_rejected: int = 0  # frames refused on the peer listener
 
 
 class ClusterAgent:
@@ -398,7 +399,7 @@ class ClusterAgent:
     async def _master_loop(self, link: Link) -> None:
         assert self._nursery is not None and self.cache is not None
         try:
-            async for msg in link.messages():
+            while (msg := await link.receive()) is not None:
                 self._heard = trio.current_time()
                 self.cache.see_scn(getattr(msg, "scn", 0))
                 written = getattr(msg, "written", ())
@@ -559,11 +560,13 @@ class ClusterAgent:
     async def _peer_handler(self, stream: trio.SocketStream) -> None:
         try:
             link = await Link.open(stream, self.key, self.host, initiator=False)
-            async for msg in link.messages():
+            while (msg := await link.receive()) is not None:
                 if not isinstance(msg, p.Transfer):
                     raise p.ProtocolError(f"peer sent {type(msg).__name__}")
                 self._on_transfer(msg)
         except (p.ProtocolError, LinkClosed, trio.TooSlowError) as e:
+            if isinstance(e, p.ProtocolError):
+                self.stats.peer_rejected += 1
             log.warning("host %d: dropped a peer connection: %s", self.host, e)
         finally:
             with trio.CancelScope(shield=True):

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import secrets
 import stat
 import struct
 import sys
@@ -1597,11 +1598,14 @@ async def run_fsck(
     if repair:
         storage = _marking_mirror(storage)
     f = Fsck(storage, repair=repair, force=force, progress=progress)
-    await _check_journal(f, storage, force)
+    log_checked = await _check_journal(f, storage, force)
     f.check()
     if repair and f.found_errors:
         f.write_repairs()
         await storage.flush()
+        if not log_checked:
+            # The superblock that locates the log was restored just now.
+            await _check_journal(f, storage, force)
         await f.repair_namespace()
         await f.verify()
     return f
@@ -1618,19 +1622,24 @@ def _marking_mirror(storage: Storage) -> Storage:
     return storage
 
 
-async def _check_journal(f: Fsck, storage: Storage, force: bool) -> None:
+async def _check_journal(f: Fsck, storage: Storage, force: bool) -> bool:
     """Committed transactions still in the log: replayed under -y (then the
     volume is checked as the replay left it); under -n, said to need it.  A
-    volume in use is left to its hosts (and to the checks that refuse it)."""
+    volume in use is left to its hosts (and to the checks that refuse it).
+    False if the superblock that locates the log could not be read."""
     try:
         sb = read_superblock(storage)
         if live_slots(storage, sb) and not force:
-            return
-        plan = await journal.replay(storage, sb, dry_run=True)
+            return True
     except CorruptVolume:
-        return  # the superblock checks say what is wrong
+        return False  # the superblock checks say what is wrong
+    try:
+        plan = await journal.replay(storage, sb, dry_run=True)
+    except CorruptVolume as e:
+        await _restart_journal(f, storage, sb, e)
+        return True
     if not plan.blocks_written:
-        return  # what the log holds is on the volume already
+        return True  # what the log holds is on the volume already
     problem = (
         f"the log holds changes to {plan.blocks_written} blocks not yet on the volume"
         f" ({plan.transactions} transactions)"
@@ -1640,6 +1649,26 @@ async def _check_journal(f: Fsck, storage: Storage, force: bool) -> None:
         f._error(problem, f"replayed them ({done.blocks_written} blocks written)")
     else:
         f._error(problem + "; a replay is needed (fsck -y, or mount)")
+    return True
+
+
+async def _restart_journal(f: Fsck, storage: Storage, sb: fmt.Superblock, e: CorruptVolume) -> None:
+    """The log header is damaged: what the log holds cannot be read, and no
+    host could mount (each appends to it), nor could the repairs that go
+    through the filesystem core.  An empty log, as mkfs makes one, loses
+    only what was already unreadable."""
+    problem = f"the log cannot be read ({e})"
+    if not f.repair:
+        f._error(problem + "; fsck -y starts an empty log")
+        return
+    bs = sb.block_size
+    area = journal.Area.of(sb)
+    # Page numbers start afresh at random, as mkfs's: an old page left in
+    # the log area never passes for one of the new log's.
+    start = secrets.randbits(40) + 1
+    empty = journal.JournalHeader(start, start, [0] * sb.host_slots)
+    await storage.write(area.header * bs, journal.encode_header(bs, area.header, empty), fua=True)
+    f._error(problem, "started an empty log (what it held was unreadable)")
 
 
 def fsck(storage: Storage, repair: bool = False, *, force: bool = False) -> Fsck:

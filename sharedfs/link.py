@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import AsyncIterator
 
 import trio
 
@@ -69,7 +68,10 @@ class Link:
                     self._early.append(msg)  # the first frames after the handshake
                 if conn.authenticated or conn.buffered < before:
                     continue
-                data = await stream.receive_some(_RECV)
+                # Never more than the frame being waited for could hold: a
+                # peer that does not know the key makes us buffer at most
+                # MAX_HANDSHAKE_FRAME bytes, however much it sends.
+                data = await stream.receive_some(p.MAX_HANDSHAKE_FRAME - conn.buffered)
                 if not data:
                     raise LinkClosed("closed during the handshake")
                 conn.receive_data(data)
@@ -87,14 +89,11 @@ class Link:
                 raise LinkClosed(str(e)) from None
         self.sent += 1
 
-    async def messages(self) -> AsyncIterator[p.Message]:
-        """Every message until the other side closes; ProtocolError on garbage."""
-        while (msg := await self.receive()) is not None:
-            yield msg
-
     async def receive(self) -> p.Message | None:
         """The next message, or None once the other side has closed;
-        ProtocolError on garbage.  (For one reply: no generator to close.)"""
+        ProtocolError on garbage.  A loop, not an async generator: a
+        generator left by a raising loop body is never closed (a
+        ResourceWarning per refused connection)."""
         if self._early:
             self.received += 1
             return self._early.pop(0)

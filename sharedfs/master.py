@@ -114,6 +114,9 @@ class MasterService:
         directory: the resource directory (directory.py).
         port: the port it listens on, once started.
         refused: connections refused (bad key, malformed frames, slot taken).
+        rejected_frames: frames refused (forged, replayed, malformed); each
+            ends its connection, so a hostile peer costs one count and one
+            log line per connection.
         lease: seconds a host may stay silent before it is declared dead.
     """
 
@@ -131,6 +134,7 @@ class MasterService:
         self.lease = lease
         self.port = 0
         self.refused = 0
+        self.rejected_frames = 0
         self._heard: dict[int, float] = {}
         self._scopes: dict[int, trio.CancelScope] = {}
         self._said_bye: set[int] = set()
@@ -222,7 +226,7 @@ class MasterService:
         try:
             link = await Link.open(stream, self.key, -1, initiator=False)
             with trio.CancelScope() as scope:
-                async for msg in link.messages():
+                while (msg := await link.receive()) is not None:
                     if node is None:
                         node = await self._first(link, msg, scope)
                         if node is None:
@@ -232,6 +236,8 @@ class MasterService:
                     await self._on_message(node, msg)
         except (p.ProtocolError, LinkClosed, trio.TooSlowError) as e:
             self.refused += 1
+            if isinstance(e, p.ProtocolError):
+                self.rejected_frames += 1
             log.warning("master: dropped connection from %s: %s", _peername(stream), e)
         except trio.BrokenResourceError:
             pass
@@ -375,7 +381,8 @@ class MasterService:
         """Who is joined, dying, recovering, and the blocks waited on."""
         return [
             f"joined {sorted(self._links)} dying {sorted(self._dying)} "
-            f"recovering {sorted(self.directory.recoveries)}",
+            f"recovering {sorted(self.directory.recoveries)} "
+            f"refused connections {self.refused} rejected frames {self.rejected_frames}",
             *self.directory.stuck(),
         ]
 
@@ -395,6 +402,7 @@ class MasterService:
         # A host in its close grace is as good as dead: it is being fenced.
         info["recovering"] = sorted(set(self.directory.recoveries) | self._dying)
         info["refused_connections"] = self.refused
+        info["rejected_frames"] = self.rejected_frames
         info["rates"] = self.rates()
         return info
 
@@ -415,6 +423,7 @@ class MasterService:
                 counter=False,
             ),
             Sample("master_refused_connections", self.refused, "connections refused"),
+            Sample("master_rejected_frames", self.rejected_frames, "frames refused"),
         ]
         now = trio.current_time()
         for n in sorted(self._links):

@@ -22,6 +22,7 @@ import enum
 import functools
 import hashlib
 import hmac
+import math
 import os
 import struct
 import typing
@@ -435,17 +436,55 @@ def _checker(t: Any) -> Check:
     return lambda v: isinstance(v, origin)
 
 
+#: Every int on the wire is a count, block, version or id: 0 <= v < 2**63,
+#: except these, where -1 means "nobody" (a tool, the master, no receiver).
+_MAY_BE_NOBODY = frozenset({"node", "to", "dead"})
+#: Fields that carry a Mode.
+_MODES = frozenset({"mode", "keep"})
+_INT_LIMIT = 1 << 63
+
+
+def _in_range(name: str, t: Any) -> Check:
+    """A test of a decoded field's values (the handlers index, compare and
+    build Modes from them: a negative block or a mode of 7 must stop here).
+    A free-form field (status info) is only shown, never acted on."""
+    if t is Any or Any in typing.get_args(t):
+        return lambda v: True
+    if name in _MODES:
+        return lambda v: v in (0, 1, 2)
+    low = -1 if name in _MAY_BE_NOBODY else 0
+    return lambda v: _ints_within(v, low)
+
+
+def _ints_within(v: Any, low: int) -> bool:
+    if isinstance(v, bool):
+        return True
+    if isinstance(v, int):
+        return low <= v < _INT_LIMIT
+    if isinstance(v, float):
+        return math.isfinite(v)
+    if isinstance(v, tuple):
+        return all(_ints_within(x, low) for x in v)
+    if isinstance(v, dict):
+        return all(_ints_within(x, low) for x in v.values())
+    return True
+
+
 @functools.cache
-def _checkers(cls: type[Message]) -> tuple[tuple[str, Check], ...]:
+def _checkers(cls: type[Message]) -> tuple[tuple[str, Check, Check], ...]:
     hints = typing.get_type_hints(cls)
-    return tuple((n, _checker(hints[n])) for n in _field_names(cls))
+    return tuple((n, _checker(hints[n]), _in_range(n, hints[n])) for n in _field_names(cls))
 
 
 def _check_types(msg: Message) -> None:
-    """Refuse fields of the wrong kind, so handlers can trust what they get."""
-    for name, ok in _checkers(type(msg)):
-        if not ok(getattr(msg, name)):
+    """Refuse fields of the wrong kind or out of range, so handlers can
+    trust what they get."""
+    for name, ok, within in _checkers(type(msg)):
+        value = getattr(msg, name)
+        if not ok(value):
             raise ProtocolError(f"malformed {type(msg).__name__}.{name}")
+        if not within(value):
+            raise ProtocolError(f"{type(msg).__name__}.{name} out of range")
 
 
 class Connection:
