@@ -439,10 +439,15 @@ class MirrorStorage(Storage):
                 self._full_logged = True
             self._drop(update.uid, update.regions)
             return
+        try:
+            self._send.send_nowait(update)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            # The shippers have stopped (the mount is ending): marked only.
+            self._drop(update.uid, update.regions)
+            return
         self.queued_bytes += update.size
         update.queued = trio.current_time()
         self._queued[update.uid] = update.queued
-        self._send.send_nowait(update)
 
     def _drop(self, uid: int, regions: range) -> None:
         """The update will not be shipped: its regions stay marked."""
@@ -517,8 +522,8 @@ class MirrorStorage(Storage):
                 while len(batch) < SHIP_BATCH:
                     try:
                         batch.append(recv.receive_nowait())
-                    except trio.WouldBlock:
-                        break
+                    except (trio.WouldBlock, trio.EndOfChannel):
+                        break  # EndOfChannel: drained; the loop then ends
                 results = await self._ship(batch)
                 for update, shipped in zip(batch, results, strict=True):
                     self.queued_bytes -= update.size
