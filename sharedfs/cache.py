@@ -168,8 +168,12 @@ class BlockCache:
         *,
         capacity: int = 65536,
         coherence: str = "fusion",
+        gate: Fence | None = None,
     ) -> None:
         self.storage = storage
+        #: What fence() closes: `storage` itself, or a Fence below it (under
+        #: a mirror, so that the mirror's own writes stop too).
+        self.gate = gate if gate is not None else storage if isinstance(storage, Fence) else None
         self.bs = block_size
         self.agent = agent
         self._host = agent.host  # for log lines
@@ -238,13 +242,13 @@ class BlockCache:
     def fence(self, reason: str) -> None:
         """This host lost its lease: nothing more of ours reaches storage
         (a cluster host's storage is always behind a Fence)."""
-        assert isinstance(self.storage, Fence)
-        self.storage.close_gate(reason)
+        assert self.gate is not None
+        self.gate.close_gate(reason)
 
     @property
     def fenced(self) -> str:
         """Why this host may no longer write ("" while it may)."""
-        return self.storage.reason if isinstance(self.storage, Fence) else ""
+        return self.gate.reason if self.gate is not None else ""
 
     def see_scn(self, scn: int) -> None:
         if scn > self.scn:

@@ -40,15 +40,19 @@ def open_cluster_host(
     node: int,
     coherence: str = "fusion",
     cache_bytes: int = DEFAULT_CACHE_BYTES,
+    gate: Fence | None = None,
 ) -> FileSystem:
     """A FileSystem whose agent speaks the Cache Fusion protocol to a master
-    (start it with `fs.cache.agent.run(...)`)."""
+    (start it with `fs.cache.agent.run(...)`).  gate: the Fence every write
+    of this host already passes below `storage` (a mount's, under its
+    mirror); by default one is put over `storage`."""
     agent = ClusterAgent(HostId(node), sb.cluster_key, coherence=coherence)
     cache = BlockCache(
-        Fence(storage),
+        storage if gate is not None else Fence(storage),
         sb.block_size,
         agent,
         capacity=cache_bytes // sb.block_size,
         coherence=coherence,
+        gate=gate,
     )
     return FileSystem(sb, cache, host=node)

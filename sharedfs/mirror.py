@@ -338,10 +338,6 @@ class MirrorStorage(Storage):
         self._closed = False
         self._full_logged = False
         self._resets_due = trio.Event()
-        #: Why the host behind us is fenced ("" while it is not; its mount
-        #: sets this): a fenced host writes nothing more to the primary, so
-        #: its marks stay for a resync.
-        self.fenced: Callable[[], str] = lambda: ""
         #: When each queued update was queued, oldest first (for the lag).
         self._queued: dict[int, float] = {}
         #: Regions a write-back announced, and until when their marks hold.
@@ -642,7 +638,7 @@ class MirrorStorage(Storage):
         unacknowledged updates need to stay on storage)."""
         before = self.indicators.snapshot()
         sec = self._secondary
-        if sec is None or not self.indicators.resets_pending() or self.fenced():
+        if sec is None or not self.indicators.resets_pending():
             return
         try:
             await sec.flush()
@@ -650,7 +646,12 @@ class MirrorStorage(Storage):
             self._lost(sec, str(e))
             self._resets_due.set()  # the next one that works
             return
-        await self.indicators.write_resets(before)
+        try:
+            await self.indicators.write_resets(before)
+        except StorageError as e:
+            # The primary refuses (our host is fenced, say): the marks stay
+            # on storage, for a resync.
+            log.warning("host %d: mirror: marks left set: %s", self.node, e)
 
     async def drain(self, timeout: float = DRAIN_TIMEOUT) -> None:
         """No more updates: ship what is queued while the secondary answers
@@ -916,9 +917,7 @@ def _mib(n: int) -> str:
     return f"{n / (1 << 20):.1f} MiB"
 
 
-def _open_attach_target(
-    primary: Storage, sb: fmt.Superblock, name: str, force: bool
-) -> Storage:
+def _open_attach_target(primary: Storage, sb: fmt.Superblock, name: str, force: bool) -> Storage:
     """The secondary-to-be: created when it is a missing image file, big
     enough, not the primary, and not someone else's volume unless forced."""
     if canonical_name(name) == canonical_name(primary.name):

@@ -42,8 +42,9 @@ from .host import DEFAULT_CACHE_BYTES, open_cluster_host
 from .link import parse_address
 from .master import MasterService
 from .metrics import Sample, counter_samples, serve_metrics
-from .mirror import MirrorStorage, mirrored, refuse_own_secondary
+from .mirror import mirrored, refuse_own_secondary
 from .storage import Storage, canonical_name, open_volume
+from .storage.fence import Fence, Fenced
 from .storage.nbd import DEFAULT_TIMEOUT as NBD_TIMEOUT
 from .volume import (
     HEARTBEAT_INTERVAL,
@@ -208,25 +209,27 @@ async def serve(
     # end the process before the volume is clean.
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
         slot = claim_slot(storage, sb, node, mountpoint)
-        host: list[FileSystem] = []  # the host, once there is one
+        # Every write of this host passes the gate, its slot's and its
+        # mirror's too: once fenced, it writes nothing more.
+        gate = Fence(storage)
         try:
             # The mirror wraps everything this host writes, the replay too.
-            async with mirrored(storage, sb, node) as volume:
+            async with mirrored(gate, sb, node) as volume:
                 await _serve_host(
-                    volume, sb, mountpoint, node, options, args, ready, signals, slot, host
+                    volume, gate, sb, mountpoint, node, options, args, ready, signals, slot
                 )
         finally:
-            if host and host[0].fenced:
-                # Not even our own slot: a fenced host writes nothing more.
-                # The slot frees itself (this process gone, its heartbeat old).
-                log.info("host %d: unmounted %s, fenced", node, mountpoint)
-            else:
-                release_slot(storage, sb, node, slot)
+            try:
+                release_slot(gate, sb, node, slot)
                 log.info("host %d: unmounted %s, volume clean", node, mountpoint)
+            except Fenced:
+                # The slot frees itself: this process gone, its heartbeat old.
+                log.info("host %d: unmounted %s, fenced", node, mountpoint)
 
 
 async def _serve_host(
     storage: Storage,
+    gate: Fence,
     sb: fmt.Superblock,
     mountpoint: str,
     node: int,
@@ -235,16 +238,12 @@ async def _serve_host(
     ready: Callable[[], None],
     signals: AsyncIterator[int],
     slot: fmt.HostSlot,
-    host: list[FileSystem],
 ) -> None:
     if not set(live_slots(storage, sb)) - {node}:
         await replay_log(storage, sb, node)
     fs = open_cluster_host(
-        storage, sb, node=node, coherence=args.coherence, cache_bytes=args.cache_size
+        storage, sb, node=node, coherence=args.coherence, cache_bytes=args.cache_size, gate=gate
     )
-    host.append(fs)
-    if isinstance(storage, MirrorStorage):
-        storage.fenced = lambda: fs.fenced
     fs.log.page_locks = args.log_page_locks
     agent = fs.cache.agent
     assert isinstance(agent, ClusterAgent)
@@ -264,7 +263,7 @@ async def _serve_host(
         await _run_fuse(
             fs,
             ops,
-            storage,
+            gate,
             sb,
             mountpoint,
             node,
@@ -303,7 +302,7 @@ def _metric_samples(
 async def _run_fuse(
     fs: FileSystem,
     ops: Operations,
-    storage: Storage,
+    gate: Fence,
     sb: fmt.Superblock,
     mountpoint: str,
     node: int,
@@ -318,10 +317,10 @@ async def _run_fuse(
         pyfuse3.init(ops, mountpoint, options)
     except RuntimeError as e:
         raise QuietError(f"{mountpoint}: cannot mount: {e}", 32) from None
-    log.info("host %d: mounted %s on %s", node, storage.name, mountpoint)
+    log.info("host %d: mounted %s on %s", node, gate.name, mountpoint)
     try:
         async with trio.open_nursery() as tasks:
-            tasks.start_soon(_heartbeat_task, fs, storage, sb, node, slot)
+            tasks.start_soon(_heartbeat_task, gate, sb, node, slot)
             tasks.start_soon(fs.write_back_every, writeback)
             tasks.start_soon(_signal_task, signals)
             ready()
@@ -336,15 +335,12 @@ async def _run_fuse(
         nursery.cancel_scope.cancel()
 
 
-async def _heartbeat_task(
-    fs: FileSystem, storage: Storage, sb: fmt.Superblock, node: int, slot: fmt.HostSlot
-) -> None:
-    """Keep our slot fresh until we are fenced (the slot is written on the
-    raw volume, not behind the fence: it must stop by itself)."""
-    while not fs.fenced:
-        await trio.sleep(HEARTBEAT_INTERVAL)
-        if not fs.fenced:
-            slot = await trio.to_thread.run_sync(heartbeat, storage, sb, node, slot)
+async def _heartbeat_task(gate: Fence, sb: fmt.Superblock, node: int, slot: fmt.HostSlot) -> None:
+    """Keep our slot fresh until we are fenced."""
+    with contextlib.suppress(Fenced):
+        while True:
+            await trio.sleep(HEARTBEAT_INTERVAL)
+            slot = await trio.to_thread.run_sync(heartbeat, gate, sb, node, slot)
 
 
 async def replay_log(storage: Storage, sb: fmt.Superblock, node: int) -> None:

@@ -19,6 +19,7 @@ from sharedfs.mirror import (
     read_marks,
     resync,
 )
+from sharedfs.storage.fence import Fence
 from sharedfs.storage.memory import MemoryStorage
 from sharedfs.volume import read_superblock
 
@@ -317,10 +318,11 @@ async def test_a_fenced_host_leaves_its_marks_on_storage():
     more writes from it, resets of its marks included: a resync copies
     those regions again."""
     primary, secondary, sb = await mirrored_pair()
-    m = MirrorStorage(primary, sb, 1, open_secondary=lambda: secondary)
+    gate = Fence(primary)  # below the mirror, as a mount has it
+    m = MirrorStorage(gate, sb, 1, open_secondary=lambda: secondary)
     r = 21
     await m.write(data_offset(sb, r), b"y" * 4096)
-    m.fenced = lambda: "cut off"
+    gate.close_gate("cut off")
     async with trio.open_nursery() as n:
         await n.start(m.run)
         await until(lambda: not m.updates)
