@@ -47,8 +47,8 @@ import os
 import sys
 import time
 from collections import defaultdict
-from collections.abc import AsyncIterator, Callable, Iterable
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -1030,21 +1030,31 @@ async def _host_queues(sb: fmt.Superblock, master: tuple[str, int]) -> dict[str,
     return out
 
 
-async def resync_command(args: argparse.Namespace) -> None:
-    primary, sb = _open(args.volume)
+@contextmanager
+def _both(
+    volume: str, what: str, *, writable: bool
+) -> Iterator[tuple[fmt.Superblock, Storage, Storage, str]]:
+    """The primary (not mounted anywhere) and its secondary, open for `what`:
+    (superblock, primary, secondary, the secondary's name)."""
+    primary, sb = _open(volume, writable=writable)
     try:
         secondary = _secondary_of(primary, sb)
-        _refuse_mounted(primary, sb, "resync")
-        sec = _open_secondary(secondary)
+        _refuse_mounted(primary, sb, what)
+        sec = _open_secondary(secondary, writable=writable)
         try:
-            t0 = time.monotonic()
-            progress = _progress("resync", sb.region_count, args.quiet)
-            regions = await resync(primary, sec, sb, progress)
-            progress.close()
+            yield sb, primary, sec, secondary
         finally:
             sec.close()
     finally:
         primary.close()
+
+
+async def resync_command(args: argparse.Namespace) -> None:
+    t0 = time.monotonic()
+    with _both(args.volume, "resync", writable=True) as (sb, primary, sec, secondary):
+        progress = _progress("resync", sb.region_count, args.quiet)
+        regions = await resync(primary, sec, sb, progress)
+        progress.close()
     print(
         f"{args.volume}: resynced {len(regions)} regions ({_mib(region_bytes(sb, regions))}) "
         f"to {secondary} in {time.monotonic() - t0:.1f} s"
@@ -1052,19 +1062,10 @@ async def resync_command(args: argparse.Namespace) -> None:
 
 
 async def verify(args: argparse.Namespace) -> int:
-    primary, sb = _open(args.volume, writable=False)
-    try:
-        secondary = _secondary_of(primary, sb)
-        _refuse_mounted(primary, sb, "verify")
-        sec = _open_secondary(secondary, writable=False)
-        try:
-            progress = _progress("verifying", sb.region_count, args.quiet)
-            differ = await differing_regions(primary, sec, sb, progress)
-            progress.close()
-        finally:
-            sec.close()
-    finally:
-        primary.close()
+    with _both(args.volume, "verify", writable=False) as (sb, primary, sec, secondary):
+        progress = _progress("verifying", sb.region_count, args.quiet)
+        differ = await differing_regions(primary, sec, sb, progress)
+        progress.close()
     for r in differ:
         first, count = sb.region_range(r)
         print(f"region {r} (blocks {first}..{first + count - 1}) differs")
