@@ -137,7 +137,9 @@ class ClusterAgent:
         self._peer_locks: dict[int, trio.Lock] = {}
         self._reqs = itertools.count(1)
         self._pending: dict[int, Pending] = {}
-        self._written: dict[int, trio.Event] = {}  # block -> write notification wanted
+        #: block -> (version, event) of each write request waiting for storage
+        #: to have that version: a notice of an older one does not do.
+        self._written: dict[int, list[tuple[int, trio.Event]]] = {}
         self._releases: list[int] = []
         self._send_lock = trio.Lock()
         self._nursery: trio.Nursery | None = None
@@ -359,10 +361,9 @@ class ClusterAgent:
         storage has them (claims 1, 30, 58)."""
         assert self.cache is not None
         events = []
-        for b, _ in blocks:
-            ev = self._written.get(b)
-            if ev is None:
-                ev = self._written[b] = trio.Event()
+        for b, version in blocks:
+            ev = trio.Event()
+            self._written.setdefault(b, []).append((version, ev))
             events.append(ev)
         self.stats.write_requests += 1
         await self._send_master(p.WriteRequest(tuple(blocks), self.cache.scn, bin))
@@ -440,10 +441,14 @@ class ClusterAgent:
         written = list(written)
         self.stats.notifications += len(written)
         self.cache.notified(written)
-        for b, _ in written:
-            ev = self._written.pop(b, None)
-            if ev is not None:
-                ev.set()
+        for b, version in written:
+            waiting = self._written.pop(b, [])
+            for wanted, ev in waiting:
+                if wanted <= version:
+                    ev.set()
+            rest = [(w, ev) for w, ev in waiting if w > version]
+            if rest:
+                self._written[b] = rest
 
     async def _serve_ping(self, msg: p.Ping) -> None:
         """Ship `block` to the requester (or just drop it) and tell the master."""

@@ -50,7 +50,8 @@ class BlockState:
     final: the head request's transfer doubles as its grant.
     src: the node shipping the head request its data, if any.
     writer: the node told to write the block (write-perform in flight).
-    write_waiters: nodes that asked for the write: notified at once.
+    write_waiters: node -> the version it asked to have on storage: it is
+        notified at once when a write of at least that version lands.
     recovering: the dead node whose recovery holds the block: nobody is
         served until a survivor has rebuilt it.
     revoking: nodes told to drop their copy outside any request (a rebuild
@@ -72,7 +73,7 @@ class BlockState:
     final: bool = False
     src: int | None = None
     writer: int | None = None
-    write_waiters: set[int] = field(default_factory=set)
+    write_waiters: dict[int, int] = field(default_factory=dict)
     recovering: int | None = None
     revoking: set[int] = field(default_factory=set)
     heir: int | None = None
@@ -173,7 +174,7 @@ class Directory:
         for block, st in list(self.blocks.items()):
             st.holders.pop(node, None)
             st.pis.pop(node, None)
-            st.write_waiters.discard(node)
+            st.write_waiters.pop(node, None)
             if st.owner == node:
                 st.owner = None
             if st.writer == node:
@@ -221,7 +222,7 @@ class Directory:
             if pi > st.disk_version and st.recovering is None:
                 # Its records of that version stay needed until storage has it.
                 out += self._need_write(block, st, rec, pi)
-            st.write_waiters.discard(node)
+            st.write_waiters.pop(node, None)
             if st.writer == node:
                 st.writer = None
                 out += self._start_write(block, st)
@@ -271,7 +272,7 @@ class Directory:
     def _need_write(self, block: int, st: BlockState, rec: Recovery, version: int) -> Out:
         self.recoveries.setdefault(rec.dead, rec)
         rec.writes[block] = max(rec.writes.get(block, 0), version)
-        st.write_waiters.add(MASTER)
+        st.write_waiters[MASTER] = 0  # a recovery checks versions itself (_writes_done)
         return self._start_write(block, st)
 
     def _advance(self, rec: Recovery) -> Out:
@@ -478,8 +479,12 @@ class Directory:
             st.holders.pop(node, None)
         else:
             st.holders[node] = keep
-        if msg.pi:
+        if msg.pi > st.disk_version:
             st.pis[node] = max(st.pis.get(node, 0), msg.pi)
+        elif msg.pi:
+            # A write of a newer version landed while this PingDone was on
+            # its way: the past image is covered already.
+            self._defer(node, msg.block, st.disk_version)
         # The sender's WriteDone can overtake this PingDone (the transfer went
         # out in between): what storage already has is no longer pending.
         dirty = msg.dirty and msg.version > st.disk_version
@@ -564,9 +569,7 @@ class Directory:
                 node in st.pis
                 or st.owner == node
                 or st.holders.get(node) is Mode.X
-                # A final transfer reached it before its sender's PingDone
-                # reached us: it holds the block already, and changed it.
-                or bool(st.acks and st.queue and st.queue[0].node == node)
+                or self._receiving(st) == node
             )
             if st.disk_version >= version or not holds:
                 # Storage already has it at least as new (claim 18); or the
@@ -578,7 +581,7 @@ class Directory:
                 done.append((block, max(st.disk_version, version)))
                 self._gc(block, st)
                 continue
-            st.write_waiters.add(node)
+            st.write_waiters[node] = max(st.write_waiters.get(node, 0), version)
             if st.writer is None:
                 writer = self._newest(st, node)
                 st.writer = writer
@@ -591,13 +594,28 @@ class Directory:
             out.append((node, p.WriteNotify(tuple(done), self.scn)))
         return out
 
+    @staticmethod
+    def _receiving(st: BlockState) -> int | None:
+        """The asker of an exclusive copy whose transfer is its grant, while
+        the sender's PingDone is on its way: the copy may have reached it
+        already, and been changed there."""
+        if st.acks and st.final and st.queue and st.queue[0].mode is Mode.X:
+            return st.queue[0].node
+        return None
+
     def _newest(self, st: BlockState, asker: int) -> int:
         """The node with the most recent version (claim 21): the X holder
         (it has the current copy), else the owner of a dirty read-shared
         version, else the newest past image.  A block being recovered
-        is written from the newest past image a survivor keeps."""
+        is written from the newest past image a survivor keeps.  A waiter
+        receiving a final transfer writes what it has: if it asks, the copy
+        has reached it (what we take for the X holder kept only a past
+        image), or it wants a past image of its own written."""
         if st.recovering is not None and st.pis:
             return max(st.pis, key=lambda n: st.pis[n])
+        receiver = self._receiving(st)
+        if receiver is not None and (receiver == asker or receiver in st.write_waiters):
+            return receiver
         x = next((n for n, m in st.holders.items() if m is Mode.X), None)
         if x is not None:
             return x
@@ -640,7 +658,7 @@ class Directory:
             return []
         if self._newest(st, MASTER) == writer:
             return self._writes_done(block)
-        st.write_waiters.add(MASTER)
+        st.write_waiters[MASTER] = 0
         return self._start_write(block, st)
 
     def on_write_done(self, node: int, msg: p.WriteDone) -> Out:
@@ -656,22 +674,36 @@ class Directory:
                 st.writer = None
             if st.owner == node and st.holders.get(node) is not Mode.X:
                 st.owner = None  # it can no longer change: storage is current
-            told = st.write_waiters | {node}
-            st.write_waiters.clear()
-            recovery = MASTER in told
+            told = {node: version}
+            rest = {}
+            for n, wanted in st.write_waiters.items():
+                if wanted <= version:
+                    told[n] = version
+                else:
+                    rest[n] = wanted
+            if rest and self._newest(st, max(rest)) == node:
+                # Nothing newer than what it wrote is left anywhere (the
+                # block was freed, say): what they keep is obsolete.
+                told.update(rest)
+                rest = {}
+            st.write_waiters = rest
+            recovery = told.pop(MASTER, None) is not None
             if recovery:
-                told.discard(MASTER)
                 out += self._writes_done(block, version)
-            for n in told:
-                now.setdefault(n, []).append((block, version))
+            for n, v in told.items():
+                now.setdefault(n, []).append((block, v))
             for n, v in list(st.pis.items()):
-                if v <= version:
+                if v <= told.get(n, version):
                     del st.pis[n]
                 if n not in told:
                     # A holder of a newer PI may keep older ones apart from
                     # it, to drop them now (claims 43-45).
-                    self.deferred.setdefault(n, {})[block] = version
-                    self.counters.notifications_piggybacked += 1
+                    self._defer(n, block, version)
+            if rest:
+                # It wrote an older version than they asked for (their copy
+                # reached them before its sender's PingDone reached us, and
+                # we asked the sender): the newest holder writes again.
+                out += self._start_write(block, st)
             if recovery:
                 out += self._still_wanted(block, st, node, version)
             self._gc(block, st)
@@ -679,6 +711,12 @@ class Directory:
             self.counters.notifications_now += len(written)
             out.append((n, p.WriteNotify(tuple(written), self.scn)))
         return out
+
+    def _defer(self, node: int, block: int, version: int) -> None:
+        """Storage has `version` of `block`: tell `node` on a later message."""
+        d = self.deferred.setdefault(node, {})
+        d[block] = max(d.get(block, 0), version)
+        self.counters.notifications_piggybacked += 1
 
     def _take_deferred(self, node: int) -> tuple[tuple[int, int], ...]:
         d = self.deferred.pop(node, None)
