@@ -848,11 +848,13 @@ class BlockCache:
             if self._in_flux(b):
                 return await self._write_committed(b)
         buf = self._bufs.get(b)
+        if buf is not None:
+            # Clean already: storage has it, and it is newer than any past
+            # image we keep (writing one would put an old version back).
+            return (b, buf.version)
         if (pi := self.pis.newest(b)) is not None:
             await self._write_image(b, pi.data, pi.btype, pi.version)
             return (b, pi.version)
-        if buf is not None:
-            return (b, buf.version)  # clean already: storage has it
         # Nothing of it here: the master must still hear back, or whoever
         # waits for this write waits for ever.
         return (b, 0)

@@ -132,11 +132,13 @@ async def cluster(
     cache_bytes: int = 64 << 20,
     checkpoint_every: float | None = 0.5,
     open_secondary: Callable[[], Storage] | None = None,
+    timeout: float = 150,
 ) -> AsyncIterator[Cluster]:
     """checkpoint_every=None: no background checkpoints, for tests that
     account for every storage write.  On a volume that names a secondary,
     every host mirrors to what `open_secondary` gives (default: the
-    volume it names), and drains its queue at the end."""
+    volume it names), and drains its queue at the end.  A body still
+    running after `timeout` seconds is a hang: the state is dumped."""
     sb = read_superblock(storage)
     master = MasterService(sb.cluster_key, coherence=coherence, host_slots=sb.host_slots)
     async with trio.open_nursery() as nursery:
@@ -147,7 +149,8 @@ async def cluster(
         for node in range(n):
             await c.start(node)
         try:
-            yield c
+            with c.watchdog(timeout):
+                yield c
         finally:
             with trio.CancelScope(shield=True), c.watchdog(60):
                 for node, fs in enumerate(c.hosts):
