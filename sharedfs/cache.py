@@ -812,8 +812,8 @@ class BlockCache:
         forced before it left; a copy already logged or clean) is written
         and reported first: a force waits for the LLOL, whose holder may be
         waiting for one of those very writes (the log header's, say)."""
-        later = {b for b in blocknos if self._needs_force(b)}
-        await report(await self._perform_all([b for b in blocknos if b not in later]))
+        later: set[int] = set()
+        await report(await self._perform_all(blocknos, later))
         if later:
             # Their records first, without the write lock (see _wal_write_locked).
             await self.wal(later)
@@ -824,10 +824,19 @@ class BlockCache:
         buf = self._bufs.get(b)
         return buf is not None and (buf.dirty or self._in_flux(b)) and not self.logged([b])
 
-    async def _perform_all(self, blocknos: list[int]) -> list[tuple[int, int]]:
+    async def _perform_all(
+        self, blocknos: list[int], later: set[int] | None = None
+    ) -> list[tuple[int, int]]:
+        """Write each block (perform_write); with `later`, those that need a
+        log force go there instead.  Decided block by block with the write
+        lock held: an operation may commit to one while we wait for the lock
+        or write the ones before it."""
         out: list[tuple[int, int]] = []
         async with self._write_lock:
             for b in blocknos:
+                if later is not None and self._needs_force(b):
+                    later.add(b)
+                    continue
                 while (done := await self._perform_one(b)) is None:
                     pass
                 out.append(done)

@@ -326,6 +326,46 @@ async def test_change_during_write_back_redirties():
     assert blk(storage, 3)[:3] == b"new"
 
 
+async def test_a_write_for_the_master_reports_what_needs_no_force_before_forcing():
+    """Asked to write blocks 50 and 51, we write 50; meanwhile an operation
+    commits a change to 51, whose records must now be forced, which waits
+    for the LLOL.  50 is reported first: the LLOL's holder may be waiting
+    for it (a hang seen in a trace, with the log header as 50)."""
+    storage = GatedStorage(1 << 20)
+    cache = make_cache(storage)
+    for b in (50, 51):
+        buf = cache.new(b)
+        buf.data[:] = bytes([b]) * BS
+        cache.mark_dirty(buf)
+    unlogged: set[int] = set()
+    llol = trio.Event()
+    forced: list[set[int]] = []
+
+    async def wal(blocks) -> None:  # type: ignore[no-untyped-def]
+        forced.append(set(blocks))
+        await llol.wait()
+        unlogged.clear()
+
+    cache.logged = lambda blocks: not unlogged & set(blocks)
+    cache.wal = wal
+    landed: list[list[tuple[int, int]]] = []
+
+    async def report(written: list[tuple[int, int]]) -> None:
+        landed.append(written)
+
+    v50, v51 = cache._bufs[50].version, cache._bufs[51].version
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(cache.perform_write, [50, 51], report)
+        await trio.testing.wait_all_tasks_blocked()  # writing 50
+        unlogged.add(51)
+        storage.gate.set()
+        await trio.testing.wait_all_tasks_blocked()
+        assert landed == [[(50, v50)]] and forced == [{51}]
+        llol.set()
+    assert landed == [[(50, v50)], [(51, v51)]]
+    assert blk(storage, 51) == bytes([51]) * BS
+
+
 async def test_block_freed_during_write_back_is_skipped():
     storage = GatedStorage(1 << 20)
     cache = make_cache(storage)
