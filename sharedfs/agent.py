@@ -137,9 +137,7 @@ class ClusterAgent:
         self._peer_locks: dict[int, trio.Lock] = {}
         self._reqs = itertools.count(1)
         self._pending: dict[int, Pending] = {}
-        #: block -> (version, event) of each write request waiting for storage
-        #: to have that version: a notice of an older one does not do.
-        self._written: dict[int, list[tuple[int, trio.Event]]] = {}
+        self._written: dict[int, trio.Event] = {}  # block -> write notification wanted
         self._releases: list[int] = []
         self._send_lock = trio.Lock()
         self._nursery: trio.Nursery | None = None
@@ -358,12 +356,16 @@ class ClusterAgent:
 
     async def write_request(self, blocks: list[tuple[int, int]], bin: int = 0) -> None:
         """Ask the master to get these versions onto storage; return when
-        storage has them (claims 1, 30, 58)."""
+        storage has them (claims 1, 30, 58), or has all it can for now (our
+        own copy changed by an operation still running: what it wrote is
+        the version before, and the copy stays dirty).  The master answers
+        only with a version that covers what we asked, or with that."""
         assert self.cache is not None
         events = []
-        for b, version in blocks:
-            ev = trio.Event()
-            self._written.setdefault(b, []).append((version, ev))
+        for b, _ in blocks:
+            ev = self._written.get(b)
+            if ev is None:
+                ev = self._written[b] = trio.Event()
             events.append(ev)
         self.stats.write_requests += 1
         await self._send_master(p.WriteRequest(tuple(blocks), self.cache.scn, bin))
@@ -441,14 +443,10 @@ class ClusterAgent:
         written = list(written)
         self.stats.notifications += len(written)
         self.cache.notified(written)
-        for b, version in written:
-            waiting = self._written.pop(b, [])
-            for wanted, ev in waiting:
-                if wanted <= version:
-                    ev.set()
-            rest = [(w, ev) for w, ev in waiting if w > version]
-            if rest:
-                self._written[b] = rest
+        for b, _ in written:
+            ev = self._written.pop(b, None)
+            if ev is not None:
+                ev.set()
 
     async def _serve_ping(self, msg: p.Ping) -> None:
         """Ship `block` to the requester (or just drop it) and tell the master."""

@@ -682,9 +682,13 @@ class Directory:
                 else:
                     rest[n] = wanted
             if rest and self._newest(st, max(rest)) == node:
-                # Nothing newer than what it wrote is left anywhere (the
-                # block was freed, say): what they keep is obsolete.
-                told.update(rest)
+                # The newest holder wrote all it can.  If it asked itself,
+                # an operation of its own is changing the copy, and it wrote
+                # the version before: it hears what it wrote, and its copy
+                # stays dirty.  Another's past image is obsolete (the block
+                # was freed since, say): it is done with.
+                for n, wanted in rest.items():
+                    told[n] = version if n == node else wanted
                 rest = {}
             st.write_waiters = rest
             recovery = told.pop(MASTER, None) is not None

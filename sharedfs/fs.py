@@ -1260,6 +1260,18 @@ class FileSystem:
         await self.log.checkpoint()
         await self.cache.sync()
         self.cache.drop_all()
+        if self.cache.dirty_count or self.cache.pis:
+            # A Bye says all we changed is on storage.  Without one we leave
+            # as a crashed host does: the master has the others rebuild what
+            # we held from storage and the log (our records are all there).
+            log.warning(
+                "host %d: %d blocks and %d past images still unwritten at unmount: "
+                "leaving them to recovery",
+                self.host,
+                self.cache.dirty_count,
+                len(self.cache.pis),
+            )
+            return
         await self.cache.agent.bye()
 
     @operation

@@ -239,6 +239,19 @@ def test_an_older_write_landing_does_not_answer_a_request_for_a_newer_version():
     assert d.blocks[6].write_waiters == {}
 
 
+def test_a_host_writing_its_own_copy_mid_operation_hears_the_version_it_wrote():
+    """Node 2 asks for its own v12, but an operation of its own is changing
+    the copy, so it writes the version before (v9).  It is told v9, not
+    v12 (its copy stays dirty; telling it v12 lost a bitmap's change in a
+    soak run), and not left waiting for a write nobody can do yet."""
+    d = joined(2, 3)
+    lock(d, 2, 1, (6,), Mode.X)
+    assert d.on_write_request(2, p.WriteRequest(((6, 12),), 12)) == [(2, p.WritePerform((6,), 12))]
+    out = d.on_write_done(2, p.WriteDone(((6, 9),), 13))
+    assert out == [(2, p.WriteNotify(((6, 9),), 13))]
+    assert d.blocks[6].write_waiters == {} and d.blocks[6].writer is None
+
+
 def test_a_waiter_for_a_version_nobody_has_any_more_is_answered():
     """The newest holder wrote all it has, older than a waiter's past image
     (the block was freed since): the waiter is told its version is done,
