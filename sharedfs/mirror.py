@@ -328,6 +328,7 @@ class MirrorStorage(Storage):
         self.queue_bytes = queue_bytes
         self.queued_bytes = 0
         self.reachable = True
+        self._puts = 0  # writes to the secondary that succeeded
         self.shipped = self.rechecks = self.dropped = 0
         self._open_secondary = open_secondary or self._open_by_name
         self._secondary: Storage | None = None
@@ -563,15 +564,20 @@ class MirrorStorage(Storage):
         """Write the pieces to the secondary; retry until it has them all."""
         while True:
             sec = await self._secondary_storage()
+            puts = self._puts
             failed: BaseException | None = None
             try:
                 await _write_all(sec, pieces)
             except* (StorageError, OSError) as eg:
                 failed = eg.exceptions[0]
             if failed is not None:
-                self._lost(sec, str(failed))
+                if self._puts == puts:
+                    self._lost(sec, str(failed))
+                # else: another shipper got through while ours was failing:
+                # the secondary is back, and this is news from before.
                 await trio.sleep(self._next_retry())
                 continue
+            self._puts += 1
             if not self.reachable:
                 log.info("host %d: mirror: %s answers again", self.node, self.secondary_name)
                 self.reachable = True
