@@ -323,6 +323,14 @@ class ClusterAgent:
         self.cache.fence(reason)
         self.master_lost.set()
 
+    def withdraw(self, reason: str) -> None:
+        """Our storage failed a write (the Fence closed itself): stop as a
+        fenced host does, and close our connection, so that the master
+        recovers what we held now, not when our lease lapses."""
+        self.fence(reason)
+        if self._nursery is not None and self._master is not None:
+            self._nursery.start_soon(self._master.aclose)
+
     def live_nodes(self) -> list[int]:
         """This host and the peers the master says are up."""
         return [self.host, *self._peers]

@@ -207,6 +207,8 @@ class BlockCache:
         self._rebuild_released = trio.Event()
         if isinstance(agent, ClusterAgent):
             agent.cache = self
+            if self.gate is not None:
+                self.gate.on_trip = agent.withdraw
 
     def counters(self) -> dict[str, int]:
         out = {f"cache_{k}": getattr(self.stats, k) for k in CacheStats.__slots__}  # type: ignore[attr-defined]

@@ -9,9 +9,11 @@ import re
 import socket
 import sys
 from collections.abc import Callable
-from typing import NoReturn
+from typing import NoReturn, TypeVar
 
 from .errors import QuietError, StorageError
+
+E = TypeVar("E", bound=BaseException)
 
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40, "P": 1 << 50}
 
@@ -75,11 +77,16 @@ def setup_logging(debug: bool = False, logfile: str | None = None, node: int | N
 def find_quiet(exc: BaseException) -> QuietError | None:
     """The user-facing error inside `exc`, which trio may have wrapped in
     exception groups on its way out of nurseries."""
-    if isinstance(exc, QuietError):
+    return _find(exc, QuietError)
+
+
+def _find(exc: BaseException, kind: type[E]) -> E | None:
+    """The first `kind` inside `exc` and the exception groups around it."""
+    if isinstance(exc, kind):
         return exc
     if isinstance(exc, BaseExceptionGroup):
         for sub in exc.exceptions:
-            found = find_quiet(sub)
+            found = _find(sub, kind)
             if found is not None:
                 return found
     return None
@@ -91,10 +98,11 @@ def run_tool(fn: Callable[[argparse.Namespace], int | None], args: argparse.Name
         try:
             code = fn(args)
         except BaseExceptionGroup as eg:
-            quiet = find_quiet(eg)
-            if quiet is None:
+            # A task's failure, wrapped on its way out of nurseries.
+            found = find_quiet(eg) or _find(eg, StorageError)
+            if found is None:
                 raise
-            raise quiet from None
+            raise found from None
     except QuietError as e:
         print(f"sharedfs: {e}", file=sys.stderr)
         sys.exit(e.exitcode)

@@ -1,9 +1,11 @@
 """The pyfuse3 Operations adapter: translates FUSE requests into FileSystem calls.
 
 Nothing here decides filesystem semantics; it converts types (Attr ->
-EntryAttributes), errors (FsError -> FUSEError; storage failures -> EIO and
-a failsafe that refuses further changes), and keeps file handles.  Only
-FUSEError may leave a handler: anything else would end pyfuse3.main().
+EntryAttributes), errors (FsError -> FUSEError; storage failures -> EIO), and
+keeps file handles.  Only FUSEError may leave a handler: anything else would
+end pyfuse3.main().  A failed read fails just its operation (which undoes
+what it changed); a failed write closes the host's gate to storage, and the
+host withdraws from the cluster (storage.fence): every later call gets EIO.
 """
 
 from __future__ import annotations
@@ -51,25 +53,12 @@ def fuse_errors(fn: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
             raise pyfuse3.FUSEError(e.errno) from None
         except StorageError as e:
             log.error("host %d: storage failed in %s: %s", self.fs.host, fn.__name__, e)
-            self.failsafe = True
             raise pyfuse3.FUSEError(errno.EIO) from None
         except Exception:
             log.exception("host %d: internal error in %s", self.fs.host, fn.__name__)
             raise pyfuse3.FUSEError(errno.EIO) from None
 
     return wrapper
-
-
-def mutating(fn: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
-    """After a storage failure, refuse changes: they could not be written back."""
-
-    @functools.wraps(fn)
-    async def wrapper(self: Operations, *args: Any) -> T:
-        if self.failsafe:
-            raise pyfuse3.FUSEError(errno.EPERM)
-        return await fn(self, *args)
-
-    return fuse_errors(wrapper)
 
 
 #: How long giving up a block waits for the kernel to drop its caches.  The
@@ -155,7 +144,6 @@ class Operations(pyfuse3.Operations):
     """Attributes:
     fs: the filesystem core.
     timeout: how long the kernel may cache attributes and entries.
-    failsafe: set after a storage failure; further changes get EPERM.
     """
 
     supports_dot_lookup = True
@@ -166,7 +154,6 @@ class Operations(pyfuse3.Operations):
         super().__init__()
         self.fs = fs
         self.timeout = timeout
-        self.failsafe = False
         self._handles: dict[int, Handle] = {}
         self._next_fh = 1
         self.invalidator = Invalidator(fs)
@@ -218,7 +205,7 @@ class Operations(pyfuse3.Operations):
     async def getattr(self, inode: int, ctx: Any = None) -> Any:
         return self._entry(await self.fs.getattr(inode))
 
-    @mutating
+    @fuse_errors
     async def setattr(self, inode: int, attr: Any, fields: Any, fh: Any, ctx: Any) -> Any:
         a = await self.fs.setattr(
             inode,
@@ -236,27 +223,27 @@ class Operations(pyfuse3.Operations):
     async def readlink(self, inode: int, ctx: Any) -> bytes:
         return await self.fs.readlink(inode)
 
-    @mutating
+    @fuse_errors
     async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: Any) -> Any:
         return self._entry(await self.fs.mknod(parent_inode, name, mode, rdev, _ctx(ctx)))
 
-    @mutating
+    @fuse_errors
     async def mkdir(self, parent_inode: int, name: bytes, mode: int, ctx: Any) -> Any:
         return self._entry(await self.fs.mkdir(parent_inode, name, mode, _ctx(ctx)))
 
-    @mutating
+    @fuse_errors
     async def unlink(self, parent_inode: int, name: bytes, ctx: Any) -> None:
         await self.fs.unlink(parent_inode, name)
 
-    @mutating
+    @fuse_errors
     async def rmdir(self, parent_inode: int, name: bytes, ctx: Any) -> None:
         await self.fs.rmdir(parent_inode, name)
 
-    @mutating
+    @fuse_errors
     async def symlink(self, parent_inode: int, name: bytes, target: bytes, ctx: Any) -> Any:
         return self._entry(await self.fs.symlink(parent_inode, name, target, _ctx(ctx)))
 
-    @mutating
+    @fuse_errors
     async def rename(
         self,
         parent_old: int,
@@ -268,19 +255,17 @@ class Operations(pyfuse3.Operations):
     ) -> None:
         await self.fs.rename(parent_old, name_old, parent_new, name_new, flags)
 
-    @mutating
+    @fuse_errors
     async def link(self, inode: int, new_parent: int, new_name: bytes, ctx: Any) -> Any:
         return self._entry(await self.fs.link(inode, new_parent, new_name))
 
     # -- files -----------------------------------------------------------
     @fuse_errors
     async def open(self, inode: int, flags: int, ctx: Any) -> Any:
-        if self.failsafe and flags & (os.O_WRONLY | os.O_RDWR):
-            raise pyfuse3.FUSEError(errno.EPERM)
         await self.fs.open(inode)
         return self._open_handle(inode, flags)
 
-    @mutating
+    @fuse_errors
     async def create(self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: Any) -> Any:
         try:
             a = await self.fs.create(parent_inode, name, mode, _ctx(ctx))
@@ -300,7 +285,7 @@ class Operations(pyfuse3.Operations):
     async def read(self, fh: int, off: int, size: int) -> bytes:
         return await self.fs.read(self._handles[fh].ino, off, size)
 
-    @mutating
+    @fuse_errors
     async def write(self, fh: int, off: int, buf: bytes) -> int:
         h = self._handles[fh]
         return await self.fs.write(h.ino, off, buf, append=h.append)
@@ -358,7 +343,7 @@ class Operations(pyfuse3.Operations):
         return out
 
     # -- extended attributes ---------------------------------------------
-    @mutating
+    @fuse_errors
     async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: Any) -> None:
         await self.fs.setxattr(inode, name, value)
 
@@ -370,6 +355,6 @@ class Operations(pyfuse3.Operations):
     async def listxattr(self, inode: int, ctx: Any) -> list[bytes]:
         return await self.fs.listxattr(inode)
 
-    @mutating
+    @fuse_errors
     async def removexattr(self, inode: int, name: bytes, ctx: Any) -> None:
         await self.fs.removexattr(inode, name)

@@ -32,6 +32,7 @@ class Cluster:
         cache_bytes: int,
         checkpoint_every: float | None,
         open_secondary: Callable[[], Storage] | None,
+        wrap: Callable[[int, Storage], Storage] | None = None,
     ):
         self.storage = storage
         self.master = master
@@ -46,6 +47,7 @@ class Cluster:
         self._open_secondary = open_secondary
         #: Per host, its mirror (when the volume names a secondary).
         self.mirrors: dict[int, MirrorStorage] = {}
+        self._wrap = wrap
 
     @property
     def directory(self):  # type: ignore[no-untyped-def]
@@ -54,6 +56,8 @@ class Cluster:
     async def start(self, node: int) -> FileSystem:
         """Start host `node` (again, after a kill: in the same slot)."""
         storage: Storage = self.storage
+        if self._wrap is not None:
+            storage = self._wrap(node, storage)
         if self.sb.mirror_secondary:
             storage = MirrorStorage(
                 self.storage, self.sb, node, open_secondary=self._open_secondary
@@ -132,24 +136,34 @@ async def cluster(
     cache_bytes: int = 64 << 20,
     checkpoint_every: float | None = 0.5,
     open_secondary: Callable[[], Storage] | None = None,
-    timeout: float = 150,
+    hang_after: float = 150,
+    wrap: Callable[[int, Storage], Storage] | None = None,
 ) -> AsyncIterator[Cluster]:
     """checkpoint_every=None: no background checkpoints, for tests that
     account for every storage write.  On a volume that names a secondary,
     every host mirrors to what `open_secondary` gives (default: the
-    volume it names), and drains its queue at the end.  A body still
-    running after `timeout` seconds is a hang: the state is dumped."""
+    volume it names), and drains its queue at the end.  `wrap(node,
+    storage)`: what host `node` sees of the volume (a faulty device, say).  A body still
+    running after `hang_after` seconds is a hang: the state is dumped."""
     sb = read_superblock(storage)
     master = MasterService(sb.cluster_key, coherence=coherence, host_slots=sb.host_slots)
     async with trio.open_nursery() as nursery:
         port = await nursery.start(master.serve, "127.0.0.1", 0)
         c = Cluster(
-            storage, master, nursery, port, coherence, cache_bytes, checkpoint_every, open_secondary
+            storage,
+            master,
+            nursery,
+            port,
+            coherence,
+            cache_bytes,
+            checkpoint_every,
+            open_secondary,
+            wrap,
         )
         for node in range(n):
             await c.start(node)
         try:
-            with c.watchdog(timeout):
+            with c.watchdog(hang_after):
                 yield c
         finally:
             with trio.CancelScope(shield=True), c.watchdog(60):

@@ -11,7 +11,17 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from mount_util import PY, Mount, fsck_ok, mkfs, needs_fuse, public_dir, sharedfs, wait_for
+from mount_util import (
+    PY,
+    Master,
+    Mount,
+    fsck_ok,
+    mkfs,
+    needs_fuse,
+    public_dir,
+    sharedfs,
+    wait_for,
+)
 from nbd_util import free_port, needs_nbdkit, needs_qemu_nbd
 from nbd_util import sparse_image as image
 from t4_cli import one_line_error
@@ -200,3 +210,57 @@ def test_an_io_error_fails_the_operation_that_met_it(nbd_servers, tmp_path: Path
     finally:
         m.kill()
     fsck_ok(srv.uri)
+
+
+@needs_fuse
+def test_a_host_whose_server_fails_its_writes_withdraws_and_the_other_goes_on(  # type: ignore[no-untyped-def]
+    nbd_servers, tmp_path: Path
+) -> None:
+    """Two hosts on one image through two nbdkit servers; host 1's starts
+    failing every write (nbdkit's error filter).  Host 1's fsync fails,
+    host 1 withdraws (every call EIO from then on), host 0 reads all that
+    host 1 acknowledged and goes on writing in the same directory."""
+    img = image(tmp_path / "img", 256 << 20)
+    failing = tmp_path / "fail-writes"
+    good = nbd_servers.nbdkit("file", str(img))
+    flaky = nbd_servers.nbdkit(
+        "--filter=error",
+        "file",
+        str(img),
+        "error=EIO",
+        "error-pwrite-rate=100%",
+        f"error-pwrite-file={failing}",
+    )
+    mkfs(good.uri)
+    master = Master(good.uri, tmp_path / "master.log", "--lease", "3")
+    pub = public_dir()
+    a = Mount(good.uri, pub / "a", "--master", master.addr, "--node", "0")
+    b = Mount(flaky.uri, pub / "b", "--master", master.addr, "--node", "1")
+    try:
+        acked = {}
+        for i in range(5):
+            data = os.urandom(3000 * (i + 1))
+            with open(b.mnt / f"f{i}", "wb") as f:
+                f.write(data)
+                os.fsync(f.fileno())
+            acked[f"f{i}"] = data
+        failing.touch()
+        with pytest.raises(OSError) as e, open(b.mnt / "lost", "wb") as f:
+            f.write(b"never acknowledged" * 1000)
+            os.fsync(f.fileno())
+        assert e.value.errno == errno.EIO
+        wait_for(lambda: "fenced: storage failed a write" in b.log.read_text(), what="withdrawal")
+        with pytest.raises(OSError) as e:
+            os.listdir(b.mnt)
+        assert e.value.errno == errno.EIO
+        for name, data in acked.items():
+            assert (a.mnt / name).read_bytes() == data, name
+        (a.mnt / "after").write_bytes(b"host 0 goes on")
+        a.umount()
+    finally:
+        a.kill()
+        b.kill()
+        master.stop()
+    failing.unlink()
+    fsck_ok(good.uri)
+    assert "node 1 failed: recovering what it held" in (tmp_path / "master.log").read_text()

@@ -164,7 +164,7 @@ async def test_random_kills_lose_no_acknowledged_write(seed: int):
     rng = random.Random(seed)
     vol = await make_volume(256 << 20)
     acked: dict[tuple[int, bytes], set[bytes]] = {}
-    async with cluster(vol, 3, checkpoint_every=0.2, timeout=600) as c:
+    async with cluster(vol, 3, checkpoint_every=0.2, hang_after=600) as c:
         shared = (await c.hosts[0].mkdir(ROOT, b"shared", 0o755, CTX)).ino
         for _trial in range(5):
             with c.watchdog(60):

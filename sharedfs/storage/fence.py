@@ -4,9 +4,17 @@ A host that has lost its lease must not write to storage: the master has
 declared it dead and another host is rebuilding what it held.  Every write
 of a cluster host goes through one `Fence`; once closed, writes fail (the
 operation that asked gets EIO) while reads still work.
+
+A write that the volume fails closes the gate too, as GFS2 withdraws a node
+from the cluster on an I/O error: what the host has not written may now be
+anywhere between old and new on storage, so it stops, and the other hosts
+rebuild what it held from storage and the log.  (The storage below has
+already retried what can be retried: an NBD connection that drops.)
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 from ..errors import StorageError
 from . import Storage
@@ -20,6 +28,8 @@ class Fence(Storage):
     """Attributes:
     inner: the volume.
     reason: why it was closed ("" while open).
+    on_trip: called with the reason when a failed write closes it (the
+        host's agent withdraws from the cluster).
     """
 
     def __init__(self, inner: Storage) -> None:
@@ -29,9 +39,17 @@ class Fence(Storage):
         self.shared = inner.shared
         self.min_block = inner.min_block
         self.reason = ""
+        self.on_trip: Callable[[str], None] | None = None
 
     def close_gate(self, reason: str) -> None:
         self.reason = reason
+
+    def _trip(self, what: str, e: StorageError) -> None:
+        if self.reason:
+            return
+        self.close_gate(f"storage failed a {what}: {e}")
+        if self.on_trip is not None:
+            self.on_trip(self.reason)
 
     def _check(self) -> None:
         if self.reason:
@@ -44,11 +62,19 @@ class Fence(Storage):
         self, offset: int, data: bytes | bytearray | memoryview, *, fua: bool = False
     ) -> None:
         self._check()
-        await self.inner.write(offset, data, fua=fua)
+        try:
+            await self.inner.write(offset, data, fua=fua)
+        except StorageError as e:
+            self._trip("write", e)
+            raise
 
     async def flush(self) -> None:
         self._check()
-        await self.inner.flush()
+        try:
+            await self.inner.flush()
+        except StorageError as e:
+            self._trip("flush", e)
+            raise
 
     def counters(self) -> dict[str, int]:
         return self.inner.counters()
@@ -65,4 +91,8 @@ class Fence(Storage):
 
     def write_sync(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         self._check()
-        self.inner.write_sync(offset, data)
+        try:
+            self.inner.write_sync(offset, data)
+        except StorageError as e:
+            self._trip("write", e)
+            raise
