@@ -28,6 +28,7 @@ from .errors import QuietError, StorageError
 from .link import Link, LinkClosed, open_master
 from .master import LockMaster
 from .protocol import HostId, Mode, Resource, block_resource
+from .tls import Tls
 
 if TYPE_CHECKING:
     from .cache import BlockCache
@@ -125,9 +126,12 @@ class ClusterAgent:
         peer_port: where peers reach this host for transfers.
     """
 
-    def __init__(self, host: HostId, key: bytes, *, coherence: str = "fusion") -> None:
+    def __init__(
+        self, host: HostId, key: bytes, *, coherence: str = "fusion", tls: Tls | None = None
+    ) -> None:
         self.host = host
         self.key = key
+        self.tls = tls
         self.coherence = coherence
         self.cache: BlockCache | None = None
         self.peer_port = 0
@@ -197,7 +201,7 @@ class ClusterAgent:
         where = f"master {master[0]}:{master[1]}"
         try:
             with trio.fail_after(CONNECT_TIMEOUT):
-                link = await open_master(master, self.key, self.host, exitcode=32)
+                link = await open_master(master, self.key, self.host, exitcode=32, tls=self.tls)
                 await link.send(p.Join(self.host, listen_host, self.peer_port, self.coherence))
                 while not isinstance(msg := await link.receive(), p.Welcome):
                     if msg is None:
@@ -561,7 +565,9 @@ class ClusterAgent:
                     if addr is None:
                         raise LinkClosed("the master says it is down")
                     stream = await trio.open_tcp_stream(*addr)
-                    link = await Link.open(stream, self.key, self.host, initiator=True)
+                    link = await Link.open(
+                        stream, self.key, self.host, initiator=True, tls=self.tls
+                    )
                     self._peer_links[node] = link
                 await link.send(msg)
             except (OSError, LinkClosed, p.ProtocolError, trio.TooSlowError) as e:
@@ -570,7 +576,7 @@ class ClusterAgent:
 
     async def _peer_handler(self, stream: trio.SocketStream) -> None:
         try:
-            link = await Link.open(stream, self.key, self.host, initiator=False)
+            link = await Link.open(stream, self.key, self.host, initiator=False, tls=self.tls)
             while (msg := await link.receive()) is not None:
                 if not isinstance(msg, p.Transfer):
                     raise p.ProtocolError(f"peer sent {type(msg).__name__}")

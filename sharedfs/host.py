@@ -14,6 +14,7 @@ from .master import LockMaster
 from .protocol import HostId
 from .storage import Storage
 from .storage.fence import Fence
+from .tls import Tls
 
 DEFAULT_CACHE_BYTES = 256 << 20
 
@@ -41,12 +42,14 @@ def open_cluster_host(
     coherence: str = "fusion",
     cache_bytes: int = DEFAULT_CACHE_BYTES,
     gate: Fence | None = None,
+    tls: Tls | None = None,
 ) -> FileSystem:
     """A FileSystem whose agent speaks the Cache Fusion protocol to a master
     (start it with `fs.cache.agent.run(...)`).  gate: the Fence every write
     of this host already passes below `storage` (a mount's, under its
-    mirror); by default one is put over `storage`."""
-    agent = ClusterAgent(HostId(node), sb.cluster_key, coherence=coherence)
+    mirror); by default one is put over `storage`.  tls: for every
+    connection, to the master and to peers."""
+    agent = ClusterAgent(HostId(node), sb.cluster_key, coherence=coherence, tls=tls)
     cache = BlockCache(
         storage if gate is not None else Fence(storage),
         sb.block_size,

@@ -12,6 +12,7 @@ import trio
 
 from . import protocol as p
 from .errors import QuietError
+from .tls import Tls, handshake_failure, secure
 
 log = logging.getLogger(__name__)
 
@@ -43,8 +44,23 @@ class Link:
         return self.conn.peer_node
 
     @classmethod
-    async def open(cls, stream: trio.abc.Stream, key: bytes, node: int, *, initiator: bool) -> Link:
-        """Run the handshake; raise AuthError/ProtocolError/LinkClosed."""
+    async def open(
+        cls,
+        stream: trio.abc.Stream,
+        key: bytes,
+        node: int,
+        *,
+        initiator: bool,
+        tls: Tls | None = None,
+    ) -> Link:
+        """Run the handshake (TLS first, with `tls`); raise AuthError,
+        ProtocolError or LinkClosed."""
+        if tls is not None:
+            try:
+                with trio.fail_after(HANDSHAKE_TIMEOUT):
+                    stream = await secure(stream, tls, server=not initiator)
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as e:
+                raise LinkClosed(f"TLS handshake failed: {handshake_failure(e)}") from None
         link = cls(stream, p.Connection(key, node, initiator=initiator))
         try:
             await link._handshake()
@@ -125,7 +141,9 @@ def parse_address(text: str, default_port: int = 7400) -> tuple[str, int]:
     return host.strip("[]") or "127.0.0.1", int(port)
 
 
-async def open_master(addr: tuple[str, int], key: bytes, node: int, *, exitcode: int) -> Link:
+async def open_master(
+    addr: tuple[str, int], key: bytes, node: int, *, exitcode: int, tls: Tls | None = None
+) -> Link:
     """An authenticated link to the lock master at `addr` (as `node`, -1 for
     a tool); if there is none, a QuietError naming the cause and the fix."""
     where = f"master {addr[0]}:{addr[1]}"
@@ -134,7 +152,7 @@ async def open_master(addr: tuple[str, int], key: bytes, node: int, *, exitcode:
     except OSError as e:
         raise QuietError(f"cannot reach {where}: {_why(e)}; is it running?", exitcode) from None
     try:
-        return await Link.open(stream, key, node, initiator=True)
+        return await Link.open(stream, key, node, initiator=True, tls=tls)
     except p.AuthError:
         await stream.aclose()
         raise QuietError(
@@ -144,7 +162,15 @@ async def open_master(addr: tuple[str, int], key: bytes, node: int, *, exitcode:
     except (p.ProtocolError, LinkClosed, trio.BrokenResourceError, trio.TooSlowError) as e:
         await stream.aclose()
         why = str(e) or "no answer to the handshake"
-        raise QuietError(f"{where}: {why}; is it a sharedfs master?", exitcode) from None
+        if tls is not None or "TLS" in why:
+            raise QuietError(
+                f"{where}: {why}; does it use --tls with a certificate of this cluster's CA?",
+                exitcode,
+            ) from None
+        raise QuietError(
+            f"{where}: {why}; is it a sharedfs master (one run with --tls needs --tls here too)?",
+            exitcode,
+        ) from None
 
 
 def _why(e: OSError) -> str:

@@ -31,6 +31,7 @@ from .link import Link, LinkClosed, parse_address
 from .metrics import Sample, counter_samples, serve_metrics
 from .protocol import HostId, Mode, Resource
 from .storage import open_volume
+from .tls import Tls, add_tls_arg, load_tls
 from .volume import open_superblock
 
 log = logging.getLogger(__name__)
@@ -127,8 +128,10 @@ class MasterService:
         coherence: str = "fusion",
         host_slots: int = 64,
         lease: float = DEFAULT_LEASE,
+        tls: Tls | None = None,
     ) -> None:
         self.key = key
+        self.tls = tls
         self.directory = Directory(coherence)
         self.host_slots = host_slots
         self.lease = lease
@@ -224,7 +227,7 @@ class MasterService:
         # let one bad peer take the whole master down.
         node: int | None = None
         try:
-            link = await Link.open(stream, self.key, -1, initiator=False)
+            link = await Link.open(stream, self.key, -1, initiator=False, tls=self.tls)
             with trio.CancelScope() as scope:
                 while (msg := await link.receive()) is not None:
                     if node is None:
@@ -509,7 +512,11 @@ def run_master(args: argparse.Namespace) -> None:
     finally:
         storage.close()
     service = MasterService(
-        sb.cluster_key, coherence=args.coherence, host_slots=sb.host_slots, lease=args.lease
+        sb.cluster_key,
+        coherence=args.coherence,
+        host_slots=sb.host_slots,
+        lease=args.lease,
+        tls=load_tls(args.tls),
     )
     trio.run(_serve_forever, service, host, port, args.metrics)
 
@@ -532,6 +539,7 @@ def main(argv: list[str] | None = None) -> None:
         metavar="HOST:PORT",
         help="serve Prometheus metrics at http://HOST:PORT/metrics (off by default)",
     )
+    add_tls_arg(ap)
     ap.add_argument("--log", metavar="FILE")
     ap.add_argument("--debug", action="store_true")
     args = ap.parse_args(sys.argv[1:] if argv is None else argv)

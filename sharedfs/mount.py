@@ -46,6 +46,7 @@ from .mirror import mirrored, refuse_own_secondary
 from .storage import Storage, canonical_name, open_volume
 from .storage.fence import Fence, Fenced
 from .storage.nbd import DEFAULT_TIMEOUT as NBD_TIMEOUT
+from .tls import add_tls_arg, load_tls
 from .volume import (
     HEARTBEAT_INTERVAL,
     check_block_size,
@@ -122,6 +123,7 @@ def add_mount_args(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="also lock every log page written (a baseline for tools/bench journal)",
     )
+    add_tls_arg(p)
     p.add_argument("-o", dest="options", action="append", default=[], help="FUSE mount options")
     p.add_argument("--log", metavar="FILE", help="log file (default: stderr in the foreground)")
     p.add_argument("--debug", action="store_true")
@@ -242,7 +244,13 @@ async def _serve_host(
     if not set(live_slots(storage, sb)) - {node}:
         await replay_log(storage, sb, node)
     fs = open_cluster_host(
-        storage, sb, node=node, coherence=args.coherence, cache_bytes=args.cache_size, gate=gate
+        storage,
+        sb,
+        node=node,
+        coherence=args.coherence,
+        cache_bytes=args.cache_size,
+        gate=gate,
+        tls=args.tls_config,
     )
     fs.log.page_locks = args.log_page_locks
     agent = fs.cache.agent
@@ -282,7 +290,9 @@ async def _start_master(
     """The master to join: --master's, or one embedded here."""
     if args.master:
         return parse_address(args.master), None
-    service = MasterService(sb.cluster_key, coherence=args.coherence, host_slots=sb.host_slots)
+    service = MasterService(
+        sb.cluster_key, coherence=args.coherence, host_slots=sb.host_slots, tls=args.tls_config
+    )
     lhost, lport = parse_address(args.listen)
     port = await nursery.start(service.serve, lhost, lport)
     log.info("host %d: embedded master on %s:%d", node, lhost, port)
@@ -422,6 +432,7 @@ def mount(args: argparse.Namespace) -> None:
     if args.nbd_timeout <= 0:
         raise QuietError(f"--nbd-timeout {args.nbd_timeout:g}: give a positive number", 2)
     mountpoint = check_mountpoint(args.mountpoint)
+    args.tls_config = load_tls(args.tls)
     storage = open_volume(args.volume, nbd_timeout=args.nbd_timeout)
     sb = open_superblock(storage)
     check_block_size(storage, sb.block_size)
@@ -462,6 +473,7 @@ _HELPER_OPTIONS = {
     "nbd_timeout": "--nbd-timeout",
     "cache_size": "--cache-size",
     "metrics": "--metrics",
+    "tls": "--tls",
     "log": "--log",
 }
 _FSTAB_ONLY = {"defaults", "auto", "noauto", "user", "nouser", "users", "_netdev", "nofail", "rw"}
@@ -490,7 +502,8 @@ def mount_helper_main(argv: list[str] | None = None) -> None:
         description="mount(8)'s helper: mount -t sharedfs VOLUME DIR -o OPTIONS.",
         epilog="OPTIONS: master=HOST:PORT, node=N, peer_address=HOST[:PORT], "
         "listen=HOST:PORT, coherence=fusion|disk, "
-        "writeback=SECONDS, nbd_timeout=SECONDS, cache_size=SIZE, metrics=HOST:PORT, log=FILE, "
+        "writeback=SECONDS, nbd_timeout=SECONDS, cache_size=SIZE, metrics=HOST:PORT, tls=DIR, "
+        "log=FILE, "
         "debug, and FUSE "
         "options; defaults, auto, noauto, _netdev, nofail, user(s), rw and x-* are for "
         "mount(8) and fstab and are ignored.",

@@ -26,17 +26,18 @@ from .cli_util import Parser, parse_address_arg, run_tool
 from .errors import QuietError
 from .link import LinkClosed, open_master
 from .storage import Storage, open_volume
+from .tls import Tls, add_tls_arg, load_tls
 from .volume import open_superblock, read_slot, slot_is_live
 
 ASK_TIMEOUT = 10.0
 _CLEAR = "\033[H\033[2J"
 
 
-async def ask_master(key: bytes, addr: tuple[str, int]) -> dict[str, Any]:
+async def ask_master(key: bytes, addr: tuple[str, int], tls: Tls | None = None) -> dict[str, Any]:
     where = f"master {addr[0]}:{addr[1]}"
     try:
         with trio.fail_after(ASK_TIMEOUT):
-            link = await open_master(addr, key, -1, exitcode=1)
+            link = await open_master(addr, key, -1, exitcode=1, tls=tls)
             try:
                 await link.send(p.StatusRequest())
                 while (msg := await link.receive()) is not None:
@@ -81,13 +82,15 @@ def volume_info(storage: Storage, sb: fmt.Superblock) -> dict[str, Any]:
     }
 
 
-def gather(storage: Storage, master: tuple[str, int] | None) -> dict[str, Any]:
+def gather(
+    storage: Storage, master: tuple[str, int] | None, tls: Tls | None = None
+) -> dict[str, Any]:
     """Everything status shows.  A master that cannot be asked is an error
     (QuietError), unless `master` is None."""
     sb = open_superblock(storage)
     info = volume_info(storage, sb)
     if master is not None:
-        info["master"] = m = trio.run(ask_master, sb.cluster_key, master)
+        info["master"] = m = trio.run(ask_master, sb.cluster_key, master, tls)
         m["address"] = f"{master[0]}:{master[1]}"
         # Node numbers as the JSON view has them, so both views read alike.
         m["hosts"] = {str(n): h for n, h in m["hosts"].items()}
@@ -246,16 +249,17 @@ def show(info: dict[str, Any], args: argparse.Namespace, watching: bool) -> None
 def status(args: argparse.Namespace) -> None:
     if args.watch is not None and not args.watch > 0:
         raise QuietError(f"--watch {args.watch:g}: give a number of seconds above 0", 2)
+    tls = load_tls(args.tls)
     storage = open_volume(args.volume)
     try:
-        show(gather(storage, args.master), args, args.watch is not None)
+        show(gather(storage, args.master, tls), args, args.watch is not None)
         if args.watch is None:
             return
         try:
             while True:
                 time.sleep(args.watch)
                 try:
-                    info = gather(storage, args.master)
+                    info = gather(storage, args.master, tls)
                 except QuietError as e:
                     # The master may be restarting: say so and keep watching.
                     info = volume_info(storage, open_superblock(storage))
@@ -286,6 +290,7 @@ def main(argv: list[str] | None = None) -> None:
         help="show it again every SECONDS (default 2) until interrupted",
     )
     ap.add_argument("--counters", action="store_true", help="also list every raw counter")
+    add_tls_arg(ap)
     run_tool(status, ap.parse_args(sys.argv[1:] if argv is None else argv))
 
 

@@ -16,6 +16,7 @@ from sharedfs.master import MasterService
 from sharedfs.mirror import MirrorStorage
 from sharedfs.storage import Storage
 from sharedfs.storage.memory import MemoryStorage
+from sharedfs.tls import Tls
 from sharedfs.volume import read_superblock
 
 log = logging.getLogger(__name__)
@@ -33,6 +34,7 @@ class Cluster:
         checkpoint_every: float | None,
         open_secondary: Callable[[], Storage] | None,
         wrap: Callable[[int, Storage], Storage] | None = None,
+        tls: Tls | None = None,
     ):
         self.storage = storage
         self.master = master
@@ -48,6 +50,7 @@ class Cluster:
         #: Per host, its mirror (when the volume names a secondary).
         self.mirrors: dict[int, MirrorStorage] = {}
         self._wrap = wrap
+        self._tls = tls
 
     @property
     def directory(self):  # type: ignore[no-untyped-def]
@@ -69,6 +72,7 @@ class Cluster:
             node=node,
             coherence=self._coherence,
             cache_bytes=self._cache_bytes,
+            tls=self._tls,
         )
         self._scopes[node] = await self._nursery.start(self._run, fs)
         if node < len(self.hosts):
@@ -138,15 +142,17 @@ async def cluster(
     open_secondary: Callable[[], Storage] | None = None,
     hang_after: float = 150,
     wrap: Callable[[int, Storage], Storage] | None = None,
+    tls: Tls | None = None,
 ) -> AsyncIterator[Cluster]:
     """checkpoint_every=None: no background checkpoints, for tests that
     account for every storage write.  On a volume that names a secondary,
     every host mirrors to what `open_secondary` gives (default: the
     volume it names), and drains its queue at the end.  `wrap(node,
-    storage)`: what host `node` sees of the volume (a faulty device, say).  A body still
+    storage)`: what host `node` sees of the volume (a faulty device, say).
+    `tls`: every connection over TLS.  A body still
     running after `hang_after` seconds is a hang: the state is dumped."""
     sb = read_superblock(storage)
-    master = MasterService(sb.cluster_key, coherence=coherence, host_slots=sb.host_slots)
+    master = MasterService(sb.cluster_key, coherence=coherence, host_slots=sb.host_slots, tls=tls)
     async with trio.open_nursery() as nursery:
         port = await nursery.start(master.serve, "127.0.0.1", 0)
         c = Cluster(
@@ -159,6 +165,7 @@ async def cluster(
             checkpoint_every,
             open_secondary,
             wrap,
+            tls,
         )
         for node in range(n):
             await c.start(node)

@@ -117,7 +117,7 @@ def cases(s: Scene) -> list[Case]:
         Case(
             "mount-not-a-master",
             ("mount", vol, empty, "--master", s.not_master, "--node", "6", *log),
-            ("is it a sharedfs master?",),
+            ("is it a sharedfs master (one run with --tls needs --tls here too)?",),
             32,
         ),
         Case(
@@ -202,7 +202,7 @@ def cases(s: Scene) -> list[Case]:
         Case(
             "status-not-a-master",
             ("status", vol, "--master", s.not_master),
-            ("is it a sharedfs master?",),
+            ("is it a sharedfs master (one run with --tls needs --tls here too)?",),
         ),
         Case(
             "status-wrong-cluster-key",
