@@ -25,7 +25,7 @@ import trio
 
 from . import protocol as p
 from .errors import QuietError, StorageError
-from .link import Link, LinkClosed, open_master
+from .link import Handshakes, Link, LinkClosed, open_master
 from .master import LockMaster
 from .protocol import HostId, Mode, Resource, block_resource
 from .tls import Tls
@@ -132,6 +132,7 @@ class ClusterAgent:
         self.host = host
         self.key = key
         self.tls = tls
+        self._handshakes = Handshakes()
         self.coherence = coherence
         self.cache: BlockCache | None = None
         self.peer_port = 0
@@ -576,7 +577,8 @@ class ClusterAgent:
 
     async def _peer_handler(self, stream: trio.SocketStream) -> None:
         try:
-            link = await Link.open(stream, self.key, self.host, initiator=False, tls=self.tls)
+            with self._handshakes.slot():
+                link = await Link.open(stream, self.key, self.host, initiator=False, tls=self.tls)
             while (msg := await link.receive()) is not None:
                 if not isinstance(msg, p.Transfer):
                     raise p.ProtocolError(f"peer sent {type(msg).__name__}")

@@ -5,8 +5,10 @@ Used for every connection: host to master, host to host, tool to master.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+from collections.abc import Iterator
 
 import trio
 
@@ -17,11 +19,34 @@ from .tls import Tls, handshake_failure, secure
 log = logging.getLogger(__name__)
 
 HANDSHAKE_TIMEOUT = 10.0
+#: Connections in their handshake at once, per listener.  One that sends
+#: nothing holds a socket and a task until HANDSHAKE_TIMEOUT: thousands of
+#: them would use up the process's file descriptors, and its hosts' too.
+MAX_HANDSHAKES = 128
 _RECV = 65536
 
 
 class LinkClosed(Exception):
     """The other side went away."""
+
+
+class Handshakes:
+    """A listener's count of connections in their handshake (MAX_HANDSHAKES)."""
+
+    def __init__(self, limit: int = MAX_HANDSHAKES) -> None:
+        self.limit = limit
+        self.active = 0
+
+    @contextlib.contextmanager
+    def slot(self) -> Iterator[None]:
+        """Inside, one handshake; LinkClosed at once if `limit` are running."""
+        if self.active >= self.limit:
+            raise LinkClosed(f"{self.active} connections already in their handshake")
+        self.active += 1
+        try:
+            yield
+        finally:
+            self.active -= 1
 
 
 class Link:

@@ -14,7 +14,6 @@ import argparse
 import contextlib
 import functools
 import logging
-import math
 import signal
 import sys
 from collections import defaultdict, deque
@@ -27,7 +26,7 @@ from .cli_util import Parser, notify_systemd, parse_address_arg, run_tool, setup
 from .debug import dump_on_signal
 from .directory import Directory
 from .errors import QuietError
-from .link import Link, LinkClosed, parse_address
+from .link import Handshakes, Link, LinkClosed, parse_address
 from .metrics import Sample, counter_samples, serve_metrics
 from .protocol import HostId, Mode, Resource
 from .storage import open_volume
@@ -48,6 +47,10 @@ CLOSE_GRACE = 0.5
 JOIN_WAIT = 30.0
 #: Rates in status are over this many seconds of counters, sampled each second.
 RATE_WINDOW = 10
+#: Messages queued for one host at most.  An honest host reads what it is
+#: sent (a ping per block it holds that others ask for: bursts of thousands);
+#: one that stops reading must not make the master queue without bound.
+OUTBOX_MAX = 1 << 16
 
 #: (when, the master's counters, each host's counters)
 _CounterSample = tuple[float, dict[str, int], dict[int, dict[str, int]]]
@@ -142,6 +145,8 @@ class MasterService:
         self._scopes: dict[int, trio.CancelScope] = {}
         self._said_bye: set[int] = set()
         self._dying: set[int] = set()
+        self._cut_off: set[int] = set()  # outbox overflowed: its connection ends
+        self._handshakes = Handshakes()
         self._links: dict[int, Link] = {}
         self._outboxes: dict[int, trio.MemorySendChannel[p.Message]] = {}
         self._peers: dict[int, tuple[str, int]] = {}
@@ -227,7 +232,8 @@ class MasterService:
         # let one bad peer take the whole master down.
         node: int | None = None
         try:
-            link = await Link.open(stream, self.key, -1, initiator=False, tls=self.tls)
+            with self._handshakes.slot():
+                link = await Link.open(stream, self.key, -1, initiator=False, tls=self.tls)
             with trio.CancelScope() as scope:
                 while (msg := await link.receive()) is not None:
                     if node is None:
@@ -273,7 +279,7 @@ class MasterService:
             log.warning("master: refused node %d: %s", node, reason)
             await link.send(p.Refused(reason))
             return None
-        send, recv = trio.open_memory_channel[p.Message](math.inf)
+        send, recv = trio.open_memory_channel[p.Message](OUTBOX_MAX)
         self._links[node] = link
         self._outboxes[node] = send
         self._scopes[node] = scope
@@ -343,9 +349,19 @@ class MasterService:
         closed may not be gone yet: its sender takes nothing more, and what
         we would tell it no longer matters."""
         box = self._outboxes.get(node)
-        if box is not None:
-            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
-                box.send_nowait(msg)
+        if box is None:
+            return
+        try:
+            box.send_nowait(msg)
+        except trio.WouldBlock:
+            if node not in self._cut_off:
+                self._cut_off.add(node)
+                log.warning(
+                    "master: node %d has %d messages unread: cutting it off", node, OUTBOX_MAX
+                )
+                self._scopes[node].cancel()
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
 
     async def _gone(self, node: int) -> None:
         """Its connection ended: after a Bye its holds just go; otherwise it
@@ -358,6 +374,7 @@ class MasterService:
         self._peers.pop(node, None)
         self._scopes.pop(node, None)
         self._heard.pop(node, None)
+        self._cut_off.discard(node)
         for other in list(self._outboxes):
             self._post(other, p.PeerDown(node))
         if node in self._said_bye:

@@ -3,6 +3,7 @@ fixes it led to, each on its own."""
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import sys
 from pathlib import Path
@@ -12,7 +13,7 @@ import trio
 import trio.testing
 
 from sharedfs import protocol as p
-from sharedfs.link import Link
+from sharedfs.link import Link, LinkClosed
 
 _spec = importlib.util.spec_from_file_location(
     "fuzz", Path(__file__).resolve().parent.parent / "tools" / "fuzz.py"
@@ -130,6 +131,62 @@ async def test_the_master_counts_rejected_frames_in_status_and_describe():
             await trio.sleep(0.01)
         assert master.status()["rejected_frames"] == 3
         assert "rejected frames 3" in master.describe()[0]
+        nursery.cancel_scope.cancel()
+
+
+async def test_an_insider_that_never_reads_is_cut_off_not_queued_for_without_bound(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+):
+    """A joined peer (it knows the key) asks for status again and again and
+    never reads the replies: once its queue at the master is full, the
+    master ends its connection instead of queueing more."""
+    from sharedfs import master as master_mod
+    from sharedfs.link import open_master
+
+    monkeypatch.setattr(master_mod, "OUTBOX_MAX", 64)
+    master = master_mod.MasterService(KEY)
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(master.serve, "127.0.0.1", 0)
+        link = await open_master(("127.0.0.1", port), KEY, 5, exitcode=1)
+        await link.send(p.Join(5, "127.0.0.1", 1, "fusion"))
+        with trio.fail_after(30):
+            while 5 not in master._links:  # noqa: ASYNC110 - no event for it
+                await trio.sleep(0.01)
+            with contextlib.suppress(LinkClosed):
+                while 5 in master._links:
+                    await link.send(p.StatusRequest())
+            while master.directory.counters.hosts_failed < 1:  # noqa: ASYNC110
+                await trio.sleep(0.01)
+        assert any("node 5 has 64 messages unread" in r.getMessage() for r in caplog.records)
+        await link.aclose()
+        nursery.cancel_scope.cancel()
+
+
+async def test_connections_that_never_finish_their_handshake_are_capped():
+    """MAX_HANDSHAKES connections that send nothing hold their sockets for
+    the handshake timeout; more are closed at once, not left to use up
+    the master's file descriptors.  Once they go, an honest peer joins."""
+    from sharedfs.link import MAX_HANDSHAKES, open_master
+    from sharedfs.master import MasterService
+
+    master = MasterService(KEY)
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(master.serve, "127.0.0.1", 0)
+        idle = [await trio.open_tcp_stream("127.0.0.1", port) for _ in range(MAX_HANDSHAKES)]
+        with trio.fail_after(10):
+            while master._handshakes.active < MAX_HANDSHAKES:  # noqa: ASYNC110
+                await trio.sleep(0.01)
+            extra = [await trio.open_tcp_stream("127.0.0.1", port) for _ in range(20)]
+            for s in extra:
+                assert await s.receive_some(4096) == b""  # closed, no Hello
+        assert master.refused == 20
+        for s in idle + extra:
+            await s.aclose()
+        with trio.fail_after(10):
+            while master._handshakes.active:  # noqa: ASYNC110
+                await trio.sleep(0.01)
+        link = await open_master(("127.0.0.1", port), KEY, -1, exitcode=1)
+        await link.aclose()
         nursery.cancel_scope.cancel()
 
 
