@@ -659,7 +659,7 @@ class MirrorStorage(Storage):
             # on storage, for a resync.
             log.warning("host %d: mirror: marks left set: %s", self.node, e)
 
-    async def drain(self, timeout: float = DRAIN_TIMEOUT) -> None:
+    async def drain(self, timeout: float = DRAIN_TIMEOUT) -> None:  # noqa: ASYNC109 - a budget for shipping, the resets come after it
         """No more updates: ship what is queued while the secondary answers
         (within `timeout`), then write the resets.  What is left stays
         marked on storage."""

@@ -87,7 +87,7 @@ def on_storage(storage: MemoryStorage, sb: fmt.Superblock, node: int, region: in
 
 async def until(pred, seconds: float = 10) -> None:  # type: ignore[no-untyped-def]
     with trio.fail_after(seconds):
-        while not pred():
+        while not pred():  # noqa: ASYNC110 - any predicate, no event to wait on
             await trio.sleep(0.005)
 
 

@@ -20,6 +20,7 @@ with an FsError, and `fsck -y` must leave a volume `fsck -n` finds clean.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import math
 import os
@@ -225,10 +226,8 @@ class Attacker:
     async def send(self, stream: trio.SocketStream, data: bytes, *, bad: bool = False) -> None:
         self.report.frames += 1
         self.report.bad_frames += bad
-        try:
-            await stream.send_all(data)
-        except (trio.BrokenResourceError, OSError):
-            pass  # it hung up on an earlier frame already
+        with contextlib.suppress(trio.BrokenResourceError, OSError):
+            await stream.send_all(data)  # it may have hung up on an earlier frame already
 
     async def verdict(self, stream: trio.SocketStream, conn: p.Connection | None) -> None:
         """After a bad frame the peer must close without a message."""
@@ -495,11 +494,15 @@ async def fuzz_frames(frames: int, seed: int, concurrency: int = 8) -> Report:
         async with trio.open_nursery() as load:
             for node, fs in enumerate(hosts):
                 load.start_soon(work.run, fs, node, seed, stop)
-            attacker = Attacker(sb.cluster_key, port, [h.cache.agent.peer_port for h in hosts], report)
+            attacker = Attacker(
+                sb.cluster_key, port, [h.cache.agent.peer_port for h in hosts], report
+            )
             await attacker.record_session()
             async with trio.open_nursery() as attackers:
                 for k in range(concurrency):
-                    attackers.start_soon(_attack_loop, attacker, random.Random(seed * 1000 + k), frames)
+                    attackers.start_soon(
+                        _attack_loop, attacker, random.Random(seed * 1000 + k), frames
+                    )
             # The master still serves its hosts: a lock round trip each way.
             with trio.fail_after(60):
                 for fs in hosts:
