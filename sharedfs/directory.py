@@ -607,15 +607,14 @@ class Directory:
         """The node with the most recent version (claim 21): the X holder
         (it has the current copy), else the owner of a dirty read-shared
         version, else the newest past image.  A block being recovered
-        is written from the newest past image a survivor keeps.  A waiter
-        receiving a final transfer writes what it has: if it asks, the copy
-        has reached it (what we take for the X holder kept only a past
-        image), or it wants a past image of its own written."""
+        is written from the newest past image a survivor keeps.  (A
+        receiver of a final transfer whose sender's PingDone is on its way
+        is not asked: the sender may still be writing an older version,
+        and two writes of one block at once could land out of order.  The
+        sender writes what it has; its PingDone comes before its WriteDone,
+        and then the receiver writes, if it waits for more.)"""
         if st.recovering is not None and st.pis:
             return max(st.pis, key=lambda n: st.pis[n])
-        receiver = self._receiving(st)
-        if receiver is not None and (receiver == asker or receiver in st.write_waiters):
-            return receiver
         x = next((n for n, m in st.holders.items() if m is Mode.X), None)
         if x is not None:
             return x
@@ -685,10 +684,12 @@ class Directory:
                 # The newest holder wrote all it can.  If it asked itself,
                 # an operation of its own is changing the copy, and it wrote
                 # the version before: it hears what it wrote, and its copy
-                # stays dirty.  Another's past image is obsolete (the block
-                # was freed since, say): it is done with.
+                # stays dirty.  If it had nothing (the block was freed since,
+                # or allocated afresh by a running operation), another's past
+                # image is obsolete: done with.  Otherwise the others hear
+                # what landed; a newer past image stays, for a later write.
                 for n, wanted in rest.items():
-                    told[n] = version if n == node else wanted
+                    told[n] = wanted if n != node and version == 0 else version
                 rest = {}
             st.write_waiters = rest
             recovery = told.pop(MASTER, None) is not None
