@@ -25,6 +25,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -136,11 +137,25 @@ class Acked:
 
 
 class Cluster:
+    """A standalone master and `hosts` mounts of a fresh volume in `work`,
+    each with a writer unless `writers` is false (the soak brings its own
+    workload); `mount_args` go to every mount."""
+
     def __init__(
-        self, work: Path, hosts: int, size: str, lease: float, seed: int, debug: bool
+        self,
+        work: Path,
+        hosts: int,
+        size: str,
+        lease: float,
+        seed: int,
+        debug: bool,
+        *,
+        writers: bool = True,
+        mount_args: tuple[str, ...] = (),
     ) -> None:
         self.work = work
         self.debug = ["--debug"] if debug else []
+        self.mount_args = list(mount_args)
         self.vol = work / "volume.img"
         self.seed = seed
         self.lease = lease
@@ -160,7 +175,8 @@ class Cluster:
         ]
         for h in self.hosts:
             self.mount(h)
-            self.start_writer(h)
+            if writers:
+                self.start_writer(h)
 
     def _start_master(self) -> subprocess.Popen[bytes]:
         with open(self.master_log, "a") as log:
@@ -193,6 +209,7 @@ class Cluster:
             h.mount = subprocess.Popen(
                 [PY, "-m", "sharedfs.cli", "mount", "--foreground", str(self.vol), str(h.mnt)]
                 + ["--master", self.addr, "--node", str(h.node), "--writeback", "1"]
+                + self.mount_args
                 + self.debug,
                 stdout=subprocess.DEVNULL,
                 stderr=log,
@@ -305,8 +322,20 @@ def check_file(path: Path, digests: set[str]) -> None:
         raise TortureFailed(f"{path}: acknowledged contents lost (got {got}, want {digests})")
 
 
-def final_check(c: Cluster) -> int:
-    """fsck -n clean, then a fresh mount reads every acknowledged file."""
+def read_acked(c: Cluster, mnt: Path) -> int:
+    """Every file the writers acknowledged, read under `mnt`; how many."""
+    n = 0
+    for h in c.hosts:
+        for name, digests in Acked.read(h.acks).files.items():
+            check_file(mnt / f"w{h.node}" / name, digests)
+            n += 1
+    return n
+
+
+def final_check(c: Cluster, read: Callable[[Path], int] | None = None) -> int:
+    """fsck -n clean, then a fresh mount reads every acknowledged file (or
+    whatever `read` reads on its mountpoint; its count is returned), then
+    fsck -n clean again."""
     r = sfs("fsck", "-n", str(c.vol), check=False)
     if r.returncode:
         raise TortureFailed(f"fsck -n exited {r.returncode}:\n{r.stdout}{r.stderr}")
@@ -314,11 +343,7 @@ def final_check(c: Cluster) -> int:
     mnt.mkdir()
     sfs("mount", str(c.vol), str(mnt), "--log", str(c.work / "final.log"))
     try:
-        n = 0
-        for h in c.hosts:
-            for name, digests in Acked.read(h.acks).files.items():
-                check_file(mnt / f"w{h.node}" / name, digests)
-                n += 1
+        n = read(mnt) if read is not None else read_acked(c, mnt)
     finally:
         sfs("umount", str(mnt))
     r = sfs("fsck", "-n", str(c.vol), check=False)
