@@ -9,6 +9,8 @@ master to recover it, reads on a survivor every file the dead host
 acknowledged and a sample of the others, and mounts the dead host again in
 its slot.  At the end every host unmounts, `fsck -n` must be clean, and a
 fresh mount must read every acknowledged file.
+
+`tools/torture soak ...` runs tools/soak.py instead: load, no kills.
 """
 
 from __future__ import annotations
@@ -394,6 +396,13 @@ def run(args: argparse.Namespace) -> dict:  # type: ignore[type-arg]
 
 
 def main() -> None:
+    if sys.argv[1:2] == ["soak"]:
+        # soak.py imports this module by name: let it find this copy.
+        sys.modules.setdefault("torture", sys.modules[__name__])
+        import soak
+
+        soak.main(sys.argv[2:])
+        return
     ap = argparse.ArgumentParser(prog="tools/torture", description=__doc__.split("\n\n")[0])
     ap.add_argument("--trials", type=int, default=20)
     ap.add_argument("--hosts", type=int, default=3)
