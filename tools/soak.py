@@ -266,8 +266,16 @@ def finish(c: Cluster, work: Path, final: Final, errors: list[str]) -> None:
         final_check(c, lambda mnt: read_back(work, mnt, final))
         final.clean = True
     except TortureFailed as e:
-        errors.append(f"at the end: {e}")
+        errors.append(f"at the end: {one_line(str(e))}")
         c.abort()
+
+
+def one_line(text: str) -> str:
+    """A failure on one line: its first line and the warnings and errors
+    logged in it (fsck's findings), without their log prefixes."""
+    first, *rest = text.strip().splitlines()
+    found = [line.split(": ", 1)[-1] for line in rest if " WARNING " in line or " ERROR " in line]
+    return "; ".join([first.rstrip(":")] + found)
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
