@@ -69,11 +69,15 @@ class Task:
 
 @dataclass
 class Rss:
-    """A mount process's VmRSS in KiB: after mounting, highest seen, last."""
+    """A mount process's VmRSS in KiB: after mounting, highest seen, last;
+    and, from the last counters it sent the master, what its cache held
+    (KiB) and how many blocks it evicted."""
 
     start: int
     peak: int = 0
     end: int = 0
+    cache_kib: int = 0
+    evictions: int = 0
 
     def sample(self, kib: int) -> None:
         self.peak = max(self.peak, kib)
@@ -134,6 +138,15 @@ def sample_rss(c: Cluster, rss: dict[int, Rss]) -> None:
         rss[h.node].sample(rss_kib(h.mount.pid))
 
 
+def sample_cache(c: Cluster, rss: dict[int, Rss]) -> None:
+    """What each host last told the master of its cache (now and then)."""
+    hosts = c.status()["hosts"]
+    for n, r in rss.items():
+        counters = hosts.get(str(n), {}).get("counters", {})
+        r.cache_kib = counters.get("cache_blocks", 0) * c.block_size // 1024
+        r.evictions = counters.get("cache_evictions", 0)
+
+
 def start_tasks(c: Cluster, args: argparse.Namespace, work: Path) -> list[Task]:
     rng = random.Random(args.seed)
     tasks = []
@@ -187,6 +200,13 @@ def dead_mount(c: Cluster) -> str | None:
     return None
 
 
+def kill(tasks: list[Task]) -> None:
+    for t in tasks:
+        if t.proc.poll() is None:
+            t.proc.kill()
+            t.proc.wait()
+
+
 def watch(c: Cluster, tasks: list[Task], rss: dict[int, Rss], t0: float) -> list[str]:
     """Until every worker has exited: progress lines, RSS samples, hung
     workers stopped.  The errors the runner itself saw."""
@@ -197,9 +217,7 @@ def watch(c: Cluster, tasks: list[Task], rss: dict[int, Rss], t0: float) -> list
         now = time.monotonic()
         died = dead_mount(c)
         if died is not None:
-            for t in tasks:
-                t.proc.kill()
-                t.proc.wait()
+            kill(tasks)
             return [died]
         errors += [stop_hung(c, t) for t in tasks if t.proc.poll() is None and stalled(t, now)]
         if now >= next_line:
@@ -295,14 +313,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         mount_args=("--cache-size", str(args.cache_size)),
     )
     ok = False
+    tasks: list[Task] = []
     try:
         (c.hosts[0].mnt / sw.SHARED).mkdir()
         rss = {h.node: Rss(rss_kib(h.mount.pid)) for h in c.hosts if h.mount is not None}
         t0 = time.monotonic()
-        tasks = start_tasks(c, args, work)
+        tasks += start_tasks(c, args, work)
         errors = watch(c, tasks, rss, t0)
         elapsed = time.monotonic() - t0
         sample_rss(c, rss)
+        if dead_mount(c) is None:
+            sample_cache(c, rss)
         final = Final()
         if dead_mount(c) is None:
             finish(c, work, final, errors)
@@ -312,6 +333,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         ok = True
     finally:
         if not ok:
+            kill(tasks)
             c.abort()
             print(f"soak: logs kept in {work}", file=sys.stderr)
     tot = Totals.of(tasks)
@@ -336,6 +358,7 @@ def make_report(
     budget = args.cache_size // 1024
     hosts = [
         {"host": n, "start_kib": r.start, "peak_kib": r.peak, "end_kib": r.end}
+        | {"cache_kib": r.cache_kib, "evictions": r.evictions}
         for n, r in sorted(rss.items())
     ]
     return {
@@ -395,7 +418,8 @@ def print_report(r: dict[str, Any]) -> None:
             f"  host {h['host']} mount VmRSS: {h['start_kib'] / 1024:.1f} MiB after mounting, "
             f"{h['end_kib'] / 1024:.1f} at the end (peak {h['peak_kib'] / 1024:.1f}): "
             f"{grew:+.1f} MiB, {'within' if grew <= budget else 'PAST'} the {budget:g} MiB "
-            "cache budget"
+            f"cache budget (the cache held {h['cache_kib'] / 1024:.1f} MiB, "
+            f"{h['evictions']:,} blocks evicted)"
         )
     for line in r["first_errors"]:
         print(f"  error: {line}")

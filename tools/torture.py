@@ -164,7 +164,8 @@ class Cluster:
         sfs("mkfs", str(self.vol), "--size", size, "-q")
         storage = open_volume(str(self.vol))
         try:
-            self.key = open_superblock(storage).cluster_key
+            sb = open_superblock(storage)
+            self.key, self.block_size = sb.cluster_key, sb.block_size
         finally:
             storage.close()
         self.port = free_port()
