@@ -59,7 +59,6 @@ MAX_SHARED = 60
 #: A worker stops after this many errors: past the first few they are
 #: usually echoes of one fault, and the report shows the first ones.
 MAX_ERRORS = 10
-KEPT_ERRORS = 20
 STATS_EVERY = 1.0
 #: Sizes around the 4 KiB block and page boundaries, and a few larger.
 SIZES = (0, 1, 100, 4095, 4096, 4097, 8192, 12289, 65536, 70001, 150000)
@@ -360,8 +359,7 @@ class Worker:
 
     def fail(self, what: str) -> None:
         self.n_errors += 1
-        if len(self.errors) < KEPT_ERRORS:
-            self.errors.append(what)
+        self.errors.append(what)
         print(f"{time.strftime('%H:%M:%S')} {what}", file=sys.stderr, flush=True)
         try:
             self.tree = load_tree(self.root)
