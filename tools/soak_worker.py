@@ -401,11 +401,14 @@ class Worker:
             node = node.entries[part]
         return node
 
+    def dir(self, rel: str) -> Dir:
+        d = self.lookup(rel)
+        assert isinstance(d, Dir), rel
+        return d
+
     def parent(self, rel: str) -> tuple[str, Dir, str]:
         head, _, name = rel.rpartition("/")
-        d = self.lookup(head)
-        assert isinstance(d, Dir)
-        return head, d, name
+        return head, self.dir(head), name
 
     def nodes(self) -> Iterator[tuple[str, Node]]:
         """Everything the steps may change: all but pub/ and the root."""
@@ -457,12 +460,11 @@ class Worker:
                 continue
             want, got = model_entry(node), disk_entry(self.abs(rel))
             if want != got:
-                raise Mismatch(f"{rel}: want {describe(want)}, got {describe(got)}")
+                ino = os.lstat(self.abs(rel)).st_ino  # for sharedfs inspect and fsck's lines
+                raise Mismatch(f"{rel} (inode {ino}): want {describe(want)}, got {describe(got)}")
 
     def check_listing(self, drel: str) -> None:
-        d = self.lookup(drel)
-        assert isinstance(d, Dir)
-        want, got = set(d.entries), set(os.listdir(self.abs(drel)))
+        want, got = set(self.dir(drel).entries), set(os.listdir(self.abs(drel)))
         if want != got:
             raise Mismatch(
                 f"listing of {drel or '.'}: missing {sorted(want - got)[:5]}, "
@@ -577,7 +579,7 @@ class Worker:
             return False
         src, node = found
         ddir = self.pick_dir(avoid=src if isinstance(node, Dir) else None)
-        existing = [join(ddir, n) for n in self.lookup(ddir).entries]  # type: ignore[union-attr]
+        existing = [join(ddir, n) for n in self.dir(ddir).entries]
         existing = [e for e in existing if e not in (src, PUB)]
         if existing and self.rng.random() < 0.4:
             dst = self.rng.choice(existing)
@@ -708,7 +710,7 @@ class Worker:
 
     # -- steps that only read ---------------------------------------------------------
     def op_read(self) -> bool:
-        """A whole file, or a pread() of a random range (also past the end)."""
+        """The size, and a pread() of a random range (also past the end)."""
         found = self.pick(File)
         if found is None:
             return False
@@ -717,13 +719,13 @@ class Worker:
         n = self.rng.choice(SIZES) + 1
         self.doing = f"{rel} at {off} ({n} B, size {len(f.data)})"
         with open(self.abs(rel), "rb") as fh:
-            if os.fstat(fh.fileno()).st_size != len(f.data):
-                raise Mismatch(f"size {os.fstat(fh.fileno()).st_size}, want {len(f.data)}")
+            st = os.fstat(fh.fileno())
             got = os.pread(fh.fileno(), n, off)
         want = bytes(f.data[off : off + n])
-        if got != want:
+        if st.st_size != len(f.data) or got != want:
             raise Mismatch(
-                f"read {len(got)} B xxh64 {digest(got)}, want {len(want)} B {digest(want)}"
+                f"inode {st.st_ino}: size {st.st_size}, read {len(got)} B xxh64 {digest(got)}; "
+                f"want size {len(f.data)}, {len(want)} B {digest(want)}"
             )
         return True
 
@@ -780,9 +782,7 @@ class Worker:
         final = join(PUB, f"p{self.published}")
         self.doing = f"{rel} to {final}"
         os.rename(self.abs(rel), self.abs(final))
-        pub = self.lookup(PUB)
-        assert isinstance(pub, Dir)
-        pub.entries[f"p{self.published}"] = File(bytearray(data), 0o644)
+        self.dir(PUB).entries[f"p{self.published}"] = File(bytearray(data), 0o644)
         self.check(rel, final)
         self.feed.publish(f"F {self.me}/{final} {len(data)} {digest(data)}")
         return True
