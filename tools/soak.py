@@ -247,12 +247,17 @@ def progress(tot: Totals, elapsed: float, rss: dict[int, Rss]) -> None:
 
 
 def log_errors(c: Cluster) -> list[str]:
-    """ERROR lines and tracebacks in the master's and the hosts' logs."""
+    """A line for each of the master's and the hosts' logs with ERROR lines
+    or tracebacks in it: how many, and the first."""
     found = []
     for path in [c.master_log] + [h.log for h in c.hosts]:
-        for line in path.read_text(errors="replace").splitlines():
-            if " ERROR " in line or " CRITICAL " in line or line.startswith("Traceback"):
-                found.append(f"{path.name}: {line.strip()}")
+        bad = [
+            line.strip()
+            for line in path.read_text(errors="replace").splitlines()
+            if " ERROR " in line or " CRITICAL " in line or line.startswith("Traceback")
+        ]
+        if bad:
+            found.append(f"{path.name}: {len(bad)} ERROR lines or tracebacks, the first: {bad[0]}")
     return found
 
 

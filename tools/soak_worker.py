@@ -319,6 +319,9 @@ class Worker:
         self.seq = 0
         self.published = 0
         self.shared_names: list[str] = []
+        #: Published files and shared names found wrong or missing once: a
+        #: fault is reported once, not again at every later check.
+        self.lost: set[str] = set()
         self.doing = ""
         self._stats_at = 0.0
 
@@ -790,15 +793,17 @@ class Worker:
     def op_check_published(self) -> bool:
         """A file another host published, read here: the newest half the time."""
         self.feed.refresh()
-        if not self.feed.files:
+        files = [f for f in self.feed.files if f[0] not in self.lost]
+        if not files:
             return False
-        files = self.feed.files
         rel, size, want = files[-1] if self.xrng.random() < 0.5 else self.xrng.choice(files)
         self.doing = f"{rel} ({size} B)"
+        self.lost.add(rel)  # until it reads right
         with open(os.path.join(self.mnt, rel), "rb") as f:
             data = f.read()
         if len(data) != size or digest(data) != want:
             raise Mismatch(f"read {len(data)} B xxh64 {digest(data)}, want {size} B {want}")
+        self.lost.discard(rel)
         self.cross["files"] += 1
         return True
 
@@ -827,17 +832,24 @@ class Worker:
             return False
         self.doing = f"listing of {SHARED}/ ({len(self.feed.names)} names from other hosts)"
         listing = set(os.listdir(self.shared))
-        missing = [n for n in self.feed.names + self.shared_names if n not in listing]
-        if missing:
-            raise Mismatch(f"{len(missing)} names missing, first {missing[:3]}")
+        names = [n for n in self.feed.names + self.shared_names if n not in self.lost]
+        missing = [n for n in names if n not in listing]
         self.cross["listings"] += 1
-        self.cross["names"] += len(self.feed.names)
-        name = self.xrng.choice(self.feed.names)
+        self.cross["names"] += len(names)
+        if missing:
+            self.lost.update(missing)
+            raise Mismatch(f"{len(missing)} names missing, first {missing[:3]}")
+        theirs = [n for n in self.feed.names if n not in self.lost]
+        if not theirs:
+            return True
+        name = self.xrng.choice(theirs)
         self.doing = f"read of {SHARED}/{name}"
+        self.lost.add(name)  # until it reads right
         with open(os.path.join(self.shared, name), "rb") as f:
             got = f.read()
         if got != name.encode():
             raise Mismatch(f"holds {got[:40]!r}")
+        self.lost.discard(name)
         self.cross["files"] += 1
         return True
 
