@@ -199,7 +199,8 @@ def manifest_diff(want: dict[str, Entry], got: dict[str, Entry]) -> str | None:
 
 
 def load_tree(top: str) -> Dir:
-    """The model of what is under `top` now (after an error, to go on from)."""
+    """The model of what is under `top` now (after an error, to go on from:
+    right or wrong, what the mount shows becomes what the model expects)."""
     by_ino: dict[int, File] = {}
 
     def load(path: str) -> Dir:
@@ -212,12 +213,13 @@ def load_tree(top: str) -> Dir:
             elif stat.S_ISLNK(st.st_mode):
                 d.entries[name] = Symlink(os.readlink(sub))
             else:
+                # st_nlink, not the names found: what the mount says, also
+                # when it is wrong, so that one fault is reported once.
                 f = by_ino.get(st.st_ino)
                 if f is None:
                     with open(sub, "rb") as fh:
-                        f = File(bytearray(fh.read()), stat.S_IMODE(st.st_mode), 0)
+                        f = File(bytearray(fh.read()), stat.S_IMODE(st.st_mode), st.st_nlink)
                     by_ino[st.st_ino] = f
-                f.nlink += 1
                 d.entries[name] = f
         return d
 
