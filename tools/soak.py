@@ -452,7 +452,7 @@ def skip_list(text: str) -> list[str]:
 
 def parse(argv: list[str]) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="tools/torture soak", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--hosts", type=int, default=3)
+    ap.add_argument("--hosts", type=int, default=3, help="mounts (default 3)")
     ap.add_argument("--tasks", type=int, default=4, help="workers per host (default 4)")
     ap.add_argument("--seconds", type=float, default=60.0, help="how long they work (default 60)")
     ap.add_argument("--seed", type=int, default=1)

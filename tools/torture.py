@@ -404,7 +404,11 @@ def main() -> None:
 
         soak.main(sys.argv[2:])
         return
-    ap = argparse.ArgumentParser(prog="tools/torture", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(
+        prog="tools/torture",
+        description=__doc__.split("\n\n")[0],
+        epilog="tools/torture soak --help: load on a cluster instead of crashes",
+    )
     ap.add_argument("--trials", type=int, default=20)
     ap.add_argument("--hosts", type=int, default=3)
     ap.add_argument("--size", default="512M", help="volume size (default 512M)")
