@@ -9,6 +9,8 @@ master to recover it, reads on a survivor every file the dead host
 acknowledged and a sample of the others, and mounts the dead host again in
 its slot.  At the end every host unmounts, `fsck -n` must be clean, and a
 fresh mount must read every acknowledged file.
+
+`tools/torture soak ...` runs tools/soak.py instead: load, no kills.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -136,18 +139,33 @@ class Acked:
 
 
 class Cluster:
+    """A standalone master and `hosts` mounts of a fresh volume in `work`,
+    each with a writer unless `writers` is false (the soak brings its own
+    workload); `mount_args` go to every mount."""
+
     def __init__(
-        self, work: Path, hosts: int, size: str, lease: float, seed: int, debug: bool
+        self,
+        work: Path,
+        hosts: int,
+        size: str,
+        lease: float,
+        seed: int,
+        debug: bool,
+        *,
+        writers: bool = True,
+        mount_args: tuple[str, ...] = (),
     ) -> None:
         self.work = work
         self.debug = ["--debug"] if debug else []
+        self.mount_args = list(mount_args)
         self.vol = work / "volume.img"
         self.seed = seed
         self.lease = lease
         sfs("mkfs", str(self.vol), "--size", size, "-q")
         storage = open_volume(str(self.vol))
         try:
-            self.key = open_superblock(storage).cluster_key
+            sb = open_superblock(storage)
+            self.key, self.block_size = sb.cluster_key, sb.block_size
         finally:
             storage.close()
         self.port = free_port()
@@ -160,7 +178,8 @@ class Cluster:
         ]
         for h in self.hosts:
             self.mount(h)
-            self.start_writer(h)
+            if writers:
+                self.start_writer(h)
 
     def _start_master(self) -> subprocess.Popen[bytes]:
         with open(self.master_log, "a") as log:
@@ -193,6 +212,7 @@ class Cluster:
             h.mount = subprocess.Popen(
                 [PY, "-m", "sharedfs.cli", "mount", "--foreground", str(self.vol), str(h.mnt)]
                 + ["--master", self.addr, "--node", str(h.node), "--writeback", "1"]
+                + self.mount_args
                 + self.debug,
                 stdout=subprocess.DEVNULL,
                 stderr=log,
@@ -305,8 +325,20 @@ def check_file(path: Path, digests: set[str]) -> None:
         raise TortureFailed(f"{path}: acknowledged contents lost (got {got}, want {digests})")
 
 
-def final_check(c: Cluster) -> int:
-    """fsck -n clean, then a fresh mount reads every acknowledged file."""
+def read_acked(c: Cluster, mnt: Path) -> int:
+    """Every file the writers acknowledged, read under `mnt`; how many."""
+    n = 0
+    for h in c.hosts:
+        for name, digests in Acked.read(h.acks).files.items():
+            check_file(mnt / f"w{h.node}" / name, digests)
+            n += 1
+    return n
+
+
+def final_check(c: Cluster, read: Callable[[Path], int] | None = None) -> int:
+    """fsck -n clean, then a fresh mount reads every acknowledged file (or
+    whatever `read` reads on its mountpoint; its count is returned), then
+    fsck -n clean again."""
     r = sfs("fsck", "-n", str(c.vol), check=False)
     if r.returncode:
         raise TortureFailed(f"fsck -n exited {r.returncode}:\n{r.stdout}{r.stderr}")
@@ -314,11 +346,7 @@ def final_check(c: Cluster) -> int:
     mnt.mkdir()
     sfs("mount", str(c.vol), str(mnt), "--log", str(c.work / "final.log"))
     try:
-        n = 0
-        for h in c.hosts:
-            for name, digests in Acked.read(h.acks).files.items():
-                check_file(mnt / f"w{h.node}" / name, digests)
-                n += 1
+        n = read(mnt) if read is not None else read_acked(c, mnt)
     finally:
         sfs("umount", str(mnt))
     r = sfs("fsck", "-n", str(c.vol), check=False)
@@ -369,7 +397,18 @@ def run(args: argparse.Namespace) -> dict:  # type: ignore[type-arg]
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(prog="tools/torture", description=__doc__.split("\n\n")[0])
+    if sys.argv[1:2] == ["soak"]:
+        # soak.py imports this module by name: let it find this copy.
+        sys.modules.setdefault("torture", sys.modules[__name__])
+        import soak
+
+        soak.main(sys.argv[2:])
+        return
+    ap = argparse.ArgumentParser(
+        prog="tools/torture",
+        description=__doc__.split("\n\n")[0],
+        epilog="tools/torture soak --help: load on a cluster instead of crashes",
+    )
     ap.add_argument("--trials", type=int, default=20)
     ap.add_argument("--hosts", type=int, default=3)
     ap.add_argument("--size", default="512M", help="volume size (default 512M)")
