@@ -263,6 +263,12 @@ class Operations(pyfuse3.Operations):
     @fuse_errors
     async def open(self, inode: int, flags: int, ctx: Any) -> Any:
         await self.fs.open(inode)
+        if flags & os.O_TRUNC:
+            # pyfuse3 asks for atomic O_TRUNC: the kernel leaves the
+            # truncation of an existing file to us (`> file` in a shell).
+            a = await self.fs.getattr(inode)
+            if stat.S_ISREG(a.mode) and a.size:
+                await self.fs.setattr(inode, size=0)
         return self._open_handle(inode, flags)
 
     @fuse_errors

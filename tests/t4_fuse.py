@@ -78,6 +78,19 @@ def test_truncate_extend_reads_zeros(mnt: Path) -> None:
     assert len(data) == (1 << 20) + 3 and data[9000 : 1 << 20] == bytes((1 << 20) - 9000)
 
 
+def test_o_trunc_on_an_existing_file_truncates_it(mnt: Path) -> None:
+    """`echo hi > file` over a longer file: the kernel leaves O_TRUNC to the
+    filesystem (atomic O_TRUNC), which must truncate (the soak found it
+    did not: the old bytes stayed after the new)."""
+    f = mnt / "trunc"
+    f.write_bytes(b"0123456789" * 500)
+    subprocess.run(["sh", "-c", f"echo hi > {f}"], check=True)
+    assert f.read_bytes() == b"hi\n"
+    fd = os.open(f, os.O_WRONLY | os.O_TRUNC)
+    os.close(fd)
+    assert f.stat().st_size == 0
+
+
 def test_unlink_open_file_keeps_data_until_close(mnt: Path, host: Mount) -> None:
     f = mnt / "u"
     payload = os.urandom(300_000)
