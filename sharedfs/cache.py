@@ -860,8 +860,12 @@ class BlockCache:
                 return await self._write_committed(b)
         buf = self._bufs.get(b)
         if buf is not None:
-            # Clean already: storage has it, and it is newer than any past
-            # image we keep (writing one would put an old version back).
+            # Clean here, and newer than any past image we keep: writing one
+            # of those would put an old version back over it.  But "clean"
+            # may be a read copy whose owner, elsewhere, has not written it
+            # (and may be dead: a recovery asks us for the newest copy that
+            # survives), so the copy itself is written, not just reported.
+            await self._write_image(b, buf.data, buf.btype, buf.version)
             return (b, buf.version)
         if (pi := self.pis.newest(b)) is not None:
             await self._write_image(b, pi.data, pi.btype, pi.version)

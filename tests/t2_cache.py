@@ -120,9 +120,11 @@ async def test_flush_writes_adjacent_dirty_blocks_in_one_write():
 
 async def test_a_write_asked_of_a_clean_copy_never_puts_an_older_past_image_back():
     """We hold a clean copy, newer than a past image we still keep (its
-    notice had not come): asked to write, we write nothing, and say what
-    storage has.  Writing the image put an old log header back, with the
-    log's end behind pages already written (a CI run)."""
+    notice had not come): asked to write, we write the copy, never the
+    image, which put an old log header back, with the log's end behind
+    pages already written (a CI run).  Not writing at all lost fsync'd
+    files in a SIGSTOP trial: a read copy is clean here while its owner,
+    dead, never wrote it."""
     storage = MemoryStorage(1 << 20)
     cache = make_cache(storage)
     buf = cache.new(40)
@@ -138,7 +140,7 @@ async def test_a_write_asked_of_a_clean_copy_never_puts_an_older_past_image_back
 
     await cache.perform_write([40], report)
     assert landed == [[(40, buf.version)]]
-    assert storage.write_log[mark:] == []
+    assert storage.write_log[mark:] == [(40 * BS, BS)]  # the copy, not the image
     assert blk(storage, 40).startswith(b"new")
 
 

@@ -109,6 +109,33 @@ async def test_the_log_goes_on_after_its_last_appender_dies():
     await fsck_clean(vol)
 
 
+async def test_a_recovery_writes_a_survivors_read_copy_not_its_older_past_image():
+    """Host b changed a block (v1), host a took it and changed it (v2: b
+    keeps a past image of v1), then b read it (a keeps the dirty v2 and
+    ships b a read copy, clean at b).  a dies.  The master has the newest
+    copy that survives written first: b's read copy, v2.  Writing b's v1
+    image would put an older version on storage; reporting v2 without
+    writing it (a first fix for the image) told the master storage had v2
+    when it had neither, and the past images it then dropped let the log's
+    checkpoint pass records a rebuild needed (fsync'd files lost in a
+    SIGSTOP trial)."""
+    vol = await make_volume()
+    async with cluster(vol, 2, checkpoint_every=None) as c:
+        a, b = c.hosts
+        ino = (await b.create(ROOT, b"f", 0o644, CTX)).ino
+        await b.write(ino, 0, b"1" * 4096)
+        (blk,), _ = await b._map(await b._iget(ino), 0, 1)
+        await a.write(ino, 0, b"2" * 4096)
+        assert b.cache.pis.newest(blk) is not None
+        assert await b.read(ino, 0, 4096) == b"2" * 4096
+        assert vol.read_sync(blk * 4096, 4096) != b"2" * 4096  # only in the caches
+        c.kill(0)
+        await c.wait_recovered(0)
+        assert vol.read_sync(blk * 4096, 4096) == b"2" * 4096
+        assert await b.read(ino, 0, 4096) == b"2" * 4096
+    await fsck_clean(vol)
+
+
 @contextlib.contextmanager
 def _eio_once_killed(fs: FileSystem) -> Iterator[None]:
     """A killed host's writer may still see EIO (its host fenced) where it

@@ -48,9 +48,7 @@ def soak(*args: str) -> dict:  # type: ignore[type-arg]
 @pytest.mark.fuse
 @pytest.mark.slow
 def test_a_short_soak_on_three_hosts_ends_with_no_error() -> None:
-    # `overwrite` opens files with O_TRUNC, which sharedfs does not honour
-    # yet (docs/RELIABILITY.md, Soak): drop the --skip once it does.
-    r = soak("--seconds", "15", "--tasks", "2", "--skip", "overwrite", "--dir", str(public_dir()))
+    r = soak("--seconds", "15", "--tasks", "2", "--dir", str(public_dir()))
     assert r["errors"] == 0, r["first_errors"]
     assert r["ops_total"] > 100  # that it ran; how much depends on the machine's load
     assert r["cross_host"]["total"] > 0
