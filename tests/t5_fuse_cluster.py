@@ -218,7 +218,13 @@ def test_status_watch_repeats_until_interrupted(hosts) -> None:  # type: ignore[
     _, master, vol = hosts
     cmd = [PY, "-m", "sharedfs.cli", "status", str(vol), "--master", master.addr]
     proc = subprocess.Popen(
-        [*cmd, "--json", "--watch", "0.1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        [*cmd, "--json", "--watch", "0.1"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        # As from a terminal: a suite run in the background of a script
+        # inherits SIGINT ignored, and Python then never raises
+        # KeyboardInterrupt for it.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     try:
         assert proc.stdout is not None
