@@ -38,6 +38,9 @@ T = TypeVar("T")
 RENAME_NOREPLACE = 1
 RENAME_EXCHANGE = 2
 MAX_HEIGHT = 5
+#: How long an operation that finds the volume full waits for the kernel to
+#: forget files unlinked while it still referred to them (FileSystem.run).
+ENOSPC_WAIT = 2.0
 MAX_DIR_DEPTH = 24  # bucket table of 16M slots
 DOT_COOKIE = 1
 DOTDOT_COOKIE = 2
@@ -112,6 +115,9 @@ class FileSystem:
         self.bs = sb.block_size
         self.ptrs = fmt.ptrs_per_block(self.bs)
         self.lookups: dict[int, int] = {}
+        # Unlinked while the kernel still knows them: freed when it forgets.
+        self._kept_unlinked: set[int] = set()
+        self._freed = trio.Event()
         self._refs: list[tuple[int, int, bytes]] = []
         # Names the kernel may have cached under each directory: what must be
         # invalidated when the directory's blocks go to another host.
@@ -135,6 +141,22 @@ class FileSystem:
         return bool(self.cache.fenced)
 
     async def run(self, fn: Callable[..., Awaitable[T]], *args: object, **kwargs: object) -> T:
+        """Run `fn` as one operation (_run).  One that finds the volume full
+        while files unlinked with the kernel still referring to them hold
+        space runs once more when the kernel has let go of them (it does
+        soon after the unlink, on its own time: `rm big; cp other .` must
+        not fail on it), or after ENOSPC_WAIT."""
+        try:
+            return await self._run(fn, *args, **kwargs)
+        except FsError as e:
+            if e.errno != errno.ENOSPC or not self._kept_unlinked:
+                raise
+        with trio.move_on_after(ENOSPC_WAIT):
+            while self._kept_unlinked:
+                await self._freed.wait()
+        return await self._run(fn, *args, **kwargs)
+
+    async def _run(self, fn: Callable[..., Awaitable[T]], *args: object, **kwargs: object) -> T:
         """Run `fn` under the host's operation lock, as one cache operation:
         if another host needs a block it holds while it waits, the cache undoes
         it and it runs again.  Then let the cache write back or evict (no
@@ -821,6 +843,8 @@ class FileSystem:
         if inode.nlink <= 0 and not self.lookups.get(inode.ino):
             await self._ifree(inode)
         else:
+            if inode.nlink <= 0:
+                self._kept_unlinked.add(inode.ino)
             await self._iput(inode)
 
     async def _new_node(
@@ -1282,6 +1306,10 @@ class FileSystem:
 
     async def _free_if_unlinked(self, ino: int) -> None:
         """The kernel let go of `ino`: free it if no name reaches it any more."""
+        if ino in self._kept_unlinked:
+            self._kept_unlinked.discard(ino)
+            self._freed.set()
+            self._freed = trio.Event()
         try:
             inode = await self._iget(ino, Mode.X)
         except FsError:

@@ -1074,6 +1074,31 @@ async def test_full_volume_enospc_then_recovers():
     assert await fs2.read(b.ino, 0, 100 * BS) == data_of(100 * BS)
 
 
+async def test_a_write_on_a_full_volume_waits_for_the_kernel_to_forget_an_unlinked_file():
+    """`rm big; cp other .`: the kernel forgets big's inode on its own time
+    after the unlink, and only then are its blocks free.  A write that
+    finds the volume full meanwhile waits for that, then succeeds."""
+    volume = await make_volume(8 << 20)
+    fs = host(volume)
+    a = await mkfile(fs, b"big")
+    chunk = b"\xa5" * (64 << 10)
+    off = 0
+    with raises(errno.ENOSPC):
+        while True:
+            off += await fs.write(a.ino, off, chunk)
+    b = await mkfile(fs, b"other")
+    await fs.unlink(ROOT, b"big")  # the kernel still holds a lookup of it
+
+    async def forget_later() -> None:
+        await trio.sleep(0.1)  # its FORGET comes a moment after the unlink
+        await release(fs, a.ino)
+
+    async with trio.open_nursery() as n:
+        n.start_soon(forget_later)
+        assert await fs.write(b.ino, 0, chunk) == len(chunk)
+    assert await fs.read(b.ino, 0, len(chunk)) == chunk
+
+
 async def _fill_until(fs, leave: int) -> None:
     """Use up the volume's free space with a filler file until `leave` blocks remain."""
     filler = await mkfile(fs, b"filler")
