@@ -232,7 +232,8 @@ class ClusterAgent:
         into its cache.  Pings for the blocks wait until it has: a block
         taken away between its grant and the caller's storage read would be
         read stale and held as if granted.  Raises OpRetry if the operation
-        must back off.  recovery: asked while rebuilding a dead host's blocks."""
+        must back off.  recovery: asked while rebuilding a dead host's blocks,
+        or registering blocks we allocated (protocol.LockRequest)."""
         pend = await self._acquire(blocknos, mode, op_start, recovery)
         try:
             yield pend.arrived

@@ -1017,7 +1017,12 @@ class BlockCache:
             if not self._private:
                 return
             blocks, self._private = sorted(self._private), set()
-            async with self.agent.taking(blocks, Mode.X, 0.0):
+            # As a rebuilder's request: a block we allocated (free on the
+            # bitmap) may be one a dead host held and we rebuild meanwhile.
+            # Queued behind that recovery, the registration waited for our
+            # own round, which waited for the ping it held up (a hang in
+            # the soak); granted at once, as we hold it in X already.
+            async with self.agent.taking(blocks, Mode.X, 0.0, recovery=True):
                 pass
             for b in blocks:
                 buf = self._bufs.get(b)

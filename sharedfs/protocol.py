@@ -212,7 +212,9 @@ class LockRequest(Message):
     mode: int
     scn: int
     op_start: float  # the asking operation's start: older operations win conflicts
-    recovery: bool = False  # a rebuilder's: granted on blocks it rebuilds already
+    # A rebuilder's, or a registration of blocks the asker allocated: granted
+    # at once on blocks under recovery that the asker holds in X already.
+    recovery: bool = False
 
 
 @message(21)

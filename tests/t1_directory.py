@@ -282,6 +282,21 @@ def test_a_waiter_for_a_version_nobody_has_any_more_is_answered():
     assert sorted(out) == [(2, p.WriteNotify(((6, 9),), 12)), (3, p.WriteNotify(((6, 0),), 12))]
 
 
+def test_a_rebuilder_registering_a_block_it_allocated_gets_it_at_once():
+    """Node 2 rebuilds block 5 for dead node 1 (it holds it in X) and has
+    allocated it meanwhile (node 1 had freed it): its registration, sent as
+    a recovery request, is granted at once, not queued behind the recovery
+    that node 2's own round holds open (a cycle: a hang in the soak).  Any
+    other request waits, node 2's plain ones too."""
+    d = joined(1, 2, 3)
+    lock(d, 1, 1, (5,), Mode.X)
+    assert d.fail(1) == [(2, p.Recover(1, (5,), 0))]
+    register = p.LockRequest(7, (5,), int(Mode.X), 0, 0.0, True)
+    assert d.on_lock_request(2, register) == [(2, p.Grant(7, (5,), int(Mode.X), 0))]
+    assert lock(d, 2, 8, (5,), Mode.X) == []
+    assert lock(d, 3, 9, (5,), Mode.X) == []
+
+
 def test_a_recovery_waits_for_the_version_it_needs_not_an_older_write():
     """Node 3 kept a copy newer than the rebuild (v30) and is asked to write
     it; an older write landing meanwhile (node 2's past image, v20, from a
