@@ -272,7 +272,8 @@ class Directory:
     def _need_write(self, block: int, st: BlockState, rec: Recovery, version: int) -> Out:
         self.recoveries.setdefault(rec.dead, rec)
         rec.writes[block] = max(rec.writes.get(block, 0), version)
-        st.write_waiters[MASTER] = 0  # a recovery checks versions itself (_writes_done)
+        # The master waits like any host, for the newest version a recovery needs.
+        st.write_waiters[MASTER] = max(st.write_waiters.get(MASTER, 0), version)
         return self._start_write(block, st)
 
     def _advance(self, rec: Recovery) -> Out:
@@ -637,28 +638,14 @@ class Directory:
         self.counters.write_performs += 1
         return [(st.writer, p.WritePerform((block,), self.scn))]
 
-    def _writes_done(self, block: int, version: int | None = None) -> Out:
-        """A write a recovery waited for is over.  A version older than it
-        waits for (another write was in flight when it asked) does not do:
-        None, no live host has anything newer than storage."""
+    def _writes_done(self, block: int) -> Out:
+        """A write a recovery waited for is over: the newest version it
+        needs is on storage, or no live host has anything newer."""
         out: Out = []
         for rec in list(self.recoveries.values()):
-            want = rec.writes.get(block)
-            if want is not None and (version is None or version >= want):
-                del rec.writes[block]
+            if rec.writes.pop(block, None) is not None:
                 out += self._advance(rec)
         return out
-
-    def _still_wanted(self, block: int, st: BlockState, writer: int, version: int) -> Out:
-        """The write that landed is older than a recovery needs: have the
-        newest holder write, unless it is the one that just wrote (what it
-        wrote is the newest it has: the block was freed, say)."""
-        if not any(rec.writes.get(block, 0) > version for rec in self.recoveries.values()):
-            return []
-        if self._newest(st, MASTER) == writer:
-            return self._writes_done(block)
-        st.write_waiters[MASTER] = 0
-        return self._start_write(block, st)
 
     def on_write_done(self, node: int, msg: p.WriteDone) -> Out:
         """Storage has these versions: tell the writer and who asked at once,
@@ -686,15 +673,16 @@ class Directory:
                 # the version before: it hears what it wrote, and its copy
                 # stays dirty.  If it had nothing (the block was freed since,
                 # or allocated afresh by a running operation), another's past
-                # image is obsolete: done with.  Otherwise the others hear
-                # what landed; a newer past image stays, for a later write.
+                # image is obsolete: done with.  A recovery has all there is.
+                # Otherwise the others hear what landed; a newer past image
+                # stays, for a later write.
                 for n, wanted in rest.items():
-                    told[n] = wanted if n != node and version == 0 else version
+                    obsolete = n == MASTER or (n != node and version == 0)
+                    told[n] = wanted if obsolete else version
                 rest = {}
             st.write_waiters = rest
-            recovery = told.pop(MASTER, None) is not None
-            if recovery:
-                out += self._writes_done(block, version)
+            if told.pop(MASTER, None) is not None:
+                out += self._writes_done(block)
             for n, v in told.items():
                 now.setdefault(n, []).append((block, v))
             for n, v in list(st.pis.items()):
@@ -707,10 +695,9 @@ class Directory:
             if rest:
                 # It wrote an older version than they asked for (their copy
                 # reached them before its sender's PingDone reached us, and
-                # we asked the sender): the newest holder writes again.
+                # we asked the sender; a write was in flight when a recovery
+                # asked): the newest holder writes again.
                 out += self._start_write(block, st)
-            if recovery:
-                out += self._still_wanted(block, st, node, version)
             self._gc(block, st)
         for n, written in now.items():
             self.counters.notifications_now += len(written)
