@@ -33,14 +33,13 @@ class LinkClosed(Exception):
 class Handshakes:
     """A listener's count of connections in their handshake (MAX_HANDSHAKES)."""
 
-    def __init__(self, limit: int = MAX_HANDSHAKES) -> None:
-        self.limit = limit
+    def __init__(self) -> None:
         self.active = 0
 
     @contextlib.contextmanager
     def slot(self) -> Iterator[None]:
         """Inside, one handshake; LinkClosed at once if `limit` are running."""
-        if self.active >= self.limit:
+        if self.active >= MAX_HANDSHAKES:
             raise LinkClosed(f"{self.active} connections already in their handshake")
         self.active += 1
         try:

@@ -145,7 +145,6 @@ class MasterService:
         self._scopes: dict[int, trio.CancelScope] = {}
         self._said_bye: set[int] = set()
         self._dying: set[int] = set()
-        self._cut_off: set[int] = set()  # outbox overflowed: its connection ends
         self._handshakes = Handshakes()
         self._links: dict[int, Link] = {}
         self._outboxes: dict[int, trio.MemorySendChannel[p.Message]] = {}
@@ -354,12 +353,12 @@ class MasterService:
         try:
             box.send_nowait(msg)
         except trio.WouldBlock:
-            if node not in self._cut_off:
-                self._cut_off.add(node)
+            scope = self._scopes[node]
+            if not scope.cancel_called:  # once: its connection is ending
                 log.warning(
                     "master: node %d has %d messages unread: cutting it off", node, OUTBOX_MAX
                 )
-                self._scopes[node].cancel()
+                scope.cancel()
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
 
@@ -374,7 +373,6 @@ class MasterService:
         self._peers.pop(node, None)
         self._scopes.pop(node, None)
         self._heard.pop(node, None)
-        self._cut_off.discard(node)
         for other in list(self._outboxes):
             self._post(other, p.PeerDown(node))
         if node in self._said_bye:

@@ -5,6 +5,8 @@ the log, and nothing it acknowledged is lost."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 import trio
 from cluster_util import cluster
@@ -73,6 +75,17 @@ class FaultyStorage(Storage):
         pass
 
 
+def faulty_devices(faulty: dict[int, FaultyStorage]) -> Callable[[int, Storage], Storage]:
+    """cluster()'s `wrap`: each host sees the volume through a FaultyStorage
+    of its own, kept in `faulty` by node."""
+
+    def wrap(node: int, storage: Storage) -> Storage:
+        faulty[node] = FaultyStorage(storage)
+        return faulty[node]
+
+    return wrap
+
+
 async def fsck_clean(storage) -> None:  # type: ignore[no-untyped-def]
     f = await run_fsck(storage, repair=False, force=True, progress=False)
     assert f.found_errors == 0, f.problems
@@ -111,11 +124,7 @@ async def withdrawn(c, node: int) -> None:  # type: ignore[no-untyped-def]
 @pytest.mark.parametrize("where", ["fsync", "write-back"])
 async def test_a_host_whose_storage_fails_a_write_withdraws_and_loses_nothing_acked(where: str):
     faulty: dict[int, FaultyStorage] = {}
-
-    def wrap(node: int, storage: Storage) -> Storage:
-        faulty[node] = FaultyStorage(storage)
-        return faulty[node]
-
+    wrap = faulty_devices(faulty)
     vol = await make_volume()
     async with cluster(vol, 3, checkpoint_every=None, wrap=wrap) as c:
         a, b, h3 = c.hosts
@@ -145,11 +154,7 @@ async def test_a_write_torn_between_blocks_loses_nothing_committed():
     on the survivors, rebuilt from storage and the log (write-ahead put
     each one's records on storage before any block they change)."""
     faulty: dict[int, FaultyStorage] = {}
-
-    def wrap(node: int, storage: Storage) -> Storage:
-        faulty[node] = FaultyStorage(storage)
-        return faulty[node]
-
+    wrap = faulty_devices(faulty)
     vol = await make_volume()
     async with cluster(vol, 3, checkpoint_every=None, wrap=wrap) as c:
         a, b, h3 = c.hosts

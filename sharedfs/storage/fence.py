@@ -14,7 +14,8 @@ already retried what can be retried: an NBD connection that drops.)
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 
 from ..errors import StorageError
 from . import Storage
@@ -44,12 +45,18 @@ class Fence(Storage):
     def close_gate(self, reason: str) -> None:
         self.reason = reason
 
-    def _trip(self, what: str, e: StorageError) -> None:
-        if self.reason:
-            return
-        self.close_gate(f"storage failed a {what}: {e}")
-        if self.on_trip is not None:
-            self.on_trip(self.reason)
+    @contextlib.contextmanager
+    def _writing(self, what: str) -> Iterator[None]:
+        """Refuse once closed; close on a failure of the write inside."""
+        self._check()
+        try:
+            yield
+        except StorageError as e:
+            if not self.reason:
+                self.close_gate(f"storage failed a {what}: {e}")
+                if self.on_trip is not None:
+                    self.on_trip(self.reason)
+            raise
 
     def _check(self) -> None:
         if self.reason:
@@ -61,20 +68,12 @@ class Fence(Storage):
     async def write(
         self, offset: int, data: bytes | bytearray | memoryview, *, fua: bool = False
     ) -> None:
-        self._check()
-        try:
+        with self._writing("write"):
             await self.inner.write(offset, data, fua=fua)
-        except StorageError as e:
-            self._trip("write", e)
-            raise
 
     async def flush(self) -> None:
-        self._check()
-        try:
+        with self._writing("flush"):
             await self.inner.flush()
-        except StorageError as e:
-            self._trip("flush", e)
-            raise
 
     def counters(self) -> dict[str, int]:
         return self.inner.counters()
@@ -90,9 +89,5 @@ class Fence(Storage):
         return self.inner.read_sync(offset, length)
 
     def write_sync(self, offset: int, data: bytes | bytearray | memoryview) -> None:
-        self._check()
-        try:
+        with self._writing("write"):
             self.inner.write_sync(offset, data)
-        except StorageError as e:
-            self._trip("write", e)
-            raise
