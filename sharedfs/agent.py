@@ -28,6 +28,7 @@ from .errors import QuietError, StorageError
 from .link import Handshakes, Link, LinkClosed, open_master
 from .master import LockMaster
 from .protocol import HostId, Mode, Resource, block_resource
+from .storage.fence import Fenced
 from .tls import Tls
 
 if TYPE_CHECKING:
@@ -40,6 +41,20 @@ Report = Callable[[list[int], list[int], list[tuple[int, int]]], Awaitable[None]
 RELEASE_BATCH = 256
 STATS_TICKS = 20  # every second
 CONNECT_TIMEOUT = 10.0
+#: A master that has just started holds joins back while the hosts of its
+#: predecessor resume (a lease at most).
+JOIN_TIMEOUT = 30.0
+#: How long a host that lost its master holds its writes and tries to
+#: resume with it (seconds); then it fences itself.
+DEFAULT_MASTER_WAIT = 10.0
+#: Between attempts to reach a master that went away.
+RECONNECT_INTERVAL = 0.5
+#: How long a host that lost its master tries to reach the other hosts.
+PROBE_TIMEOUT = 2.0
+
+
+class MasterRefused(QuietError):
+    """The master said no to our Join."""
 
 
 class OpRetry(Exception):
@@ -87,6 +102,8 @@ class Pending:
     req: int
     blocks: set[int]
     mode: Mode
+    op_start: float = 0.0
+    recovery: bool = False
     granted: set[int] = field(default_factory=set)
     arrived: dict[int, p.Transfer] = field(default_factory=dict)
     await_transfer: set[int] = field(default_factory=set)
@@ -115,6 +132,7 @@ class AgentStats:
     notifications: int = 0
     retries: int = 0
     peer_rejected: int = 0  # frames refused on the peer listener
+    resumes: int = 0  # sessions resumed with a master that came back
 
 
 class ClusterAgent:
@@ -124,6 +142,16 @@ class ClusterAgent:
         host: this host's node id.
         cache: the buffer cache it serves (set by the cache).
         peer_port: where peers reach this host for transfers.
+        master_wait: how long it holds its writes and tries to resume when
+            it loses the master, before it fences itself.
+        live_at_join: the other hosts whose slots were live when it
+            mounted (Join.live).
+
+    A lost master is not at once a fence: the master may have restarted,
+    or been cut off from every host, and then takes each host's word for
+    what it holds (DESIGN.md, Master failure).  Meanwhile block writes wait
+    at the gate, and operations that need the master wait for it.  The
+    master's answer to our resume decides: carry on, or fence.
     """
 
     def __init__(
@@ -136,13 +164,19 @@ class ClusterAgent:
         self.coherence = coherence
         self.cache: BlockCache | None = None
         self.peer_port = 0
-        self._master: Link | None = None
+        self._master: Link | None = None  # None between sessions
+        self._master_addr: tuple[str, int] = ("", 0)
+        self._listen_host = ""
+        self._up = trio.Event()  # set while a session is up
+        self.master_wait = DEFAULT_MASTER_WAIT
+        self.live_at_join: tuple[int, ...] = ()
         self._peers: dict[int, tuple[str, int]] = {}
         self._peer_links: dict[int, Link] = {}
         self._peer_locks: dict[int, trio.Lock] = {}
         self._reqs = itertools.count(1)
         self._pending: dict[int, Pending] = {}
         self._written: dict[int, trio.Event] = {}  # block -> write notification wanted
+        self._write_wanted: dict[int, int] = {}  # block -> version asked for
         self._releases: list[int] = []
         self._send_lock = trio.Lock()
         self._nursery: trio.Nursery | None = None
@@ -157,6 +191,9 @@ class ClusterAgent:
         #: which of those are copies newer than the rebuild; and whether to
         #: follow its records to the blocks it had allocated.
         self.on_recover: Callable[[int, list[int], Report, bool], Awaitable[None]] | None = None
+        #: The hosts with records in the log (the journal sets it): a
+        #: resume names them, for a master that knows nothing of them.
+        self.log_marks: Callable[[], Awaitable[set[int]]] | None = None
 
     # -- start -------------------------------------------------------------------
     async def run(
@@ -185,10 +222,10 @@ class ClusterAgent:
                         32,
                     ) from None
                 self.peer_port = listeners[0].socket.getsockname()[1]
+                self._master_addr, self._listen_host = master, listen_host
                 link = await self._connect(master, listen_host)
-                nursery.start_soon(self._master_loop, link)
+                nursery.start_soon(self._sessions, link)
                 nursery.start_soon(self._release_task)
-                nursery.start_soon(self._lease_task)
                 task_status.started()
         finally:
             # Our connections end with us: the master sees at once that we
@@ -200,27 +237,191 @@ class ClusterAgent:
 
     async def _connect(self, master: tuple[str, int], listen_host: str) -> Link:
         where = f"master {master[0]}:{master[1]}"
+        join = p.Join(self.host, listen_host, self.peer_port, self.coherence, self.live_at_join)
         try:
-            with trio.fail_after(CONNECT_TIMEOUT):
+            # A master that has just started may hold joins back while the
+            # hosts of its predecessor resume (a lease at most).
+            with trio.fail_after(JOIN_TIMEOUT):
                 link = await open_master(master, self.key, self.host, exitcode=32, tls=self.tls)
-                await link.send(p.Join(self.host, listen_host, self.peer_port, self.coherence))
-                while not isinstance(msg := await link.receive(), p.Welcome):
-                    if msg is None:
-                        raise LinkClosed("master closed the connection")
-                    if isinstance(msg, p.Refused):
-                        raise QuietError(f"{where} refused: {msg.reason}", 32)
-                self._peers.update(msg.peers)
-                self.lease = msg.lease
-                self._heard = trio.current_time()
-                assert self.cache is not None
-                self.cache.see_scn(msg.scn)
+                await self._welcomed(link, join, where)
         except trio.TooSlowError:
             raise QuietError(f"{where} did not answer; is it a sharedfs master?", 32) from None
         except (p.ProtocolError, LinkClosed) as e:
             raise QuietError(f"{where}: {e}; is it a sharedfs master?", 32) from None
         self._master = link
+        self._up.set()
         log.info("host %d: joined master %s:%d", self.host, *master)
         return link
+
+    async def _welcomed(self, link: Link, join: p.Join, where: str) -> None:
+        """Send `join`, and take the master's Welcome (QuietError if it refuses)."""
+        await link.send(join)
+        while not isinstance(msg := await link.receive(), p.Welcome):
+            if msg is None:
+                raise LinkClosed("master closed the connection")
+            if isinstance(msg, p.Refused):
+                raise MasterRefused(f"{where} refused: {msg.reason}", 32)
+        self._peers = dict(msg.peers)
+        self.lease = msg.lease
+        self._heard = trio.current_time()
+        assert self.cache is not None
+        self.cache.see_scn(msg.scn)
+
+    # -- sessions with the master --------------------------------------------------
+    async def _sessions(self, link: Link) -> None:
+        """Serve the master; when it goes, hold our writes and resume with
+        it when it is back (or fence)."""
+        while True:
+            reason = await self._session(link)
+            if self.master_lost.is_set() or self._left:
+                return
+            resumed = await self._resume(reason)
+            if resumed is None:
+                return
+            link = resumed
+
+    async def _session(self, link: Link) -> str:
+        """Serve one connection to the master; why it ended.  Pings it sent
+        that are still being served end with it: a master that takes us
+        back rebuilds from what we hold once they have (and, should they
+        ship a copy first, from the past image we keep of it)."""
+        self._master = link
+        self._up.set()
+        try:
+            async with trio.open_nursery() as session:
+                session.start_soon(self._lease_task, link)
+                reason = await self._master_loop(link, session)
+                session.cancel_scope.cancel()
+        finally:
+            self._master = None
+            self._up = trio.Event()
+            with trio.CancelScope(shield=True):
+                await link.aclose()
+        return reason
+
+    async def _resume(self, reason: str) -> Link | None:
+        """Hold our writes and try the master until master_wait is up: a
+        master that takes us back gets our report (Join.resume); one that
+        refuses (it declared us dead), or none, fences us."""
+        assert self.cache is not None and self.cache.gate is not None
+        if self.master_wait <= 0:
+            self.fence(reason)
+            return None
+        if self._peers and not await self._a_peer_answers():
+            # Neither the master nor any other host: it is we who are cut
+            # off, and the master is declaring us dead.
+            self.fence(f"{reason}, and no other host answers")
+            return None
+        gate = self.cache.gate
+        gate.hold()
+        log.warning(
+            "host %d: lost the lock master (%s): holding writes, retrying for %.0f s",
+            self.host,
+            reason,
+            self.master_wait,
+        )
+        where = f"master {self._master_addr[0]}:{self._master_addr[1]}"
+        deadline = trio.current_time() + self.master_wait
+        while trio.current_time() < deadline and not self.master_lost.is_set():
+            try:
+                left = deadline - trio.current_time()
+                with trio.fail_after(max(0.1, min(CONNECT_TIMEOUT, left))):
+                    link = await open_master(
+                        self._master_addr, self.key, self.host, exitcode=32, tls=self.tls
+                    )
+                    try:
+                        await self._rejoin(link, where)
+                    except BaseException:
+                        with trio.CancelScope(shield=True):
+                            await link.aclose()
+                        raise
+            except MasterRefused as e:
+                self.fence(str(e))
+                return None
+            except (QuietError, p.ProtocolError, LinkClosed, trio.TooSlowError, OSError):
+                pass  # not there (yet)
+            else:
+                self.stats.resumes += 1
+                gate.open_gate()
+                log.warning("host %d: resumed with %s", self.host, where)
+                return link
+            await trio.sleep(RECONNECT_INTERVAL)
+        self.fence(f"the lock master was gone for {self.master_wait:.0f} s ({reason})")
+        return None
+
+    async def _a_peer_answers(self) -> bool:
+        """Can we reach any other host (an authenticated handshake)?"""
+        answered = False
+
+        async def probe(addr: tuple[str, int], done: trio.CancelScope) -> None:
+            nonlocal answered
+            with contextlib.suppress(OSError, LinkClosed, p.ProtocolError, trio.TooSlowError):
+                stream = await trio.open_tcp_stream(*addr)
+                try:
+                    await Link.open(stream, self.key, self.host, initiator=True, tls=self.tls)
+                    answered = True
+                    done.cancel()
+                finally:
+                    await stream.aclose()
+
+        with trio.move_on_after(PROBE_TIMEOUT):
+            async with trio.open_nursery() as n:
+                for addr in list(self._peers.values()):
+                    n.start_soon(probe, addr, n.cancel_scope)
+        return answered
+
+    async def _rejoin(self, link: Link, where: str) -> None:
+        """Report what we hold, then ask again for what we still wait for:
+        requests and writes the old master took with it."""
+        assert self.cache is not None
+        marks = await self.log_marks() if self.log_marks is not None else set()
+        async with self._send_lock:
+            # What we hold is in the report: releases of what we let go are
+            # no longer news.  Nothing awaits between here and the send, so
+            # the report is one moment of the cache.
+            self._releases.clear()
+            held, pis = self._holdings()
+            live = tuple(sorted((set(self._peers) | marks) - {self.host}))
+            join = p.Join(
+                self.host,
+                self._listen_host,
+                self.peer_port,
+                self.coherence,
+                live,
+                True,
+                held,
+                pis,
+            )
+            await self._welcomed(link, join, where)
+            # From here what others send goes to this master, after what
+            # we send now (we hold the send lock).
+            self._master = link
+            self._up.set()
+            scn = self.cache.scn
+            for pend in list(self._pending.values()):
+                if not pend.done.is_set():
+                    blocks = tuple(sorted(pend.blocks))
+                    req = p.LockRequest(
+                        pend.req, blocks, int(pend.mode), scn, pend.op_start, pend.recovery
+                    )
+                    await link.send(req)
+            if self._write_wanted:
+                await link.send(p.WriteRequest(tuple(self._write_wanted.items()), scn))
+
+    def _holdings(
+        self,
+    ) -> tuple[tuple[tuple[int, int, int, bool], ...], tuple[tuple[int, int], ...]]:
+        """Join.held and Join.pis: our cached copies, with what requests in
+        flight were granted or shipped (it may not be in the cache yet)."""
+        assert self.cache is not None
+        held = self.cache.holdings()
+        for pend in self._pending.values():
+            for b in pend.granted | set(pend.arrived):
+                t = pend.arrived.get(b)
+                mine = held.get(b)
+                if mine is None or mine[1] < pend.mode:
+                    held[b] = (b, int(pend.mode), t.version if t else 0, t.dirty if t else False)
+        return tuple(held.values()), tuple(self.cache.pis.newest_versions())
 
     # -- requests ------------------------------------------------------------------
     @contextlib.asynccontextmanager
@@ -243,9 +444,9 @@ class ClusterAgent:
     async def _acquire(
         self, blocknos: list[int], mode: Mode, op_start: float, recovery: bool
     ) -> Pending:
-        assert self._master is not None and self.cache is not None
+        assert self.cache is not None
         req = next(self._reqs)
-        pend = Pending(req, set(blocknos), mode)
+        pend = Pending(req, set(blocknos), mode, op_start, recovery)
         self._pending[req] = pend
         self.stats.lock_requests += 1
         self.stats.blocks_requested += len(blocknos)
@@ -264,7 +465,14 @@ class ClusterAgent:
             if pend.done.is_set():
                 self._finish(pend)
             raise
+        self._check_fenced()
         return pend
+
+    def _check_fenced(self) -> None:
+        """What waited for the master fails once we are fenced."""
+        if self.master_lost.is_set():
+            assert self.cache is not None
+            raise Fenced(f"fenced ({self.cache.fenced})")
 
     def _finish(self, pend: Pending) -> None:
         """A request is complete.  If its asker has given up meanwhile, its
@@ -295,12 +503,12 @@ class ClusterAgent:
                 if ticks % STATS_TICKS == 0:
                     await self._send_master(p.Stats(self.host, self.counters()))
 
-    async def _lease_task(self) -> None:
-        """Renew our lease; fence ourselves once the master has been silent
-        for most of one: by the time it declares us dead, we have stopped
-        writing (a master we cannot hear may already have)."""
+    async def _lease_task(self, link: Link) -> None:
+        """Renew our lease; end the session once the master has been silent
+        for most of one: by the time it declares us dead, our writes are
+        held (a master we cannot hear may already have)."""
         tick = self.lease / 4
-        while not self.master_lost.is_set():
+        while True:
             before = trio.current_time()
             await trio.sleep(tick)
             if (late := trio.current_time() - before - tick) > tick:
@@ -313,12 +521,12 @@ class ClusterAgent:
                     self.lease,
                 )
             if trio.current_time() - self._heard > self.lease * 0.75:
-                self.fence(f"no word from the master for {self.lease * 0.75:.1f} s")
+                log.warning(
+                    "host %d: no word from the master for %.1f s", self.host, self.lease * 0.75
+                )
+                await link.aclose()  # the session ends
                 return
-            try:
-                await self._send_master(p.Beat())
-            except LinkClosed:
-                return
+            await self._send_master(p.Beat())
 
     def fence(self, reason: str) -> None:
         """Stop writing to storage: this host's locks may be someone else's."""
@@ -328,6 +536,12 @@ class ClusterAgent:
         assert self.cache is not None
         self.cache.fence(reason)
         self.master_lost.set()
+        # Whatever waits for the master fails now (_check_fenced).
+        self._up.set()
+        for pend in self._pending.values():
+            pend.done.set()
+        for ev in self._written.values():
+            ev.set()
 
     def withdraw(self, reason: str) -> None:
         """Our storage failed a write (the Fence closed itself): stop as a
@@ -347,7 +561,7 @@ class ClusterAgent:
         self._left = True
         if self._master is not None and not self.master_lost.is_set():
             with trio.move_on_after(CONNECT_TIMEOUT), contextlib.suppress(LinkClosed):
-                await self._send_master(p.Bye())
+                await self._send_master(p.Bye(), deliver=True)
 
     def describe(self) -> list[str]:
         """Requests in flight and writes waited for (a state dump)."""
@@ -376,44 +590,68 @@ class ClusterAgent:
         only with a version that covers what we asked, or with that."""
         assert self.cache is not None
         events = []
-        for b, _ in blocks:
+        for b, v in blocks:
             ev = self._written.get(b)
             if ev is None:
                 ev = self._written[b] = trio.Event()
             events.append(ev)
+            # Asked again of a master that comes back (_rejoin).
+            self._write_wanted[b] = max(self._write_wanted.get(b, 0), v)
         self.stats.write_requests += 1
         await self._send_master(p.WriteRequest(tuple(blocks), self.cache.scn, bin))
         for ev in events:
             await ev.wait()
+        self._check_fenced()
 
     def write_done(self, blocks: list[tuple[int, int]]) -> None:
         """Storage has these versions of global blocks (claim 34)."""
         assert self._nursery is not None and self.cache is not None
-        self._nursery.start_soon(self._send_or_fence, p.WriteDone(tuple(blocks), self.cache.scn))
+        self._nursery.start_soon(self._deliver, p.WriteDone(tuple(blocks), self.cache.scn))
 
-    async def _send_or_fence(self, msg: p.Message) -> None:
-        with contextlib.suppress(LinkClosed):  # _send_master fenced us
-            await self._send_master(msg)
+    async def _deliver(self, msg: p.Message) -> None:
+        with contextlib.suppress(LinkClosed):  # fenced: nothing more to say
+            await self._send_master(msg, deliver=True)
 
-    async def _send_master(self, msg: p.Message | None) -> None:
+    async def _send_master(self, msg: p.Message | None, *, deliver: bool = False) -> None:
         """Send to the master, releases first: a Release must never reach the
         master after a later request for the same block, or it would drop
-        the hold that request just got."""
-        assert self._master is not None
-        async with self._send_lock:
-            try:
-                while self._releases:
-                    batch = tuple(self._releases[:RELEASE_BATCH])
-                    del self._releases[:RELEASE_BATCH]
-                    await self._master.send(p.Release(batch))
-                if msg is not None:
-                    await self._master.send(msg)
-            except LinkClosed:
-                self.fence("lost the connection to the lock master")
-                raise
+        the hold that request just got.
+
+        Between sessions a message is dropped, unless `deliver`: it waits
+        for the next session.  Most need not wait: a resume reports what we
+        hold and asks again for what we wait for, and a PingDone is about a
+        ping of the master that went.  What storage has (WriteDone) and
+        rebuilds (RecoverDone) are news to the next one.  LinkClosed once
+        fenced."""
+        while True:
+            if self.master_lost.is_set():
+                raise LinkClosed("fenced")
+            link = self._master
+            if link is None:
+                if not deliver:
+                    return
+                await self._up.wait()
+                continue
+            async with self._send_lock:
+                if link is not self._master:
+                    continue
+                try:
+                    while self._releases:
+                        batch = tuple(self._releases[:RELEASE_BATCH])
+                        del self._releases[:RELEASE_BATCH]
+                        await link.send(p.Release(batch))
+                    if msg is not None:
+                        await link.send(msg)
+                    return
+                except LinkClosed:
+                    # The session ends (its receive loop sees the link go).
+                    await link.aclose()
+                    if not deliver:
+                        return
 
     # -- from the master -------------------------------------------------------------
-    async def _master_loop(self, link: Link) -> None:
+    async def _master_loop(self, link: Link, session: trio.Nursery) -> str:
+        """Handle what the master sends until the link ends; why it did."""
         assert self._nursery is not None and self.cache is not None
         try:
             while (msg := await link.receive()) is not None:
@@ -425,7 +663,7 @@ class ClusterAgent:
                 if isinstance(msg, p.Grant):
                     self._on_grant(msg)
                 elif isinstance(msg, p.Ping):
-                    self._nursery.start_soon(self._serve_ping, msg)
+                    session.start_soon(self._serve_ping, msg)
                 elif isinstance(msg, p.WritePerform):
                     self._nursery.start_soon(self._perform, msg)
                 elif isinstance(msg, p.Recover):
@@ -439,7 +677,10 @@ class ClusterAgent:
                         self._nursery.start_soon(gone.aclose)
         except p.ProtocolError as e:
             log.error("host %d: bad message from the master: %s", self.host, e)
-        self.fence("lost the connection to the lock master")
+            return f"bad message from the master: {e}"
+        except LinkClosed as e:
+            return f"lost the connection to the lock master: {e}"
+        return "lost the connection to the lock master"
 
     def _on_grant(self, msg: p.Grant) -> None:
         pend = self._pending.get(msg.req)
@@ -458,6 +699,7 @@ class ClusterAgent:
         self.stats.notifications += len(written)
         self.cache.notified(written)
         for b, _ in written:
+            self._write_wanted.pop(b, None)
             ev = self._written.pop(b, None)
             if ev is not None:
                 ev.set()
@@ -503,7 +745,11 @@ class ClusterAgent:
                 shipped.data,
                 shipped.via_storage,
             )
-            await self._send_peer(msg.to, t)
+            # Once handed over, the copy goes out even if the master's link
+            # ends meanwhile: our past image and the receiver's request,
+            # asked again of a master that takes us back, expect it.
+            with trio.CancelScope(shield=True), trio.move_on_after(CONNECT_TIMEOUT):
+                await self._send_peer(msg.to, t)
             self.stats.transfers_sent += 1
         done = p.PingDone(
             msg.block,
@@ -524,10 +770,13 @@ class ClusterAgent:
         async def report(written: list[tuple[int, int]]) -> None:
             assert self.cache is not None
             if written:
-                await self._send_master(p.WriteDone(tuple(written), self.cache.scn))
+                await self._send_master(p.WriteDone(tuple(written), self.cache.scn), deliver=True)
 
         with self._fence_on_failure(f"writing {len(msg.blocks)} blocks for the master"):
-            await self.cache.perform_write(list(msg.blocks), report)
+            if msg.check:
+                await self.cache.perform_write_checked(list(msg.blocks), report)
+            else:
+                await self.cache.perform_write(list(msg.blocks), report)
 
     async def _recover(self, msg: p.Recover) -> None:
         """Rebuild what a dead host held (the journal does it)."""
@@ -543,7 +792,8 @@ class ClusterAgent:
             await self._send_master(
                 p.RecoverDone(
                     msg.dead, tuple(blocks), tuple(installed), self.cache.scn, tuple(kept)
-                )
+                ),
+                deliver=True,
             )
 
         try:
@@ -599,6 +849,11 @@ class ClusterAgent:
         pend = self._pending.get(msg.req)
         if pend is None or msg.block not in pend.blocks:
             log.warning("host %d: transfer of block %d for no request", self.host, msg.block)
+            return
+        old = pend.arrived.get(msg.block)
+        if old is not None and old.version > msg.version:
+            # The request was asked again of a master that came back: the
+            # copy the old one had sent is older than this (or as old).
             return
         pend.arrived[msg.block] = msg
         pend.await_transfer.discard(msg.block)

@@ -628,6 +628,20 @@ class BlockCache:
         ev, self._rebuild_released = self._rebuild_released, trio.Event()
         ev.set()
 
+    def holdings(self) -> dict[int, tuple[int, int, int, bool]]:
+        """Block -> (block, mode, version, dirty) of every copy we hold a
+        lock on (protocol.Join.held), for a master that rebuilds its
+        directory.  A copy being written is not on storage yet: dirty.
+        Blocks held for a rebuild are not read yet."""
+        out = {}
+        for b, buf in self._bufs.items():
+            if buf.mode is Mode.N or buf.private:
+                continue  # a private block is unknown to any master
+            out[b] = (b, int(buf.mode), buf.version, buf.dirty or b in self._inflight)
+        for b in self._rebuild_held:
+            out.setdefault(b, (b, int(Mode.X), 0, False))
+        return out
+
     def holding(self, blockno: int, mode: Mode) -> Buffer | None:
         """Our copy of `blockno` if we hold it in `mode` and it is not leaving."""
         buf = self._bufs.get(blockno)
@@ -806,6 +820,33 @@ class BlockCache:
         ]
         if landed:
             self.agent.write_done(landed)
+
+    async def perform_write_checked(self, blocknos: list[int], report: Landed) -> None:
+        """perform_write() for a master that lost track of storage
+        (WritePerform.check): our newest past image of each block goes to
+        storage only if storage has an older version of it; either way,
+        storage has at least that version now."""
+        out = []
+        async with self._write_lock:
+            for b in blocknos:
+                pi = self.pis.newest(b)
+                if pi is None:
+                    out.append((b, 0))
+                    continue
+                if pi.btype is not None and await self._stored_version(b) < pi.version:
+                    await self._write_image(b, pi.data, pi.btype, pi.version)
+                out.append((b, pi.version))
+        await report(out)
+
+    async def _stored_version(self, b: int) -> int:
+        """The version of metadata block `b` on storage (-1: none valid)."""
+        data = await self.storage.read(b * self.bs, self.bs)
+        try:
+            hdr = fmt.read_header(data)
+        except CorruptVolume:
+            return -1
+        valid = hdr.blockno == b and hdr.checksum == fmt.checksum(data)
+        return hdr.version if valid else -1
 
     async def perform_write(self, blocknos: list[int], report: Landed) -> None:
         """The master chose us to write these blocks (claims 19-21): write our
@@ -1022,8 +1063,14 @@ class BlockCache:
             # Queued behind that recovery, the registration waited for our
             # own round, which waited for the ping it held up (a hang in
             # the soak); granted at once, as we hold it in X already.
-            async with self.agent.taking(blocks, Mode.X, 0.0, recovery=True):
-                pass
+            try:
+                async with self.agent.taking(blocks, Mode.X, 0.0, recovery=True):
+                    pass
+            except BaseException:
+                # Not known to be registered (the ping that asked was
+                # cancelled, with its master gone): private still.
+                self._private.update(blocks)
+                raise
             for b in blocks:
                 buf = self._bufs.get(b)
                 if buf is not None:

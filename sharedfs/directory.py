@@ -62,6 +62,9 @@ class BlockState:
         (a final transfer needs no grant) and changed it since, so it
         rebuilds the block itself; anyone else would rebuild it without
         those changes, beside the asker's copy.
+    settling: a master rebuilt from the hosts' reports found the newest
+        version of the block only in a past image: nobody is served until
+        that is on storage (or storage is found to be newer).
     """
 
     holders: dict[int, Mode] = field(default_factory=dict)
@@ -77,6 +80,16 @@ class BlockState:
     recovering: int | None = None
     revoking: set[int] = field(default_factory=set)
     heir: int | None = None
+    settling: bool = False
+
+
+@dataclass(slots=True)
+class Copy:
+    """A copy a resuming host reports holding (Directory.rebuild)."""
+
+    mode: Mode
+    version: int
+    dirty: bool
 
 
 @dataclass(slots=True)
@@ -138,14 +151,16 @@ class Directory:
     recoveries: dead node -> what is left of its recovery.
     """
 
-    def __init__(self, coherence: str = "fusion") -> None:
+    def __init__(self, coherence: str = "fusion", counters: Counters | None = None) -> None:
         self.coherence = coherence
         self.blocks: dict[int, BlockState] = {}
         self.nodes: set[int] = set()
         self.scn = 0
         self.deferred: dict[int, dict[int, int]] = {}
         self.recoveries: dict[int, Recovery] = {}
-        self.counters = Counters()
+        self.counters = counters if counters is not None else Counters()
+        #: block -> node -> the copy it reported, while a rebuild gathers.
+        self._reported: dict[int, dict[int, Copy]] = {}
 
     def _state(self, block: int) -> BlockState:
         st = self.blocks.get(block)
@@ -163,6 +178,81 @@ class Directory:
         out: Out = []
         for rec in list(self.recoveries.values()):
             out += self._advance(rec)
+        return out
+
+    # -- a master rebuilt from the hosts ------------------------------------------
+    def rebuild(
+        self,
+        node: int,
+        held: tuple[tuple[int, int, int, bool], ...],
+        pis: tuple[tuple[int, int], ...],
+    ) -> None:
+        """A host that held locks under the master before us resumes, and
+        reports its copies and past images.  Nothing is served until
+        settle(), once every such host has reported."""
+        self.nodes.add(node)
+        for block, mode, version, dirty in held:
+            if mode not in (Mode.S, Mode.X):
+                raise p.ProtocolError(f"node {node} reports block {block} held in mode {mode}")
+            self._reported.setdefault(block, {})[node] = Copy(Mode(mode), version, dirty)
+            self._see(version)
+        for block, version in pis:
+            st = self._state(block)
+            st.pis[node] = max(st.pis.get(node, 0), version)
+            self._see(version)
+
+    def settle(self) -> Out:
+        """Make one state of the reports (DESIGN.md, Master failure).
+
+        A report can disagree with another where a message was lost with the
+        old master: a copy that arrived for a request never granted (an X
+        copy beside read copies whose revoke was never served), or a
+        transfer lost on its way (its sender kept a past image newer than
+        every copy).  The newest copy wins; older copies are revoked; a
+        block whose newest version is only a past image waits until that
+        is on storage, unless storage has something newer."""
+        out: Out = []
+        reported, self._reported = self._reported, {}
+        for block in sorted(set(reported) | {b for b, st in self.blocks.items() if st.pis}):
+            out += self._settle_block(block, self._state(block), reported.get(block, {}))
+        return out
+
+    def _settle_block(self, block: int, st: BlockState, copies: dict[int, Copy]) -> Out:
+        out: Out = []
+        top_pi = max(st.pis.values(), default=0)
+        xs = [n for n, c in copies.items() if c.mode is Mode.X]
+        keep = {max(xs, key=lambda n: copies[n].version): None} if xs else dict.fromkeys(copies)
+        # A copy older than a past image is stale (a clean data block read
+        # from storage says version 0: there, storage is taken as newest).
+        keep = {n: None for n in keep if not 0 < copies[n].version < top_pi}
+        for n, c in copies.items():
+            if n not in keep:
+                out += self._revoke(block, st, n)
+                continue
+            st.holders[n] = c.mode
+            if c.dirty and (st.owner is None or c.version > copies[st.owner].version):
+                st.owner = n
+        if keep and st.owner is None:
+            # Every copy is clean: storage has them, and no past image is
+            # newer.  (A read copy of a dirty owner's version is clean at
+            # its holder, but not on storage.)
+            st.disk_version = max(top_pi, *(copies[n].version for n in keep))
+        if keep or not top_pi:
+            for n, v in list(st.pis.items()):
+                if v <= st.disk_version:
+                    del st.pis[n]
+                    self._defer(n, block, st.disk_version)
+            self._gc(block, st)
+            return out
+        # Only a past image has it, or storage has something newer (a
+        # write's notice was lost): the holder writes it unless storage
+        # is newer (WritePerform.check).
+        st.settling = True
+        st.write_waiters[MASTER] = top_pi
+        if st.writer is None:
+            st.writer = max(st.pis, key=lambda n: st.pis[n])
+            self.counters.write_performs += 1
+            out.append((st.writer, p.WritePerform((block,), self.scn, True)))
         return out
 
     def leave(self, node: int) -> Out:
@@ -190,6 +280,8 @@ class Directory:
         them from storage and the log; storage first gets the newest copy
         that survives anywhere (seed 003; DESIGN.md, Failure and recovery)."""
         log.warning("master: node %d failed: recovering what it held", node)
+        for copies in self._reported.values():
+            copies.pop(node, None)  # it resumed, and died before the rebuild
         self.nodes.discard(node)
         self.deferred.pop(node, None)
         self.counters.hosts_failed += 1
@@ -315,23 +407,18 @@ class Directory:
         out: Out = []
         for x in [x for x in st.holders if x != keeper]:
             del st.holders[x]
-            if x in st.acks:
-                continue  # already told to drop it, by the head request
-            st.revoking.add(x)
-            self.counters.revokes += 1
-            ping = p.Ping(
-                block,
-                NOBODY,
-                int(Mode.X),
-                int(Mode.N),
-                0,
-                self.scn,
-                0.0,
-                False,
-                self._take_deferred(x),
-            )
-            out.append((x, ping))
+            if x not in st.acks:  # else already told to drop it, by the head request
+                out += self._revoke(block, st, x)
         return out
+
+    def _revoke(self, block: int, st: BlockState, x: int) -> Out:
+        """Tell `x` to drop its copy, outside any request."""
+        st.revoking.add(x)
+        self.counters.revokes += 1
+        ping = p.Ping(
+            block, NOBODY, int(Mode.X), int(Mode.N), 0, self.scn, 0.0, False, self._take_deferred(x)
+        )
+        return [(x, ping)]
 
     def on_recover_done(self, node: int, msg: p.RecoverDone) -> Out:
         self._see(msg.scn)
@@ -408,7 +495,7 @@ class Directory:
                 st.queue.remove(r)
                 out.append((r.node, self._grant(r.node, r.req, (block,), r.mode)))
             return out
-        while st.queue and not st.acks and not st.revoking:
+        while st.queue and not st.acks and not st.revoking and not st.settling:
             r = st.queue[0]
             held = st.holders.get(r.node, Mode.N)
             conflicts = {
@@ -639,12 +726,17 @@ class Directory:
         return [(st.writer, p.WritePerform((block,), self.scn))]
 
     def _writes_done(self, block: int) -> Out:
-        """A write a recovery waited for is over: the newest version it
-        needs is on storage, or no live host has anything newer."""
+        """A write the master waited for (a recovery's, a settling block's)
+        is over: the newest version needed is on storage, or no live host
+        has anything newer."""
         out: Out = []
         for rec in list(self.recoveries.values()):
             if rec.writes.pop(block, None) is not None:
                 out += self._advance(rec)
+        st = self.blocks.get(block)
+        if st is not None and st.settling:
+            st.settling = False
+            out += self._serve(block, st)
         return out
 
     def on_write_done(self, node: int, msg: p.WriteDone) -> Out:

@@ -553,6 +553,7 @@ class Log:
         cache.log_counters = self.counters
         if hasattr(cache.agent, "on_recover"):
             cache.agent.on_recover = self.recover
+            cache.agent.log_marks = self.marks
         self.recovered = 0
         self._rebuilding: set[int] = set()  # blocks the master gave us to rebuild
 
@@ -903,6 +904,21 @@ class Log:
         pack_header(data, h)
         version = fmt.read_header(data).version
         return self.cache.adopt([(self.area.header, fmt.BlockType.JOURNAL, version, data)])
+
+    async def marks(self) -> set[int]:
+        """The hosts whose records the log still keeps (a mark in its
+        header): as our copy of the LLOL has them, or else storage."""
+        buf = self.cache.holding(self.area.header, Mode.S)
+        try:
+            if buf is not None:
+                h = unpack_header(buf.data, self.area.header)
+            else:
+                data = await self.cache.storage.read(self.area.header * self.bs, self.bs)
+                h = decode_header(data, self.area.header)
+        except CorruptVolume as e:
+            log.error("host %d: cannot read the log's marks: %s", self.host, e)
+            return set()
+        return {n for n, low in enumerate(h.low) if low}
 
     def counters(self) -> dict[str, int]:
         return {

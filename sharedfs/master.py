@@ -2,7 +2,12 @@
 
 `MasterService` serves the Cache Fusion protocol (decisions in directory.py)
 to hosts over authenticated TCP; `sharedfs master` runs it alone and a mount
-without `--master` runs it beside its own host.  `LockMaster` is the
+without `--master` runs it beside its own host.  A master that has just started, or that heard
+from no host for a lease (it was the one cut off), knows nothing of the locks
+the hosts hold: for a while (the rebuild window) it takes back hosts that
+resume, rebuilds its directory from what they report, and serves nobody
+until every host that may hold locks is back (DESIGN.md, Master failure).
+`LockMaster` is the
 in-process resource directory that single-process tools (mkfs, fsck repairs)
 and the core's unit tests use: a conflicting request waits until the hold is
 released.
@@ -45,6 +50,9 @@ DEFAULT_LEASE = 10.0
 CLOSE_GRACE = 0.5
 #: How long a host rejoining in a slot whose recovery is running waits.
 JOIN_WAIT = 30.0
+#: How long a master that knows nothing (it has just started, or lost every
+#: host at once) waits for hosts to resume, in leases.
+REBUILD_LEASES = 2.0
 #: Rates in status are over this many seconds of counters, sampled each second.
 RATE_WINDOW = 10
 #: Messages queued for one host at most.  An honest host reads what it is
@@ -152,6 +160,15 @@ class MasterService:
         self._host_stats: dict[int, dict[str, int]] = {}
         self._samples: deque[_CounterSample] = deque(maxlen=RATE_WINDOW + 1)
         self._nursery: trio.Nursery | None = None
+        # The rebuild window: open (not set) while hosts may still resume.
+        self._rebuilt = trio.Event()
+        self._window_end = 0.0
+        self._expected: set[int] = set()  # hosts that may hold locks
+        self._resumed: set[int] = set()
+        self._backlog: list[tuple[int, p.Message]] = []  # theirs, until settled
+        self._forgotten: set[int] = set()  # cut off by _forget: not dead
+        #: Why joins are refused: hosts that may hold locks never came back.
+        self.halted = ""
 
     async def serve(
         self, host: str = "127.0.0.1", port: int = 0, *, task_status=trio.TASK_STATUS_IGNORED
@@ -173,7 +190,74 @@ class MasterService:
             nursery.start_soon(self._notify_task)
             nursery.start_soon(self._lease_task)
             nursery.start_soon(self._sample_task)
+            self._open_window(set())
             task_status.started(self.port)
+
+    # -- the rebuild window ----------------------------------------------------------
+    def _open_window(self, expected: set[int]) -> None:
+        """Know nothing, and wait for the hosts that may hold locks to come
+        back and say what they hold."""
+        self._rebuilt = trio.Event()
+        self._window_end = trio.current_time() + self.lease * REBUILD_LEASES
+        self._expected = set(expected)
+        self._resumed = set()
+        self._backlog = []
+        assert self._nursery is not None
+        self._nursery.start_soon(self._window_task, self._rebuilt)
+
+    async def _window_task(self, rebuilt: trio.Event) -> None:
+        with trio.move_on_at(self._window_end):
+            await rebuilt.wait()
+        if not rebuilt.is_set():
+            await self._close_window()
+
+    async def _maybe_close_window(self) -> None:
+        if not self._rebuilt.is_set() and self._expected <= self._resumed:
+            await self._close_window()
+
+    async def _close_window(self) -> None:
+        """Every host that may hold locks has resumed, or the window is
+        over: settle the directory and serve; or, if some never came back,
+        refuse everyone (their changes are only in the log now)."""
+        self._rebuilt.set()
+        missing = self._expected - self._resumed
+        if missing:
+            names = ", ".join(map(str, sorted(missing)))
+            self.halted = (
+                f"node(s) {names} held locks before the master restarted and did not "
+                "come back; unmount every host, then mount again (the first mount "
+                "replays the log)"
+            )
+            log.error("master: %s", self.halted)
+            for node in list(self._resumed):
+                self._forgotten.add(node)
+                self._scopes[node].cancel()
+            self.directory = Directory(self.directory.coherence, self.directory.counters)
+            return
+        if self._resumed:
+            log.warning("master: rebuilt from %d resumed hosts", len(self._resumed))
+        await self._dispatch(self.directory.settle())
+        backlog, self._backlog = self._backlog, []
+        for node, msg in backlog:
+            if node in self._links:
+                await self._on_message(node, msg)
+
+    def _forget(self) -> None:
+        """We heard from no host for a lease: we are the one cut off (or
+        every host died).  Whatever we decide now, they may be deciding
+        without us: forget every lock, and take back the hosts that resume."""
+        nodes = set(self._links)
+        log.warning(
+            "master: heard from none of the hosts %s for %.1f s: forgetting every lock, "
+            "waiting for them to resume",
+            sorted(nodes),
+            self.lease,
+        )
+        for node in nodes:
+            self._forgotten.add(node)
+            self._scopes[node].cancel()
+        self.directory = Directory(self.directory.coherence, self.directory.counters)
+        self._open_window(nodes)
 
     async def _notify_task(self) -> None:
         """Deferred write notifications that found no message to ride on."""
@@ -195,9 +279,15 @@ class MasterService:
                 # meanwhile is still unread.  They get that time back.
                 for node in self._heard:
                     self._heard[node] += late
+            silent = {n: now - self._heard.get(n, now) for n in self._outboxes}
+            lapsed = silent and max(silent.values()) > self.lease
+            if lapsed and min(silent.values()) > self.lease / 2:
+                # Every host lapses at once: it is we who were cut off.
+                self._forget()
+                continue
             for node in list(self._outboxes):
                 self._post(node, p.Beat())
-                if now - self._heard.get(node, now) > self.lease:
+                if silent[node] > self.lease:
                     log.warning("master: node %d silent for %.1f s: lease lapsed", node, self.lease)
                     self._scopes[node].cancel()
 
@@ -263,9 +353,15 @@ class MasterService:
             raise p.ProtocolError(f"expected Join, got {type(msg).__name__}")
         node = msg.node
         reason = None
-        if 0 <= node < self.host_slots and node not in self._links:
+        if msg.resume:
+            reason = self._refuse_resume(msg)
+        else:
+            reason = await self._admit(msg)
+        if reason is None and 0 <= node < self.host_slots and node not in self._links:
             await self._wait_recovered(node)
-        if not 0 <= node < self.host_slots:
+        if reason is not None:
+            pass
+        elif not 0 <= node < self.host_slots:
             reason = f"node {node} is out of range 0..{self.host_slots - 1}"
         elif node in self._links:
             reason = f"node {node} is already joined"
@@ -287,12 +383,52 @@ class MasterService:
         self._nursery.start_soon(self._sender, node, link, recv)
         await link.send(p.Welcome(self.directory.scn, dict(self._peers), msg.coherence, self.lease))
         self._peers[node] = (msg.peer_host, msg.peer_port)
-        await self._dispatch(self.directory.join(node))
         for other in list(self._outboxes):
             if other != node:
                 self._post(other, p.PeerUp(node, msg.peer_host, msg.peer_port))
+        if msg.resume:
+            self.directory.rebuild(node, msg.held, msg.pis)
+            self._resumed.add(node)
+            self._expected |= set(msg.live)
+            log.info(
+                "master: node %d resumed with %d blocks and %d past images",
+                node,
+                len(msg.held),
+                len(msg.pis),
+            )
+            await self._maybe_close_window()
+            return node
+        await self._dispatch(self.directory.join(node))
         log.info("master: node %d joined (peer port %d)", node, msg.peer_port)
         return node
+
+    def _refuse_resume(self, msg: p.Join) -> str | None:
+        """Why a host that held locks under our predecessor cannot resume."""
+        if self.halted:
+            return self.halted
+        if self._rebuilt.is_set():
+            return (
+                "this master does not know its locks (it declared the host dead, "
+                "or the host came back too late)"
+            )
+        return None
+
+    async def _admit(self, msg: p.Join) -> str | None:
+        """A fresh join waits while hosts may still resume (they may hold
+        blocks it would read); why it is refused, if it is."""
+        if self.halted:
+            if msg.live:
+                return self.halted
+            # It saw no other host's slot live: its mount replayed the log.
+            log.warning("master: node %d mounted after a log replay: serving again", msg.node)
+            self.halted = ""
+        if not self._rebuilt.is_set():
+            self._expected |= set(msg.live) - {msg.node}
+            await self._maybe_close_window()
+            await self._rebuilt.wait()
+            if self.halted:
+                return self.halted
+        return None
 
     async def _sender(
         self, node: int, link: Link, recv: trio.MemoryReceiveChannel[p.Message]
@@ -308,6 +444,9 @@ class MasterService:
 
     async def _on_message(self, node: int, msg: p.Message) -> None:
         d = self.directory
+        if not self._rebuilt.is_set() and not isinstance(msg, (*_UPKEEP, p.Bye)):
+            self._backlog.append((node, msg))  # served once the directory is settled
+            return
         if not isinstance(msg, _UPKEEP):
             d.counters.messages_in += 1
             log.debug("master: <- node %d %s", node, msg)
@@ -373,6 +512,11 @@ class MasterService:
         self._peers.pop(node, None)
         self._scopes.pop(node, None)
         self._heard.pop(node, None)
+        self._resumed.discard(node)  # before the rebuild: one that never came back
+        if node in self._forgotten:
+            self._forgotten.discard(node)
+            self._said_bye.discard(node)
+            return  # it resumes, or is dead: its locks were forgotten
         for other in list(self._outboxes):
             self._post(other, p.PeerDown(node))
         if node in self._said_bye:

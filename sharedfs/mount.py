@@ -24,7 +24,7 @@ import trio
 
 from . import format as fmt
 from . import journal
-from .agent import ClusterAgent
+from .agent import DEFAULT_MASTER_WAIT, ClusterAgent
 from .cli_util import (
     Parser,
     find_quiet,
@@ -111,6 +111,14 @@ def add_mount_args(p: argparse.ArgumentParser) -> None:
         metavar="SECONDS",
         help="how long to keep trying to reach an NBD server that went away "
         f"before failing (default {NBD_TIMEOUT:g})",
+    )
+    p.add_argument(
+        "--master-wait",
+        type=float,
+        default=DEFAULT_MASTER_WAIT,
+        metavar="SECONDS",
+        help="when the lock master goes away, hold writes and wait this long for it to "
+        f"come back before failing with EIO (default {DEFAULT_MASTER_WAIT:g}; 0: fail at once)",
     )
     p.add_argument(
         "--metrics",
@@ -241,7 +249,8 @@ async def _serve_host(
     signals: AsyncIterator[int],
     slot: fmt.HostSlot,
 ) -> None:
-    if not set(live_slots(storage, sb)) - {node}:
+    others = sorted(set(live_slots(storage, sb)) - {node})
+    if not others:
         await replay_log(storage, sb, node)
     fs = open_cluster_host(
         storage,
@@ -255,6 +264,9 @@ async def _serve_host(
     fs.log.page_locks = args.log_page_locks
     agent = fs.cache.agent
     assert isinstance(agent, ClusterAgent)
+    agent.master_wait = args.master_wait
+    # A master that has just started waits for these to resume first.
+    agent.live_at_join = tuple(others)
     ops = Operations(fs)
     async with contextlib.AsyncExitStack() as stack, trio.open_nursery() as nursery:
         master, service = await _start_master(nursery, sb, args, node)
@@ -431,6 +443,8 @@ def mount(args: argparse.Namespace) -> None:
                 raise QuietError(f"{addr}: {e}", 2) from None
     if args.nbd_timeout <= 0:
         raise QuietError(f"--nbd-timeout {args.nbd_timeout:g}: give a positive number", 2)
+    if not 0 <= args.master_wait <= 3600:
+        raise QuietError(f"--master-wait {args.master_wait:g}: give 0 to 3600 seconds", 2)
     mountpoint = check_mountpoint(args.mountpoint)
     args.tls_config = load_tls(args.tls)
     storage = open_volume(args.volume, nbd_timeout=args.nbd_timeout)
@@ -471,6 +485,7 @@ _HELPER_OPTIONS = {
     "peer_address": "--peer-address",
     "writeback": "--writeback",
     "nbd_timeout": "--nbd-timeout",
+    "master_wait": "--master-wait",
     "cache_size": "--cache-size",
     "metrics": "--metrics",
     "tls": "--tls",
@@ -502,7 +517,8 @@ def mount_helper_main(argv: list[str] | None = None) -> None:
         description="mount(8)'s helper: mount -t sharedfs VOLUME DIR -o OPTIONS.",
         epilog="OPTIONS: master=HOST:PORT, node=N, peer_address=HOST[:PORT], "
         "listen=HOST:PORT, coherence=fusion|disk, "
-        "writeback=SECONDS, nbd_timeout=SECONDS, cache_size=SIZE, metrics=HOST:PORT, tls=DIR, "
+        "writeback=SECONDS, nbd_timeout=SECONDS, master_wait=SECONDS, cache_size=SIZE, "
+        "metrics=HOST:PORT, tls=DIR, "
         "log=FILE, "
         "debug, and FUSE "
         "options; defaults, auto, noauto, _netdev, nofail, user(s), rw and x-* are for "

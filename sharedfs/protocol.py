@@ -121,12 +121,27 @@ class Auth(Message):
 
 @message(10)
 class Join(Message):
-    """A host asks to join with its slot and the address peers reach it at."""
+    """A host asks to join with its slot and the address peers reach it at.
+
+    `live`: the other hosts it knows may hold locks: for a fresh join, the
+    slots it saw live on the volume; for a resume, the peers it knew and the
+    hosts with records in the log.  A master that has just started (or lost
+    every host at once) waits for those to resume before it serves anyone.
+
+    `resume`: the host was joined to a master it lost, and reports what it
+    holds so that a master that has just started can rebuild its directory:
+    `held` as (block, mode, version, dirty), `pis` as (block, newest
+    past-image version).
+    """
 
     node: int
     peer_host: str
     peer_port: int
     coherence: str  # "fusion" or "disk"
+    live: tuple[int, ...] = ()
+    resume: bool = False
+    held: tuple[tuple[int, int, int, bool], ...] = ()
+    pis: tuple[tuple[int, int], ...] = ()
 
 
 @message(11)
@@ -307,10 +322,14 @@ class WriteRequest(Message):
 
 @message(31)
 class WritePerform(Message):
-    """Master to the host with the newest version: write it (claims 19-21)."""
+    """Master to the host with the newest version: write it (claims 19-21).
+    `check`: a master rebuilt from the hosts' reports does not know what
+    storage has: write your newest past image only if storage has an older
+    version (a data block carries none: storage is taken as newer)."""
 
     blocks: tuple[int, ...]
     scn: int
+    check: bool = False
 
 
 @message(32)

@@ -12,7 +12,7 @@ import trio
 from sharedfs.debug import task_tree
 from sharedfs.fs import FileSystem
 from sharedfs.host import open_cluster_host
-from sharedfs.master import MasterService
+from sharedfs.master import DEFAULT_LEASE, MasterService
 from sharedfs.mirror import MirrorStorage
 from sharedfs.storage import Storage
 from sharedfs.storage.memory import MemoryStorage
@@ -55,6 +55,30 @@ class Cluster:
     @property
     def directory(self):  # type: ignore[no-untyped-def]
         return self.master.directory
+
+    async def run_master(  # type: ignore[no-untyped-def]
+        self, master: MasterService, port: int, task_status=trio.TASK_STATUS_IGNORED
+    ) -> None:
+        with trio.CancelScope() as scope:
+            self._master_scope = scope
+            await master.serve("127.0.0.1", port, task_status=task_status)
+
+    async def restart_master(self, *, down: float = 0.0) -> MasterService:
+        """What kill -9 and a restart do to the master: its connections
+        drop at once, and a new one, knowing nothing, listens on the same
+        port (after `down` seconds)."""
+        old = self.master
+        self._master_scope.cancel()
+        await trio.sleep(down)
+        self.master = MasterService(
+            old.key,
+            coherence=old.directory.coherence,
+            host_slots=old.host_slots,
+            lease=old.lease,
+            tls=old.tls,
+        )
+        await self._nursery.start(self.run_master, self.master, self._port)
+        return self.master
 
     async def start(self, node: int) -> FileSystem:
         """Start host `node` (again, after a kill: in the same slot)."""
@@ -143,6 +167,7 @@ async def cluster(
     hang_after: float = 150,
     wrap: Callable[[int, Storage], Storage] | None = None,
     tls: Tls | None = None,
+    lease: float = DEFAULT_LEASE,
 ) -> AsyncIterator[Cluster]:
     """checkpoint_every=None: no background checkpoints, for tests that
     account for every storage write.  On a volume that names a secondary,
@@ -152,14 +177,15 @@ async def cluster(
     `tls`: every connection over TLS.  A body still
     running after `hang_after` seconds is a hang: the state is dumped."""
     sb = read_superblock(storage)
-    master = MasterService(sb.cluster_key, coherence=coherence, host_slots=sb.host_slots, tls=tls)
+    master = MasterService(
+        sb.cluster_key, coherence=coherence, host_slots=sb.host_slots, tls=tls, lease=lease
+    )
     async with trio.open_nursery() as nursery:
-        port = await nursery.start(master.serve, "127.0.0.1", 0)
         c = Cluster(
             storage,
             master,
             nursery,
-            port,
+            0,  # once it listens
             coherence,
             cache_bytes,
             checkpoint_every,
@@ -167,6 +193,7 @@ async def cluster(
             wrap,
             tls,
         )
+        c._port = await nursery.start(c.run_master, master, 0)
         for node in range(n):
             await c.start(node)
         try:

@@ -64,22 +64,32 @@ def free_port() -> int:
 class Master:
     """A standalone `sharedfs master` process, listening once constructed."""
 
-    def __init__(self, volume: Path, log: Path, *args: str) -> None:
+    def __init__(self, volume: Path | str, log: Path, *args: str) -> None:
         self.port = free_port()
         self.addr = f"127.0.0.1:{self.port}"
-        with open(log, "w") as f:
-            self.proc = subprocess.Popen(
-                [PY, "-m", "sharedfs.cli", "master", str(volume), "--listen", self.addr, *args],
-                stdout=subprocess.DEVNULL,
-                stderr=f,
-            )
+        self.log = log
+        self._cmd = [PY, "-m", "sharedfs.cli", "master", str(volume), "--listen", self.addr, *args]
+        self._start("w")
+
+    def _start(self, mode: str) -> None:
+        with open(self.log, mode) as f:
+            self.proc = subprocess.Popen(self._cmd, stdout=subprocess.DEVNULL, stderr=f)
 
         def listening() -> bool:
-            assert self.proc.poll() is None, log.read_text()
+            assert self.proc.poll() is None, self.log.read_text()
             with socket.socket() as s:
                 return s.connect_ex(("127.0.0.1", self.port)) == 0
 
         wait_for(listening, what="master")
+
+    def kill(self) -> None:
+        """kill -9: it stops at once, its connections drop."""
+        self.proc.kill()
+        self.proc.wait()
+
+    def start_again(self) -> None:
+        """The same master, knowing nothing, on the same port."""
+        self._start("a")
 
     def stop(self) -> None:
         self.proc.terminate()

@@ -67,7 +67,15 @@ BLOCK = bytes(random.Random(7).getrandbits(8) for _ in range(4096))
 VALUES: dict[str, dict[str, object]] = {
     "Hello": {"version": PROTOCOL_VERSION, "node": 3, "nonce": bytes(range(16))},
     "Auth": {"proof": bytes(range(100, 116))},
-    "Join": {"node": 3, "peer_host": "10.0.0.3", "peer_port": 7003, "coherence": "fusion"},
+    "Join": {
+        "node": 3,
+        "peer_host": "10.0.0.3",
+        "peer_port": 7003,
+        "coherence": "fusion",
+        "live": (0, 5),
+        "held": ((7, 2, 41, True), (9, 1, 0, False)),
+        "pis": ((7, 40),),
+    },
     "Welcome": {
         "scn": 42,
         "peers": {0: ("10.0.0.1", 7001), 1: ("host-b.example", 7002), 5: ("::1", 65535)},

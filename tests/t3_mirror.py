@@ -149,8 +149,11 @@ async def test_marks_survive_a_crash_and_resync_copies_exactly_those():
     secondary.down = False
     secondary.events.clear()
     assert await resync(primary, secondary, sb) == [5, 17, 40]
-    copied = {off // (sb.mirror_region_blocks * sb.block_size) for k, off in secondary.events
-              if k == "secondary write"}
+    copied = {
+        off // (sb.mirror_region_blocks * sb.block_size)
+        for k, off in secondary.events
+        if k == "secondary write"
+    }
     assert copied == {5, 17, 40}
     assert read_marks(primary, sb) == {n: set() for n in range(sb.host_slots)}
     assert await differing_regions(primary, secondary, sb) == []
@@ -291,7 +294,6 @@ async def test_a_damaged_indicator_block_marks_every_region_it_covers():
     primary, _secondary, sb = await mirrored_pair()
     primary.write_sync(indicator_offset(sb, 3, 0) + 64, b"\xff" * 16)
     assert read_marks(primary, sb)[3] == set(range(sb.region_count))
-
 
 
 async def test_a_write_back_marks_all_its_regions_in_one_indicator_write():

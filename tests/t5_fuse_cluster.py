@@ -12,6 +12,7 @@ import os
 import signal
 import socket
 import subprocess
+import time
 import urllib.request
 from contextlib import ExitStack
 from pathlib import Path
@@ -282,6 +283,45 @@ def test_wrong_node_and_unauthenticated_peer_are_refused(hosts, tmp_path) -> Non
         s.sendall(os.urandom(300))
     (a.mnt / "still-serving").write_text("yes")
     assert (a.mnt / "still-serving").read_text() == "yes"
+
+
+def test_master_killed_and_restarted_hosts_hold_then_carry_on(hosts) -> None:  # type: ignore[no-untyped-def]
+    """kill -9 of the standalone master, then a restart: every mount holds
+    its writes, resumes with the new master, which rebuilds its directory
+    from their reports, and what was written before, during and after the
+    outage is seen on every host."""
+    mounts, master, vol = hosts
+    a, b, c = mounts
+    (a.mnt / "outage").mkdir()
+    with open(a.mnt / "outage" / "synced", "wb") as f:
+        f.write(b"s" * 20000)
+        os.fsync(f.fileno())
+    (b.mnt / "outage" / "unsynced").write_bytes(b"u" * 7000)  # in b's cache only
+    assert (c.mnt / "outage" / "synced").read_bytes() == b"s" * 20000
+    logs = [m.log.read_text().count("resumed with") for m in mounts]
+    master.kill()
+    script = "import sys; open(sys.argv[1], 'wb').write(b'd' * 5000)"
+    during = subprocess.Popen([PY, "-c", script, str(c.mnt / "outage" / "during")])
+    time.sleep(1.0)
+    assert during.poll() is None, "c's create should wait for the master"
+    master.start_again()
+    for m, before in zip(mounts, logs, strict=True):
+        wait_for(
+            lambda m=m, before=before: m.log.read_text().count("resumed with") > before,
+            timeout=30,
+            what=f"{m.mnt.name} to resume",
+        )
+    assert during.wait(timeout=30) == 0
+    wait_for(lambda: "rebuilt from 3 resumed hosts" in master.log.read_text(), what="rebuild")
+    for m in mounts:
+        d = m.mnt / "outage"
+        assert sorted(os.listdir(d)) == ["during", "synced", "unsynced"], m.log.read_text()
+        assert (d / "unsynced").read_bytes() == b"u" * 7000
+        assert (d / "during").read_bytes() == b"d" * 5000
+        assert "fenced" not in m.log.read_text()
+    (a.mnt / "outage" / "after").write_text("carries on")
+    assert (b.mnt / "outage" / "after").read_text() == "carries on"
+    assert sorted(status_json(vol, master)["master"]["hosts"]) == ["0", "1", "2"]
 
 
 def test_zz_unmount_all_and_fsck_clean(hosts) -> None:  # type: ignore[no-untyped-def]

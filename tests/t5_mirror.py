@@ -178,9 +178,9 @@ async def test_an_nbd_secondary_killed_mid_workload_then_resync_verify_promote(
     r = sharedfs("mirror", "resync", str(vol))
     assert f"resynced {status['marked_regions']} regions" in r.stdout
     assert "all 64 regions identical" in sharedfs("mirror", "verify", str(vol), "-q").stdout
-    assert json.loads(sharedfs("mirror", "status", str(vol), "--json").stdout)[
-        "marked_regions"
-    ] == 0
+    assert (
+        json.loads(sharedfs("mirror", "status", str(vol), "--json").stdout)["marked_regions"] == 0
+    )
     sharedfs("mirror", "promote", server.uri)
     fsck_ok(server.uri)
     server.stop()
@@ -222,6 +222,7 @@ def test_two_mounts_mirror_what_they_write_and_the_secondary_will_not_mount() ->
                     with open(m.mnt / f"{tag.decode()}{i}", "wb") as f:
                         f.write(tag * (i * 70_000 + 1))
                         os.fsync(f.fileno())
+
             def both_report() -> bool:
                 r = sharedfs("mirror", "status", str(vol), "--master", master.addr, "--json")
                 return set(json.loads(r.stdout)["hosts"]) == {"0", "1"}

@@ -10,12 +10,21 @@ from the cluster on an I/O error: what the host has not written may now be
 anywhere between old and new on storage, so it stops, and the other hosts
 rebuild what it held from storage and the log.  (The storage below has
 already retried what can be retried: an NBD connection that drops.)
+
+A host that loses its master *holds* the gate (`hold`): its block writes
+wait, since it cannot tell a master that restarted (and will take its word
+for what it holds) from one that declared it dead.  The master's answer
+when it is back either opens the gate again or closes it.  Its slot's
+heartbeat and mirror marks (`write_sync`, its own areas, which no other
+host rebuilds) go on meanwhile: the host is not dead until it is fenced.
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
+
+import trio
 
 from ..errors import StorageError
 from . import Storage
@@ -41,9 +50,29 @@ class Fence(Storage):
         self.min_block = inner.min_block
         self.reason = ""
         self.on_trip: Callable[[str], None] | None = None
+        self._opened: trio.Event | None = None  # set while held
+
+    @property
+    def held(self) -> bool:
+        return self._opened is not None
+
+    def hold(self) -> None:
+        """Block writes wait from now until open_gate() or close_gate()."""
+        if self._opened is None:
+            self._opened = trio.Event()
+
+    def open_gate(self) -> None:
+        opened, self._opened = self._opened, None
+        if opened is not None:
+            opened.set()
 
     def close_gate(self, reason: str) -> None:
         self.reason = reason
+        self.open_gate()  # what waits fails now
+
+    async def _wait_open(self) -> None:
+        while self._opened is not None and not self.reason:
+            await self._opened.wait()
 
     @contextlib.contextmanager
     def _writing(self, what: str) -> Iterator[None]:
@@ -68,10 +97,12 @@ class Fence(Storage):
     async def write(
         self, offset: int, data: bytes | bytearray | memoryview, *, fua: bool = False
     ) -> None:
+        await self._wait_open()
         with self._writing("write"):
             await self.inner.write(offset, data, fua=fua)
 
     async def flush(self) -> None:
+        await self._wait_open()
         with self._writing("flush"):
             await self.inner.flush()
 
