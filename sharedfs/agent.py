@@ -450,15 +450,17 @@ class ClusterAgent:
         self._pending[req] = pend
         self.stats.lock_requests += 1
         self.stats.blocks_requested += len(blocknos)
-        await self._send_master(
-            p.LockRequest(req, tuple(blocknos), int(mode), self.cache.scn, op_start, recovery)
-        )
         try:
+            await self._send_master(
+                p.LockRequest(req, tuple(blocknos), int(mode), self.cache.scn, op_start, recovery)
+            )
             await self.cache.wait_for_grant(pend)
         except BaseException as e:
-            # Backed off or cancelled: the master still grants the request,
-            # and what other hosts ship for it is the newest copy there is,
-            # so it goes into the cache whenever it arrives.
+            # Backed off or cancelled: the master still grants the request
+            # (one cancelled before it was sent is asked again of a master
+            # that comes back), and what other hosts ship for it is the
+            # newest copy there is, so it goes into the cache whenever it
+            # arrives.
             if isinstance(e, OpRetry):
                 self.stats.retries += 1
             pend.abandoned = True
