@@ -193,7 +193,7 @@ class ClusterAgent:
         self.on_recover: Callable[[int, list[int], Report, bool], Awaitable[None]] | None = None
         #: The hosts with records in the log (the journal sets it): a
         #: resume names them, for a master that knows nothing of them.
-        self.log_marks: Callable[[], Awaitable[set[int]]] | None = None
+        self.log_marks: Callable[[], Awaitable[tuple[int, set[int]]]] | None = None
 
     # -- start -------------------------------------------------------------------
     async def run(
@@ -374,23 +374,24 @@ class ClusterAgent:
         """Report what we hold, then ask again for what we still wait for:
         requests and writes the old master took with it."""
         assert self.cache is not None
-        marks = await self.log_marks() if self.log_marks is not None else set()
+        version, marks = await self.log_marks() if self.log_marks is not None else (0, set())
         async with self._send_lock:
             # What we hold is in the report: releases of what we let go are
             # no longer news.  Nothing awaits between here and the send, so
             # the report is one moment of the cache.
             self._releases.clear()
             held, pis = self._holdings()
-            live = tuple(sorted((set(self._peers) | marks) - {self.host}))
             join = p.Join(
                 self.host,
                 self._listen_host,
                 self.peer_port,
                 self.coherence,
-                live,
+                tuple(sorted(self._peers)),
                 True,
                 held,
                 pis,
+                tuple(sorted(marks - {self.host})),
+                version,
             )
             await self._welcomed(link, join, where)
             # From here what others send goes to this master, after what

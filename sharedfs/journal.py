@@ -905,20 +905,21 @@ class Log:
         version = fmt.read_header(data).version
         return self.cache.adopt([(self.area.header, fmt.BlockType.JOURNAL, version, data)])
 
-    async def marks(self) -> set[int]:
+    async def marks(self) -> tuple[int, set[int]]:
         """The hosts whose records the log still keeps (a mark in its
-        header): as our copy of the LLOL has them, or else storage."""
+        header), as our copy of the LLOL has them, or else storage; with
+        the version of the header they come from (the newest is right)."""
         buf = self.cache.holding(self.area.header, Mode.S)
         try:
             if buf is not None:
-                h = unpack_header(buf.data, self.area.header)
+                version, h = buf.version, unpack_header(buf.data, self.area.header)
             else:
                 data = await self.cache.storage.read(self.area.header * self.bs, self.bs)
-                h = decode_header(data, self.area.header)
+                version, h = fmt.read_header(data).version, decode_header(data, self.area.header)
         except CorruptVolume as e:
             log.error("host %d: cannot read the log's marks: %s", self.host, e)
-            return set()
-        return {n for n, low in enumerate(h.low) if low}
+            return 0, set()
+        return version, {n for n, low in enumerate(h.low) if low}
 
     def counters(self) -> dict[str, int]:
         return {

@@ -164,6 +164,7 @@ class MasterService:
         self._rebuilt = trio.Event()
         self._window_end = 0.0
         self._expected: set[int] = set()  # hosts that may hold locks
+        self._marks: tuple[int, tuple[int, ...]] = (-1, ())  # newest report of the log's
         self._resumed: set[int] = set()
         self._backlog: list[tuple[int, p.Message]] = []  # theirs, until settled
         self._forgotten: set[int] = set()  # cut off by _forget: not dead
@@ -200,6 +201,7 @@ class MasterService:
         self._rebuilt = trio.Event()
         self._window_end = trio.current_time() + self.lease * REBUILD_LEASES
         self._expected = set(expected)
+        self._marks = (-1, ())
         self._resumed = set()
         self._backlog = []
         assert self._nursery is not None
@@ -211,8 +213,11 @@ class MasterService:
         if not rebuilt.is_set():
             await self._close_window()
 
+    def _missing(self) -> set[int]:
+        return self._expected.union(self._marks[1]) - self._resumed
+
     async def _maybe_close_window(self) -> None:
-        if not self._rebuilt.is_set() and self._expected <= self._resumed:
+        if not self._rebuilt.is_set() and not self._missing():
             await self._close_window()
 
     async def _close_window(self) -> None:
@@ -220,7 +225,7 @@ class MasterService:
         over: settle the directory and serve; or, if some never came back,
         refuse everyone (their changes are only in the log now)."""
         self._rebuilt.set()
-        missing = self._expected - self._resumed
+        missing = self._missing()
         if missing:
             names = ", ".join(map(str, sorted(missing)))
             self.halted = (
@@ -390,6 +395,7 @@ class MasterService:
             self.directory.rebuild(node, msg.held, msg.pis)
             self._resumed.add(node)
             self._expected |= set(msg.live)
+            self._marks = max(self._marks, (msg.marks_version, msg.marks))
             log.info(
                 "master: node %d resumed with %d blocks and %d past images",
                 node,

@@ -124,14 +124,17 @@ class Join(Message):
     """A host asks to join with its slot and the address peers reach it at.
 
     `live`: the other hosts it knows may hold locks: for a fresh join, the
-    slots it saw live on the volume; for a resume, the peers it knew and the
-    hosts with records in the log.  A master that has just started (or lost
-    every host at once) waits for those to resume before it serves anyone.
+    slots it saw live on the volume; for a resume, the peers it knew.  A
+    master that has just started (or lost every host at once) waits for
+    those to resume before it serves anyone.
 
     `resume`: the host was joined to a master it lost, and reports what it
     holds so that a master that has just started can rebuild its directory:
     `held` as (block, mode, version, dirty), `pis` as (block, newest
-    past-image version).
+    past-image version), and the hosts with records in the log (`marks`,
+    as of the log header's version `marks_version`: the newest report is
+    right; a host with records that does not resume left changes only its
+    records know of).
     """
 
     node: int
@@ -142,6 +145,8 @@ class Join(Message):
     resume: bool = False
     held: tuple[tuple[int, int, int, bool], ...] = ()
     pis: tuple[tuple[int, int], ...] = ()
+    marks: tuple[int, ...] = ()
+    marks_version: int = 0
 
 
 @message(11)

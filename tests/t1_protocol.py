@@ -75,6 +75,8 @@ VALUES: dict[str, dict[str, object]] = {
         "live": (0, 5),
         "held": ((7, 2, 41, True), (9, 1, 0, False)),
         "pis": ((7, 40),),
+        "marks": (0, 3),
+        "marks_version": 77,
     },
     "Welcome": {
         "scn": 42,

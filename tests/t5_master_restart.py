@@ -117,6 +117,31 @@ async def test_a_restart_that_loses_a_host_too_refuses_to_guess_its_locks():
     await fsck_clean(vol)
 
 
+async def test_a_restart_after_a_host_was_recovered_goes_on_without_it():
+    """Host 2 died and was recovered (its mark cleared in the log header
+    the LLOL's holder caches; storage may still show it): the hosts that
+    resume name it neither as a peer nor, by the newest header, as having
+    records, so the master need not wait for it."""
+    vol = await make_volume()
+    async with cluster(vol, 3) as c:
+        for n, fs in enumerate(c.hosts):
+            f = await fs.create(ROOT, b"f%d" % n, 0o644, CTX)
+            await fs.write(f.ino, 0, b"%d" % n * 3000)
+            await fs.fsync(f.ino)
+        c.kill(2)
+        await c.wait_recovered(2)
+        new = await c.restart_master()
+        await resumed(c, [0, 1])
+        assert not new.halted and not c.hosts[0].fenced and not c.hosts[1].fenced
+        for n in range(3):
+            assert await content(c.hosts[1], ROOT, b"f%d" % n) == b"%d" % n * 3000
+        await c.hosts[0].create(ROOT, b"after", 0o644, CTX)
+        await c.hosts[1].lookup(ROOT, b"after")
+        fs = await c.start(2)
+        assert await content(fs, ROOT, b"f0") == b"0" * 3000
+    await fsck_clean(vol)
+
+
 async def test_a_host_the_master_declared_dead_is_refused_its_resume():
     vol = await make_volume()
     async with cluster(vol, 3) as c:
