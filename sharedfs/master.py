@@ -569,6 +569,9 @@ class MasterService:
         info["lease"] = self.lease
         # A host in its close grace is as good as dead: it is being fenced.
         info["recovering"] = sorted(set(self.directory.recoveries) | self._dying)
+        # Just started (or cut off from every host): waiting for resumes.
+        info["rebuilding"] = not self._rebuilt.is_set()
+        info["halted"] = self.halted
         info["refused_connections"] = self.refused
         info["rejected_frames"] = self.rejected_frames
         info["rates"] = self.rates()

@@ -262,12 +262,34 @@ class Cluster:
         subprocess.run(["fusermount3", "-u", "-z", str(h.mnt)], capture_output=True)
         return took
 
+    def restart_master(self, rng: random.Random) -> float:
+        """kill -9 the master and start it again after a pause of up to 2 s;
+        return the seconds from its death until every host has resumed
+        with the new one (none may fence)."""
+        self.master.kill()
+        self.master.wait()
+        died = time.monotonic()
+        time.sleep(rng.uniform(0, 2.0))
+        self.master = self._start_master()
+        wait_until(self._all_resumed, self.lease * 3 + 30, "every host to resume")
+        took = time.monotonic() - died
+        for h in self.hosts:
+            if "fenced" in h.log.read_text(errors="replace"):
+                raise TortureFailed(f"host {h.node} fenced after a master restart: {h.log}")
+        return took
+
+    def _all_resumed(self) -> bool:
+        info = self.status()
+        return not info["rebuilding"] and {int(n) for n in info["hosts"]} == {
+            h.node for h in self.hosts
+        }
+
     def _recovered(self, node: int) -> bool:
         info = self.status()
         hosts = {int(n) for n in info["hosts"]}
         return node not in hosts and node not in info["recovering"]
 
-    def check(self, reader: Host, dead: Host, sample: int, rng: random.Random) -> int:
+    def check(self, reader: Host, dead: Host | None, sample: int, rng: random.Random) -> int:
         """Every file `dead` acknowledged, and `sample` of each other host's,
         as acknowledged when read through `reader`; return files checked."""
         checked = 0
@@ -365,23 +387,31 @@ def run(args: argparse.Namespace) -> dict:  # type: ignore[type-arg]
     try:
         for trial in range(args.trials):
             time.sleep(rng.uniform(0.3, args.max_wait))
-            victim = rng.choice(c.hosts)
-            mode = args.mode if args.mode != "mixed" else rng.choice(("kill", "kill", "stop"))
-            took = c.kill(victim, mode)
+            mode = args.mode
+            if mode == "mixed":
+                mode = rng.choice(("kill", "kill", "stop", "master"))
+            victim = rng.choice(c.hosts) if mode != "master" else None
+            if victim is None:
+                took = c.restart_master(rng)
+                what = f"master restarted, hosts resumed in {took:.2f} s"
+            else:
+                took = c.kill(victim, mode)
+                what = f"{mode} host {victim.node}, recovered in {took:.2f} s"
             reader = rng.choice([h for h in c.hosts if h is not victim])
             c.pause_writers(signal.SIGSTOP)
             try:
                 checked = c.check(reader, victim, args.sample, rng)
             finally:
                 c.pause_writers(signal.SIGCONT)
-            c.mount(victim)
-            c.start_writer(victim)
+            if victim is not None:
+                c.mount(victim)
+                c.start_writer(victim)
             result["trials"] += 1
             result["recovery_s"].append(round(took, 2))
             result["checked"] += checked
             print(
-                f"trial {trial + 1}/{args.trials}: {mode} host {victim.node}, recovered in "
-                f"{took:.2f} s, {checked} files read on host {reader.node}: ok",
+                f"trial {trial + 1}/{args.trials}: {what}, {checked} files read on host "
+                f"{reader.node}: ok",
                 flush=True,
             )
         c.stop()
@@ -414,9 +444,10 @@ def main() -> None:
     ap.add_argument("--size", default="512M", help="volume size (default 512M)")
     ap.add_argument(
         "--mode",
-        choices=("kill", "stop", "mixed"),
+        choices=("kill", "stop", "master", "mixed"),
         default="kill",
-        help="kill -9, SIGSTOP until the lease lapses, or both at random",
+        help="kill -9 a host, SIGSTOP one until its lease lapses, kill -9 and restart the "
+        "master (the hosts must resume), or all at random",
     )
     ap.add_argument(
         "--lease", type=float, default=10.0, help="the master's lease (default 10 s, as mounts)"
