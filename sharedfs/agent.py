@@ -524,6 +524,10 @@ class ClusterAgent:
                     self.lease,
                 )
             if trio.current_time() - self._heard > self.lease * 0.75:
+                # After a stall of our own, what the master sent meanwhile
+                # (Beats; a PeerDown) may be unread yet: read it first.
+                await trio.sleep(min(0.2, tick / 4))
+            if trio.current_time() - self._heard > self.lease * 0.75:
                 log.warning(
                     "host %d: no word from the master for %.1f s", self.host, self.lease * 0.75
                 )
