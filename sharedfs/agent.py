@@ -149,7 +149,7 @@ class ClusterAgent:
 
     A lost master is not at once a fence: the master may have restarted,
     or been cut off from every host, and then takes each host's word for
-    what it holds (DESIGN.md, Master failure).  Meanwhile block writes wait
+    what it holds (docs/PROTOCOL.md, Resume).  Meanwhile block writes wait
     at the gate, and operations that need the master wait for it.  The
     master's answer to our resume decides: carry on, or fence.
     """
@@ -307,13 +307,14 @@ class ClusterAgent:
         if self.master_wait <= 0:
             self.fence(reason)
             return None
-        if self._peers and not await self._a_peer_answers():
-            # Neither the master nor any other host: it is we who are cut
-            # off, and the master is declaring us dead.
-            self.fence(f"{reason}, and no other host answers")
-            return None
+        # Held before anything else: the master may be declaring us dead.
         gate = self.cache.gate
         gate.hold()
+        if self._peers and not await self._a_peer_answers():
+            # Neither the master nor any other host: it is we who are cut
+            # off.
+            self.fence(f"{reason}, and no other host answers")
+            return None
         log.warning(
             "host %d: lost the lock master (%s): holding writes, retrying for %.0f s",
             self.host,

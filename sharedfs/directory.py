@@ -202,7 +202,7 @@ class Directory:
             self._see(version)
 
     def settle(self) -> Out:
-        """Make one state of the reports (DESIGN.md, Master failure).
+        """Make one state of the reports (docs/PROTOCOL.md, Resume).
 
         A report can disagree with another where a message was lost with the
         old master: a copy that arrived for a request never granted (an X

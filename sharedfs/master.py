@@ -2,13 +2,13 @@
 
 `MasterService` serves the Cache Fusion protocol (decisions in directory.py)
 to hosts over authenticated TCP; `sharedfs master` runs it alone and a mount
-without `--master` runs it beside its own host.  A master that has just started, or that heard
-from no host for a lease (it was the one cut off), knows nothing of the locks
-the hosts hold: for a while (the rebuild window) it takes back hosts that
-resume, rebuilds its directory from what they report, and serves nobody
-until every host that may hold locks is back (DESIGN.md, Master failure).
-`LockMaster` is the
-in-process resource directory that single-process tools (mkfs, fsck repairs)
+without `--master` runs it beside its own host.  A master that has just
+started, or that heard from no host for a lease (it was the one cut off),
+knows nothing of the locks the hosts hold: for a while (the rebuild window)
+it takes back hosts that resume, rebuilds its directory from what they
+report, and serves nobody until every host that may hold locks is back
+(docs/PROTOCOL.md, Resume).  `LockMaster` is the in-process resource
+directory that single-process tools (mkfs, fsck repairs)
 and the core's unit tests use: a conflicting request waits until the hold is
 released.
 """
@@ -198,6 +198,7 @@ class MasterService:
     def _open_window(self, expected: set[int]) -> None:
         """Know nothing, and wait for the hosts that may hold locks to come
         back and say what they hold."""
+        self._rebuilt.set()  # what waited for the window before this one wakes
         self._rebuilt = trio.Event()
         self._window_end = trio.current_time() + self.lease * REBUILD_LEASES
         self._expected = set(expected)
@@ -210,7 +211,7 @@ class MasterService:
     async def _window_task(self, rebuilt: trio.Event) -> None:
         with trio.move_on_at(self._window_end):
             await rebuilt.wait()
-        if not rebuilt.is_set():
+        if not rebuilt.is_set():  # still this window
             await self._close_window()
 
     def _missing(self) -> set[int]:
@@ -357,23 +358,9 @@ class MasterService:
         if not isinstance(msg, p.Join):
             raise p.ProtocolError(f"expected Join, got {type(msg).__name__}")
         node = msg.node
-        reason = None
-        if msg.resume:
-            reason = self._refuse_resume(msg)
-        else:
-            reason = await self._admit(msg)
-        if reason is None and 0 <= node < self.host_slots and node not in self._links:
-            await self._wait_recovered(node)
-        if reason is not None:
-            pass
-        elif not 0 <= node < self.host_slots:
-            reason = f"node {node} is out of range 0..{self.host_slots - 1}"
-        elif node in self._links:
-            reason = f"node {node} is already joined"
-        elif node in self._dying or node in self.directory.recoveries:
-            reason = f"node {node} is still being recovered; try again"
-        elif msg.coherence != self.directory.coherence:
-            reason = f"the cluster runs --coherence {self.directory.coherence}"
+        reason = self._refuse_resume() if msg.resume else await self._admit(msg)
+        if reason is None:
+            reason = await self._refusal(msg)
         if reason is not None:
             self.refused += 1
             log.warning("master: refused node %d: %s", node, reason)
@@ -408,7 +395,23 @@ class MasterService:
         log.info("master: node %d joined (peer port %d)", node, msg.peer_port)
         return node
 
-    def _refuse_resume(self, msg: p.Join) -> str | None:
+    async def _refusal(self, msg: p.Join) -> str | None:
+        """Why `msg` cannot join (a host coming back into its slot waits
+        for its old self's recovery first)."""
+        node = msg.node
+        if not 0 <= node < self.host_slots:
+            return f"node {node} is out of range 0..{self.host_slots - 1}"
+        if node not in self._links:
+            await self._wait_recovered(node)
+        if node in self._links:
+            return f"node {node} is already joined"
+        if node in self._dying or node in self.directory.recoveries:
+            return f"node {node} is still being recovered; try again"
+        if msg.coherence != self.directory.coherence:
+            return f"the cluster runs --coherence {self.directory.coherence}"
+        return None
+
+    def _refuse_resume(self) -> str | None:
         """Why a host that held locks under our predecessor cannot resume."""
         if self.halted:
             return self.halted
@@ -431,7 +434,8 @@ class MasterService:
         if not self._rebuilt.is_set():
             self._expected |= set(msg.live) - {msg.node}
             await self._maybe_close_window()
-            await self._rebuilt.wait()
+            while not self._rebuilt.is_set():
+                await self._rebuilt.wait()  # closed, or a new window opened
             if self.halted:
                 return self.halted
         return None

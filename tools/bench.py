@@ -636,9 +636,7 @@ def mirror_bench(args: argparse.Namespace, work: Path) -> str:
     for _ in range(args.repeat):  # interleaved: noise hurts every mode alike
         for mode in MIRROR_MODES:
             runs[mode].append(mirror_run(mode, work))
-    med = {
-        m: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for m, rs in runs.items()
-    }
+    med = {m: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for m, rs in runs.items()}
     fractions = (0.0, 0.01, 0.1, 0.5, 1.0)
     resyncs = resync_run(work, fractions)
     cmd = f"tools/bench mirror --repeat {args.repeat}"
