@@ -354,21 +354,22 @@ class ClusterAgent:
         """Can we reach any other host (an authenticated handshake)?"""
         answered = False
 
-        async def probe(addr: tuple[str, int], done: trio.CancelScope) -> None:
+        async def probe(addr: tuple[str, int]) -> None:
+            # Each handshake is finished, not cut short when another
+            # answers: the peer would log a broken one.
             nonlocal answered
             with contextlib.suppress(OSError, LinkClosed, p.ProtocolError, trio.TooSlowError):
                 stream = await trio.open_tcp_stream(*addr)
                 try:
                     await Link.open(stream, self.key, self.host, initiator=True, tls=self.tls)
                     answered = True
-                    done.cancel()
                 finally:
                     await stream.aclose()
 
         with trio.move_on_after(PROBE_TIMEOUT):
             async with trio.open_nursery() as n:
                 for addr in list(self._peers.values()):
-                    n.start_soon(probe, addr, n.cancel_scope)
+                    n.start_soon(probe, addr)
         return answered
 
     async def _rejoin(self, link: Link, where: str) -> None:
