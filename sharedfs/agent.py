@@ -188,9 +188,12 @@ class ClusterAgent:
         #: Rebuilds a dead host's blocks (the journal sets it): called with
         #: the dead node, its blocks, `report(blocks, installed, kept)`, which
         #: tells the master which are done, which are now in our cache, and
-        #: which of those are copies newer than the rebuild; and whether to
-        #: follow its records to the blocks it had allocated.
-        self.on_recover: Callable[[int, list[int], Report, bool], Awaitable[None]] | None = None
+        #: which of those are copies newer than the rebuild; whether to
+        #: follow its records to the blocks it had allocated; and whether to
+        #: sweep them all (Recover.sweep).
+        self.on_recover: Callable[[int, list[int], Report, bool, bool], Awaitable[None]] | None = (
+            None
+        )
         #: The hosts with records in the log (the journal sets it): a
         #: resume names them, for a master that knows nothing of them.
         self.log_marks: Callable[[], Awaitable[tuple[int, set[int]]]] | None = None
@@ -237,7 +240,15 @@ class ClusterAgent:
 
     async def _connect(self, master: tuple[str, int], listen_host: str) -> Link:
         where = f"master {master[0]}:{master[1]}"
-        join = p.Join(self.host, listen_host, self.peer_port, self.coherence, self.live_at_join)
+        assert self.cache is not None
+        join = p.Join(
+            self.host,
+            listen_host,
+            self.peer_port,
+            self.coherence,
+            self.live_at_join,
+            llol=self.cache.llol_block,
+        )
         try:
             # A master that has just started may hold joins back while the
             # hosts of its predecessor resume (a lease at most).
@@ -394,6 +405,7 @@ class ClusterAgent:
                 pis,
                 tuple(sorted(marks - {self.host})),
                 version,
+                self.cache.llol_block,
             )
             await self._welcomed(link, join, where)
             # From here what others send goes to this master, after what
@@ -679,6 +691,9 @@ class ClusterAgent:
                     self._nursery.start_soon(self._recover, msg)
                 elif isinstance(msg, p.PeerUp):
                     self._peers[msg.node] = (msg.host, msg.port)
+                    old = self._peer_links.pop(msg.node, None)  # to its last life
+                    if old is not None:
+                        self._nursery.start_soon(old.aclose)
                 elif isinstance(msg, p.PeerDown):
                     self._peers.pop(msg.node, None)
                     gone = self._peer_links.pop(msg.node, None)
@@ -800,13 +815,18 @@ class ClusterAgent:
             assert self.cache is not None
             await self._send_master(
                 p.RecoverDone(
-                    msg.dead, tuple(blocks), tuple(installed), self.cache.scn, tuple(kept)
+                    msg.dead,
+                    tuple(blocks),
+                    tuple(installed),
+                    self.cache.scn,
+                    tuple(kept),
+                    msg.sweep,
                 ),
                 deliver=True,
             )
 
         try:
-            await self.on_recover(msg.dead, list(msg.blocks), report, msg.follow)
+            await self.on_recover(msg.dead, list(msg.blocks), report, msg.follow, msg.sweep)
         except Exception as e:  # noqa: BLE001 - any failure: we cannot be trusted either
             self.fence(f"recovery of node {msg.dead} failed: {e}")
             return
@@ -819,21 +839,29 @@ class ClusterAgent:
         the master recovers what that peer should have had."""
         lock = self._peer_locks.setdefault(node, trio.Lock())
         async with lock:
-            try:
-                link = self._peer_links.get(node)
-                if link is None:
-                    addr = self._peers.get(node)
-                    if addr is None:
-                        raise LinkClosed("the master says it is down")
-                    stream = await trio.open_tcp_stream(*addr)
-                    link = await Link.open(
-                        stream, self.key, self.host, initiator=True, tls=self.tls
-                    )
-                    self._peer_links[node] = link
-                await link.send(msg)
-            except (OSError, LinkClosed, p.ProtocolError, trio.TooSlowError) as e:
-                self._peer_links.pop(node, None)
-                log.warning("host %d: peer %d unreachable: %s", self.host, node, e)
+            # A link we keep may be to the peer's last life (it restarted in
+            # its slot, and no master was there to say it went): once more
+            # on a new one.
+            for fresh in (False, True):
+                try:
+                    link = self._peer_links.get(node)
+                    if link is None:
+                        addr = self._peers.get(node)
+                        if addr is None:
+                            raise LinkClosed("the master says it is down")
+                        stream = await trio.open_tcp_stream(*addr)
+                        link = await Link.open(
+                            stream, self.key, self.host, initiator=True, tls=self.tls
+                        )
+                        self._peer_links[node] = link
+                        fresh = True
+                    await link.send(msg)
+                    return
+                except (OSError, LinkClosed, p.ProtocolError, trio.TooSlowError) as e:
+                    self._peer_links.pop(node, None)
+                    if fresh:
+                        log.warning("host %d: peer %d unreachable: %s", self.host, node, e)
+                        return
 
     async def _peer_handler(self, stream: trio.SocketStream) -> None:
         try:

@@ -104,6 +104,10 @@ class Recovery:
         writes: block -> version storage must reach first (the newest past
             image of a block it held; the current copy of a block it kept a
             past image of, so that none of its log records is still needed).
+        sweep: what the dead host held is unknown (it did not come back to
+            a master rebuilt from the hosts' reports): a survivor (the
+            `sweeper`) takes every block its records name; until it has
+            (`swept`), only recovery requests are served.
         closer: the survivor told, once every block is rebuilt, to clear the
             dead host's mark in the log header.  Only then may the log's
             checkpoint pass its records, and only then is its slot free:
@@ -116,10 +120,14 @@ class Recovery:
     sent: dict[int, int] = field(default_factory=dict)
     writes: dict[int, int] = field(default_factory=dict)
     closer: int | None = None
+    sweep: bool = False
+    sweeper: int | None = None
+    swept: bool = False
 
     @property
     def rebuilt(self) -> bool:
-        return not (self.pending or self.sent or self.writes)
+        done = not (self.pending or self.sent or self.writes)
+        return done and (self.swept or not self.sweep)
 
 
 @dataclass(slots=True)
@@ -161,6 +169,8 @@ class Directory:
         self.counters = counters if counters is not None else Counters()
         #: block -> node -> the copy it reported, while a rebuild gathers.
         self._reported: dict[int, dict[int, Copy]] = {}
+        #: The log's header (the LLOL's block), as hosts name it (Join.llol).
+        self.llol_block = -1
 
     def _state(self, block: int) -> BlockState:
         st = self.blocks.get(block)
@@ -201,7 +211,7 @@ class Directory:
             st.pis[node] = max(st.pis.get(node, 0), version)
             self._see(version)
 
-    def settle(self) -> Out:
+    def settle(self, sweep: bool = False) -> Out:
         """Make one state of the reports (docs/PROTOCOL.md, Resume).
 
         A report can disagree with another where a message was lost with the
@@ -210,14 +220,43 @@ class Directory:
         transfer lost on its way (its sender kept a past image newer than
         every copy).  The newest copy wins; older copies are revoked; a
         block whose newest version is only a past image waits until that
-        is on storage, unless storage has something newer."""
+        is on storage, unless storage has something newer.
+
+        `sweep`: some host did not come back; its copies are in no report.
+        A read copy may be of a version only it had as dirty owner, not on
+        storage: the holder of the newest copy becomes the owner (the one
+        to write it), and no past image counts as covered."""
         out: Out = []
         reported, self._reported = self._reported, {}
         for block in sorted(set(reported) | {b for b, st in self.blocks.items() if st.pis}):
-            out += self._settle_block(block, self._state(block), reported.get(block, {}))
+            out += self._settle_block(block, self._state(block), reported.get(block, {}), sweep)
         return out
 
-    def _settle_block(self, block: int, st: BlockState, copies: dict[int, Copy]) -> Out:
+    def sweep(self, missing: set[int]) -> Out:
+        """Hosts that held locks before the restart and did not come back:
+        a survivor takes and rebuilds every block their records name
+        (Recover.sweep); meanwhile only recovery requests are served."""
+        out: Out = []
+        header = self.blocks.get(self.llol_block) if self.llol_block >= 0 else None
+        for dead in sorted(missing):
+            log.warning("master: node %d did not come back: sweeping its log records", dead)
+            self.counters.hosts_failed += 1
+            rec = self.recoveries.setdefault(dead, Recovery(dead, sweep=True))
+            if header is None or not (header.holders or header.recovering is not None):
+                # Nobody says they hold the log's header: it may have, and
+                # the header on storage be behind its pages.  Rebuilt in a
+                # round of its own, as a dead holder's LLOL is.
+                header = self._state(self.llol_block)
+                out += self._hold_for_recovery(self.llol_block, header, rec)
+            out += self._advance(rec)
+        return out
+
+    def _sweeping(self) -> bool:
+        return any(rec.sweep and not rec.swept for rec in self.recoveries.values())
+
+    def _settle_block(
+        self, block: int, st: BlockState, copies: dict[int, Copy], sweep: bool
+    ) -> Out:
         out: Out = []
         top_pi = max(st.pis.values(), default=0)
         xs = [n for n, c in copies.items() if c.mode is Mode.X]
@@ -232,7 +271,9 @@ class Directory:
             st.holders[n] = c.mode
             if c.dirty and (st.owner is None or c.version > copies[st.owner].version):
                 st.owner = n
-        if keep and st.owner is None:
+        if keep and st.owner is None and sweep:
+            st.owner = max(keep, key=lambda n: copies[n].version)
+        elif keep and st.owner is None:
             # Every copy is clean: storage has them, and no past image is
             # newer.  (A read copy of a dirty owner's version is clean at
             # its holder, but not on storage.)
@@ -294,7 +335,9 @@ class Directory:
                 del other.sent[b]
                 other.pending.add(b)
                 self.blocks[b].holders.pop(node, None)
-            if other.closer == node:
+            if other.sweeper == node:
+                other.sweeper = None
+            elif other.closer == node:
                 other.closer = None
             elif not orphaned:
                 continue
@@ -380,13 +423,20 @@ class Directory:
                 rec.closer = by
                 return [(by, p.Recover(rec.dead, (), self.scn))]
             return []
+        out: Out = []
+        if rec.sweep and not rec.swept and rec.sweeper is None:
+            rec.sweeper = by
+            out.append((by, p.Recover(rec.dead, (), self.scn, False, True)))
         ready = sorted(b for b in rec.pending if b not in rec.writes)
         rounds: dict[int, list[int]] = {}
         for b in ready:
             heir = self.blocks[b].heir
             rounds.setdefault(heir if heir in self.nodes else by, []).append(b)
-        out: Out = [
-            (n, p.Recover(rec.dead, tuple(bs), self.scn, n == by)) for n, bs in rounds.items()
+        # The sweep follows the dead host's records itself.
+        follow = not rec.sweep
+        out += [
+            (n, p.Recover(rec.dead, tuple(bs), self.scn, follow and n == by))
+            for n, bs in rounds.items()
         ]
         for n, bs in rounds.items():
             for b in bs:
@@ -423,6 +473,8 @@ class Directory:
     def on_recover_done(self, node: int, msg: p.RecoverDone) -> Out:
         self._see(msg.scn)
         rec = self.recoveries.get(msg.dead)
+        if rec is not None and msg.sweep:
+            return self._swept(node, rec, msg)
         if rec is not None and not msg.blocks and rec.closer == node:
             rec.closer = None
             if rec.rebuilt:
@@ -461,6 +513,28 @@ class Directory:
             out += self._advance(rec)
         return out
 
+    def _swept(self, node: int, rec: Recovery, msg: p.RecoverDone) -> Out:
+        """A sweeper took and rebuilt every block the dead host's records
+        name: those it installed are dirty with it; those it kept (newer
+        copies) go to storage before the dead host's records may go.  Once
+        no sweep is left, everyone is served again."""
+        if rec.sweeper != node:
+            return []
+        rec.swept, rec.sweeper = True, None
+        out: Out = []
+        for block in msg.installed:
+            if (st := self.blocks.get(block)) is not None:
+                st.owner = node
+        for block, version in msg.kept:
+            if (st := self.blocks.get(block)) is not None:
+                out += self._need_write(block, st, rec, version)
+        out += self._advance(rec)
+        if not self._sweeping():
+            for block, st in list(self.blocks.items()):
+                if st.queue:
+                    out += self._serve(block, st)
+        return out
+
     # -- locks -------------------------------------------------------------------
     def on_lock_request(self, node: int, msg: p.LockRequest) -> Out:
         self._see(msg.scn)
@@ -474,6 +548,10 @@ class Directory:
             st.queue.append(Request(node, msg.req, mode, msg.op_start, msg.recovery))
             if len(st.queue) == 1 or st.recovering is not None:
                 out += self._serve(block, st, granted)
+            elif msg.recovery and self._sweeping():
+                # It goes before those queued ahead (_recovery_first); not
+                # at once, in `granted`, which is for a request at the head.
+                out += self._serve(block, st)
         if granted:
             # Blocks granted at once travel back in one message (claims 10-12).
             out.append((node, self._grant(node, msg.req, tuple(granted), mode)))
@@ -496,6 +574,11 @@ class Directory:
                 out.append((r.node, self._grant(r.node, r.req, (block,), r.mode)))
             return out
         while st.queue and not st.acks and not st.revoking and not st.settling:
+            if self._sweeping() and block != self.llol_block and not self._recovery_first(st):
+                # A sweep may yet take it: only recovery requests go.  (The
+                # log's tail goes on: a host ships nothing to the sweeper
+                # before its records are in the log.)
+                break
             r = st.queue[0]
             held = st.holders.get(r.node, Mode.N)
             conflicts = {
@@ -547,6 +630,18 @@ class Directory:
                 )
                 out.append((x, msg))
         return out
+
+    @staticmethod
+    def _recovery_first(st: BlockState) -> bool:
+        """Put the first recovery request at the head of the queue; False
+        if there is none."""
+        r = next((r for r in st.queue if r.recovery), None)
+        if r is None:
+            return False
+        if r is not st.queue[0]:
+            st.queue.remove(r)
+            st.queue.appendleft(r)
+        return True
 
     def on_ping_done(self, node: int, msg: p.PingDone) -> Out:
         self._see(msg.scn)

@@ -782,7 +782,12 @@ class Log:
 
     # -- recovery --------------------------------------------------------------
     async def recover(
-        self, dead: int, blocks: list[int], report: Report, follow: bool = True
+        self,
+        dead: int,
+        blocks: list[int],
+        report: Report,
+        follow: bool = True,
+        sweep: bool = False,
     ) -> None:
         """Another host died holding `blocks` in X; the master has us hold
         them now, and storage has the newest copy that survived elsewhere.
@@ -797,7 +802,14 @@ class Log:
         nothing of them) and are reachable now: its records name them, and
         we take them in X like any other block before rebuilding them
         (`follow`: the master has one survivor do that).
+
+        `sweep`: the master does not know what it held (a master rebuilt
+        from the hosts' reports, which it did not come back to): we take
+        every block its records name.
         """
+        if sweep:
+            await self._sweep(dead, report)
+            return
         if not blocks:
             await self._close_recovery(dead)
             await report([], [], [])
@@ -854,6 +866,34 @@ class Log:
             await report(
                 sorted(rest), [b for b in installed if b in rest], [k for k in kept if k[0] in rest]
             )
+
+    async def _sweep(self, dead: int, report: Report) -> None:
+        """Recover(sweep): every block whose last record is the dead
+        host's, taken and rebuilt as a dead host's blocks are (a copy
+        shipped to us that is as new stays, and is reported kept: storage
+        must have it before the dead host's records may go).  The log's
+        header, which it may have held, comes in a round of its own."""
+        header = self.area.header
+        _, pages = await read_log(self.cache.storage, self.sb)
+        theirs = _last_changed_by(pages, dead) - self._rebuilding - {header}
+        self._rebuilding |= theirs
+        try:
+            await self.cache.take_for_rebuild(sorted(theirs))
+            try:
+                rebuilt, kept_too = await self._rebuild_into_cache(dead, theirs)
+            finally:
+                self.cache.release_rebuild_hold(theirs)
+        finally:
+            self._rebuilding -= theirs
+        self.recovered += len(rebuilt)
+        log.warning(
+            "host %d: swept %d blocks of node %d from the log, rebuilt %d",
+            self.host,
+            len(theirs),
+            dead,
+            len(rebuilt),
+        )
+        await report([], rebuilt, kept_too)
 
     async def _rebuild_into_cache(
         self, dead: int, want: set[int]

@@ -168,8 +168,6 @@ class MasterService:
         self._resumed: set[int] = set()
         self._backlog: list[tuple[int, p.Message]] = []  # theirs, until settled
         self._forgotten: set[int] = set()  # cut off by _forget: not dead
-        #: Why joins are refused: hosts that may hold locks never came back.
-        self.halted = ""
 
     async def serve(
         self, host: str = "127.0.0.1", port: int = 0, *, task_status=trio.TASK_STATUS_IGNORED
@@ -223,26 +221,15 @@ class MasterService:
 
     async def _close_window(self) -> None:
         """Every host that may hold locks has resumed, or the window is
-        over: settle the directory and serve; or, if some never came back,
-        refuse everyone (their changes are only in the log now)."""
+        over: settle the directory and serve what was held back."""
         self._rebuilt.set()
         missing = self._missing()
-        if missing:
-            names = ", ".join(map(str, sorted(missing)))
-            self.halted = (
-                f"node(s) {names} held locks before the master restarted and did not "
-                "come back; unmount every host, then mount again (the first mount "
-                "replays the log)"
-            )
-            log.error("master: %s", self.halted)
-            for node in list(self._resumed):
-                self._forgotten.add(node)
-                self._scopes[node].cancel()
-            self.directory = Directory(self.directory.coherence, self.directory.counters)
-            return
         if self._resumed:
             log.warning("master: rebuilt from %d resumed hosts", len(self._resumed))
-        await self._dispatch(self.directory.settle())
+        # What the missing held is in no report, only in their log records:
+        # a survivor sweeps them (the next host to join, if none resumed).
+        await self._dispatch(self.directory.settle(sweep=bool(missing)))
+        await self._dispatch(self.directory.sweep(missing))
         backlog, self._backlog = self._backlog, []
         for node, msg in backlog:
             if node in self._links:
@@ -366,6 +353,8 @@ class MasterService:
             log.warning("master: refused node %d: %s", node, reason)
             await link.send(p.Refused(reason))
             return None
+        if msg.llol >= 0:
+            self.directory.llol_block = msg.llol
         send, recv = trio.open_memory_channel[p.Message](OUTBOX_MAX)
         self._links[node] = link
         self._outboxes[node] = send
@@ -413,8 +402,6 @@ class MasterService:
 
     def _refuse_resume(self) -> str | None:
         """Why a host that held locks under our predecessor cannot resume."""
-        if self.halted:
-            return self.halted
         if self._rebuilt.is_set():
             return (
                 "this master does not know its locks (it declared the host dead, "
@@ -425,19 +412,11 @@ class MasterService:
     async def _admit(self, msg: p.Join) -> str | None:
         """A fresh join waits while hosts may still resume (they may hold
         blocks it would read); why it is refused, if it is."""
-        if self.halted:
-            if msg.live:
-                return self.halted
-            # It saw no other host's slot live: its mount replayed the log.
-            log.warning("master: node %d mounted after a log replay: serving again", msg.node)
-            self.halted = ""
         if not self._rebuilt.is_set():
             self._expected |= set(msg.live) - {msg.node}
             await self._maybe_close_window()
             while not self._rebuilt.is_set():
                 await self._rebuilt.wait()  # closed, or a new window opened
-            if self.halted:
-                return self.halted
         return None
 
     async def _sender(
@@ -575,7 +554,6 @@ class MasterService:
         info["recovering"] = sorted(set(self.directory.recoveries) | self._dying)
         # Just started (or cut off from every host): waiting for resumes.
         info["rebuilding"] = not self._rebuilt.is_set()
-        info["halted"] = self.halted
         info["refused_connections"] = self.refused
         info["rejected_frames"] = self.rejected_frames
         info["rates"] = self.rates()

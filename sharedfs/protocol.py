@@ -147,6 +147,7 @@ class Join(Message):
     pis: tuple[tuple[int, int], ...] = ()
     marks: tuple[int, ...] = ()
     marks_version: int = 0
+    llol: int = -1  # the log header's block (the LLOL's), for a sweep
 
 
 @message(11)
@@ -196,12 +197,18 @@ class Recover(Message):
     (one survivor does that: two taking the same blocks would each wait
     for the other's round to end).  A round of blocks the dead host was
     shipping does not: it registered its private blocks before a block
-    left it."""
+    left it.
+
+    `sweep`: a master rebuilt from the hosts' reports does not know what
+    `dead` held (it did not come back): take and rebuild every block its
+    records name, the log's header first (it may have held the LLOL), then
+    say RecoverDone with `sweep` set."""
 
     dead: int
     blocks: tuple[int, ...]
     scn: int
     follow: bool = True
+    sweep: bool = False
 
 
 @message(18)
@@ -218,6 +225,7 @@ class RecoverDone(Message):
     installed: tuple[int, ...]
     scn: int
     kept: tuple[tuple[int, int], ...] = ()
+    sweep: bool = False  # the answer to a Recover with sweep set
 
 
 # -- locks -------------------------------------------------------------------

@@ -156,8 +156,7 @@ def _render_master(m: dict[str, Any]) -> list[str]:
         out.append(f"  recovering dead nodes: {', '.join(map(str, m['recovering']))}")
     if m.get("rebuilding"):
         out.append("  rebuilding: waiting for the hosts to resume")
-    if m.get("halted"):
-        out.append(f"  HALTED: {m['halted']}")
+
     r = m["rates"]["master"]
     if r:
         out.append(

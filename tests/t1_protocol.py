@@ -77,6 +77,7 @@ VALUES: dict[str, dict[str, object]] = {
         "pis": ((7, 40),),
         "marks": (0, 3),
         "marks_version": 77,
+        "llol": 9,
     },
     "Welcome": {
         "scn": 42,
