@@ -140,3 +140,39 @@ def test_a_report_of_a_mode_that_does_not_exist_is_refused():
         assert "mode 7" in str(e)
     else:
         raise AssertionError("accepted mode 7")
+
+
+def test_a_host_that_did_not_come_back_is_swept_and_nothing_else_is_served_until_then():
+    """Node 2 did not resume.  Read copies may be of a version only it had
+    (dirty owner): the newest holder becomes the owner and no past image
+    counts as covered.  Node 0 (the lowest) is told to sweep node 2's
+    records, and to rebuild the log's header (block 9), which nobody holds,
+    in a round of its own; node 1's request waits, node 0's recovery
+    requests and the log's tail go; once swept, node 1 is served."""
+    d = Directory()
+    d.llol_block = 9
+    d.rebuild(0, (), ((5, 3),))
+    d.rebuild(1, ((5, S, 8, False), (6, S, 4, False)), ())
+    assert d.settle(sweep=True) == []
+    assert d.blocks[5].owner == 1 and d.blocks[5].pis == {0: 3}
+    assert d.blocks[5].disk_version == 0
+    out = d.sweep({2})
+    scn = d.scn  # past every version reported
+    assert out == [(0, p.Recover(2, (), scn, False, True)), (0, p.Recover(2, (9,), scn, False))]
+    assert d.blocks[9].recovering == 2 and d.blocks[9].holders == {0: Mode.X}
+    # Node 1 asks for block 7 (no holder): held back, a sweep may take it.
+    assert lock(d, 1, 1, (7,), Mode.X) == []
+    # The sweeper's recovery request for block 7 goes ahead of it.
+    out = d.on_lock_request(0, p.LockRequest(2, (7,), X, 0, 0.0, True))
+    assert out == [(0, p.Grant(2, (7,), X, scn))]
+    # The header's round done: the log's tail is served again at once.
+    assert d.on_recover_done(0, p.RecoverDone(2, (9,), (9,), 5)) == []
+    out = lock(d, 1, 3, (9,), Mode.X)
+    assert [(n, type(m).__name__, m.to) for n, m in out] == [(0, "Ping", 1)]
+    # Swept (block 7 rebuilt into node 0's cache): node 0 is told to
+    # close the recovery (clear node 2's log mark), and node 1 is served.
+    out = d.on_recover_done(0, p.RecoverDone(2, (), (7,), 6, (), True))
+    assert out[0] == (0, p.Recover(2, (), scn))
+    assert [(n, type(m).__name__) for n, m in out[1:]] == [(0, "Ping")]
+    assert out[1][1].block == 7 and out[1][1].to == 1
+    assert d.blocks[7].owner == 0 and d.counters.hosts_failed == 1

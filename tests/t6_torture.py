@@ -61,3 +61,11 @@ def test_kill_9_of_the_master_lets_every_host_resume_and_loses_nothing() -> None
     there, during the trials and at the end."""
     result = trials("master", 3, seed=5)
     assert result["trials"] == 3 and result["checked"] > 0 and result["final_files"] > 0
+
+
+def test_kill_9_of_the_master_and_a_host_together_loses_nothing() -> None:
+    """A host killed with the master: the others resume, one sweeps the dead
+    host's log records, every file it acknowledged is there, and it mounts
+    again in its slot."""
+    result = trials("both", 2, seed=6)
+    assert result["trials"] == 2 and result["checked"] > 0 and result["final_files"] > 0

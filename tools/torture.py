@@ -262,27 +262,37 @@ class Cluster:
         subprocess.run(["fusermount3", "-u", "-z", str(h.mnt)], capture_output=True)
         return took
 
-    def restart_master(self, rng: random.Random) -> float:
-        """kill -9 the master and start it again after a pause of up to 2 s;
-        return the seconds from its death until every host has resumed
-        with the new one (none may fence)."""
+    def restart_master(self, rng: random.Random, victim: Host | None = None) -> float:
+        """kill -9 the master (and `victim` with it) and start it again
+        after a pause of up to 2 s; return the seconds from its death until
+        every other host has resumed with the new one (none may fence) and
+        the victim's records are swept."""
+        if victim is not None:
+            assert victim.mount is not None and victim.writer is not None
+            victim.mount.kill()
+            victim.writer.kill()
         self.master.kill()
         self.master.wait()
         died = time.monotonic()
         time.sleep(rng.uniform(0, 2.0))
         self.master = self._start_master()
-        wait_until(self._all_resumed, self.lease * 3 + 30, "every host to resume")
+        alive = {h.node for h in self.hosts if h is not victim}
+        wait_until(lambda: self._all_resumed(alive), self.lease * 3 + 30, "the hosts to resume")
         took = time.monotonic() - died
         for h in self.hosts:
-            if "fenced" in h.log.read_text(errors="replace"):
+            if h is not victim and "fenced" in h.log.read_text(errors="replace"):
                 raise TortureFailed(f"host {h.node} fenced after a master restart: {h.log}")
+        if victim is not None:
+            assert victim.mount is not None and victim.writer is not None
+            victim.mount.wait()
+            victim.writer.wait()
+            subprocess.run(["fusermount3", "-u", "-z", str(victim.mnt)], capture_output=True)
         return took
 
-    def _all_resumed(self) -> bool:
+    def _all_resumed(self, nodes: set[int]) -> bool:
         info = self.status()
-        return not info["rebuilding"] and {int(n) for n in info["hosts"]} == {
-            h.node for h in self.hosts
-        }
+        hosts = {int(n) for n in info["hosts"]}
+        return not info["rebuilding"] and hosts == nodes and not info["recovering"]
 
     def _recovered(self, node: int) -> bool:
         info = self.status()
@@ -389,12 +399,17 @@ def run(args: argparse.Namespace) -> dict:  # type: ignore[type-arg]
             time.sleep(rng.uniform(0.3, args.max_wait))
             mode = args.mode
             if mode == "mixed":
-                mode = rng.choice(("kill", "kill", "stop", "master"))
+                mode = rng.choice(("kill", "kill", "stop", "master", "both"))
             victim = rng.choice(c.hosts) if mode != "master" else None
-            if victim is None:
+            if mode == "master":
                 took = c.restart_master(rng)
                 what = f"master restarted, hosts resumed in {took:.2f} s"
+            elif mode == "both":
+                assert victim is not None
+                took = c.restart_master(rng, victim)
+                what = f"master and host {victim.node} killed, swept in {took:.2f} s"
             else:
+                assert victim is not None
                 took = c.kill(victim, mode)
                 what = f"{mode} host {victim.node}, recovered in {took:.2f} s"
             reader = rng.choice([h for h in c.hosts if h is not victim])
@@ -444,10 +459,11 @@ def main() -> None:
     ap.add_argument("--size", default="512M", help="volume size (default 512M)")
     ap.add_argument(
         "--mode",
-        choices=("kill", "stop", "master", "mixed"),
+        choices=("kill", "stop", "master", "both", "mixed"),
         default="kill",
         help="kill -9 a host, SIGSTOP one until its lease lapses, kill -9 and restart the "
-        "master (the hosts must resume), or all at random",
+        "master (the hosts must resume), kill -9 the master and a host together (the others "
+        "resume and sweep its records), or all at random",
     )
     ap.add_argument(
         "--lease", type=float, default=10.0, help="the master's lease (default 10 s, as mounts)"
