@@ -471,8 +471,9 @@ def _checker(t: Any) -> Check:
 
 
 #: Every int on the wire is a count, block, version or id: 0 <= v < 2**63,
-#: except these, where -1 means "nobody" (a tool, the master, no receiver).
-_MAY_BE_NOBODY = frozenset({"node", "to", "dead"})
+#: except these, where -1 means "nobody" (a tool, the master, no receiver)
+#: or "none" (no log header known).
+_MAY_BE_NOBODY = frozenset({"node", "to", "dead", "llol"})
 #: Fields that carry a Mode.
 _MODES = frozenset({"mode", "keep"})
 _INT_LIMIT = 1 << 63
