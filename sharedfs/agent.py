@@ -259,10 +259,14 @@ class ClusterAgent:
             raise QuietError(f"{where} did not answer; is it a sharedfs master?", 32) from None
         except (p.ProtocolError, LinkClosed) as e:
             raise QuietError(f"{where}: {e}; is it a sharedfs master?", 32) from None
-        self._master = link
-        self._up.set()
+        self._begin(link)
         log.info("host %d: joined master %s:%d", self.host, *master)
         return link
+
+    def _begin(self, link: Link) -> None:
+        """From here what we send goes to the master on `link`."""
+        self._master = link
+        self._up.set()
 
     async def _welcomed(self, link: Link, join: p.Join, where: str) -> None:
         """Send `join`, and take the master's Welcome (QuietError if it refuses)."""
@@ -296,8 +300,7 @@ class ClusterAgent:
         that are still being served end with it: a master that takes us
         back rebuilds from what we hold once they have (and, should they
         ship a copy first, from the past image we keep of it)."""
-        self._master = link
-        self._up.set()
+        assert self._master is link  # _begin: before anything could be sent
         try:
             async with trio.open_nursery() as session:
                 session.start_soon(self._lease_task, link)
@@ -408,10 +411,9 @@ class ClusterAgent:
                 self.cache.llol_block,
             )
             await self._welcomed(link, join, where)
-            # From here what others send goes to this master, after what
-            # we send now (we hold the send lock).
-            self._master = link
-            self._up.set()
+            # What others send goes after what we send now (we hold the
+            # send lock).
+            self._begin(link)
             scn = self.cache.scn
             for pend in list(self._pending.values()):
                 if not pend.done.is_set():

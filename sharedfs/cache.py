@@ -833,20 +833,12 @@ class BlockCache:
                 if pi is None:
                     out.append((b, 0))
                     continue
-                if pi.btype is not None and await self._stored_version(b) < pi.version:
-                    await self._write_image(b, pi.data, pi.btype, pi.version)
+                if pi.btype is not None:
+                    stored = fmt.stored_version(await self.storage.read(b * self.bs, self.bs), b)
+                    if stored < pi.version:
+                        await self._write_image(b, pi.data, pi.btype, pi.version)
                 out.append((b, pi.version))
         await report(out)
-
-    async def _stored_version(self, b: int) -> int:
-        """The version of metadata block `b` on storage (-1: none valid)."""
-        data = await self.storage.read(b * self.bs, self.bs)
-        try:
-            hdr = fmt.read_header(data)
-        except CorruptVolume:
-            return -1
-        valid = hdr.blockno == b and hdr.checksum == fmt.checksum(data)
-        return hdr.version if valid else -1
 
     async def perform_write(self, blocknos: list[int], report: Landed) -> None:
         """The master chose us to write these blocks (claims 19-21): write our

@@ -100,6 +100,16 @@ def read_header(block: bytes | bytearray) -> BlockHeader:
     return BlockHeader(btype, blockno, version, csum)
 
 
+def stored_version(block: bytes | bytearray, blockno: int) -> int:
+    """The version of a metadata block as read from storage at `blockno`,
+    whatever its type; -1 if it is not a valid block there."""
+    try:
+        hdr = read_header(block)
+    except CorruptVolume:
+        return -1
+    return hdr.version if hdr.blockno == blockno and hdr.checksum == checksum(block) else -1
+
+
 def verify(block: bytes | bytearray, btype: BlockType, blockno: int) -> BlockHeader:
     """Check a metadata block read from storage; raise CorruptVolume if it is not
     a valid block of type `btype` living at `blockno`."""

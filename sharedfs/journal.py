@@ -377,12 +377,7 @@ class Replay:
         return r.version <= self._revoked.get(r.block, -1)
 
     def load(self, block: int, data: bytes | bytearray) -> None:
-        try:
-            hdr = fmt.read_header(data)
-            valid = hdr.blockno == block and hdr.checksum == fmt.checksum(data)
-        except CorruptVolume:
-            valid = False
-        version = hdr.version if valid else -1
+        version = fmt.stored_version(data, block)
         self._images[block] = _Image(bytearray(data), version, version, 0)
 
     def apply(self, tx: list[Record]) -> None:

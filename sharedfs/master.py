@@ -345,9 +345,7 @@ class MasterService:
         if not isinstance(msg, p.Join):
             raise p.ProtocolError(f"expected Join, got {type(msg).__name__}")
         node = msg.node
-        reason = self._refuse_resume() if msg.resume else await self._admit(msg)
-        if reason is None:
-            reason = await self._refusal(msg)
+        reason = await self._refusal(msg)
         if reason is not None:
             self.refused += 1
             log.warning("master: refused node %d: %s", node, reason)
@@ -385,9 +383,21 @@ class MasterService:
         return node
 
     async def _refusal(self, msg: p.Join) -> str | None:
-        """Why `msg` cannot join (a host coming back into its slot waits
-        for its old self's recovery first)."""
+        """Why `msg` cannot join.  A resume is too late once the directory
+        is settled.  A fresh join waits while hosts may still resume (they
+        may hold blocks it would read), and a host coming back into its
+        slot waits for its old self's recovery."""
         node = msg.node
+        if msg.resume and self._rebuilt.is_set():
+            return (
+                "this master does not know its locks (it declared the host dead, "
+                "or the host came back too late)"
+            )
+        if not msg.resume and not self._rebuilt.is_set():
+            self._expected |= set(msg.live) - {node}
+            await self._maybe_close_window()
+            while not self._rebuilt.is_set():
+                await self._rebuilt.wait()  # closed, or a new window opened
         if not 0 <= node < self.host_slots:
             return f"node {node} is out of range 0..{self.host_slots - 1}"
         if node not in self._links:
@@ -398,25 +408,6 @@ class MasterService:
             return f"node {node} is still being recovered; try again"
         if msg.coherence != self.directory.coherence:
             return f"the cluster runs --coherence {self.directory.coherence}"
-        return None
-
-    def _refuse_resume(self) -> str | None:
-        """Why a host that held locks under our predecessor cannot resume."""
-        if self._rebuilt.is_set():
-            return (
-                "this master does not know its locks (it declared the host dead, "
-                "or the host came back too late)"
-            )
-        return None
-
-    async def _admit(self, msg: p.Join) -> str | None:
-        """A fresh join waits while hosts may still resume (they may hold
-        blocks it would read); why it is refused, if it is."""
-        if not self._rebuilt.is_set():
-            self._expected |= set(msg.live) - {msg.node}
-            await self._maybe_close_window()
-            while not self._rebuilt.is_set():
-                await self._rebuilt.wait()  # closed, or a new window opened
         return None
 
     async def _sender(

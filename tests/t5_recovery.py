@@ -181,6 +181,23 @@ async def _workload(
             acked[key] = {new}
 
 
+def start_workloads(  # type: ignore[no-untyped-def]
+    n: trio.Nursery, c, shared: int, acked: dict, rng: random.Random, stop: trio.Event
+) -> list[trio.CancelScope]:
+    """Every host's _workload in `n`, each under a scope a kill cancels."""
+    scopes = []
+    for node, fs in enumerate(c.hosts):
+        scope = trio.CancelScope()
+        scopes.append(scope)
+
+        async def run(fs=fs, node=node, scope=scope) -> None:  # type: ignore[no-untyped-def]
+            with scope, _eio_once_killed(fs):
+                await _workload(fs, node, shared, acked, rng, stop)
+
+        n.start_soon(run)
+    return scopes
+
+
 @pytest.mark.soak
 @pytest.mark.parametrize("seed", [int(os.environ.get("SHAREDFS_SEED", "4")), 11, 29, 36])
 async def test_random_kills_lose_no_acknowledged_write(seed: int):
@@ -197,16 +214,7 @@ async def test_random_kills_lose_no_acknowledged_write(seed: int):
             with c.watchdog(60):
                 stop = trio.Event()
                 async with trio.open_nursery() as n:
-                    scopes = []
-                    for node, fs in enumerate(c.hosts):
-                        scope = trio.CancelScope()
-                        scopes.append(scope)
-
-                        async def run(fs=fs, node=node, scope=scope, stop=stop) -> None:  # type: ignore[no-untyped-def]
-                            with scope, _eio_once_killed(fs):
-                                await _workload(fs, node, shared, acked, rng, stop)
-
-                        n.start_soon(run)
+                    scopes = start_workloads(n, c, shared, acked, rng, stop)
                     await trio.sleep(rng.uniform(0.05, 0.6))
                     victim = rng.randrange(3)
                     c.kill(victim)
