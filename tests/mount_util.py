@@ -124,6 +124,10 @@ class Mount:
         assert r.returncode == 0, r.stderr
         assert self.proc.wait(timeout=120) == 0, self.log.read_text()
         for line in self.log.read_text().splitlines():
+            if "fuse_reply_* failed with No such file or directory" in line:
+                # pyfuse3's line for a reply the kernel no longer waits for:
+                # a release still being answered as the unmount lands.
+                continue
             assert " ERROR " not in line and "Traceback" not in line, line
 
     def kill(self) -> None:
