@@ -30,9 +30,11 @@ from .master import LockMaster
 from .protocol import HostId, Mode, Resource, block_resource
 from .storage.fence import Fenced
 from .tls import Tls
+from .volume import HEARTBEAT_TIMEOUT
 
 if TYPE_CHECKING:
     from .cache import BlockCache
+    from .failover import Failover
 
 log = logging.getLogger(__name__)
 
@@ -146,6 +148,10 @@ class ClusterAgent:
             it loses the master, before it fences itself.
         live_at_join: the other hosts whose slots were live when it
             mounted (Join.live).
+        master_node: the host the master is embedded in (Welcome), -1 for
+            a standalone master.
+        failover: set by a mount: finds, or becomes, the successor of a
+            master whose host died (failover.py).
 
     A lost master is not at once a fence: the master may have restarted,
     or been cut off from every host, and then takes each host's word for
@@ -170,6 +176,8 @@ class ClusterAgent:
         self._up = trio.Event()  # set while a session is up
         self.master_wait = DEFAULT_MASTER_WAIT
         self.live_at_join: tuple[int, ...] = ()
+        self.master_node = -1
+        self.failover: Failover | None = None
         self._peers: dict[int, tuple[str, int]] = {}
         self._peer_links: dict[int, Link] = {}
         self._peer_locks: dict[int, trio.Lock] = {}
@@ -277,6 +285,7 @@ class ClusterAgent:
             if isinstance(msg, p.Refused):
                 raise MasterRefused(f"{where} refused: {msg.reason}", 32)
         self._peers = dict(msg.peers)
+        self.master_node = msg.master_node
         self.lease = msg.lease
         self._heard = trio.current_time()
         assert self.cache is not None
@@ -316,7 +325,9 @@ class ClusterAgent:
     async def _resume(self, reason: str) -> Link | None:
         """Hold our writes and try the master until master_wait is up: a
         master that takes us back gets our report (Join.resume); one that
-        refuses (it declared us dead), or none, fences us."""
+        refuses (it declared us dead), or none, fences us.  A master that
+        was embedded in another host is followed by a successor once that
+        host is dead on the volume (failover.py): we resume with that one."""
         assert self.cache is not None and self.cache.gate is not None
         if self.master_wait <= 0:
             self.fence(reason)
@@ -324,45 +335,69 @@ class ClusterAgent:
         # Held before anything else: the master may be declaring us dead.
         gate = self.cache.gate
         gate.hold()
-        if self._peers and not await self._a_peer_answers():
+        failover = self._can_fail_over()
+        if not failover and self._peers and not await self._a_peer_answers():
             # Neither the master nor any other host: it is we who are cut
-            # off.
+            # off.  (With failover, the volume tells: the master's host may
+            # be dead, and we its only survivor.)
             self.fence(f"{reason}, and no other host answers")
             return None
+        # Its host's death shows on the volume a heartbeat timeout late.
+        wait = self.master_wait + (HEARTBEAT_TIMEOUT if failover else 0.0)
         log.warning(
             "host %d: lost the lock master (%s): holding writes, retrying for %.0f s",
             self.host,
             reason,
-            self.master_wait,
+            wait,
         )
-        where = f"master {self._master_addr[0]}:{self._master_addr[1]}"
-        deadline = trio.current_time() + self.master_wait
+        deadline = trio.current_time() + wait
         while trio.current_time() < deadline and not self.master_lost.is_set():
+            addr = await self._where() if failover else self._master_addr
             try:
-                left = deadline - trio.current_time()
-                with trio.fail_after(max(0.1, min(CONNECT_TIMEOUT, left))):
-                    link = await open_master(
-                        self._master_addr, self.key, self.host, exitcode=32, tls=self.tls
-                    )
-                    try:
-                        await self._rejoin(link, where)
-                    except BaseException:
-                        with trio.CancelScope(shield=True):
-                            await link.aclose()
-                        raise
+                link = None if addr is None else await self._resume_with(addr, deadline)
             except MasterRefused as e:
                 self.fence(str(e))
                 return None
-            except (QuietError, p.ProtocolError, LinkClosed, trio.TooSlowError, OSError):
-                pass  # not there (yet)
-            else:
+            if link is not None:
+                assert addr is not None
                 self.stats.resumes += 1
+                self._master_addr = addr
                 gate.open_gate()
-                log.warning("host %d: resumed with %s", self.host, where)
+                log.warning("host %d: resumed with master %s:%d", self.host, *addr)
                 return link
             await trio.sleep(RECONNECT_INTERVAL)
-        self.fence(f"the lock master was gone for {self.master_wait:.0f} s ({reason})")
+        self.fence(f"the lock master was gone for {wait:.0f} s ({reason})")
         return None
+
+    def _can_fail_over(self) -> bool:
+        return self.failover is not None and self.master_node not in (-1, self.host)
+
+    async def _where(self) -> tuple[str, int] | None:
+        """The master to try: ours, or its successor's."""
+        assert self.failover is not None
+        with contextlib.suppress(StorageError):  # the slots unreadable now: try again
+            return await self.failover.where(self.master_node, self._master_addr)
+        return None
+
+    async def _resume_with(self, addr: tuple[str, int], deadline: float) -> Link | None:
+        """A session resumed with the master at `addr`; None if it is not
+        there (yet); MasterRefused if it will not take us back."""
+        where = f"master {addr[0]}:{addr[1]}"
+        try:
+            left = deadline - trio.current_time()
+            with trio.fail_after(max(0.1, min(CONNECT_TIMEOUT, left))):
+                link = await open_master(addr, self.key, self.host, exitcode=32, tls=self.tls)
+                try:
+                    await self._rejoin(link, where)
+                except BaseException:
+                    with trio.CancelScope(shield=True):
+                        await link.aclose()
+                    raise
+        except MasterRefused:
+            raise
+        except (QuietError, p.ProtocolError, LinkClosed, trio.TooSlowError, OSError):
+            return None
+        return link
 
     async def _a_peer_answers(self) -> bool:
         """Can we reach any other host (an authenticated handshake)?"""

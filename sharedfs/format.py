@@ -412,7 +412,7 @@ def make_geometry(
 # Host slots: one block per host, written only by the host that holds it.
 
 # in_use, pid, mount_count, heartbeat_ns, since_ns, hostname, mountpoint
-_HOST = struct.Struct("<IIQqq64s512s")
+_HOST = struct.Struct("<IIQqq64s512s64s")
 
 
 @dataclass(frozen=True, slots=True)
@@ -424,6 +424,9 @@ class HostSlot:
     since_ns: int = 0
     hostname: str = ""
     mountpoint: str = ""
+    #: "host:port" of the lock master this host runs, "" if none: how the
+    #: other hosts find it, and a successor after a failover (failover.py).
+    master: str = ""
 
     def pack(self, block_size: int, blockno: int) -> bytearray:
         buf = bytearray(block_size)
@@ -437,13 +440,14 @@ class HostSlot:
             self.since_ns,
             self.hostname.encode()[:64],
             self.mountpoint.encode()[:512],
+            self.master.encode()[:64],
         )
         seal(buf, BlockType.HOST, blockno, 0)
         return buf
 
     @classmethod
     def unpack(cls, buf: bytes | bytearray) -> HostSlot:
-        in_use, pid, count, hb, since, name, mnt = _HOST.unpack_from(buf, HDR_SIZE)
+        in_use, pid, count, hb, since, name, mnt, master = _HOST.unpack_from(buf, HDR_SIZE)
         return cls(
             bool(in_use),
             pid,
@@ -452,6 +456,7 @@ class HostSlot:
             since,
             name.rstrip(b"\0").decode(errors="replace"),
             mnt.rstrip(b"\0").decode(errors="replace"),
+            master.rstrip(b"\0").decode(errors="replace"),
         )
 
 

@@ -22,6 +22,7 @@ import logging
 import signal
 import sys
 from collections import defaultdict, deque
+from collections.abc import Callable
 from dataclasses import asdict
 
 import trio
@@ -130,6 +131,12 @@ class MasterService:
             ends its connection, so a hostile peer costs one count and one
             log line per connection.
         lease: seconds a host may stay silent before it is declared dead.
+        node: the host this master is embedded in (-1: standalone); the
+            hosts learn it from the Welcome, and elect a successor when
+            that host dies (failover.py).
+        may_serve: for an embedded master, whether its host may still
+            write (its disk lease): once not, the master stops before it
+            sends anything more, since a successor may be serving.
     """
 
     def __init__(
@@ -140,7 +147,11 @@ class MasterService:
         host_slots: int = 64,
         lease: float = DEFAULT_LEASE,
         tls: Tls | None = None,
+        node: int = -1,
+        dead: frozenset[int] = frozenset(),
     ) -> None:
+        """`dead`: hosts known to be dead (a successor's predecessor): the
+        rebuild window need not wait for them to resume."""
         self.key = key
         self.tls = tls
         self.directory = Directory(coherence)
@@ -168,6 +179,9 @@ class MasterService:
         self._resumed: set[int] = set()
         self._backlog: list[tuple[int, p.Message]] = []  # theirs, until settled
         self._forgotten: set[int] = set()  # cut off by _forget: not dead
+        self.node = node
+        self._dead = set(dead)
+        self.may_serve: Callable[[], bool] = lambda: True
 
     async def serve(
         self, host: str = "127.0.0.1", port: int = 0, *, task_status=trio.TASK_STATUS_IGNORED
@@ -191,6 +205,13 @@ class MasterService:
             nursery.start_soon(self._sample_task)
             self._open_window(set())
             task_status.started(self.port)
+
+    def stop(self, why: str) -> None:
+        """Serve no more (an embedded master whose host may no longer
+        write): every connection drops, and the hosts elect a successor."""
+        if self._nursery is not None and not self._nursery.cancel_scope.cancel_called:
+            log.warning("master: stopping: %s", why)
+            self._nursery.cancel_scope.cancel()
 
     # -- the rebuild window ----------------------------------------------------------
     def _open_window(self, expected: set[int]) -> None:
@@ -216,7 +237,7 @@ class MasterService:
         return self._expected.union(self._marks[1]) - self._resumed
 
     async def _maybe_close_window(self) -> None:
-        if not self._rebuilt.is_set() and not self._missing():
+        if not self._rebuilt.is_set() and self._missing() <= self._dead:
             await self._close_window()
 
     async def _close_window(self) -> None:
@@ -339,6 +360,9 @@ class MasterService:
                     await self._gone(node)
 
     async def _first(self, link: Link, msg: p.Message, scope: trio.CancelScope) -> int | None:
+        if not self.may_serve():
+            self.stop("its host's disk lease is up")
+            return None
         if isinstance(msg, p.StatusRequest):
             await link.send(p.StatusReply(self.status()))
             return None
@@ -360,7 +384,10 @@ class MasterService:
         self._heard[node] = trio.current_time()
         assert self._nursery is not None
         self._nursery.start_soon(self._sender, node, link, recv)
-        await link.send(p.Welcome(self.directory.scn, dict(self._peers), msg.coherence, self.lease))
+        welcome = p.Welcome(
+            self.directory.scn, dict(self._peers), msg.coherence, self.lease, self.node
+        )
+        await link.send(welcome)
         self._peers[node] = (msg.peer_host, msg.peer_port)
         for other in list(self._outboxes):
             if other != node:
@@ -415,6 +442,9 @@ class MasterService:
     ) -> None:
         async with recv:
             async for msg in recv:
+                if not self.may_serve():
+                    self.stop("its host's disk lease is up")
+                    return
                 try:
                     await link.send(msg)
                     if not isinstance(msg, _UPKEEP):

@@ -36,11 +36,12 @@ from .cli_util import (
 )
 from .debug import dump_on_signal
 from .errors import QuietError
+from .failover import DISK_LEASE, Failover
 from .fs import FileSystem
 from .fuse_ops import Operations
 from .host import DEFAULT_CACHE_BYTES, open_cluster_host
 from .link import parse_address
-from .master import MasterService
+from .master import DEFAULT_LEASE, MasterService
 from .metrics import Sample, counter_samples, serve_metrics
 from .mirror import mirrored, refuse_own_secondary
 from .storage import Storage, canonical_name, open_volume
@@ -49,14 +50,14 @@ from .storage.nbd import DEFAULT_TIMEOUT as NBD_TIMEOUT
 from .tls import add_tls_arg, load_tls
 from .volume import (
     HEARTBEAT_INTERVAL,
+    SlotKeeper,
     check_block_size,
     claim_slot,
     describe_slot,
-    heartbeat,
     is_mounted,
     live_slots,
     open_superblock,
-    release_slot,
+    published_master,
 )
 
 log = logging.getLogger(__name__)
@@ -77,7 +78,17 @@ def add_mount_args(p: argparse.ArgumentParser) -> None:
         "--listen",
         metavar="HOST:PORT",
         default="127.0.0.1:0",
-        help="where the embedded master listens (default: loopback, any port)",
+        help="where the master this host runs listens: the one it embeds without --master, "
+        "or one it starts when the host that ran the master dies (default: loopback, or "
+        "the --peer-address host after a failover; any port)",
+    )
+    p.add_argument(
+        "--lease",
+        type=float,
+        default=DEFAULT_LEASE,
+        metavar="SECONDS",
+        help="for the master this host runs: a host silent this long is declared dead "
+        f"(default {DEFAULT_LEASE:g})",
     )
     p.add_argument(
         "--node", type=int, default=None, help="host slot to claim (default: first free)"
@@ -222,15 +233,16 @@ async def serve(
         # Every write of this host passes the gate, its slot's and its
         # mirror's too: once fenced, it writes nothing more.
         gate = Fence(storage)
+        keeper = SlotKeeper(gate, sb, node, slot)
         try:
             # The mirror wraps everything this host writes, the replay too.
             async with mirrored(gate, sb, node) as volume:
                 await _serve_host(
-                    volume, gate, sb, mountpoint, node, options, args, ready, signals, slot
+                    volume, gate, sb, mountpoint, node, options, args, ready, signals, keeper
                 )
         finally:
             try:
-                release_slot(gate, sb, node, slot)
+                keeper.release()
                 log.info("host %d: unmounted %s, volume clean", node, mountpoint)
             except Fenced:
                 # The slot frees itself: this process gone, its heartbeat old.
@@ -247,7 +259,7 @@ async def _serve_host(
     args: argparse.Namespace,
     ready: Callable[[], None],
     signals: AsyncIterator[int],
-    slot: fmt.HostSlot,
+    keeper: SlotKeeper,
 ) -> None:
     others = sorted(set(live_slots(storage, sb)) - {node})
     if not others:
@@ -269,7 +281,9 @@ async def _serve_host(
     agent.live_at_join = tuple(others)
     ops = Operations(fs)
     async with contextlib.AsyncExitStack() as stack, trio.open_nursery() as nursery:
-        master, service = await _start_master(nursery, sb, args, node)
+        masters = Masters(nursery, sb, args, node, gate, keeper, agent)
+        agent.failover = Failover(gate, sb, node, masters.take_over)
+        master, service = await masters.start_embedded()
         if args.metrics:
             samples = functools.partial(_metric_samples, fs, agent, service)
             port = await stack.enter_async_context(serve_metrics(args.metrics, samples))
@@ -288,7 +302,7 @@ async def _serve_host(
             mountpoint,
             node,
             options,
-            slot,
+            keeper,
             ready,
             nursery,
             args.writeback,
@@ -296,19 +310,72 @@ async def _serve_host(
         )
 
 
-async def _start_master(
-    nursery: trio.Nursery, sb: fmt.Superblock, args: argparse.Namespace, node: int
-) -> tuple[tuple[str, int], MasterService | None]:
-    """The master to join: --master's, or one embedded here."""
-    if args.master:
-        return parse_address(args.master), None
-    service = MasterService(
-        sb.cluster_key, coherence=args.coherence, host_slots=sb.host_slots, tls=args.tls_config
-    )
-    lhost, lport = parse_address(args.listen)
-    port = await nursery.start(service.serve, lhost, lport)
-    log.info("host %d: embedded master on %s:%d", node, lhost, port)
-    return ("127.0.0.1" if lhost in ("0.0.0.0", "") else lhost, port), service
+class Masters:
+    """The lock master this host runs, if any: the one embedded at mount
+    (no --master), or one started after a failover (failover.py).  It
+    lives as long as its host may write: the host keeps a disk lease, and
+    a host that is fenced stops its master, so that the others elect a
+    successor."""
+
+    def __init__(
+        self,
+        nursery: trio.Nursery,
+        sb: fmt.Superblock,
+        args: argparse.Namespace,
+        node: int,
+        gate: Fence,
+        keeper: SlotKeeper,
+        agent: ClusterAgent,
+    ) -> None:
+        self._nursery, self._sb, self._args, self._node = nursery, sb, args, node
+        self._gate, self._keeper, self._agent = gate, keeper, agent
+
+    async def start_embedded(self) -> tuple[tuple[str, int], MasterService | None]:
+        """The master to join: --master's, or one started here."""
+        if self._args.master:
+            return parse_address(self._args.master), None
+        addr, service = await self._start(parse_address(self._args.listen), frozenset())
+        log.info("host %d: embedded master on %s:%d", self._node, *addr)
+        return addr, service
+
+    async def take_over(self, dead: int) -> tuple[str, int]:
+        """Start the successor of the master that host `dead` ran."""
+        host, port = parse_address(self._args.listen)
+        if host in ("127.0.0.1", "localhost") and self._args.peer_address[0] != host:
+            host = self._args.peer_address[0]  # where the other hosts reach us
+        addr, _ = await self._start((host, port), frozenset({dead}))
+        log.warning("host %d: took the master role: listening on %s:%d", self._node, *addr)
+        return addr
+
+    async def _start(
+        self, listen: tuple[str, int], dead: frozenset[int]
+    ) -> tuple[tuple[str, int], MasterService]:
+        args, gate, keeper = self._args, self._gate, self._keeper
+        service = MasterService(
+            self._sb.cluster_key,
+            coherence=args.coherence,
+            host_slots=self._sb.host_slots,
+            tls=args.tls_config,
+            lease=args.lease,
+            node=self._node,
+            dead=dead,
+        )
+        # From now on this host writes only while its heartbeat is fresh,
+        # and its master serves only as long.
+        gate.disk_lease = (DISK_LEASE, lambda: keeper.beat_at)
+        if gate.lapsed():
+            raise QuietError("this host's disk lease is up: it may not run a master", 32)
+        service.may_serve = lambda: not gate.lapsed()
+        lhost, lport = listen
+        port = await self._nursery.start(service.serve, lhost, lport)
+        reach = self._args.peer_address[0] if lhost in ("0.0.0.0", "::", "") else lhost
+        await trio.to_thread.run_sync(keeper.publish, f"{reach}:{port}")
+        self._nursery.start_soon(self._stop_when_fenced, service)
+        return (reach, port), service
+
+    async def _stop_when_fenced(self, service: MasterService) -> None:
+        await self._agent.master_lost.wait()
+        service.stop(f"host {self._node} is fenced")
 
 
 def _metric_samples(
@@ -329,7 +396,7 @@ async def _run_fuse(
     mountpoint: str,
     node: int,
     options: set[str],
-    slot: fmt.HostSlot,
+    keeper: SlotKeeper,
     ready: Callable[[], None],
     nursery: trio.Nursery,
     writeback: float,
@@ -342,7 +409,7 @@ async def _run_fuse(
     log.info("host %d: mounted %s on %s", node, gate.name, mountpoint)
     try:
         async with trio.open_nursery() as tasks:
-            tasks.start_soon(_heartbeat_task, gate, sb, node, slot)
+            tasks.start_soon(_heartbeat_task, gate, keeper)
             tasks.start_soon(fs.write_back_every, writeback)
             tasks.start_soon(_signal_task, signals)
             ready()
@@ -357,12 +424,14 @@ async def _run_fuse(
         nursery.cancel_scope.cancel()
 
 
-async def _heartbeat_task(gate: Fence, sb: fmt.Superblock, node: int, slot: fmt.HostSlot) -> None:
+async def _heartbeat_task(gate: Fence, keeper: SlotKeeper) -> None:
     """Keep our slot fresh until we are fenced."""
     with contextlib.suppress(Fenced):
-        while True:
+        while not gate.lapsed():
             await trio.sleep(HEARTBEAT_INTERVAL)
-            slot = await trio.to_thread.run_sync(heartbeat, gate, sb, node, slot)
+            if gate.lapsed():
+                return  # a heartbeat now would make a fenced host look alive
+            await trio.to_thread.run_sync(keeper.beat)
 
 
 async def replay_log(storage: Storage, sb: fmt.Superblock, node: int) -> None:
@@ -443,6 +512,8 @@ def mount(args: argparse.Namespace) -> None:
                 raise QuietError(f"{addr}: {e}", 2) from None
     if args.nbd_timeout <= 0:
         raise QuietError(f"--nbd-timeout {args.nbd_timeout:g}: give a positive number", 2)
+    if not 0.2 <= args.lease <= 600:
+        raise QuietError(f"--lease {args.lease:g}: give 0.2 to 600 seconds", 2)
     if not 0 <= args.master_wait <= 3600:
         raise QuietError(f"--master-wait {args.master_wait:g}: give 0 to 3600 seconds", 2)
     mountpoint = check_mountpoint(args.mountpoint)
@@ -450,6 +521,9 @@ def mount(args: argparse.Namespace) -> None:
     storage = open_volume(args.volume, nbd_timeout=args.nbd_timeout)
     sb = open_superblock(storage)
     check_block_size(storage, sb.block_size)
+    joined = None if args.master else published_master(storage, sb)
+    if joined is not None:
+        args.master = joined[1]  # a host of the cluster runs one: join it
     check_shared(storage, args.master)
     refuse_own_secondary(args.volume, sb)
     node = pick_node(storage, sb, args.node, args.master)
@@ -458,6 +532,8 @@ def mount(args: argparse.Namespace) -> None:
     options = fuse_options(args.volume, args.options)
     logfile = args.log or (None if args.foreground else default_log(node))
     setup_logging(args.debug, logfile, node=node)
+    if joined is not None:
+        log.info("host %d: joining the master that node %d runs, at %s", node, *joined)
     faulthandler.register(signal.SIGUSR1, all_threads=True)
 
     def run(ready: Callable[[], None]) -> None:
@@ -481,6 +557,7 @@ _HELPER_OPTIONS = {
     "master": "--master",
     "node": "--node",
     "listen": "--listen",
+    "lease": "--lease",
     "coherence": "--coherence",
     "peer_address": "--peer-address",
     "writeback": "--writeback",

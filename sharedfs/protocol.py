@@ -156,6 +156,7 @@ class Welcome(Message):
     peers: dict[int, tuple[str, int]]
     coherence: str
     lease: float  # seconds: a host silent this long is declared dead
+    master_node: int = -1  # the host this master is embedded in; -1: standalone
 
 
 @message(12)
@@ -473,7 +474,7 @@ def _checker(t: Any) -> Check:
 #: Every int on the wire is a count, block, version or id: 0 <= v < 2**63,
 #: except these, where -1 means "nobody" (a tool, the master, no receiver)
 #: or "none" (no log header known).
-_MAY_BE_NOBODY = frozenset({"node", "to", "dead", "llol"})
+_MAY_BE_NOBODY = frozenset({"node", "to", "dead", "llol", "master_node"})
 #: Fields that carry a Mode.
 _MODES = frozenset({"mode", "keep"})
 _INT_LIMIT = 1 << 63

@@ -59,15 +59,17 @@ def volume_info(storage: Storage, sb: fmt.Superblock) -> dict[str, Any]:
         s = read_slot(storage, sb, n)
         if not s.in_use and not s.mount_count:
             continue
+        live = slot_is_live(s, now)
         hosts.append(
             {
                 "node": n,
-                "live": slot_is_live(s, now),
+                "live": live,
                 "hostname": s.hostname,
                 "pid": s.pid,
                 "mountpoint": s.mountpoint,
                 "heartbeat_age_s": round((now - s.heartbeat_ns) / 1e9, 1),
                 "mounts": s.mount_count,
+                "runs_master": s.master if live else "",
             }
         )
     return {
@@ -167,7 +169,7 @@ def _render_master(m: dict[str, Any]) -> list[str]:
     return out
 
 
-_SLOT_COLUMNS = ("node", "state", "host:pid", "mountpoint", "heartbeat", "mounts")
+_SLOT_COLUMNS = ("node", "state", "host:pid", "mountpoint", "heartbeat", "mounts", "runs master")
 _MASTER_COLUMNS = ("heard", "S", "X", "PIs", "hit rate", "sent/s", "recv/s", "reads/s", "writes/s")
 
 
@@ -190,6 +192,7 @@ def _render_hosts(hosts: list[dict[str, Any]], m: dict[str, Any] | None) -> list
             h["mountpoint"],
             f"{h['heartbeat_age_s']:g}s ago",
             str(h["mounts"]),
+            h["runs_master"] or "-",
         ]
         if m is not None:
             row += _master_cells(m, node)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import threading
 import time
 from dataclasses import replace
 
@@ -183,11 +184,49 @@ def claim_slot(
     return slot
 
 
-def heartbeat(storage: Storage, sb: fmt.Superblock, node: int, slot: fmt.HostSlot) -> fmt.HostSlot:
-    slot = replace(slot, heartbeat_ns=time.time_ns())
-    write_slot(storage, sb, node, slot)
-    return slot
-
-
 def release_slot(storage: Storage, sb: fmt.Superblock, node: int, slot: fmt.HostSlot) -> None:
-    write_slot(storage, sb, node, replace(slot, in_use=False, heartbeat_ns=time.time_ns()))
+    write_slot(
+        storage, sb, node, replace(slot, in_use=False, master="", heartbeat_ns=time.time_ns())
+    )
+
+
+class SlotKeeper:
+    """A mounted host's own slot: its heartbeat, and the address of the lock
+    master it runs, published for the other hosts.  Written from worker
+    threads (the heartbeat) and from trio (a publish), hence the lock.
+
+    Attributes:
+        slot: what is on the volume now.
+        beat_at: time.monotonic() taken before the last heartbeat that
+            reached the volume (the Fence's disk lease counts from it).
+    """
+
+    def __init__(self, storage: Storage, sb: fmt.Superblock, node: int, slot: fmt.HostSlot) -> None:
+        self.storage, self.sb, self.node, self.slot = storage, sb, node, slot
+        self.beat_at = time.monotonic()
+        self._lock = threading.Lock()
+
+    def beat(self) -> None:
+        self._write(master=self.slot.master)
+
+    def publish(self, master: str) -> None:
+        self._write(master=master)
+
+    def _write(self, master: str) -> None:
+        with self._lock:
+            at = time.monotonic()
+            slot = replace(self.slot, heartbeat_ns=time.time_ns(), master=master)
+            write_slot(self.storage, self.sb, self.node, slot)
+            self.slot, self.beat_at = slot, at
+
+    def release(self) -> None:
+        with self._lock:
+            release_slot(self.storage, self.sb, self.node, self.slot)
+
+
+def published_master(storage: Storage, sb: fmt.Superblock) -> tuple[int, str] | None:
+    """The live host that runs a lock master, and its address, if any."""
+    for n, slot in sorted(live_slots(storage, sb).items()):
+        if slot.master:
+            return n, slot.master
+    return None

@@ -3,13 +3,16 @@ over loopback TCP, all on one MemoryStorage, without FUSE."""
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
+from dataclasses import replace
 
 import trio
 
 from sharedfs.debug import task_tree
+from sharedfs.failover import Failover
 from sharedfs.fs import FileSystem
 from sharedfs.host import open_cluster_host
 from sharedfs.master import DEFAULT_LEASE, MasterService
@@ -17,7 +20,7 @@ from sharedfs.mirror import MirrorStorage
 from sharedfs.storage import Storage
 from sharedfs.storage.memory import MemoryStorage
 from sharedfs.tls import Tls
-from sharedfs.volume import read_superblock
+from sharedfs.volume import read_slot, read_superblock, write_slot
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +79,7 @@ class Cluster:
             host_slots=old.host_slots,
             lease=old.lease,
             tls=old.tls,
+            node=old.node,
         )
         await self._nursery.start(self.run_master, self.master, self._port)
         return self.master
@@ -146,7 +150,44 @@ class Cluster:
             self.dump()
             raise
 
+    def stop_master(self) -> None:
+        """The master's connections drop; nothing listens on its port."""
+        self._master_scope.cancel()
+
+    def fail_over(self, nodes: list[int]) -> list[MasterService]:
+        """Hosts `nodes` follow a master embedded in a host that dies as
+        mounts do (failover.py): by the slots on the volume, the lowest
+        live one starting a successor here.  Returns the list the
+        successors are added to as they start; the cluster's master is
+        then the newest (later starts join it)."""
+        started: list[MasterService] = []
+
+        async def start(node: int, dead: int) -> tuple[str, int]:
+            old = self.master
+            new = MasterService(
+                old.key,
+                coherence=old.directory.coherence,
+                host_slots=old.host_slots,
+                lease=old.lease,
+                tls=old.tls,
+                node=node,
+                dead=frozenset({dead}),
+            )
+            self._port = await self._nursery.start(self.run_master, new, 0)
+            self.master = new
+            started.append(new)
+            # Published in its slot, as a mount's SlotKeeper does.
+            slot = read_slot(self.storage, self.sb, node)
+            write_slot(self.storage, self.sb, node, replace(slot, master=f"127.0.0.1:{new.port}"))
+            return ("127.0.0.1", self._port)
+
+        for node in nodes:
+            agent = self.hosts[node].cache.agent
+            agent.failover = Failover(self.storage, self.sb, node, functools.partial(start, node))
+        return started
+
     def dump(self) -> None:
+        """The state of the master and of every host, to the log."""
         lines = task_tree() + self.master.describe()
         for node, fs in enumerate(self.hosts):
             if node in self._scopes:
@@ -168,17 +209,24 @@ async def cluster(
     wrap: Callable[[int, Storage], Storage] | None = None,
     tls: Tls | None = None,
     lease: float = DEFAULT_LEASE,
+    master_node: int = -1,
 ) -> AsyncIterator[Cluster]:
     """checkpoint_every=None: no background checkpoints, for tests that
     account for every storage write.  On a volume that names a secondary,
     every host mirrors to what `open_secondary` gives (default: the
     volume it names), and drains its queue at the end.  `wrap(node,
     storage)`: what host `node` sees of the volume (a faulty device, say).
-    `tls`: every connection over TLS.  A body still
+    `tls`: every connection over TLS.  `master_node`: the host the master
+    is embedded in, as the hosts learn it (Welcome.master_node).  A body still
     running after `hang_after` seconds is a hang: the state is dumped."""
     sb = read_superblock(storage)
     master = MasterService(
-        sb.cluster_key, coherence=coherence, host_slots=sb.host_slots, tls=tls, lease=lease
+        sb.cluster_key,
+        coherence=coherence,
+        host_slots=sb.host_slots,
+        tls=tls,
+        lease=lease,
+        node=master_node,
     )
     async with trio.open_nursery() as nursery:
         c = Cluster(

@@ -83,6 +83,7 @@ VALUES: dict[str, dict[str, object]] = {
         "scn": 42,
         "peers": {0: ("10.0.0.1", 7001), 1: ("host-b.example", 7002), 5: ("::1", 65535)},
         "coherence": "disk",
+        "master_node": 2,
     },
     "Refused": {"reason": "slot 3 is taken by a live host"},
     "PeerUp": {"node": 4, "host": "10.0.0.4", "port": 7004},

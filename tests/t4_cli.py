@@ -83,7 +83,7 @@ def test_mount_errors(tmp_path: Path) -> None:
 
 
 @needs_fuse
-def test_background_mount_busy_mountpoint_second_host_and_umount(tmp_path: Path) -> None:
+def test_background_mount_busy_mountpoint_second_host_joins_and_umount(tmp_path: Path) -> None:
     vol = tmp_path / "v.img"
     mkfs(vol, "64M")
     mnt = tmp_path / "mnt"
@@ -95,21 +95,29 @@ def test_background_mount_busy_mountpoint_second_host_and_umount(tmp_path: Path)
         (mnt / "f").write_text("x")
         msg = one_line_error(sharedfs("mount", str(vol), str(mnt), check=False))
         assert "busy" in msg
+        # A second host without --master joins the master the first runs,
+        # which it finds in the first's slot.
         other = tmp_path / "other"
         other.mkdir()
-        msg = one_line_error(sharedfs("mount", str(vol), str(other), check=False))
-        assert "already mounted by node 0" in msg
+        sharedfs("mount", str(vol), str(other), "--log", str(tmp_path / "other.log"))
+        assert (other / "f").read_text() == "x"
+        assert "joining the master that node 0 runs" in (tmp_path / "other.log").read_text()
         st = json.loads(sharedfs("status", str(vol), "--json").stdout)
         assert [(h["node"], h["live"], h["mountpoint"]) for h in st["hosts"]] == [
-            (0, True, str(mnt))
+            (0, True, str(mnt)),
+            (1, True, str(other)),
         ]
+        published = st["hosts"][0]["runs_master"]
+        assert published.startswith("127.0.0.1:") and st["hosts"][1]["runs_master"] == ""
+        sharedfs("umount", str(other))
         sharedfs("umount", str(mnt))
     finally:
-        if os.path.ismount(mnt):
-            sharedfs("umount", "-z", str(mnt), check=False)
+        for m in (tmp_path / "other", mnt):
+            if os.path.ismount(m):
+                sharedfs("umount", "-z", str(m), check=False)
     assert not os.path.ismount(mnt)
     st = json.loads(sharedfs("status", str(vol), "--json").stdout)
-    assert st["hosts"][0]["live"] is False
+    assert st["hosts"][0]["live"] is False and st["hosts"][0]["runs_master"] == ""
     assert "node0" in log.read_text()  # log lines carry the host id
     fsck_ok(vol)
 

@@ -33,8 +33,12 @@ PORT = 7411
 class Host:
     """One host: its namespace, its NBD server, its mount process."""
 
-    def __init__(self, node: int, net: Net, vol: Path, work: Path, master: str) -> None:
+    def __init__(
+        self, node: int, net: Net, vol: Path, work: Path, master: str, *, embeds: bool = False
+    ) -> None:
+        """`embeds`: this host runs the master, listening at `master`."""
         self.node, self.net, self.work, self.master = node, net, work, master
+        self.embeds = embeds
         self.name = f"h{node}"
         self.mnt = work / self.name
         self.mnt.mkdir()
@@ -48,7 +52,11 @@ class Host:
     def mount(self, node: int | None = None) -> None:
         """Mount in our slot (or in `node`'s)."""
         cmd = [PY, "-m", "sharedfs.cli", "mount", "--foreground", self.nbd.uri, str(self.mnt)]
-        cmd += ["--master", self.master, "--node", str(self.node if node is None else node)]
+        if self.embeds:
+            cmd += ["--listen", self.master, "--lease", str(LEASE)]
+        else:
+            cmd += ["--master", self.master]
+        cmd += ["--node", str(self.node if node is None else node)]
         cmd += ["--peer-address", self.net.addr[self.name], "--writeback", "1"]
         with open(self.log, "a") as log:
             self.proc = subprocess.Popen(
@@ -175,7 +183,9 @@ def test_a_host_cut_off_is_fenced_writes_nothing_more_and_rejoins_when_healed(cl
     # and no other host answers either (it is the one cut off).
     wait_for(lambda: "fenced" in h1.log.read_text(), timeout=3 * LEASE, what="h1 to fence")
     fenced = time.monotonic()
-    assert fenced - cut < LEASE + 2.0
+    # Silence is looked for every quarter lease, from three quarters on;
+    # what is unread gets 0.2 s; the other hosts are probed for 2 s.
+    assert fenced - cut < LEASE + 0.2 + 2.0 + 0.5
     assert "no other host answers" in h1.log.read_text()
     written = h1.writes()
     assert _eio(h1.mnt / "after")
@@ -246,3 +256,50 @@ def test_hosts_cut_off_from_the_master_hold_writes_and_carry_on_when_it_returns(
     assert (hosts[2].mnt / "f").read_bytes() == b"x" * 10000
     put(hosts[1].mnt / "g", b"carries on")
     assert (hosts[0].mnt / "g").read_bytes() == b"carries on"
+
+
+@pytest.fixture
+def embedded() -> Iterator[tuple[Net, list[Host], Path]]:
+    """Three hosts, the master embedded in h0."""
+    work = public_dir()
+    vol = work / "volume.img"
+    mkfs(vol, "256M")
+    with network(["h0", "h1", "h2"]) as net:
+        addr = f"{net.addr['h0']}:{PORT}"
+        hosts = [Host(n, net, vol, work, addr, embeds=n == 0) for n in range(3)]
+        try:
+            for h in hosts:
+                h.mount()
+            yield net, hosts, work
+        finally:
+            for h in hosts:
+                h.stop()
+    fsck_ok(vol)
+    subprocess.run(["rm", "-rf", str(work)])
+
+
+def test_a_master_host_cut_off_but_alive_on_the_volume_is_not_taken_over(embedded) -> None:  # type: ignore[no-untyped-def]
+    """No split brain with an embedded master: h0, which runs it, loses
+    its network but still heartbeats on the volume.  h1 and h2 reach each
+    other, hold their writes, but start no master of their own, since the
+    volume says h0 lives; they fence when their wait is up.  h0 declares
+    them dead, recovers them, and goes on alone.  Healed, they mount again
+    and join h0's master."""
+    net, (h0, h1, h2), work = embedded
+    put(h1.mnt / "before", b"h1" * 5000)
+    assert (h0.mnt / "before").read_bytes() == b"h1" * 5000
+    net.cut("h0")
+    for h in (h1, h2):
+        wait_for(lambda h=h: "holding writes" in h.log.read_text(), timeout=3 * LEASE, what="hold")
+    put(h0.mnt / "alone", b"h0 goes on")  # once h1 and h2 are recovered
+    for h in (h1, h2):
+        wait_for(lambda h=h: "fenced" in h.log.read_text(), timeout=40, what=f"{h.name} fence")
+        assert "took the master role" not in h.log.read_text(), h.log.read_text()
+        assert _eio(h.mnt / "after")
+    assert "fenced" not in h0.log.read_text()
+    net.heal("h0")
+    for h in (h1, h2):
+        h.unmount()
+        h.mount()
+        assert (h.mnt / "alone").read_bytes() == b"h0 goes on"
+        assert (h.mnt / "before").read_bytes() == b"h1" * 5000

@@ -17,11 +17,18 @@ for what it holds) from one that declared it dead.  The master's answer
 when it is back either opens the gate again or closes it.  Its slot's
 heartbeat and mirror marks (`write_sync`, its own areas, which no other
 host rebuilds) go on meanwhile: the host is not dead until it is fenced.
+
+A host that runs the lock master also keeps a *disk lease* (`disk_lease`):
+once its last heartbeat on the volume is older than that, it closes its own
+gate, before the other hosts, reading the same slot, could take it for dead
+and start a master of their own (failover.py).  A host frozen (SIGSTOP, a
+paused VM) past its lease thus writes nothing when it wakes.
 """
 
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Callable, Iterator
 
 import trio
@@ -51,6 +58,7 @@ class Fence(Storage):
         self.reason = ""
         self.on_trip: Callable[[str], None] | None = None
         self._opened: trio.Event | None = None  # set while held
+        self.disk_lease: tuple[float, Callable[[], float]] | None = None
 
     @property
     def held(self) -> bool:
@@ -87,6 +95,19 @@ class Fence(Storage):
                     self.on_trip(self.reason)
             raise
 
+    def lapsed(self) -> bool:
+        """Our disk lease is up (closing the gate if it was still open)."""
+        if self.disk_lease is not None and not self.reason:
+            seconds, when = self.disk_lease
+            if (age := time.monotonic() - when()) > seconds:
+                self.close_gate(
+                    f"no heartbeat reached the volume for {age:.1f} s: "
+                    "the other hosts may take this host for dead"
+                )
+                if self.on_trip is not None:
+                    self.on_trip(self.reason)
+        return bool(self.reason)
+
     def _check(self) -> None:
         if self.reason:
             raise Fenced(f"{self.name}: fenced ({self.reason}): no writes")
@@ -98,11 +119,13 @@ class Fence(Storage):
         self, offset: int, data: bytes | bytearray | memoryview, *, fua: bool = False
     ) -> None:
         await self._wait_open()
+        self.lapsed()
         with self._writing("write"):
             await self.inner.write(offset, data, fua=fua)
 
     async def flush(self) -> None:
         await self._wait_open()
+        self.lapsed()
         with self._writing("flush"):
             await self.inner.flush()
 

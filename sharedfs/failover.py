@@ -1,0 +1,89 @@
+"""Who takes the lock master's role when the host that embeds it dies.
+
+A master embedded in a mount lives and dies with that host.  The others
+learn of its death from the volume, which every host reads alike: the host
+slots say who is alive (volume.slot_is_live), and a host that runs a master
+publishes its address in its slot.  The successor is the lowest-numbered
+live host.  It starts a master of its own, knowing nothing, which rebuilds
+its directory from the hosts' reports (docs/PROTOCOL.md, Resume) and sweeps
+what the dead host held (Sweep); the others resume with it.
+
+Two masters must never serve at once.  That holds because:
+- a successor is chosen only once the old master's host is dead on the
+  volume: it released its slot, its heartbeat is HEARTBEAT_TIMEOUT old, or
+  (on this machine) its process is gone;
+- a host that runs a master keeps a disk lease (storage/fence.py): once its
+  own last heartbeat is older than HEARTBEAT_TIMEOUT - HEARTBEAT_INTERVAL,
+  before any other host could take it for dead, it writes nothing more and
+  its master sends nothing more (MasterService.may_serve);
+- a host that cannot reach the successor keeps its writes held, and fences
+  itself when its wait is up, as with any master it cannot reach.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+
+import trio
+
+from . import format as fmt
+from .link import parse_address
+from .storage import Storage
+from .volume import HEARTBEAT_INTERVAL, HEARTBEAT_TIMEOUT, live_slots
+
+log = logging.getLogger(__name__)
+
+#: How long a host that runs a master may go without a heartbeat reaching
+#: the volume: one interval less than the others wait before they take it
+#: for dead.
+DISK_LEASE = HEARTBEAT_TIMEOUT - HEARTBEAT_INTERVAL
+
+Address = tuple[str, int]
+
+
+class Failover:
+    """A host's part in the election.
+
+    `start(dead)` starts a master in this host, told that node `dead` is
+    gone, and returns the address to join it at.
+    """
+
+    def __init__(
+        self,
+        storage: Storage,
+        sb: fmt.Superblock,
+        node: int,
+        start: Callable[[int], Awaitable[Address]],
+    ) -> None:
+        self.storage, self.sb, self.node = storage, sb, node
+        self._start = start
+        self._mine: Address | None = None
+
+    async def where(self, old: int, old_addr: Address) -> Address | None:
+        """The master to try now, when the one embedded in host `old` went
+        away: `old_addr` while that host is alive on the volume; once it is
+        dead, the successor's (this host's own, started here, if it is the
+        successor); None while the successor has not published one yet."""
+        live = await trio.to_thread.run_sync(live_slots, self.storage, self.sb)
+        if old in live:
+            return old_addr
+        heir = min(live, default=None)
+        if heir is None:
+            return None
+        if heir == self.node:
+            if self._mine is None:
+                log.warning(
+                    "host %d: the lock master's host %d is dead: taking the master role",
+                    self.node,
+                    old,
+                )
+                self._mine = await self._start(old)
+            return self._mine
+        published = live[heir].master
+        if not published:
+            return None
+        try:
+            return parse_address(published)
+        except ValueError:
+            return None  # a slot written by something else: wait for a good one
