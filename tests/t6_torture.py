@@ -63,6 +63,15 @@ def test_kill_9_of_the_master_lets_every_host_resume_and_loses_nothing() -> None
     assert result["trials"] == 3 and result["checked"] > 0 and result["final_files"] > 0
 
 
+def test_kill_9_of_the_host_that_runs_the_master_hands_it_on_and_loses_nothing() -> None:
+    """No standalone master: the first host embeds it.  Trials kill -9
+    mostly the host that runs it: another takes over, every other host
+    resumes with it (none fences), and every acknowledged file is there."""
+    result = trials("failover", 3, seed=9)
+    assert result["trials"] == 3 and result["failovers"] >= 1
+    assert result["checked"] > 0 and result["final_files"] > 0
+
+
 @pytest.mark.soak
 def test_kill_9_of_the_master_and_a_host_together_loses_nothing() -> None:
     """A host killed with the master: the others resume, one sweeps the dead

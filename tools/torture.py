@@ -10,6 +10,10 @@ acknowledged and a sample of the others, and mounts the dead host again in
 its slot.  At the end every host unmounts, `fsck -n` must be clean, and a
 fresh mount must read every acknowledged file.
 
+With `--mode failover` there is no standalone master: the first host embeds
+it, the others find it on the volume, and most trials kill -9 the host that
+runs the master, whose successor the others elect (failover.py).
+
 `tools/torture soak ...` runs tools/soak.py instead: load, no kills.
 """
 
@@ -35,9 +39,10 @@ import trio
 import xxhash
 
 from sharedfs.errors import QuietError
+from sharedfs.link import parse_address
 from sharedfs.status import ask_master
 from sharedfs.storage import open_volume
-from sharedfs.volume import open_superblock
+from sharedfs.volume import open_superblock, published_master
 
 PY = sys.executable
 
@@ -141,7 +146,8 @@ class Acked:
 class Cluster:
     """A standalone master and `hosts` mounts of a fresh volume in `work`,
     each with a writer unless `writers` is false (the soak brings its own
-    workload); `mount_args` go to every mount."""
+    workload); `mount_args` go to every mount.  `embedded`: no standalone
+    master; the first host runs it, the others join it through the volume."""
 
     def __init__(
         self,
@@ -154,6 +160,7 @@ class Cluster:
         *,
         writers: bool = True,
         mount_args: tuple[str, ...] = (),
+        embedded: bool = False,
     ) -> None:
         self.work = work
         self.debug = ["--debug"] if debug else []
@@ -171,7 +178,8 @@ class Cluster:
         self.port = free_port()
         self.addr = f"127.0.0.1:{self.port}"
         self.master_log = work / "master.log"
-        self.master = self._start_master()
+        self.embedded = embedded
+        self.master = None if embedded else self._start_master()
         self.hosts = [
             Host(n, work / f"host{n}", work / f"host{n}.log", work / f"acks{n}.txt")
             for n in range(hosts)
@@ -202,16 +210,37 @@ class Cluster:
 
     def status(self) -> dict:  # type: ignore[type-arg]
         try:
-            return trio.run(ask_master, self.key, ("127.0.0.1", self.port))
+            return trio.run(ask_master, self.key, self.master_address())
         except QuietError as e:
             raise TortureFailed(str(e)) from None
+
+    def _published(self) -> tuple[int, str] | None:
+        storage = open_volume(str(self.vol))
+        try:
+            return published_master(storage, open_superblock(storage))
+        finally:
+            storage.close()
+
+    def master_node(self) -> int | None:
+        """The host that runs the master now (embedded), by the volume."""
+        found = self._published()
+        return None if found is None else found[0]
+
+    def master_address(self) -> tuple[str, int]:
+        if not self.embedded:
+            return ("127.0.0.1", self.port)
+        found = self._published()
+        if found is None:
+            raise TortureFailed("no host runs the master")
+        return parse_address(found[1])
 
     def mount(self, h: Host) -> None:
         h.mnt.mkdir(exist_ok=True)
         with open(h.log, "a") as log:
             h.mount = subprocess.Popen(
                 [PY, "-m", "sharedfs.cli", "mount", "--foreground", str(self.vol), str(h.mnt)]
-                + ["--master", self.addr, "--node", str(h.node), "--writeback", "1"]
+                + ([] if self.embedded else ["--master", self.addr])
+                + ["--lease", str(self.lease), "--node", str(h.node), "--writeback", "1"]
                 + self.mount_args
                 + self.debug,
                 stdout=subprocess.DEVNULL,
@@ -289,6 +318,30 @@ class Cluster:
             subprocess.run(["fusermount3", "-u", "-z", str(victim.mnt)], capture_output=True)
         return took
 
+    def fail_over(self, victim: Host) -> float:
+        """kill -9 `victim`, the host that runs the master; return the
+        seconds until another host runs one and every other host has
+        resumed with it (none may fence) and the victim is swept."""
+        assert victim.mount is not None and victim.writer is not None
+        victim.mount.kill()
+        victim.writer.kill()
+        died = time.monotonic()
+        alive = {h.node for h in self.hosts if h is not victim}
+
+        def taken_over() -> bool:
+            node = self.master_node()
+            return node is not None and node != victim.node and self._all_resumed(alive)
+
+        wait_until(taken_over, self.lease * 3 + 40, "a successor and the hosts to resume")
+        took = time.monotonic() - died
+        for h in self.hosts:
+            if h is not victim and "fenced" in h.log.read_text(errors="replace"):
+                raise TortureFailed(f"host {h.node} fenced after a failover: {h.log}")
+        victim.mount.wait()
+        victim.writer.wait()
+        subprocess.run(["fusermount3", "-u", "-z", str(victim.mnt)], capture_output=True)
+        return took
+
     def _all_resumed(self, nodes: set[int]) -> bool:
         info = self.status()
         hosts = {int(n) for n in info["hosts"]}
@@ -319,19 +372,22 @@ class Cluster:
             if h.writer is not None:
                 h.writer.kill()
                 h.writer.wait()
-        for h in self.hosts:
+        runs = self.master_node() if self.embedded else None
+        # The host that runs the master last: each earlier one would hand it on.
+        for h in sorted(self.hosts, key=lambda h: h.node == runs):
             if h.mount is not None and h.mount.poll() is None:
                 r = subprocess.run(["fusermount3", "-u", str(h.mnt)], capture_output=True)
                 if r.returncode or h.mount.wait(timeout=120):
                     raise TortureFailed(f"host {h.node} did not unmount cleanly: {h.log}")
-        self.master.terminate()
-        self.master.wait(timeout=30)
+        if self.master is not None:
+            self.master.terminate()
+            self.master.wait(timeout=30)
 
     def dump_states(self) -> None:
         """Have the master and every mount log what they wait on (USR2)."""
         procs = [self.master] + [h.mount for h in self.hosts if h.mount is not None]
         for proc in procs:
-            if proc.poll() is None:
+            if proc is not None and proc.poll() is None:
                 proc.send_signal(signal.SIGUSR2)
         time.sleep(1)
 
@@ -343,7 +399,7 @@ class Cluster:
                     proc.kill()
                     proc.wait()
             subprocess.run(["fusermount3", "-u", "-z", str(h.mnt)], capture_output=True)
-        if self.master.poll() is None:
+        if self.master is not None and self.master.poll() is None:
             self.master.kill()
             self.master.wait()
 
@@ -391,8 +447,9 @@ def run(args: argparse.Namespace) -> dict:  # type: ignore[type-arg]
     rng = random.Random(args.seed)
     work = Path(tempfile.mkdtemp(prefix="sharedfs-torture-", dir=args.dir))
     work.chmod(0o755)
-    c = Cluster(work, args.hosts, args.size, args.lease, args.seed, args.debug)
-    result: dict = {"work": str(work), "trials": 0, "recovery_s": [], "checked": 0}  # type: ignore[type-arg]
+    embedded = args.mode == "failover"
+    c = Cluster(work, args.hosts, args.size, args.lease, args.seed, args.debug, embedded=embedded)
+    result: dict = {"work": str(work), "trials": 0, "recovery_s": [], "checked": 0, "failovers": 0}  # type: ignore[type-arg]
     ok = False
     try:
         for trial in range(args.trials):
@@ -401,7 +458,20 @@ def run(args: argparse.Namespace) -> dict:  # type: ignore[type-arg]
             if mode == "mixed":
                 mode = rng.choice(("kill", "kill", "stop", "master", "both"))
             victim = rng.choice(c.hosts) if mode != "master" else None
-            if mode == "master":
+            if mode == "failover":
+                # Mostly the master's host; now and then another.
+                runs = c.master_node()
+                victim = next(h for h in c.hosts if h.node == runs)
+                if trial and rng.random() < 0.25:
+                    victim = rng.choice([h for h in c.hosts if h is not victim])
+                    mode = "kill"
+            if mode == "failover":
+                assert victim is not None
+                took = c.fail_over(victim)
+                result["failovers"] += 1
+                heir = c.master_node()
+                what = f"master's host {victim.node} killed, host {heir} took over in {took:.2f} s"
+            elif mode == "master":
                 took = c.restart_master(rng)
                 what = f"master restarted, hosts resumed in {took:.2f} s"
             elif mode == "both":
@@ -459,11 +529,12 @@ def main() -> None:
     ap.add_argument("--size", default="512M", help="volume size (default 512M)")
     ap.add_argument(
         "--mode",
-        choices=("kill", "stop", "master", "both", "mixed"),
+        choices=("kill", "stop", "master", "both", "mixed", "failover"),
         default="kill",
         help="kill -9 a host, SIGSTOP one until its lease lapses, kill -9 and restart the "
         "master (the hosts must resume), kill -9 the master and a host together (the others "
-        "resume and sweep its records), or all at random",
+        "resume and sweep its records), all these at random, or (failover) embed the master "
+        "in a host and kill -9 mostly the host that runs it (another takes over)",
     )
     ap.add_argument(
         "--lease", type=float, default=10.0, help="the master's lease (default 10 s, as mounts)"
@@ -487,7 +558,9 @@ def main() -> None:
         sys.exit(1)
     rec = result["recovery_s"]
     print(
-        f"torture: {result['trials']} trials passed; recovery {min(rec):.2f} / "
+        f"torture: {result['trials']} trials passed"
+        + (f" ({result['failovers']} failovers)" if result["failovers"] else "")
+        + f"; recovery {min(rec):.2f} / "
         f"{statistics.median(rec):.2f} / {max(rec):.2f} s (min/median/max); "
         f"{result['checked']} files read in trials, {result['final_files']} at the end; fsck clean"
     )
