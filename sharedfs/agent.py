@@ -18,7 +18,7 @@ import functools
 import itertools
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 import trio
@@ -53,6 +53,8 @@ DEFAULT_MASTER_WAIT = 10.0
 RECONNECT_INTERVAL = 0.5
 #: How long a host that lost its master tries to reach the other hosts.
 PROBE_TIMEOUT = 2.0
+#: How long a LogAppend waits for its answer before we append ourselves.
+LOG_ASK_TIMEOUT = 30.0
 
 
 class MasterRefused(QuietError):
@@ -119,6 +121,15 @@ class Pending:
     def check(self) -> None:
         if all(b in self.granted and b not in self.await_transfer for b in self.blocks):
             self.done.set()
+
+
+@dataclass(slots=True)
+class _LogAsk:
+    """A LogAppend of ours awaiting its answer."""
+
+    node: int
+    done: trio.Event = field(default_factory=trio.Event)
+    reply: p.LogAppended | None = None
 
 
 @dataclass(slots=True)
@@ -205,6 +216,12 @@ class ClusterAgent:
         #: The hosts with records in the log (the journal sets it): a
         #: resume names them, for a master that knows nothing of them.
         self.log_marks: Callable[[], Awaitable[tuple[int, set[int]]]] | None = None
+        #: Appends a peer's records for it (LogAppend), if we hold the LLOL
+        #: (the journal sets it): called with the peer, and the records.
+        self.on_log_append: Callable[[int, bytes], Awaitable[p.LogAppended]] | None = None
+        #: The host we last saw take the LLOL (-1: none known).
+        self.llol_holder = -1
+        self._log_asks: dict[int, _LogAsk] = {}
 
     # -- start -------------------------------------------------------------------
     async def run(
@@ -600,6 +617,7 @@ class ClusterAgent:
             pend.done.set()
         for ev in self._written.values():
             ev.set()
+        self._answer_log_asks(None)
 
     def withdraw(self, reason: str) -> None:
         """Our storage failed a write (the Fence closed itself): stop as a
@@ -733,6 +751,7 @@ class ClusterAgent:
                         self._nursery.start_soon(old.aclose)
                 elif isinstance(msg, p.PeerDown):
                     self._peers.pop(msg.node, None)
+                    self._answer_log_asks(msg.node)
                     gone = self._peer_links.pop(msg.node, None)
                     if gone is not None:
                         self._nursery.start_soon(gone.aclose)
@@ -789,6 +808,8 @@ class ClusterAgent:
             if msg.block in pend.granted and msg.block in pend.blocks:
                 await pend.used.wait()
         shipped = await self.cache.give_up(msg)
+        if msg.block == self.cache.llol_block:
+            self.llol_holder = msg.to
         if msg.to == -1:
             self.stats.revokes_served += 1
         else:
@@ -870,10 +891,11 @@ class ClusterAgent:
         log.info("host %d: recovered node %d", self.host, msg.dead)
 
     # -- peers -------------------------------------------------------------------------
-    async def _send_peer(self, node: int, msg: p.Message) -> None:
-        """Send to a peer.  One that cannot be reached has died or is being
-        fenced: what we send it is lost, as it would be with the peer, and
-        the master recovers what that peer should have had."""
+    async def _send_peer(self, node: int, msg: p.Message) -> bool:
+        """Send to a peer; False if it could not be reached.  One that
+        cannot be reached has died or is being fenced: what we send it is
+        lost, as it would be with the peer, and the master recovers what
+        that peer should have had."""
         lock = self._peer_locks.setdefault(node, trio.Lock())
         async with lock:
             # A link we keep may be to the peer's last life (it restarted in
@@ -893,21 +915,28 @@ class ClusterAgent:
                         self._peer_links[node] = link
                         fresh = True
                     await link.send(msg)
-                    return
+                    return True
                 except (OSError, LinkClosed, p.ProtocolError, trio.TooSlowError) as e:
                     self._peer_links.pop(node, None)
                     if fresh:
                         log.warning("host %d: peer %d unreachable: %s", self.host, node, e)
-                        return
+                        return False
+        return False
 
     async def _peer_handler(self, stream: trio.SocketStream) -> None:
         try:
             with self._handshakes.slot():
                 link = await Link.open(stream, self.key, self.host, initiator=False, tls=self.tls)
             while (msg := await link.receive()) is not None:
-                if not isinstance(msg, p.Transfer):
+                if isinstance(msg, p.Transfer):
+                    self._on_transfer(msg)
+                elif isinstance(msg, p.LogAppend):
+                    assert self._nursery is not None
+                    self._nursery.start_soon(self._append_for, link.peer_node, msg)
+                elif isinstance(msg, p.LogAppended):
+                    self._on_log_appended(link.peer_node, msg)
+                else:
                     raise p.ProtocolError(f"peer sent {type(msg).__name__}")
-                self._on_transfer(msg)
         except (p.ProtocolError, LinkClosed, trio.TooSlowError) as e:
             if isinstance(e, p.ProtocolError):
                 self.stats.peer_rejected += 1
@@ -936,6 +965,56 @@ class ClusterAgent:
         pend.check()
         if pend.done.is_set():
             self._finish(pend)
+
+    # -- the log's tail, host to host --------------------------------------------------
+    async def ship_log(self, records: bytes) -> p.LogAppended | None:
+        """Ask the host we last saw take the LLOL to append `records` for us
+        (LogAppend); its answer, or None if there is none to ask or it went
+        away first.  A refusal names the host it gave the LLOL to, which we
+        then take for its holder."""
+        node = self.llol_holder
+        if node < 0 or node == self.host or node not in self._peers:
+            return None
+        req = next(self._reqs)
+        ask = self._log_asks[req] = _LogAsk(node)
+        try:
+            if not await self._send_peer(node, p.LogAppend(req, records)):
+                return None
+            # An answer lost on the way would leave us waiting: after this
+            # long we append them ourselves (a record twice in the log is
+            # harmless: replay skips one older than the block it reached).
+            with trio.move_on_after(LOG_ASK_TIMEOUT):
+                await ask.done.wait()
+        finally:
+            del self._log_asks[req]
+        reply = ask.reply
+        if reply is not None and not reply.ok:
+            self.llol_holder = reply.holder
+        return reply
+
+    def _on_log_appended(self, node: int, msg: p.LogAppended) -> None:
+        ask = self._log_asks.get(msg.req)
+        if ask is None or ask.node != node:
+            log.warning("host %d: answer from %d to no log append of ours", self.host, node)
+            return
+        ask.reply = msg
+        ask.done.set()
+
+    def _answer_log_asks(self, node: int | None) -> None:
+        """The asks waiting on `node` (None: every one) get no answer."""
+        for ask in self._log_asks.values():
+            if node is None or ask.node == node:
+                ask.done.set()
+
+    async def _append_for(self, node: int, msg: p.LogAppend) -> None:
+        """Serve a peer's LogAppend; refused unless we hold the LLOL."""
+        reply = p.LogAppended(msg.req, False, -1, 0, 0, 0)
+        if self.on_log_append is not None:
+            try:
+                reply = replace(await self.on_log_append(node, msg.records), req=msg.req)
+            except StorageError as e:  # fenced, or the volume failed: the asker appends
+                log.warning("host %d: cannot append node %d's records: %s", self.host, node, e)
+        await self._send_peer(node, reply)
 
     def close(self) -> None:
         pass

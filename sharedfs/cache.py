@@ -774,6 +774,11 @@ class BlockCache:
                 with trio.CancelScope(shield=True):
                     await self._write_lock.acquire()
 
+    def in_flux(self, b: int) -> bool:
+        """Changed by the running operation, not yet committed (it may
+        still be undone)."""
+        return self._in_flux(b)
+
     def _in_flux(self, b: int) -> bool:
         """Changed by the running operation, not yet committed."""
         op = self._op

@@ -129,6 +129,11 @@ class FileSystem:
         # Next physical block to try for each file, so sequential writes
         # land on adjacent blocks (and go to storage in one call).
         self._goal: dict[int, int] = {}
+        # Per group, inode table blocks known formatted: the count only
+        # grows, so what we saw once committed holds, and reading an inode
+        # need not take the group's inode bitmap (which the host
+        # allocating there holds in X) every time.
+        self._itable_known: dict[int, int] = {}
 
     def _undo(self) -> None:
         self._op_inodes.clear()
@@ -222,9 +227,9 @@ class FileSystem:
         if not self.sb.valid_ino(ino):
             raise FsError(errno.ENOENT)
         blk, off = self.sb.inode_location(ino)
-        if blk - self.sb.itable_start(self.sb.group_of_inode(ino)) >= await self._itable_init(
-            self.sb.group_of_inode(ino)
-        ):
+        g = self.sb.group_of_inode(ino)
+        index = blk - self.sb.itable_start(g)
+        if index >= self._itable_known.get(g, 0) and index >= await self._itable_init(g):
             raise FsError(errno.ENOENT)
         buf = await self.cache.get(blk, mode, BlockType.INODES)
         inode = Inode.unpack_from(ino, buf.data, off)
@@ -255,7 +260,10 @@ class FileSystem:
 
     async def _itable_init(self, g: int) -> int:
         buf = await self.cache.get(self.sb.ibitmap_block(g), Mode.S, BlockType.IBITMAP)
-        return fmt.itable_initialized(buf.data)
+        n = fmt.itable_initialized(buf.data)
+        if not self.cache.in_flux(buf.blockno):
+            self._itable_known[g] = max(self._itable_known.get(g, 0), n)
+        return n
 
     def attr(self, inode: Inode) -> Attr:
         return Attr(
@@ -279,13 +287,25 @@ class FileSystem:
         (hosts allocating side by side then touch different bitmap and inode
         table blocks); directories spread out further."""
         ng = self.sb.group_count
-        share = self.host * max(1, ng // self.sb.host_slots)
+        # Our share: `width` groups from `lo`.  A file goes in its parent's
+        # group when that is ours, else in ours at the same place; a
+        # directory in the next of ours.  (Fewer groups than host slots: no
+        # group of our own; next to the parent, shifted by our number.)
+        width = max(1, ng // self.sb.host_slots)
+        lo = (self.host * width) % ng
         if parent is None:
             g0 = 0
-        elif stat.S_ISDIR(mode):
-            g0 = (self.sb.group_of_inode(parent.ino) + 1 + share) % ng
         else:
-            g0 = (self.sb.group_of_inode(parent.ino) + share) % ng
+            pg = self.sb.group_of_inode(parent.ino)
+            if width == 1:
+                g0 = pg + lo + (1 if stat.S_ISDIR(mode) else 0)
+            elif stat.S_ISDIR(mode):
+                g0 = lo + (pg + 1) % width
+            elif lo <= pg < lo + width:
+                g0 = pg
+            else:
+                g0 = lo + pg % width
+            g0 %= ng
         for k in range(ng):
             g = (g0 + k) % ng
             buf = await self.cache.get(self.sb.ibitmap_block(g), Mode.X, BlockType.IBITMAP)

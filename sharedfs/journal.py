@@ -39,7 +39,8 @@ import trio
 import xxhash
 
 from . import format as fmt
-from .errors import CorruptVolume
+from . import protocol as p
+from .errors import CorruptVolume, StorageError
 from .protocol import Mode
 from .storage import Storage
 
@@ -350,6 +351,16 @@ def transactions(pages: list[Page]) -> Iterator[list[Record]]:
 
 
 @dataclass(slots=True)
+class _Foreign:
+    """Another host's records, to append for it (LogAppend)."""
+
+    host: int
+    records: list[Record]
+    done: trio.Event = field(default_factory=trio.Event)
+    ok: bool = False
+
+
+@dataclass(slots=True)
 class _Image:
     data: bytearray
     base: int  # the version storage had (-1: no valid block)
@@ -393,6 +404,12 @@ class Replay:
             img = self._images[r.block]
             if r.version <= img.base:
                 self.skipped += 1  # storage already has it
+                continue
+            if r.version < img.version:
+                # A transaction appended twice (its host asked the LLOL's
+                # holder to append it, heard nothing, and appended it
+                # itself): the block has gone past it since.
+                self.skipped += 1
                 continue
             if r.kind is Kind.FULL:
                 img.data[:] = bytes(self.bs)
@@ -510,6 +527,14 @@ class Log:
     `force` before a block whose records are still in the PLC is written or
     shipped (write-ahead), and before the LLOL leaves for another host.
 
+    A host that does not hold the LLOL first asks the host it last saw take
+    it to append the PLC for it (`LogAppend`, host to host), rather than
+    move the LLOL for one commit: with several hosts committing, the LLOL
+    stays where it is and each commit costs two peer messages, no master
+    message.  The holder appends such records with its own (group commit),
+    each under its host's BEGIN and mark.  Refused (it no longer holds it),
+    or unanswered, the host takes the LLOL as before.
+
     Attributes:
         pending: block -> newest version whose records are not durable.
     """
@@ -549,6 +574,11 @@ class Log:
         if hasattr(cache.agent, "on_recover"):
             cache.agent.on_recover = self.recover
             cache.agent.log_marks = self.marks
+        if hasattr(cache.agent, "on_log_append"):
+            cache.agent.on_log_append = self.append_for
+        self._foreign: list[_Foreign] = []  # to append for other hosts
+        self.shipped = 0  # our PLCs another host appended for us
+        self.appended_for = 0  # other hosts' forces we appended
         self.recovered = 0
         self._rebuilding: set[int] = set()  # blocks the master gave us to rebuild
 
@@ -619,6 +649,8 @@ class Log:
     async def force(self) -> None:
         """Append the PLC to the log; return when it is on storage."""
         if self.plc:
+            if await self._ship():
+                return
             async with self._llol() as hbuf:
                 await self._force(hbuf)
         elif self.pending:
@@ -626,35 +658,118 @@ class Log:
             async with self.append_lock:
                 pass
 
+    async def _ship(self) -> bool:
+        """Have the LLOL's holder append the PLC for us (LogAppend); True
+        once it is on storage, False if we must take the LLOL ourselves."""
+        ship = getattr(self.cache.agent, "ship_log", None)
+        if ship is None or self.page_locks:
+            return False
+        async with self.append_lock:
+            if not self.plc:
+                return True  # an append of another task took ours along
+            if self.cache.holding(self.area.header, Mode.X) is not None:
+                return False  # ours meanwhile: append here
+            records, self.plc, self._plc_bytes = self.plc, [], 0
+            appending = dict(self.pending)
+            body = bytes(_pack_records(records))
+            for _ in range(2):  # the one we asked may name the holder now
+                reply = await ship(body)
+                if reply is None:
+                    break
+                if reply.ok:
+                    self._durable(appending)
+                    self._known = JournalHeader(
+                        reply.checkpoint_seq, reply.next_seq, self._known.low, reply.llp_used
+                    )
+                    self.shipped += 1
+                    return True
+            self.plc = records + self.plc
+            self._plc_bytes = sum(r.size for r in self.plc)
+            return False
+
+    async def append_for(self, host: int, body: bytes) -> p.LogAppended:
+        """A peer's LogAppend: its records appended with ours, once on
+        storage ok; refused unless we hold the LLOL."""
+        hbuf = self.cache.holding(self.area.header, Mode.X)
+        holder = self.cache.agent.llol_holder if hasattr(self.cache.agent, "llol_holder") else -1
+        refusal = p.LogAppended(0, False, holder, 0, 0, 0)
+        if hbuf is None or self.page_locks or self._used_pages() > self.FULL * self.area.count:
+            return refusal  # a full log: the asker waits for room itself
+        try:
+            records = _unpack_records(memoryview(body), -1)
+        except CorruptVolume as e:
+            log.warning("host %d: node %d's log records refused: %s", self.host, host, e)
+            return refusal
+        if (
+            not 0 <= host < self.sb.host_slots
+            or not records
+            or records[-1].kind is not Kind.COMMIT
+            or any(r.host != host for r in records)
+        ):
+            log.warning(
+                "host %d: node %d sent records that are not its own transactions", self.host, host
+            )
+            return refusal
+        job = _Foreign(host, records)
+        self._foreign.append(job)
+        async with self.append_lock:
+            if not job.done.is_set():
+                if self.cache.holding(self.area.header, Mode.X) is hbuf:
+                    try:
+                        await self._force(hbuf)
+                    except (StorageError, CorruptVolume) as e:  # the asker appends itself
+                        log.warning("host %d: appending for node %d: %s", self.host, host, e)
+                else:
+                    self._foreign.remove(job)  # it left meanwhile
+        if not job.ok:
+            return refusal
+        self.appended_for += 1
+        k = self._known
+        return p.LogAppended(0, True, self.host, k.next_seq, k.llp_used, k.checkpoint_seq)
+
+    def _durable(self, appended: dict[int, int]) -> None:
+        """These versions' records are on storage."""
+        for b, version in appended.items():
+            if self.pending.get(b) == version:  # no newer commit meanwhile
+                del self.pending[b]
+
     async def _force(self, hbuf: Buffer) -> None:
-        """force() with the LLOL held."""
-        if not self.plc:
+        """force() with the LLOL held: our PLC, and the records other hosts
+        asked us to append."""
+        if not self.plc and not self._foreign:
             return  # a group commit took ours along
         h = unpack_header(hbuf.data, self.area.header)
         records, self.plc, self._plc_bytes = self.plc, [], 0
+        foreign, self._foreign = self._foreign, []
+        batches = [(self.host, records)] if records else []
+        batches += [(job.host, job.records) for job in foreign]
         # Still pending while the pages are on their way: a block must not
         # reach storage before its records do (a crash between would find
         # the change with no record of it).
         appending = dict(self.pending)
         try:
-            await self._append(h, records)
+            await self._append(h, batches)
         except BaseException:
             self.plc = records + self.plc
             self._plc_bytes = sum(r.size for r in self.plc)
+            for job in foreign:
+                job.done.set()  # not ok: each asker appends for itself
             raise
-        for b, version in appending.items():
-            if self.pending.get(b) == version:  # no newer commit meanwhile
-                del self.pending[b]
+        self._durable(appending)
         pack_header(hbuf.data, h)
         self.cache.mark_dirty(hbuf)
         self._known = h
         self.forces += 1
+        for job in foreign:
+            job.ok = True
+            job.done.set()
 
-    async def _append(self, h: JournalHeader, records: list[Record]) -> None:
-        """Records into the last page while they fit (it is read back from
-        storage: the previous holder wrote it before letting the LLOL go),
-        then into new pages; all written, then `h` says where the log ends."""
-        records = [Record(Kind.BEGIN, 0, self.host, 0, 0), *records]
+    async def _append(self, h: JournalHeader, batches: list[tuple[int, list[Record]]]) -> None:
+        """Each host's records, after a BEGIN of its own, into the last page
+        while they fit (it is read back from storage: the previous holder
+        wrote it before letting the LLOL go), then into new pages; all
+        written, then `h` says where the log ends, and marks each host."""
+        records = [r for host, recs in batches for r in (Record(Kind.BEGIN, 0, host, 0, 0), *recs)]
         writes: list[tuple[int, bytearray]] = []
         if h.next_seq - 1 < h.checkpoint_seq:
             h.llp_used = 0  # the last page is behind the checkpoint: a new one
@@ -701,8 +816,9 @@ class Log:
         )
         self.pages_written += len(writes)
         h.next_seq, h.llp_used = seq + 1, used
-        if not h.low[self.host]:
-            h.low[self.host] = first
+        for host, _ in batches:
+            if not h.low[host]:
+                h.low[host] = first
 
     @staticmethod
     def _fitting(records: list[Record], room: int) -> int:
@@ -961,6 +1077,8 @@ class Log:
             "log_recovered_blocks": self.recovered,
             "log_commits": self.commits,
             "log_forces": self.forces,
+            "log_appends_asked": self.shipped,  # our forces another host appended
+            "log_appends_for_others": self.appended_for,
             "log_pages_written": self.pages_written,
             "log_last_page_reads": self.llp_reads,
             "log_full_waits": self.waits,

@@ -320,6 +320,35 @@ class Release(Message):
     blocks: tuple[int, ...]
 
 
+# -- the log's tail, host to host ------------------------------------------------
+
+
+@message(26)
+class LogAppend(Message):
+    """Host to the host it takes for the LLOL's holder: append `records`
+    (its private log cache: whole transactions, packed as in a log page) to
+    the log for me, and answer once they are on storage.  A commit that
+    costs two host-to-host messages instead of moving the LLOL."""
+
+    req: int
+    records: bytes
+
+
+@message(27)
+class LogAppended(Message):
+    """The answer to LogAppend `req`: `ok`, the records are on storage; or
+    not (it does not hold the LLOL: `holder` is the host it gave it to, -1
+    if it does not know).  Then where the log ends and its checkpoint, as
+    the holder's header has them."""
+
+    req: int
+    ok: bool
+    holder: int
+    next_seq: int
+    llp_used: int
+    checkpoint_seq: int
+
+
 # -- writes ----------------------------------------------------------------------
 
 
@@ -474,7 +503,7 @@ def _checker(t: Any) -> Check:
 #: Every int on the wire is a count, block, version or id: 0 <= v < 2**63,
 #: except these, where -1 means "nobody" (a tool, the master, no receiver)
 #: or "none" (no log header known).
-_MAY_BE_NOBODY = frozenset({"node", "to", "dead", "llol", "master_node"})
+_MAY_BE_NOBODY = frozenset({"node", "to", "dead", "llol", "master_node", "holder"})
 #: Fields that carry a Mode.
 _MODES = frozenset({"mode", "keep"})
 _INT_LIMIT = 1 << 63

@@ -136,6 +136,24 @@ async def test_replay_applies_committed_records_newer_than_storage_only():
     assert again.pages == 0 and again.applied == 0
 
 
+async def test_a_transaction_appended_twice_never_undoes_a_later_one():
+    """A host asks the LLOL's holder to append its transaction, hears
+    nothing, and appends it itself: the log may hold it twice, the second
+    copy after a later change of the same block.  Replay skips the copy
+    older than what the block has reached."""
+    vol = await make_volume()
+    sb = read_superblock(vol)
+    b = sb.groups_start + 4000
+    vol.write_sync(b * BS, meta(fmt.BlockType.INDIRECT, b, 10, {0: b"base"}))
+    first = tx(b, 20, [(0, b"tx20")])
+    txs = [first, tx(b, 30, [(0, b"tx30")]), first]
+    await write_log(vol, sb, txs, per_page=2)
+    result = await j.replay(vol, sb)
+    assert result.transactions == 3 and result.skipped == 1
+    assert fmt.verify(vol.read_sync(b * BS, BS), fmt.BlockType.INDIRECT, b).version == 30
+    assert vol.read_sync(b * BS + fmt.HDR_SIZE, 4) == b"tx30"
+
+
 async def test_the_log_ends_at_a_page_of_an_older_lap_or_a_torn_one():
     vol = await make_volume()
     sb = read_superblock(vol)

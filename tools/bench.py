@@ -217,6 +217,10 @@ def journal_run(hosts: int, page_locks: bool, seconds: float, work: Path) -> dic
             "commits": commits,
             "forces": grown(before, after, "log_forces"),
             "messages_per_commit": msgs / commits if commits else 0.0,
+            # A LogAppend and its answer, host to host, per commit another appended.
+            "peer_per_commit": 2 * grown(before, after, "log_appends_asked") / commits
+            if commits
+            else 0.0,
         }
 
 
@@ -238,16 +242,19 @@ def journal_bench(args: argparse.Namespace, work: Path) -> str:
         "per page: the same, and every log page written also takes a block lock",
         "(`mount --log-page-locks`), as pages locked like any block would.",
         "Messages: lock traffic through the master (not beats or statistics).",
+        "Peer: LogAppend messages host to host (a commit the LLOL's holder appended",
+        "for another host costs a request and an answer).",
         f"Medians of {args.repeat} runs (by messages per commit).",
         "",
-        "| hosts | locks | files/s | commits | log forces | master messages per commit |",
-        "| --- | --- | --- | --- | --- | --- |",
+        "| hosts | locks | files/s | commits | log forces | master messages per commit "
+        "| peer messages per commit |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     for row in rows:
         for r in row.values():
             out.append(
                 f"| {r['hosts']} | {r['locks']} | {r['files_per_s']:.0f} | {r['commits']} "
-                f"| {r['forces']} | {r['messages_per_commit']:.2f} |"
+                f"| {r['forces']} | {r['messages_per_commit']:.2f} | {r['peer_per_commit']:.2f} |"
             )
     out.append("")
     for row in rows:

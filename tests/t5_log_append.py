@@ -1,0 +1,161 @@
+"""Commits of hosts that do not hold the LLOL, appended for them by the host
+that does (LogAppend, host to host), without FUSE: the master's messages,
+who writes the log's pages, whose records they hold, the header's marks,
+and what happens when the holder dies with an append of another host's
+on its way."""
+
+from __future__ import annotations
+
+import trio
+from cluster_util import cluster
+from conftest import CTX, ROOT, make_volume
+from t5_faults import FaultyStorage, fsck_clean
+from t5_recovery import content, put
+
+from sharedfs import journal as j
+from sharedfs.protocol import LockRequest, Mode
+from sharedfs.storage import Storage
+from sharedfs.volume import read_superblock
+
+
+class Recorder(FaultyStorage):
+    """A host's view of the volume that notes the log pages it writes,
+    and can hold them back (`gate` not set)."""
+
+    def __init__(self, inner: Storage, log_area: range) -> None:
+        super().__init__(inner)
+        self.log_area = log_area
+        self.log_writes = 0
+        self.gate = trio.Event()
+        self.gate.set()
+        self.at_gate = trio.Event()
+
+    async def write(self, offset: int, data, *, fua: bool = False) -> None:  # type: ignore[no-untyped-def]
+        if offset in self.log_area:
+            self.log_writes += 1
+            if not self.gate.is_set():
+                self.at_gate.set()
+                await self.gate.wait()
+        await super().write(offset, data, fua=fua)
+
+
+def recorders(vol, seen: dict[int, Recorder]):  # type: ignore[no-untyped-def]
+    """cluster()'s `wrap`: a Recorder per host, in `seen` by node."""
+    sb = read_superblock(vol)
+    area = j.Area.of(sb)
+    log_area = range(area.first * sb.block_size, (area.first + area.count) * sb.block_size)
+
+    def wrap(node: int, storage: Storage) -> Storage:
+        seen[node] = Recorder(storage, log_area)
+        return seen[node]
+
+    return wrap
+
+
+def count_log_requests(c) -> list[int]:  # type: ignore[no-untyped-def]
+    """Nodes of the lock requests for the log's header the master gets."""
+    asked: list[int] = []
+    d = c.master.directory
+    real = d.on_lock_request
+
+    def spy(node: int, msg: LockRequest):  # type: ignore[no-untyped-def]
+        if c.hosts[0].log.area.header in msg.blocks:
+            asked.append(node)
+        return real(node, msg)
+
+    d.on_lock_request = spy
+    return asked
+
+
+def holder_of_llol(c) -> int:  # type: ignore[no-untyped-def]
+    [holder] = [
+        n
+        for n, fs in enumerate(c.hosts)
+        if n in c._scopes and fs.cache.holding(fs.log.area.header, Mode.X)  # alive
+    ]
+    return holder
+
+
+async def test_the_llol_stays_put_and_its_holder_appends_the_others_commits():
+    """Three hosts create and fsync files in directories of their own.
+    Once the LLOL has settled, every commit of the others reaches the log
+    through its holder: the master gets no request for the log's header,
+    only the holder writes log pages, the pages hold each host's records
+    under its own id, the header marks each host, and a host killed then is
+    recovered from those records."""
+    vol = await make_volume(256 << 20)
+    rec: dict[int, Recorder] = {}
+    async with cluster(vol, 3, checkpoint_every=None, wrap=recorders(vol, rec)) as c:
+        dirs = [(await fs.mkdir(ROOT, b"d%d" % n, 0o755, CTX)).ino for n, fs in enumerate(c.hosts)]
+        for n, fs in enumerate(c.hosts):  # each host's first commit: the LLOL moves
+            await put(fs, dirs[n], b"first", b"1")
+        holder = holder_of_llol(c)
+        asked = count_log_requests(c)
+        before = {n: r.log_writes for n, r in rec.items()}
+        acked: dict[tuple[int, bytes], bytes] = {}
+
+        async def commits(n: int) -> None:
+            for i in range(15):
+                data = b"%d-%d " % (n, i) * 300
+                await put(c.hosts[n], dirs[n], b"f%d" % i, data)
+                acked[(dirs[n], b"f%d" % i)] = data
+
+        async with trio.open_nursery() as nursery:
+            for n in range(3):
+                nursery.start_soon(commits, n)
+        assert holder_of_llol(c) == holder
+        assert asked == [], "the LLOL moved"
+        others = [n for n in range(3) if n != holder]
+        for n in others:
+            assert c.hosts[n].log.shipped >= 15
+            assert rec[n].log_writes == before[n], f"host {n} wrote log pages"
+        assert c.hosts[holder].log.appended_for >= 30
+        assert rec[holder].log_writes > before[holder]
+        _, pages = await j.read_log(vol, c.sb)
+        assert {r.host for page in pages for r in page.records} == {0, 1, 2}
+        hfs = c.hosts[holder]
+        hbuf = hfs.cache.holding(hfs.log.area.header, Mode.X)
+        header = j.unpack_header(hbuf.data, hfs.log.area.header)  # the LLOL's value
+        assert all(header.low[n] for n in range(3))
+        victim = others[0]
+        c.kill(victim)
+        await c.wait_recovered(victim)
+        reader = c.hosts[others[1]]
+        for (parent, name), data in acked.items():
+            assert await content(reader, parent, name) == data, name
+    await fsck_clean(vol)
+
+
+async def test_a_holder_that_dies_with_anothers_append_on_its_way():
+    """The holder's log write is held back, with another host's commit in
+    it, and the holder dies: the asker hears no answer, takes the LLOL
+    itself, and its fsync returns; what it fsync'd is there."""
+    vol = await make_volume(256 << 20)
+    rec: dict[int, Recorder] = {}
+    async with cluster(vol, 3, checkpoint_every=None, wrap=recorders(vol, rec)) as c:
+        dirs = [(await fs.mkdir(ROOT, b"d%d" % n, 0o755, CTX)).ino for n, fs in enumerate(c.hosts)]
+        for n, fs in enumerate(c.hosts):
+            await put(fs, dirs[n], b"first", b"1")
+        holder = holder_of_llol(c)
+        asker = (holder + 1) % 3
+        rec[holder].gate = trio.Event()
+        shipped = c.hosts[asker].log.shipped
+        result: list[int] = []
+
+        async def commit() -> None:
+            result.append(await put(c.hosts[asker], dirs[asker], b"late", b"L" * 3000))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(commit)
+            with trio.fail_after(10):
+                await rec[holder].at_gate.wait()
+            assert c.hosts[asker].cache.agent._log_asks  # its commit is in that write
+            c.kill(holder)
+            rec[holder].gate.set()  # the process is gone: nothing more lands
+        assert result
+        assert c.hosts[asker].log.shipped == shipped  # it appended them itself
+        assert holder_of_llol(c) == asker
+        await c.wait_recovered(holder)
+        third = c.hosts[3 - holder - asker]
+        assert await content(third, dirs[asker], b"late") == b"L" * 3000
+    await fsck_clean(vol)
