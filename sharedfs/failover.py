@@ -46,7 +46,8 @@ class Failover:
     """A host's part in the election.
 
     `start(dead)` starts a master in this host, told that node `dead` is
-    gone, and returns the address to join it at.
+    gone, and returns the address to join it at (None if it may not or
+    cannot: then it is not tried again, and the others wait, then fence).
     """
 
     def __init__(
@@ -54,11 +55,12 @@ class Failover:
         storage: Storage,
         sb: fmt.Superblock,
         node: int,
-        start: Callable[[int], Awaitable[Address]],
+        start: Callable[[int], Awaitable[Address | None]],
     ) -> None:
         self.storage, self.sb, self.node = storage, sb, node
         self._start = start
         self._mine: Address | None = None
+        self._tried = False
 
     async def where(self, old: int, old_addr: Address) -> Address | None:
         """The master to try now, when the one embedded in host `old` went
@@ -72,7 +74,8 @@ class Failover:
         if heir is None:
             return None
         if heir == self.node:
-            if self._mine is None:
+            if not self._tried:
+                self._tried = True
                 log.warning(
                     "host %d: the lock master's host %d is dead: taking the master role",
                     self.node,

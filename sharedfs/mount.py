@@ -338,12 +338,21 @@ class Masters:
         log.info("host %d: embedded master on %s:%d", self._node, *addr)
         return addr, service
 
-    async def take_over(self, dead: int) -> tuple[str, int]:
-        """Start the successor of the master that host `dead` ran."""
+    async def take_over(self, dead: int) -> tuple[str, int] | None:
+        """Start the successor of the master that host `dead` ran; None if
+        this host may not (its disk lease is up: it fences) or cannot."""
         host, port = parse_address(self._args.listen)
         if host in ("127.0.0.1", "localhost") and self._args.peer_address[0] != host:
             host = self._args.peer_address[0]  # where the other hosts reach us
-        addr, _ = await self._start((host, port), frozenset({dead}))
+        # From now on this host writes only while its heartbeat is fresh.
+        self._gate.disk_lease = (DISK_LEASE, lambda: self._keeper.beat_at)
+        if self._gate.lapsed():
+            return None
+        try:
+            addr, _ = await self._start((host, port), frozenset({dead}))
+        except QuietError as e:  # cannot listen there: the others wait, then fence
+            log.error("host %d: cannot take the master role: %s", self._node, e)
+            return None
         log.warning("host %d: took the master role: listening on %s:%d", self._node, *addr)
         return addr
 
@@ -360,11 +369,9 @@ class Masters:
             node=self._node,
             dead=dead,
         )
-        # From now on this host writes only while its heartbeat is fresh,
-        # and its master serves only as long.
+        # This host writes only while its heartbeat is fresh, and its
+        # master serves only as long.
         gate.disk_lease = (DISK_LEASE, lambda: keeper.beat_at)
-        if gate.lapsed():
-            raise QuietError("this host's disk lease is up: it may not run a master", 32)
         service.may_serve = lambda: not gate.lapsed()
         lhost, lport = listen
         port = await self._nursery.start(service.serve, lhost, lport)
