@@ -45,8 +45,10 @@ def trials(mode: str, n: int, seed: int, lease: float = 3.0) -> dict:  # type: i
 
 
 def test_kill_9_of_any_host_loses_no_fsynced_file() -> None:
-    result = trials("kill", 4, seed=7)
-    assert result["trials"] == 4
+    """Twelve kill -9 trials; with the others here, twenty host and master
+    kills of real processes in every run (issue #4 asks for twenty)."""
+    result = trials("kill", 12, seed=7)
+    assert result["trials"] == 12
     assert result["checked"] > 0 and result["final_files"] > 0
 
 
@@ -67,8 +69,8 @@ def test_kill_9_of_the_host_that_runs_the_master_hands_it_on_and_loses_nothing()
     """No standalone master: the first host embeds it.  Trials kill -9
     mostly the host that runs it: another takes over, every other host
     resumes with it (none fences), and every acknowledged file is there."""
-    result = trials("failover", 3, seed=9)
-    assert result["trials"] == 3 and result["failovers"] >= 1
+    result = trials("failover", 4, seed=9)
+    assert result["trials"] == 4 and result["failovers"] >= 1
     assert result["checked"] > 0 and result["final_files"] > 0
 
 
