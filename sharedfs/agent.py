@@ -913,6 +913,8 @@ class ClusterAgent:
                             stream, self.key, self.host, initiator=True, tls=self.tls
                         )
                         self._peer_links[node] = link
+                        assert self._nursery is not None
+                        self._nursery.start_soon(self._watch_peer, node, link)
                         fresh = True
                     await link.send(msg)
                     return True
@@ -922,6 +924,19 @@ class ClusterAgent:
                         log.warning("host %d: peer %d unreachable: %s", self.host, node, e)
                         return False
         return False
+
+    async def _watch_peer(self, node: int, link: Link) -> None:
+        """Nothing comes back on our link to a peer: it ends when the peer
+        does (or drops it), which is news to a LogAppend waiting on it
+        (with the master gone too, no PeerDown would say so)."""
+        try:
+            with contextlib.suppress(p.ProtocolError, LinkClosed):
+                await link.receive()
+        finally:
+            if self._peer_links.get(node) is link:
+                del self._peer_links[node]
+            self._answer_log_asks(node)
+            await link.aclose()
 
     async def _peer_handler(self, stream: trio.SocketStream) -> None:
         try:

@@ -12,6 +12,7 @@ from conftest import CTX, ROOT, make_volume
 from t5_faults import FaultyStorage, fsck_clean
 from t5_recovery import content, put
 
+from sharedfs import agent as agent_module
 from sharedfs import journal as j
 from sharedfs.protocol import LockRequest, Mode
 from sharedfs.storage import Storage
@@ -156,6 +157,44 @@ async def test_a_holder_that_dies_with_anothers_append_on_its_way():
         assert c.hosts[asker].log.shipped == shipped  # it appended them itself
         assert holder_of_llol(c) == asker
         await c.wait_recovered(holder)
+        third = c.hosts[3 - holder - asker]
+        assert await content(third, dirs[asker], b"late") == b"L" * 3000
+    await fsck_clean(vol)
+
+
+async def test_a_holder_that_dies_with_the_master_leaves_no_append_waiting(monkeypatch):
+    """The holder dies with an append of another host's in its write, and
+    the master dies at the same moment (the master it embedded, say): no
+    PeerDown will come, but the holder's link closes, the asker stops
+    waiting, resumes with the new master and appends its records itself.
+    (The answer's timeout is out of the way: only the closed link can end
+    the wait.)"""
+    monkeypatch.setattr(agent_module, "LOG_ASK_TIMEOUT", 10_000)
+    vol = await make_volume(256 << 20)
+    rec: dict[int, Recorder] = {}
+    async with cluster(vol, 3, checkpoint_every=None, wrap=recorders(vol, rec), lease=1.5) as c:
+        dirs = [(await fs.mkdir(ROOT, b"d%d" % n, 0o755, CTX)).ino for n, fs in enumerate(c.hosts)]
+        for n, fs in enumerate(c.hosts):
+            await put(fs, dirs[n], b"first", b"1")
+        holder = holder_of_llol(c)
+        asker = (holder + 1) % 3
+        rec[holder].gate = trio.Event()
+        result: list[int] = []
+
+        async def commit() -> None:
+            result.append(await put(c.hosts[asker], dirs[asker], b"late", b"L" * 3000))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(commit)
+            with trio.fail_after(10):
+                await rec[holder].at_gate.wait()
+            c.kill(holder)
+            c.stop_master()
+            await c.restart_master()
+            with c.watchdog(30):
+                while not result:  # noqa: ASYNC110
+                    await trio.sleep(0.05)
+        assert holder_of_llol(c) == asker
         third = c.hosts[3 - holder - asker]
         assert await content(third, dirs[asker], b"late") == b"L" * 3000
     await fsck_clean(vol)
