@@ -53,8 +53,11 @@ DEFAULT_MASTER_WAIT = 10.0
 RECONNECT_INTERVAL = 0.5
 #: How long a host that lost its master tries to reach the other hosts.
 PROBE_TIMEOUT = 2.0
-#: How long a LogAppend waits for its answer before we append ourselves.
-LOG_ASK_TIMEOUT = 30.0
+#: How long a LogAppend waits for its answer before we append ourselves,
+#: in leases: an append takes milliseconds, and a holder the master has
+#: lost (no PeerDown will come: a master that forgot every lock, say) may
+#: never answer.
+LOG_ASK_LEASES = 1.0
 
 
 class MasterRefused(QuietError):
@@ -998,7 +1001,7 @@ class ClusterAgent:
             # An answer lost on the way would leave us waiting: after this
             # long we append them ourselves (a record twice in the log is
             # harmless: replay skips one older than the block it reached).
-            with trio.move_on_after(LOG_ASK_TIMEOUT):
+            with trio.move_on_after(max(1.0, self.lease * LOG_ASK_LEASES)):
                 await ask.done.wait()
         finally:
             del self._log_asks[req]

@@ -169,7 +169,7 @@ async def test_a_holder_that_dies_with_the_master_leaves_no_append_waiting(monke
     waiting, resumes with the new master and appends its records itself.
     (The answer's timeout is out of the way: only the closed link can end
     the wait.)"""
-    monkeypatch.setattr(agent_module, "LOG_ASK_TIMEOUT", 10_000)
+    monkeypatch.setattr(agent_module, "LOG_ASK_LEASES", 10_000)
     vol = await make_volume(256 << 20)
     rec: dict[int, Recorder] = {}
     async with cluster(vol, 3, checkpoint_every=None, wrap=recorders(vol, rec), lease=1.5) as c:
