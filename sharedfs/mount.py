@@ -73,7 +73,12 @@ def add_mount_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("volume", help="image file, block device or NBD URI holding the volume")
     p.add_argument("mountpoint")
     p.add_argument("--foreground", "-f", action="store_true", help="stay in the foreground")
-    p.add_argument("--master", metavar="HOST:PORT", help="lock master to join (default: embed one)")
+    p.add_argument(
+        "--master",
+        metavar="HOST:PORT",
+        help="lock master to join (default: the one a live host runs, as the volume names it; "
+        "else embed one)",
+    )
     p.add_argument(
         "--listen",
         metavar="HOST:PORT",
