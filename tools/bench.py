@@ -11,6 +11,10 @@ nbd: one host's workloads (sequential 1 MiB writes and cold reads, random
 image file, and on the same kind of image served by nbdkit over a unix
 socket and over loopback TCP, interleaved in the same run.
 
+disjoint: small files (create, write 4 KiB, close) on one host in its own
+directory, then on two hosts at once, each in its own: the files per second
+of the two together against the one (issue #9 asks for 1.6x).
+
 mirror: one host's write workloads with mirroring off, to an image file,
 and to nbdkit over a unix socket, interleaved; the lag (how long after a
 workload's last fsync the secondary has everything); then `sharedfs mirror
@@ -541,6 +545,72 @@ def pingpong_bench(args: argparse.Namespace, work: Path) -> str:
     return "\n".join(out)
 
 
+# -- two hosts on disjoint directories ------------------------------------------
+
+WRITER = r"""
+import os, sys, time
+top, seconds = sys.argv[1], float(sys.argv[2])
+os.makedirs(top, exist_ok=True)
+data = b"x" * 4096
+n, end = 0, time.monotonic() + seconds
+while time.monotonic() < end:
+    fd = os.open(os.path.join(top, f"f{n}"), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    os.write(fd, data)
+    os.close(fd)
+    n += 1
+print(n)
+"""
+
+
+def disjoint_run(hosts: int, seconds: float, work: Path) -> dict:
+    """`hosts` mounts, each writing small files in a directory of its own."""
+    vol = work / "disjoint.img"
+    sfs("mkfs", str(vol), "--size", "2G", "-q", "--force")
+    with cluster(vol, hosts, work, (), ()) as (addr, mnts):
+        for n, m in enumerate(mnts):
+            (m / f"d{n}").mkdir()
+        before = counters(vol, addr)
+        procs = [
+            subprocess.Popen(
+                [PY, "-c", WRITER, str(m / f"d{n}"), str(seconds)],
+                stdout=subprocess.PIPE,
+                text=True,
+            )
+            for n, m in enumerate(mnts)
+        ]
+        files = sum(int(p.communicate(timeout=seconds + 600)[0]) for p in procs)
+        after = counters(vol, addr)
+        requests = after["counters"]["lock_requests"] - before["counters"]["lock_requests"]
+    return {"hosts": hosts, "files_per_s": files / seconds, "lock_requests": requests}
+
+
+def disjoint_bench(args: argparse.Namespace, work: Path) -> str:
+    runs: dict[int, list[dict]] = {1: [], 2: []}
+    for _ in range(args.repeat):  # interleaved: noise hurts both alike
+        for hosts in runs:
+            runs[hosts].append(disjoint_run(hosts, args.seconds, work))
+    one, two = (_median(r, "files_per_s") for r in runs.values())
+    cmd = f"tools/bench disjoint --seconds {args.seconds:g} --repeat {args.repeat}"
+    out = [
+        f"### two hosts on disjoint directories, {time.strftime('%Y-%m-%d')}",
+        "",
+        f"`{cmd}` on {machine()}; a 2 GiB image file on the machine's disk, a",
+        "standalone master; each host creates files of 4 KiB (create, write, close)",
+        "in a directory of its own for the run's seconds. Lock requests: those the",
+        "master got during the run, all hosts together.",
+        f"Medians of {args.repeat} runs (each run in brackets).",
+        "",
+        "| hosts | files/s | lock requests |",
+        "| --- | --- | --- |",
+    ]
+    for hosts, r in ((1, one), (2, two)):
+        each = ", ".join(f"{x['files_per_s']:.0f}" for x in runs[hosts])
+        out.append(f"| {hosts} | {r['files_per_s']:.0f} ({each}) | {r['lock_requests']} |")
+    ratio = two["files_per_s"] / one["files_per_s"]
+    out += ["", f"two hosts / one host: {ratio:.2f}x the files per second.", ""]
+    return "\n".join(out)
+
+
 # -- mirroring ------------------------------------------------------------------
 
 MIRROR_MODES = ("off", "file", "nbd+unix")
@@ -688,9 +758,9 @@ def mirror_bench(args: argparse.Namespace, work: Path) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(prog="tools/bench")
-    ap.add_argument("what", choices=["pingpong", "nbd", "journal", "mirror"])
+    ap.add_argument("what", choices=["pingpong", "nbd", "journal", "mirror", "disjoint"])
     ap.add_argument("--rounds", type=int, default=200, help="pingpong: turns per host")
-    ap.add_argument("--seconds", type=float, default=10, help="journal: seconds per run")
+    ap.add_argument("--seconds", type=float, default=10, help="journal, disjoint: seconds per run")
     ap.add_argument("--repeat", type=int, default=3, help="runs per mode; the median is reported")
     ap.add_argument("--dir", default=str(TOP / ".bench"), help="where the volumes live (real disk)")
     ap.add_argument(
@@ -706,6 +776,7 @@ def main() -> None:
             "nbd": nbd_bench,
             "journal": journal_bench,
             "mirror": mirror_bench,
+            "disjoint": disjoint_bench,
         }[args.what]
         text = bench(args, work)
     finally:
