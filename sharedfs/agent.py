@@ -754,7 +754,6 @@ class ClusterAgent:
                         self._nursery.start_soon(old.aclose)
                 elif isinstance(msg, p.PeerDown):
                     self._peers.pop(msg.node, None)
-                    self._answer_log_asks(msg.node)
                     gone = self._peer_links.pop(msg.node, None)
                     if gone is not None:
                         self._nursery.start_soon(gone.aclose)
@@ -930,8 +929,8 @@ class ClusterAgent:
 
     async def _watch_peer(self, node: int, link: Link) -> None:
         """Nothing comes back on our link to a peer: it ends when the peer
-        does (or drops it), which is news to a LogAppend waiting on it
-        (with the master gone too, no PeerDown would say so)."""
+        does, or when we drop it (PeerDown), and so does any LogAppend
+        waiting on that peer (a master gone too sends no PeerDown)."""
         try:
             with contextlib.suppress(p.ProtocolError, LinkClosed):
                 await link.receive()

@@ -751,7 +751,7 @@ class BlockCache:
             # crash must not find half an operation there.  (Another write
             # may have taken some meanwhile.)
             todo = [
-                b for b in todo if b in self._bufs and self._bufs[b].dirty and not self._in_flux(b)
+                b for b in todo if b in self._bufs and self._bufs[b].dirty and not self.in_flux(b)
             ]
             if not todo:
                 break
@@ -777,10 +777,6 @@ class BlockCache:
     def in_flux(self, b: int) -> bool:
         """Changed by the running operation, not yet committed (it may
         still be undone)."""
-        return self._in_flux(b)
-
-    def _in_flux(self, b: int) -> bool:
-        """Changed by the running operation, not yet committed."""
         op = self._op
         if op is None or b not in op.undo:
             return False
@@ -862,7 +858,7 @@ class BlockCache:
     def _needs_force(self, b: int) -> bool:
         """Would writing our version of `b` need its records forced first?"""
         buf = self._bufs.get(b)
-        return buf is not None and (buf.dirty or self._in_flux(b)) and not self.logged([b])
+        return buf is not None and (buf.dirty or self.in_flux(b)) and not self.logged([b])
 
     async def _perform_all(
         self, blocknos: list[int], later: set[int] | None = None
@@ -886,7 +882,7 @@ class BlockCache:
         """perform_write() of one block, with the write lock; None: the lock
         was let go meanwhile, and what to write must be decided again."""
         buf = self._bufs.get(b)
-        if buf is not None and self._in_flux(b):
+        if buf is not None and self.in_flux(b):
             return await self._write_committed(b)
         if buf is not None and buf.dirty:
             done = await self._write_run(b, 1)
@@ -894,7 +890,7 @@ class BlockCache:
                 return done[0]
             # It left while its log records were written (what we keep of
             # it now is a past image), or an operation changed it meanwhile.
-            if self._in_flux(b):
+            if self.in_flux(b):
                 return await self._write_committed(b)
         buf = self._bufs.get(b)
         if buf is not None:

@@ -691,8 +691,7 @@ class Log:
         """A peer's LogAppend: its records appended with ours, once on
         storage ok; refused unless we hold the LLOL."""
         hbuf = self.cache.holding(self.area.header, Mode.X)
-        holder = self.cache.agent.llol_holder if hasattr(self.cache.agent, "llol_holder") else -1
-        refusal = p.LogAppended(0, False, holder, 0, 0, 0)
+        refusal = p.LogAppended(0, False, self.cache.agent.llol_holder, 0, 0, 0)
         if hbuf is None or self.page_locks or self._used_pages() > self.FULL * self.area.count:
             return refusal  # a full log: the asker waits for room itself
         try:

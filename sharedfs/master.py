@@ -206,6 +206,13 @@ class MasterService:
             self._open_window(set())
             task_status.started(self.port)
 
+    def _serving(self) -> bool:
+        """May we answer still?  If not, stop."""
+        ok = self.may_serve()
+        if not ok:
+            self.stop("its host's disk lease is up")
+        return ok
+
     def stop(self, why: str) -> None:
         """Serve no more (an embedded master whose host may no longer
         write): every connection drops, and the hosts elect a successor."""
@@ -360,8 +367,7 @@ class MasterService:
                     await self._gone(node)
 
     async def _first(self, link: Link, msg: p.Message, scope: trio.CancelScope) -> int | None:
-        if not self.may_serve():
-            self.stop("its host's disk lease is up")
+        if not self._serving():
             return None
         if isinstance(msg, p.StatusRequest):
             await link.send(p.StatusReply(self.status()))
@@ -442,8 +448,7 @@ class MasterService:
     ) -> None:
         async with recv:
             async for msg in recv:
-                if not self.may_serve():
-                    self.stop("its host's disk lease is up")
+                if not self._serving():
                     return
                 try:
                     await link.send(msg)

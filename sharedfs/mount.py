@@ -345,17 +345,14 @@ class Masters:
 
     async def take_over(self, dead: int) -> tuple[str, int] | None:
         """Start the successor of the master that host `dead` ran; None if
-        this host may not (its disk lease is up: it fences) or cannot."""
+        this host may not (its disk lease is up: it fences) or cannot (its
+        --listen address is taken): the others wait, then fence."""
         host, port = parse_address(self._args.listen)
         if host in ("127.0.0.1", "localhost") and self._args.peer_address[0] != host:
             host = self._args.peer_address[0]  # where the other hosts reach us
-        # From now on this host writes only while its heartbeat is fresh.
-        self._gate.disk_lease = (DISK_LEASE, lambda: self._keeper.beat_at)
-        if self._gate.lapsed():
-            return None
         try:
             addr, _ = await self._start((host, port), frozenset({dead}))
-        except QuietError as e:  # cannot listen there: the others wait, then fence
+        except QuietError as e:
             log.error("host %d: cannot take the master role: %s", self._node, e)
             return None
         log.warning("host %d: took the master role: listening on %s:%d", self._node, *addr)
@@ -364,7 +361,7 @@ class Masters:
     async def _start(
         self, listen: tuple[str, int], dead: frozenset[int]
     ) -> tuple[tuple[str, int], MasterService]:
-        args, gate, keeper = self._args, self._gate, self._keeper
+        args, gate = self._args, self._gate
         service = MasterService(
             self._sb.cluster_key,
             coherence=args.coherence,
@@ -374,14 +371,16 @@ class Masters:
             node=self._node,
             dead=dead,
         )
-        # This host writes only while its heartbeat is fresh, and its
-        # master serves only as long.
-        gate.disk_lease = (DISK_LEASE, lambda: keeper.beat_at)
+        # This host writes only while its heartbeat is fresh, and its master
+        # serves only as long.
+        gate.disk_lease = (DISK_LEASE, lambda: self._keeper.beat_at)
+        if gate.lapsed():
+            raise QuietError("this host's disk lease is up", 32)
         service.may_serve = lambda: not gate.lapsed()
         lhost, lport = listen
         port = await self._nursery.start(service.serve, lhost, lport)
         reach = self._args.peer_address[0] if lhost in ("0.0.0.0", "::", "") else lhost
-        await trio.to_thread.run_sync(keeper.publish, f"{reach}:{port}")
+        await trio.to_thread.run_sync(self._keeper.publish, f"{reach}:{port}")
         self._nursery.start_soon(self._stop_when_fenced, service)
         return (reach, port), service
 
@@ -439,7 +438,7 @@ async def _run_fuse(
 async def _heartbeat_task(gate: Fence, keeper: SlotKeeper) -> None:
     """Keep our slot fresh until we are fenced."""
     with contextlib.suppress(Fenced):
-        while not gate.lapsed():
+        while True:
             await trio.sleep(HEARTBEAT_INTERVAL)
             if gate.lapsed():
                 return  # a heartbeat now would make a fenced host look alive
