@@ -175,20 +175,54 @@ def pingpong(coherence: str, rounds: int, work: Path) -> dict:
         }
 
 
-# -- the journal: create+fsync from several hosts -----------------------------------
+# -- hosts making files in directories of their own ---------------------------------
 
-COMMITTER = r"""
+#: Creates files in `top` for `seconds`, each with `size` bytes written and,
+#: if `fsync` is 1, fsync'd; prints how many.
+FILE_MAKER = r"""
 import os, sys, time
-top, seconds = sys.argv[1], float(sys.argv[2])
+top, seconds, size, fsync = sys.argv[1], float(sys.argv[2]), int(sys.argv[3]), sys.argv[4] == "1"
 os.makedirs(top, exist_ok=True)
+data = b"x" * size
 n, end = 0, time.monotonic() + seconds
 while time.monotonic() < end:
     fd = os.open(os.path.join(top, f"f{n}"), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-    os.fsync(fd)
+    if data:
+        os.write(fd, data)
+    if fsync:
+        os.fsync(fd)
     os.close(fd)
     n += 1
 print(n)
 """
+
+
+def own_dirs_run(
+    vol: Path,
+    hosts: int,
+    work: Path,
+    mount_args: tuple[str, ...],
+    seconds: float,
+    size: int,
+    fsync: bool,
+) -> tuple[int, dict, dict]:
+    """`hosts` mounts of `vol`, each making files in a directory of its
+    own for `seconds`: the files made, and the master's counters before
+    and after."""
+    with cluster(vol, hosts, work, (), mount_args) as (addr, mnts):
+        for n, m in enumerate(mnts):
+            (m / f"d{n}").mkdir()
+        before = counters(vol, addr)
+        procs = [
+            subprocess.Popen(
+                [PY, "-c", FILE_MAKER, str(m / f"d{n}"), str(seconds), str(size), str(int(fsync))],
+                stdout=subprocess.PIPE,
+                text=True,
+            )
+            for n, m in enumerate(mnts)
+        ]
+        files = sum(int(p.communicate(timeout=seconds + 600)[0]) for p in procs)
+        return files, before, counters(vol, addr)
 
 
 def journal_run(hosts: int, page_locks: bool, seconds: float, work: Path) -> dict:
@@ -196,36 +230,23 @@ def journal_run(hosts: int, page_locks: bool, seconds: float, work: Path) -> dic
     vol = work / "journal.img"
     sfs("mkfs", str(vol), "--size", "512M", "-q", "--force")
     extra = ("--writeback", "600", *(("--log-page-locks",) if page_locks else ()))
-    with cluster(vol, hosts, work, (), extra) as (addr, mnts):
-        for n, m in enumerate(mnts):
-            (m / f"d{n}").mkdir()
-        before = counters(vol, addr)
-        procs = [
-            subprocess.Popen(
-                [PY, "-c", COMMITTER, str(m / f"d{n}"), str(seconds)],
-                stdout=subprocess.PIPE,
-                text=True,
-            )
-            for n, m in enumerate(mnts)
-        ]
-        files = sum(int(p.communicate(timeout=seconds + 600)[0]) for p in procs)
-        after = counters(vol, addr)
-        msgs = sum(
-            after["counters"][k] - before["counters"][k] for k in ("messages_in", "messages_out")
-        )
-        commits = grown(before, after, "log_commits")
-        return {
-            "hosts": hosts,
-            "locks": "per page" if page_locks else "LLOL",
-            "files_per_s": files / seconds,
-            "commits": commits,
-            "forces": grown(before, after, "log_forces"),
-            "messages_per_commit": msgs / commits if commits else 0.0,
-            # A LogAppend and its answer, host to host, per commit another appended.
-            "peer_per_commit": 2 * grown(before, after, "log_appends_asked") / commits
-            if commits
-            else 0.0,
-        }
+    files, before, after = own_dirs_run(vol, hosts, work, extra, seconds, 0, True)
+    msgs = sum(
+        after["counters"][k] - before["counters"][k] for k in ("messages_in", "messages_out")
+    )
+    commits = grown(before, after, "log_commits")
+    return {
+        "hosts": hosts,
+        "locks": "per page" if page_locks else "LLOL",
+        "files_per_s": files / seconds,
+        "commits": commits,
+        "forces": grown(before, after, "log_forces"),
+        "messages_per_commit": msgs / commits if commits else 0.0,
+        # A LogAppend and its answer, host to host, per commit another appended.
+        "peer_per_commit": 2 * grown(before, after, "log_appends_asked") / commits
+        if commits
+        else 0.0,
+    }
 
 
 def journal_bench(args: argparse.Namespace, work: Path) -> str:
@@ -547,40 +568,13 @@ def pingpong_bench(args: argparse.Namespace, work: Path) -> str:
 
 # -- two hosts on disjoint directories ------------------------------------------
 
-WRITER = r"""
-import os, sys, time
-top, seconds = sys.argv[1], float(sys.argv[2])
-os.makedirs(top, exist_ok=True)
-data = b"x" * 4096
-n, end = 0, time.monotonic() + seconds
-while time.monotonic() < end:
-    fd = os.open(os.path.join(top, f"f{n}"), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-    os.write(fd, data)
-    os.close(fd)
-    n += 1
-print(n)
-"""
-
 
 def disjoint_run(hosts: int, seconds: float, work: Path) -> dict:
     """`hosts` mounts, each writing small files in a directory of its own."""
     vol = work / "disjoint.img"
     sfs("mkfs", str(vol), "--size", "2G", "-q", "--force")
-    with cluster(vol, hosts, work, (), ()) as (addr, mnts):
-        for n, m in enumerate(mnts):
-            (m / f"d{n}").mkdir()
-        before = counters(vol, addr)
-        procs = [
-            subprocess.Popen(
-                [PY, "-c", WRITER, str(m / f"d{n}"), str(seconds)],
-                stdout=subprocess.PIPE,
-                text=True,
-            )
-            for n, m in enumerate(mnts)
-        ]
-        files = sum(int(p.communicate(timeout=seconds + 600)[0]) for p in procs)
-        after = counters(vol, addr)
-        requests = after["counters"]["lock_requests"] - before["counters"]["lock_requests"]
+    files, before, after = own_dirs_run(vol, hosts, work, (), seconds, 4096, False)
+    requests = after["counters"]["lock_requests"] - before["counters"]["lock_requests"]
     return {"hosts": hosts, "files_per_s": files / seconds, "lock_requests": requests}
 
 
