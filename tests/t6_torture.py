@@ -26,7 +26,13 @@ sys.modules["torture"] = torture  # its dataclasses look themselves up there
 _spec.loader.exec_module(torture)
 
 
-def trials(mode: str, n: int, seed: int, lease: float = 3.0) -> dict:  # type: ignore[type-arg]
+#: Longer than the stalls of 4-6 s a mount of this machine sometimes shows
+#: under the full suite (docs/RELIABILITY.md, Open): a host stalled past
+#: its lease is rightly fenced, and these trials then fail at the end.
+LEASE = 6.0
+
+
+def trials(mode: str, n: int, seed: int, lease: float = LEASE) -> dict:  # type: ignore[type-arg]
     args = argparse.Namespace(
         trials=n,
         hosts=3,
@@ -53,7 +59,7 @@ def test_kill_9_of_any_host_loses_no_fsynced_file() -> None:
 
 
 def test_a_stopped_host_is_fenced_and_recovered_when_its_lease_lapses() -> None:
-    result = trials("stop", 1, seed=3)
+    result = trials("stop", 1, seed=3, lease=3.0)  # a stop waits out the lease
     assert result["trials"] == 1 and result["final_files"] > 0
 
 
@@ -82,5 +88,5 @@ def test_kill_9_of_the_master_and_a_host_together_loses_nothing() -> None:
     stalled longer than its lease (4.5 s, then 6.3 s; docs/RELIABILITY.md,
     Open) and was fenced, which this test must not see; the sweep itself
     runs in the suite in process (t5_master_restart)."""
-    result = trials("both", 2, seed=6, lease=6.0)
+    result = trials("both", 2, seed=6)
     assert result["trials"] == 2 and result["checked"] > 0 and result["final_files"] > 0
