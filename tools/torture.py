@@ -46,17 +46,21 @@ from sharedfs.volume import open_superblock, published_master
 
 PY = sys.executable
 
-#: The writer: `W name digest` before a rewrite, `A name digest` once a
-#: create or rewrite has been fsync'd.  A name whose last line is W may hold
-#: the old or the new contents.
+#: The writer: `W name digest size seed` before a rewrite, `A name digest
+#: size seed` once a create or rewrite has been fsync'd; the contents are
+#: random.Random(seed).randbytes(size), so a checker can rebuild them.  A
+#: name whose last line is W may hold the old or the new contents.
 WRITER = r"""
 import os, random, sys, xxhash
 top, acks, seed, start = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
 rng = random.Random(seed)
 os.makedirs(top, exist_ok=True)
 log = open(acks, "a", buffering=1)
-def ack(kind, name, data):
-    log.write(f"{kind} {name} {xxhash.xxh64_hexdigest(data)}\n")
+def contents(size):
+    dseed = rng.getrandbits(63)
+    return random.Random(dseed).randbytes(size), dseed
+def ack(kind, name, data, dseed):
+    log.write(f"{kind} {name} {xxhash.xxh64_hexdigest(data)} {len(data)} {dseed}\n")
     log.flush()
     os.fsync(log.fileno())
 mine, i = [], start
@@ -65,20 +69,30 @@ while True:
     if i % 5 == 0 and mine:
         name = rng.choice(mine)
         path = os.path.join(top, name)
-        data = os.urandom(os.path.getsize(path))
-        ack("W", name, data)
+        data, dseed = contents(os.path.getsize(path))
+        ack("W", name, data, dseed)
         fd = os.open(path, os.O_WRONLY)
     else:
         name = f"f{i:06d}"
         path = os.path.join(top, name)
-        data = os.urandom(rng.choice((100, 4096, 5000, 20000, 70000)))
+        data, dseed = contents(rng.choice((100, 4096, 5000, 20000, 70000)))
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         mine.append(name)
     os.write(fd, data)
     os.fsync(fd)
     os.close(fd)
-    ack("A", name, data)
+    ack("A", name, data, dseed)
 """
+
+#: What the cluster appends to a host's acknowledgement file once it has
+#: killed that host's writer with its mount: a rewrite under way then was
+#: cut off mid-write or mid-fsync.
+CRASHED = "X\n"
+
+#: The unit a killed write leaves whole: a page of the image file.  A
+#: crash mid-rewrite may leave each page of the file old or new, as on any
+#: filesystem that overwrites in place (ext4 too, without data=journal).
+PAGE = 4096
 
 
 class TortureFailed(Exception):
@@ -118,11 +132,26 @@ class Host:
     writer: subprocess.Popen[bytes] | None = None
 
 
+@dataclass(frozen=True)
+class Version:
+    """Contents a writer wrote, by what rebuilds them."""
+
+    digest: str
+    size: int
+    seed: int
+
+    def data(self) -> bytes:
+        return random.Random(self.seed).randbytes(self.size)
+
+
 @dataclass
 class Acked:
-    """What a host's writer acknowledged: name -> digests it may hold."""
+    """What a host's writer acknowledged: name -> the versions it may hold
+    (one, or the old and the new while a rewrite is unacknowledged)."""
 
-    files: dict[str, set[str]] = field(default_factory=dict)
+    files: dict[str, list[Version]] = field(default_factory=dict)
+    #: Names whose rewrite a crash cut off: any page mix of their versions.
+    torn: set[str] = field(default_factory=set)
     last: int = 0  # highest file number created
 
     @classmethod
@@ -131,16 +160,48 @@ class Acked:
         if not path.exists():
             return out
         for line in path.read_text().splitlines():
+            if line == CRASHED.strip():
+                out.torn |= {name for name, vs in out.files.items() if len(vs) > 1}
+                continue
             parts = line.split()
-            if len(parts) != 3:
+            if len(parts) != 5:
                 continue  # torn by a kill mid-line: not acknowledged
-            kind, name, digest = parts
+            kind, name, digest, size, seed = parts
+            v = Version(digest, int(size), int(seed))
             if kind == "W":
-                out.files[name] = out.files.get(name, set()) | {digest}
+                out.files[name] = out.files.get(name, []) + [v]
             else:
-                out.files[name] = {digest}
+                out.files[name] = [v]
+                out.torn.discard(name)
             out.last = max(out.last, int(name[1:]))
         return out
+
+    def check(self, path: Path, name: str) -> None:
+        """`path` holds what `name` may: one of its versions, or, if a
+        crash cut its rewrite off, a page mix of them."""
+        versions = self.files[name]
+        try:
+            got = path.read_bytes()
+        except OSError as e:
+            raise TortureFailed(f"{path}: acknowledged, now {e.strerror}") from None
+        digest = xxhash.xxh64_hexdigest(got)
+        if any(v.digest == digest for v in versions):
+            return
+        if name in self.torn and _page_mix(got, [v.data() for v in versions]):
+            print(f"torture: {path}: a crash mid-rewrite left pages old and new", flush=True)
+            return
+        want = {v.digest for v in versions}
+        raise TortureFailed(f"{path}: acknowledged contents lost (got {digest}, want {want})")
+
+
+def _page_mix(got: bytes, candidates: list[bytes]) -> bool:
+    """Each page of `got` is that page of one of `candidates` (all of its size)."""
+    if any(len(c) != len(got) for c in candidates):
+        return False
+    return all(
+        any(c[i : i + PAGE] == got[i : i + PAGE] for c in candidates)
+        for i in range(0, len(got), PAGE)
+    )
 
 
 class Cluster:
@@ -265,9 +326,22 @@ class Cluster:
         )
 
     def pause_writers(self, sig: int) -> None:
-        for h in self.hosts:
-            if h.writer is not None and h.writer.poll() is None:
-                h.writer.send_signal(sig)
+        """Signal every live writer; after SIGSTOP, wait until each is
+        stopped, so that no write of theirs is under way while files are read."""
+        live = [h.writer for h in self.hosts if h.writer is not None and h.writer.poll() is None]
+        for w in live:
+            w.send_signal(sig)
+        if sig == signal.SIGSTOP:
+            wait_until(lambda: all(_stopped(w.pid) for w in live), 60, "the writers to stop")
+
+    def _reap_crashed(self, h: Host) -> None:
+        """Wait for the writer killed with `h`'s mount, and mark in its
+        acknowledgements that a rewrite under way may have been cut off."""
+        assert h.writer is not None
+        h.writer.wait()
+        text = h.acks.read_bytes() if h.acks.exists() else b""
+        with open(h.acks, "a") as f:
+            f.write(("\n" if text and not text.endswith(b"\n") else "") + CRASHED)
 
     def kill(self, h: Host, mode: str) -> float:
         """Kill host `h`; return the seconds from its death (or, for a
@@ -287,7 +361,7 @@ class Cluster:
         if mode == "stop":
             h.mount.kill()  # it fenced itself, or would once it ran again
         h.mount.wait()
-        h.writer.wait()
+        self._reap_crashed(h)
         subprocess.run(["fusermount3", "-u", "-z", str(h.mnt)], capture_output=True)
         return took
 
@@ -314,7 +388,7 @@ class Cluster:
         if victim is not None:
             assert victim.mount is not None and victim.writer is not None
             victim.mount.wait()
-            victim.writer.wait()
+            self._reap_crashed(victim)
             subprocess.run(["fusermount3", "-u", "-z", str(victim.mnt)], capture_output=True)
         return took
 
@@ -338,7 +412,7 @@ class Cluster:
             if h is not victim and "fenced" in h.log.read_text(errors="replace"):
                 raise TortureFailed(f"host {h.node} fenced after a failover: {h.log}")
         victim.mount.wait()
-        victim.writer.wait()
+        self._reap_crashed(victim)
         subprocess.run(["fusermount3", "-u", "-z", str(victim.mnt)], capture_output=True)
         return took
 
@@ -362,7 +436,7 @@ class Cluster:
             if h is not dead:
                 names = rng.sample(names, min(sample, len(names)))
             for name in names:
-                check_file(reader.mnt / f"w{h.node}" / name, acked.files[name])
+                acked.check(reader.mnt / f"w{h.node}" / name, name)
                 checked += 1
         return checked
 
@@ -404,6 +478,15 @@ class Cluster:
             self.master.wait()
 
 
+def _stopped(pid: int) -> bool:
+    """Whether process `pid` is stopped by a signal (or gone)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return True
+    return stat.rsplit(")", 1)[1].split()[0] in ("T", "Z", "X")
+
+
 def check_file(path: Path, digests: set[str]) -> None:
     try:
         got = xxhash.xxh64_hexdigest(path.read_bytes())
@@ -417,8 +500,9 @@ def read_acked(c: Cluster, mnt: Path) -> int:
     """Every file the writers acknowledged, read under `mnt`; how many."""
     n = 0
     for h in c.hosts:
-        for name, digests in Acked.read(h.acks).files.items():
-            check_file(mnt / f"w{h.node}" / name, digests)
+        acked = Acked.read(h.acks)
+        for name in acked.files:
+            acked.check(mnt / f"w{h.node}" / name, name)
             n += 1
     return n
 
