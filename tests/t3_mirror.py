@@ -315,6 +315,25 @@ async def test_a_write_back_marks_all_its_regions_in_one_indicator_write():
     assert await differing_regions(primary, secondary, sb) == []
 
 
+async def test_a_write_backs_runs_ship_together(monkeypatch):
+    """A write-back issues its runs one by one: they are gathered into one
+    batch, rather than each put and read back on its own (on two cores
+    that halved the write-back's speed; docs/BENCHMARKS.md, mirroring).
+    The window is widened so that a slow machine still fits in it."""
+    monkeypatch.setattr("sharedfs.mirror.SHIP_GATHER", 0.5)
+    primary, secondary, sb = await mirrored_pair()
+    m = MirrorStorage(primary, sb, 0, open_secondary=lambda: secondary)
+    async with trio.open_nursery() as n:
+        await n.start(m.run)
+        for i in range(40):
+            await m.write(data_offset(sb, 20 + i % 8) + i * 4096, bytes([i]) * 4096)
+        await m.drain()
+        n.cancel_scope.cancel()
+    assert m.shipped == 40 and m.shipments == 1, m.shipments
+    assert m.counters()["mirror_shipments"] == m.shipments
+    assert await differing_regions(primary, secondary, sb) == []
+
+
 async def test_a_fenced_host_leaves_its_marks_on_storage():
     """Its updates may still reach the secondary, but the primary gets no
     more writes from it, resets of its marks included: a resync copies
