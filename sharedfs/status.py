@@ -1,10 +1,11 @@
 """`sharedfs status`: a view of a volume's cluster.
 
 From the volume itself: which hosts hold a slot (and their heartbeats) and
-how much of the journal is in use, as its header on storage says.  With
-`--master`, from the lock master: each host's lease, the locks and past
-images it holds, its counters (cache hits and misses, transfers, storage
-I/O) and their rates over the last seconds.  `--json` prints the same as
+how much of the journal is in use, as its header on storage says.  From
+the lock master (`--master`, or the one a live host runs and names in its
+slot): each host's lease, the locks and past images it holds, its counters
+(cache hits and misses, transfers, storage I/O) and their rates over the
+last seconds.  `--json` prints the same as
 one JSON document (one per line with `--watch`); `--watch` repeats the
 view every few seconds until interrupted.
 """
@@ -24,10 +25,10 @@ from . import journal
 from . import protocol as p
 from .cli_util import Parser, parse_address_arg, run_tool
 from .errors import QuietError
-from .link import LinkClosed, open_master
+from .link import LinkClosed, open_master, parse_address
 from .storage import Storage, open_volume
 from .tls import Tls, add_tls_arg, load_tls
-from .volume import open_superblock, read_slot, slot_is_live
+from .volume import open_superblock, published_master, read_slot, slot_is_live
 
 ASK_TIMEOUT = 10.0
 _CLEAR = "\033[H\033[2J"
@@ -87,22 +88,38 @@ def volume_info(storage: Storage, sb: fmt.Superblock) -> dict[str, Any]:
 def gather(
     storage: Storage, master: tuple[str, int] | None, tls: Tls | None = None
 ) -> dict[str, Any]:
-    """Everything status shows.  A master that cannot be asked is an error
-    (QuietError), unless `master` is None."""
+    """Everything status shows.  A master given that cannot be asked is an
+    error (QuietError); without one, the master a live host runs is asked,
+    and if it does not answer, `master_error` says why."""
     sb = open_superblock(storage)
     info = volume_info(storage, sb)
-    if master is not None:
-        info["master"] = m = trio.run(ask_master, sb.cluster_key, master, tls)
-        m["address"] = f"{master[0]}:{master[1]}"
-        # Node numbers as the JSON view has them, so both views read alike.
-        m["hosts"] = {str(n): h for n, h in m["hosts"].items()}
-        m["held"] = {str(n): h for n, h in m["held"].items()}
-        m["rates"]["hosts"] = {str(n): r for n, r in m["rates"]["hosts"].items()}
-        for node, h in m["hosts"].items():
-            h["cache_hit_rate"] = hit_rate(h["counters"])
-            rates = m["rates"]["hosts"].get(node)
-            if rates:
-                rates["cache_hit_rate"] = hit_rate(rates)
+    if master is None:
+        found = published_master(storage, sb)
+        if found is None:
+            return info
+        try:
+            master = parse_address(found[1])
+            return _with_master(info, sb, master, tls)
+        except (QuietError, ValueError) as e:
+            info["master_error"] = f"{e} (the master host {found[0]} runs, by its slot)"
+            return info
+    return _with_master(info, sb, master, tls)
+
+
+def _with_master(
+    info: dict[str, Any], sb: fmt.Superblock, master: tuple[str, int], tls: Tls | None
+) -> dict[str, Any]:
+    info["master"] = m = trio.run(ask_master, sb.cluster_key, master, tls)
+    m["address"] = f"{master[0]}:{master[1]}"
+    # Node numbers as the JSON view has them, so both views read alike.
+    m["hosts"] = {str(n): h for n, h in m["hosts"].items()}
+    m["held"] = {str(n): h for n, h in m["held"].items()}
+    m["rates"]["hosts"] = {str(n): r for n, r in m["rates"]["hosts"].items()}
+    for node, h in m["hosts"].items():
+        h["cache_hit_rate"] = hit_rate(h["counters"])
+        rates = m["rates"]["hosts"].get(node)
+        if rates:
+            rates["cache_hit_rate"] = hit_rate(rates)
     return info
 
 

@@ -109,6 +109,9 @@ def test_background_mount_busy_mountpoint_second_host_joins_and_umount(tmp_path:
         ]
         published = st["hosts"][0]["runs_master"]
         assert published.startswith("127.0.0.1:") and st["hosts"][1]["runs_master"] == ""
+        # Without --master, status asks the master the volume names.
+        assert st["master"]["address"] == published and set(st["master"]["hosts"]) == {"0", "1"}
+        assert f"master {published}: coherence fusion" in sharedfs("status", str(vol)).stdout
         sharedfs("umount", str(other))
         sharedfs("umount", str(mnt))
     finally:
