@@ -184,8 +184,10 @@ def test_status_shows_hosts_leases_locks_rates_and_the_journal(hosts) -> None:  
         # Hosts send their counters every second; rates need two samples.
         m = status_json(vol, master)["master"]
         hosts = m["hosts"].values()
-        return m["rates"]["window_s"] > 0 and all(
-            h["counters"].get("agent_lock_requests", 0) > 0 for h in hosts
+        return (
+            m["rates"]["window_s"] > 0
+            and all(h["counters"].get("agent_lock_requests", 0) > 0 for h in hosts)
+            and set(m["rates"]["hosts"]) == set(m["hosts"])  # two samples of each
         )
 
     wait_for(counted, what="every host's counters at the master")
