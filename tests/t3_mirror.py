@@ -318,7 +318,7 @@ async def test_a_write_back_marks_all_its_regions_in_one_indicator_write():
 async def test_a_write_backs_runs_ship_together(monkeypatch):
     """A write-back issues its runs one by one: they are gathered into one
     batch, rather than each put and read back on its own (on two cores
-    that halved the write-back's speed; docs/BENCHMARKS.md, mirroring).
+    that halved the write-back's speed; docs/BENCHMARKS-HISTORY.md, mirroring).
     The window is widened so that a slow machine still fits in it."""
     monkeypatch.setattr("sharedfs.mirror.SHIP_GATHER", 0.5)
     primary, secondary, sb = await mirrored_pair()

@@ -15,6 +15,17 @@ disjoint: small files (create, write 4 KiB, close) on one host in its own
 directory, then on two hosts at once, each in its own: the files per second
 of the two together against the one (issue #9 asks for 1.6x).
 
+one-host: sharedfs, a pyfuse3 passthrough (tools/passthrough.py) and ext4
+on a loop image, all on this machine's disk, through the same workloads
+(tools/bench_fs.py).
+
+all: one-host, a block moved host to host against a loopback round trip
+(tools/bench_transfer.py), pingpong, journal and disjoint in one run; with
+--write it makes docs/BENCHMARKS.md (keeping the readings written by hand
+under its last line) and docs/benchmarks.png, and checks the targets of
+issues #3, #4 and #9.  Each single benchmark's --record appends its
+section to docs/BENCHMARKS-HISTORY.md.
+
 mirror: one host's write workloads with mirroring off, to an image file,
 and to nbdkit over a unix socket, interleaved; the lag (how long after a
 workload's last fsync the secondary has everything); then `sharedfs mirror
@@ -38,14 +49,26 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import bench_report
 import trio
 
 from sharedfs.storage import open_volume
 
 TOP = Path(__file__).resolve().parent.parent
 PY = sys.executable
+
+
+@dataclass
+class Section:
+    """A benchmark's Markdown section, and the figures the targets and the
+    chart of `tools/bench all` are read from."""
+
+    text: str
+    figures: dict[str, float] = field(default_factory=dict)
+
 
 PLAYER = r"""
 import os, sys, time
@@ -249,7 +272,7 @@ def journal_run(hosts: int, page_locks: bool, seconds: float, work: Path) -> dic
     }
 
 
-def journal_bench(args: argparse.Namespace, work: Path) -> str:
+def journal_bench(args: argparse.Namespace, work: Path) -> Section:
     rows = []
     for hosts in (1, 2, 3):
         runs: dict[bool, list[dict]] = {False: [], True: []}
@@ -282,14 +305,19 @@ def journal_bench(args: argparse.Namespace, work: Path) -> str:
                 f"| {r['forces']} | {r['messages_per_commit']:.2f} | {r['peer_per_commit']:.2f} |"
             )
     out.append("")
+    figures = {}
     for row in rows:
         llol, pages = row[False], row[True]
         ratio = pages["messages_per_commit"] / max(llol["messages_per_commit"], 1e-9)
         out.append(
             f"- {llol['hosts']} host(s): per-page locks send {ratio:.1f}x the messages per commit."
         )
+        figures[f"llol messages per commit, {llol['hosts']} hosts"] = llol["messages_per_commit"]
+        figures[f"per-page messages per commit, {llol['hosts']} hosts"] = pages[
+            "messages_per_commit"
+        ]
     out.append("")
-    return "\n".join(out)
+    return Section("\n".join(out), figures)
 
 
 def _median(runs: list[dict], key: str) -> dict:
@@ -490,7 +518,7 @@ def one_host(kind: str, work: Path) -> dict[str, float]:
     return out
 
 
-def nbd_bench(args: argparse.Namespace, work: Path) -> str:
+def nbd_bench(args: argparse.Namespace, work: Path) -> Section:
     runs: dict[str, list[dict[str, float]]] = {k: [] for k in KINDS}
     for _ in range(args.repeat):
         for kind in KINDS:  # interleaved: a noisy minute hurts every kind alike
@@ -522,10 +550,10 @@ def nbd_bench(args: argparse.Namespace, work: Path) -> str:
         ratios = [f"{med[k][w] / med['file'][w]:.2f}" for k in KINDS[1:]]
         out.append(f"| {w} | " + " | ".join(cells + ratios) + " |")
     out.append("")
-    return "\n".join(out)
+    return Section("\n".join(out))
 
 
-def pingpong_bench(args: argparse.Namespace, work: Path) -> str:
+def pingpong_bench(args: argparse.Namespace, work: Path) -> Section:
     # Interleaved, so that a noisy minute hurts both modes alike.
     runs: dict[str, list[dict]] = {"fusion": [], "disk": []}
     for _ in range(args.repeat):
@@ -563,7 +591,8 @@ def pingpong_bench(args: argparse.Namespace, work: Path) -> str:
         f"fusion / disk: {fusion['ops_per_s'] / disk['ops_per_s']:.1f}x the operations per second.",
         "",
     ]
-    return "\n".join(out)
+    figures = {"fusion ops/s": fusion["ops_per_s"], "disk ops/s": disk["ops_per_s"]}
+    return Section("\n".join(out), figures)
 
 
 # -- two hosts on disjoint directories ------------------------------------------
@@ -578,7 +607,7 @@ def disjoint_run(hosts: int, seconds: float, work: Path) -> dict:
     return {"hosts": hosts, "files_per_s": files / seconds, "lock_requests": requests}
 
 
-def disjoint_bench(args: argparse.Namespace, work: Path) -> str:
+def disjoint_bench(args: argparse.Namespace, work: Path) -> Section:
     runs: dict[int, list[dict]] = {1: [], 2: []}
     for _ in range(args.repeat):  # interleaved: noise hurts both alike
         for hosts in runs:
@@ -602,7 +631,8 @@ def disjoint_bench(args: argparse.Namespace, work: Path) -> str:
         out.append(f"| {hosts} | {r['files_per_s']:.0f} ({each}) | {r['lock_requests']} |")
     ratio = two["files_per_s"] / one["files_per_s"]
     out += ["", f"two hosts / one host: {ratio:.2f}x the files per second.", ""]
-    return "\n".join(out)
+    figures = {"one host files/s": one["files_per_s"], "two hosts files/s": two["files_per_s"]}
+    return Section("\n".join(out), figures)
 
 
 # -- mirroring ------------------------------------------------------------------
@@ -702,7 +732,7 @@ def resync_run(work: Path, fractions: tuple[float, ...]) -> list[dict[str, float
     return rows
 
 
-def mirror_bench(args: argparse.Namespace, work: Path) -> str:
+def mirror_bench(args: argparse.Namespace, work: Path) -> Section:
     runs: dict[str, list[dict[str, float]]] = {m: [] for m in MIRROR_MODES}
     for _ in range(args.repeat):  # interleaved: noise hurts every mode alike
         for mode in MIRROR_MODES:
@@ -747,18 +777,157 @@ def mirror_bench(args: argparse.Namespace, work: Path) -> str:
         rate = r["regions"] * MiB / 1e6 / r["seconds"]
         out.append(f"| {r['fraction']:.0%} | {r['regions']} | {r['seconds']:.2f} | {rate:.0f} |")
     out.append("")
-    return "\n".join(out)
+    return Section("\n".join(out))
+
+
+# -- everything, in one run ------------------------------------------------------
+
+
+def one_host_bench(args: argparse.Namespace, work: Path) -> Section:
+    """sharedfs beside its two ceilings, interleaved (bench_fs)."""
+    import bench_fs
+
+    runs: dict[str, list[dict[str, float]]] = {k: [] for k in bench_fs.TARGETS}
+    for _ in range(args.repeat):
+        for kind in bench_fs.TARGETS:  # interleaved: a noisy minute hurts every kind alike
+            runs[kind].append(bench_fs.run_all(kind, work))
+    med = {
+        k: {w: statistics.median(r[w] for r in rs) for w in bench_fs.WORKLOADS}
+        for k, rs in runs.items()
+    }
+    out = [
+        "## One host: sharedfs beside its ceilings",
+        "",
+        *bench_fs.describe(),
+        "",
+        f"Medians of {args.repeat} runs per kind (the runs in brackets).",
+        "",
+        *bench_report.ratio_table(bench_fs.TARGETS, bench_fs.WORKLOADS, runs, med),
+        "",
+    ]
+    figures = {f"{k}: {w}": v for k, ws in med.items() for w, v in ws.items()}
+    return Section("\n".join(out), figures)
+
+
+def transfer_bench(args: argparse.Namespace, work: Path) -> Section:
+    import bench_transfer
+
+    runs = [bench_transfer.transfer_run(work) for _ in range(args.repeat)]
+    med = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+    out = [
+        "## A block from host to host",
+        "",
+        *bench_transfer.describe(),
+        "",
+        f"Medians of {args.repeat} runs (each run's median in brackets).",
+        "",
+        "| figure | median | runs |",
+        "| --- | --- | --- |",
+        *(f"| {k} | {v:.3f} | {', '.join(f'{r[k]:.3f}' for r in runs)} |" for k, v in med.items()),
+        "",
+    ]
+    return Section("\n".join(out), med)
+
+
+def targets_of(fig: dict[str, float]) -> list[bench_report.Target]:
+    """The ratios issues #3, #4 and #9 ask for, from the run's figures."""
+    import bench_fs
+    import bench_transfer
+
+    T = bench_report.Target
+    ours, ceiling = bench_fs.TARGETS[0], bench_fs.TARGETS[1]
+    out = [
+        T(f"{w} vs {ceiling}", 9, fig[f"{ours}: {w}"] / fig[f"{ceiling}: {w}"], wanted)
+        for w, wanted in bench_fs.TARGET_RATIOS.items()
+    ]
+    out.append(T("two hosts vs one, disjoint dirs", 9, _ratio(fig, "two hosts", "one host"), 1.6))
+    cross, loop = bench_transfer.TARGET
+    out.append(T("host-to-host block vs loopback trip", 9, fig[cross] / fig[loop], 2.0, True))
+    out.append(T("ping-pong, fusion vs disk", 3, fig["fusion ops/s"] / fig["disk ops/s"], 3.0))
+    for hosts in (1, 2, 3):
+        llol = fig[f"llol messages per commit, {hosts} hosts"]
+        pages = fig[f"per-page messages per commit, {hosts} hosts"]
+        out.append(
+            T(
+                f"LLOL vs per-page messages, {hosts} host{'s' * (hosts > 1)}",
+                4,
+                llol / max(pages, 1e-9),
+                0.1,
+                True,
+            )
+        )
+    return out
+
+
+def _ratio(fig: dict[str, float], a: str, b: str) -> float:
+    return fig[f"{a} files/s"] / fig[f"{b} files/s"]
+
+
+def all_bench(args: argparse.Namespace, work: Path) -> Section:
+    """Every benchmark issue #9 names, in one run: the report and the
+    chart's figures."""
+    t0 = time.monotonic()
+    sections = [
+        one_host_bench(args, work),
+        transfer_bench(args, work),
+        pingpong_bench(args, work),
+        journal_bench(args, work),
+        disjoint_bench(args, work),
+    ]
+    figures = {k: v for s in sections for k, v in s.figures.items()}
+    targets = targets_of(figures)
+    minutes = (time.monotonic() - t0) / 60
+    cmd = f"tools/bench all --repeat {args.repeat}"
+    head = [
+        "# Benchmarks",
+        "",
+        f"Generated by `{cmd} --write` on {time.strftime('%Y-%m-%d')}, in",
+        f"{minutes:.0f} minutes, on {machine()}: a shared VM, so compare figures",
+        "within this run, not across runs. Earlier single benchmarks, each with its",
+        "readings, are in [BENCHMARKS-HISTORY.md](BENCHMARKS-HISTORY.md).",
+        "",
+        "![sharedfs beside its ceilings, and the targets](benchmarks.png)",
+        "",
+        "## Targets",
+        "",
+        *bench_report.targets_table(targets),
+        "",
+    ]
+    # One level under the title, as the one-host and transfer sections are.
+    body = [s.text.replace("### ", "## ", 1) for s in sections]
+    text = "\n".join(head) + "\n" + "\n".join(body)
+    return Section(text, figures | {f"target: {t.what}": t.measured for t in targets})
+
+
+def write_all(section: Section) -> None:
+    """docs/BENCHMARKS.md and docs/benchmarks.png from an `all` run."""
+    import bench_fs
+
+    fig = section.figures
+    med = {k: {w: fig[f"{k}: {w}"] for w in bench_fs.WORKLOADS} for k in bench_fs.TARGETS}
+    targets = targets_of(fig)
+    bench_report.chart(
+        TOP / "docs" / "benchmarks.png", list(bench_fs.WORKLOADS), med, bench_fs.TARGETS, targets
+    )
+    bench_report.write(TOP / "docs" / "BENCHMARKS.md", section.text)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(prog="tools/bench")
-    ap.add_argument("what", choices=["pingpong", "nbd", "journal", "mirror", "disjoint"])
+    ap.add_argument(
+        "what", choices=["all", "pingpong", "nbd", "journal", "mirror", "disjoint", "one-host"]
+    )
     ap.add_argument("--rounds", type=int, default=200, help="pingpong: turns per host")
     ap.add_argument("--seconds", type=float, default=10, help="journal, disjoint: seconds per run")
     ap.add_argument("--repeat", type=int, default=3, help="runs per mode; the median is reported")
     ap.add_argument("--dir", default=str(TOP / ".bench"), help="where the volumes live (real disk)")
     ap.add_argument(
-        "--record", action="store_true", help="append the results to docs/BENCHMARKS.md"
+        "--record", action="store_true", help="append the results to docs/BENCHMARKS-HISTORY.md"
+    )
+    ap.add_argument(
+        "--write",
+        action="store_true",
+        help="all: write docs/BENCHMARKS.md (keeping its readings) and docs/benchmarks.png",
     )
     args = ap.parse_args()
     base = Path(args.dir)
@@ -771,17 +940,18 @@ def main() -> None:
             "journal": journal_bench,
             "mirror": mirror_bench,
             "disjoint": disjoint_bench,
+            "one-host": one_host_bench,
+            "all": all_bench,
         }[args.what]
-        text = bench(args, work)
+        section = bench(args, work)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    print(text)
+    print(section.text)
+    if args.write and args.what == "all":
+        write_all(section)
     if args.record:
-        doc = TOP / "docs" / "BENCHMARKS.md"
-        if not doc.exists():
-            doc.write_text("# Benchmarks\n\nEach section was produced by the command it names.\n\n")
-        with open(doc, "a") as f:
-            f.write(text + "\n")
+        with open(TOP / "docs" / "BENCHMARKS-HISTORY.md", "a") as f:
+            f.write(section.text + "\n")
 
 
 if __name__ == "__main__":
