@@ -38,6 +38,10 @@ T = TypeVar("T")
 RENAME_NOREPLACE = 1
 RENAME_EXCHANGE = 2
 MAX_HEIGHT = 5
+#: Blocks read ahead of a sequential reader: one lock request and one
+#: storage read per MiB rather than per FUSE request (128 KiB), which on a
+#: cold volume waited in turn for both (docs/BENCHMARKS.md, readings).
+READ_AHEAD_BYTES = 1 << 20
 #: How long an operation that finds the volume full waits for the kernel to
 #: forget files unlinked while it still referred to them (FileSystem.run).
 ENOSPC_WAIT = 2.0
@@ -129,6 +133,9 @@ class FileSystem:
         # Next physical block to try for each file, so sequential writes
         # land on adjacent blocks (and go to storage in one call).
         self._goal: dict[int, int] = {}
+        # Per file being read sequentially: the logical block its reader
+        # comes to next, and how far ahead of it the cache already holds.
+        self._reading: dict[int, tuple[int, int]] = {}
         # Per group, inode table blocks known formatted: the count only
         # grows, so what we saw once committed holds, and reading an inode
         # need not take the group's inode bitmap (which the host
@@ -601,16 +608,34 @@ class FileSystem:
         if off >= end:
             return b""
         first, last = off // self.bs, (end - 1) // self.bs
-        pbns, _ = await self._map(inode, first, last - first + 1)
+        n = last - first + 1
+        ahead = self._read_ahead(inode, first, last)
+        pbns, _ = await self._map(inode, first, n + ahead)
         present = [p for p in pbns if p]
         bufs = {b.blockno: b for b in await self.cache.get_many(present, Mode.S)} if present else {}
         for b in bufs.values():
             b.owner = inode.ino
         zero = bytes(self.bs)
-        chunks = [bufs[p].data if p else zero for p in pbns]
+        chunks = [bufs[p].data if p else zero for p in pbns[:n]]
         data = b"".join(chunks)
         skip = off - first * self.bs
         return data[skip : skip + end - off]
+
+    def _read_ahead(self, inode: Inode, first: int, last: int) -> int:
+        """How many blocks past `last` to read with [first, last]: a window
+        when the read goes on where the last one ended and has come to the
+        end of what was read ahead, else none."""
+        nxt, until = self._reading.pop(inode.ino, (-1, -1))
+        ahead = 0
+        if first == nxt and last >= until:
+            blocks = -(-inode.size // self.bs)
+            ahead = max(0, min(READ_AHEAD_BYTES // self.bs, blocks - last - 1))
+            until = last + ahead
+        if first == 0 or first == nxt:
+            if len(self._reading) >= 256:  # the oldest reader goes
+                del self._reading[next(iter(self._reading))]
+            self._reading[inode.ino] = (last + 1, until)
+        return ahead
 
     async def _write_data(self, inode: Inode, off: int, data: bytes | memoryview) -> None:
         if not data:

@@ -118,6 +118,31 @@ async def remount(fs, volume):
 # Files: write, read, append
 
 
+async def test_a_sequential_reader_is_read_ahead_and_a_random_one_is_not(fs, volume):
+    """Read in 128 KiB requests from the start, a cold host asks for the
+    blocks and reads them from storage a MiB at a time, not a request at a
+    time; reads at random offsets get only what they ask for."""
+    data = random.Random(3).randbytes(4 << 20)
+    f = await fs.create(ROOT, b"big", 0o644, CTX)
+    await fs.write(f.ino, 0, data)
+    fs = await remount(fs, volume)
+    step = 128 << 10
+    got = b"".join([await fs.read(f.ino, off, step) for off in range(0, len(data), step)])
+    assert got == data
+    st = fs.cache.stats
+    # 32 requests: without read-ahead, a lock request and a storage read
+    # each; with it, one per MiB, plus the first request's and those of the
+    # inode and its map blocks.
+    assert st.lock_requests <= 12 and st.storage_reads <= 12, (st.lock_requests, st.storage_reads)
+    fs = await remount(fs, volume)
+    rng = random.Random(4)
+    offs = [rng.randrange(0, len(data) - BS) // BS * BS for _ in range(20)]
+    for off in offs:
+        assert await fs.read(f.ino, off, BS) == data[off : off + BS]
+    # The 20 blocks asked, the inode's and its map blocks: no window of 256.
+    assert fs.cache.stats.misses <= 30, fs.cache.stats.misses
+
+
 async def test_create_write_read(fs):
     a = await fs.create(ROOT, b"hello", 0o644, CTX)
     assert stat.S_ISREG(a.mode) and stat.S_IMODE(a.mode) == 0o644
