@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import mmap
 import os
 import platform
 import random
@@ -47,13 +46,26 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import bench_fs
 import bench_report
+import bench_transfer
 import trio
+from bench_fs import (
+    RANDOM_OPS,
+    SEQ_MIB,
+    MiB,
+    make_files,
+    rand_read,
+    rand_write,
+    seq_read,
+    seq_write,
+    timed,
+)
 
 from sharedfs.storage import open_volume
 
@@ -334,9 +346,6 @@ def machine() -> str:
 
 # -- one host over NBD and on a file ---------------------------------------------
 
-MiB = 1 << 20
-SEQ_MIB = 256
-RANDOM_OPS = 3000
 SMALL_FILES = 1000
 BACKEND_MIB = 64
 #: workload -> unit; higher is better for each.  "storage:" ones call the
@@ -400,75 +409,9 @@ def mounted(vol: str, mnt: Path, log: Path) -> Iterator[Path]:
         sfs("umount", str(mnt))
 
 
-def timed(fn: Callable[[], int]) -> float:
-    """Units of work per second: fn returns how many it did."""
-    t0 = time.monotonic()
-    n = fn()
-    return n / (time.monotonic() - t0)
-
-
-def seq_write(path: Path) -> int:
-    chunk = os.urandom(MiB)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    try:
-        for _ in range(SEQ_MIB):
-            os.write(fd, chunk)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    return SEQ_MIB * MiB // 1_000_000
-
-
-def seq_read(path: Path) -> int:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        n = 0
-        while data := os.read(fd, MiB):
-            n += len(data)
-    finally:
-        os.close(fd)
-    return n // 1_000_000
-
-
-def offsets() -> list[int]:
-    rng = random.Random(5)
-    return [rng.randrange(SEQ_MIB * MiB // 4096) * 4096 for _ in range(RANDOM_OPS)]
-
-
-def rand_write(path: Path) -> int:
-    fd = os.open(path, os.O_WRONLY)
-    block = os.urandom(4096)
-    try:
-        for off in offsets():
-            os.pwrite(fd, block, off)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    return RANDOM_OPS
-
-
-def rand_read(path: Path) -> int:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
-    buf = mmap.mmap(-1, 4096)  # O_DIRECT wants an aligned buffer
-    try:
-        for off in offsets():
-            os.preadv(fd, [buf], off)
-    finally:
-        os.close(fd)
-        buf.close()
-    return RANDOM_OPS
-
-
 def small_files(d: Path) -> int:
-    d.mkdir()
-    data = os.urandom(4096)
-    for i in range(SMALL_FILES):
-        fd = os.open(d / f"f{i}", os.O_WRONLY | os.O_CREAT, 0o644)
-        os.write(fd, data)
-        if i == SMALL_FILES - 1:
-            os.fsync(fd)  # the log, and with it every file before
-        os.close(fd)
-    return SMALL_FILES
+    """SMALL_FILES new files of 4 KiB, the last one fsync'd."""
+    return int(make_files(d, SMALL_FILES, 4096, True))
 
 
 async def storage_ops(name: str) -> dict[str, float]:
@@ -785,8 +728,6 @@ def mirror_bench(args: argparse.Namespace, work: Path) -> Section:
 
 def one_host_bench(args: argparse.Namespace, work: Path) -> Section:
     """sharedfs beside its two ceilings, interleaved (bench_fs)."""
-    import bench_fs
-
     runs: dict[str, list[dict[str, float]]] = {k: [] for k in bench_fs.TARGETS}
     for _ in range(args.repeat):
         for kind in bench_fs.TARGETS:  # interleaved: a noisy minute hurts every kind alike
@@ -810,8 +751,6 @@ def one_host_bench(args: argparse.Namespace, work: Path) -> Section:
 
 
 def transfer_bench(args: argparse.Namespace, work: Path) -> Section:
-    import bench_transfer
-
     runs = [bench_transfer.transfer_run(work) for _ in range(args.repeat)]
     med = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
     out = [
@@ -831,9 +770,6 @@ def transfer_bench(args: argparse.Namespace, work: Path) -> Section:
 
 def targets_of(fig: dict[str, float]) -> list[bench_report.Target]:
     """The ratios issues #3, #4 and #9 ask for, from the run's figures."""
-    import bench_fs
-    import bench_transfer
-
     T = bench_report.Target
     ours, ceiling = bench_fs.TARGETS[0], bench_fs.TARGETS[1]
     out = [
@@ -896,13 +832,11 @@ def all_bench(args: argparse.Namespace, work: Path) -> Section:
     # One level under the title, as the one-host and transfer sections are.
     body = [s.text.replace("### ", "## ", 1) for s in sections]
     text = "\n".join(head) + "\n" + "\n".join(body)
-    return Section(text, figures | {f"target: {t.what}": t.measured for t in targets})
+    return Section(text, figures)
 
 
 def write_all(section: Section) -> None:
     """docs/BENCHMARKS.md and docs/benchmarks.png from an `all` run."""
-    import bench_fs
-
     fig = section.figures
     med = {k: {w: fig[f"{k}: {w}"] for w in bench_fs.WORKLOADS} for k in bench_fs.TARGETS}
     targets = targets_of(fig)
