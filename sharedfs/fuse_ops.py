@@ -66,6 +66,9 @@ def fuse_errors(fn: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
 #: read holding a page lock while it waits for the block we are shipping):
 #: then the block goes anyway and the invalidation lands a moment later.
 INVALIDATE_TIMEOUT = 0.05
+#: How long the kernel may keep entries and attributes: long, since a
+#: change on another host invalidates them exactly (Invalidator).
+CACHE_TIMEOUT = 60.0
 _DIR_TYPES = {fmt.BlockType.DIRHDR, fmt.BlockType.DIRBUCKET, fmt.BlockType.DIRTABLE}
 
 
@@ -150,7 +153,7 @@ class Operations(pyfuse3.Operations):
     enable_writeback_cache = False
     enable_acl = False
 
-    def __init__(self, fs: FileSystem, *, timeout: float = 60.0) -> None:
+    def __init__(self, fs: FileSystem, *, timeout: float = CACHE_TIMEOUT) -> None:
         super().__init__()
         self.fs = fs
         self.timeout = timeout

@@ -47,10 +47,10 @@ from typing import Any, TypeVar
 import pyfuse3
 import trio
 
-log = logging.getLogger("passthrough")
+from sharedfs.fuse_ops import CACHE_TIMEOUT
+from sharedfs.mount import fuse_options as sharedfs_fuse_options
 
-#: How long the kernel may cache attributes and entries: sharedfs's default.
-TIMEOUT = 60.0
+log = logging.getLogger("passthrough")
 
 R = TypeVar("R")
 
@@ -125,8 +125,8 @@ class Passthrough(pyfuse3.Operations):
         e.st_atime_ns = st.st_atime_ns
         e.st_mtime_ns = st.st_mtime_ns
         e.st_ctime_ns = st.st_ctime_ns
-        e.attr_timeout = TIMEOUT
-        e.entry_timeout = TIMEOUT
+        e.attr_timeout = CACHE_TIMEOUT
+        e.entry_timeout = CACHE_TIMEOUT
         return e
 
     def _stat(self, ino: int) -> os.stat_result:
@@ -397,14 +397,11 @@ def host_flags(flags: int) -> int:
 
 
 def fuse_options(source: str, debug: bool) -> set[str]:
-    """sharedfs.mount.fuse_options' set, named for this filesystem."""
-    opts = set(pyfuse3.default_options)  # default_permissions: the kernel checks access
-    opts.add(f"fsname={source}")
+    """sharedfs's own options (the same, not a copy that could drift),
+    named for this filesystem."""
+    opts = sharedfs_fuse_options(source, ["debug"] if debug else [])  # debug: every request
+    opts.discard("subtype=sharedfs")
     opts.add("subtype=passthrough")
-    if os.getuid() == 0:
-        opts.add("allow_other")
-    if debug:
-        opts.add("debug")  # libfuse prints every request
     return opts
 
 
