@@ -531,7 +531,8 @@ class MirrorStorage(Storage):
         async with recv, send:
             async for first in recv:
                 batch = [first]
-                await trio.sleep(SHIP_GATHER)
+                if recv.statistics().current_buffer_used < SHIP_BATCH - 1:
+                    await trio.sleep(SHIP_GATHER)  # a full batch is not waited for
                 while len(batch) < SHIP_BATCH:
                     try:
                         batch.append(recv.receive_nowait())

@@ -11,6 +11,7 @@ from sharedfs import format as fmt
 from sharedfs.errors import StorageError
 from sharedfs.fsck import run_fsck
 from sharedfs.mirror import (
+    SHIP_BATCH,
     MirrorStorage,
     attach_secondary,
     differing_regions,
@@ -332,6 +333,23 @@ async def test_a_write_backs_runs_ship_together(monkeypatch):
     assert m.shipped == 40 and m.shipments == 1, m.shipments
     assert m.counters()["mirror_shipments"] == m.shipments
     assert await differing_regions(primary, secondary, sb) == []
+
+
+async def test_a_backlog_ships_in_full_batches_without_waiting(monkeypatch):
+    """Updates queued while nothing shipped (an outage, a burst) go in full
+    batches at once: the gathering wait is for a batch that is not full."""
+    monkeypatch.setattr("sharedfs.mirror.SHIP_GATHER", 60.0)
+    primary, secondary, sb = await mirrored_pair()
+    m = MirrorStorage(primary, sb, 0, open_secondary=lambda: secondary)
+    for i in range(2 * SHIP_BATCH):
+        await m.write(data_offset(sb, 20 + i % 8) + i * 4096, bytes([i % 256]) * 4096)
+    with trio.fail_after(30):  # a wait of SHIP_GATHER would overrun it
+        async with trio.open_nursery() as n:
+            await n.start(m.run)
+            while m.queued_bytes:  # noqa: ASYNC110 - no event for it
+                await trio.sleep(0.01)
+            n.cancel_scope.cancel()
+    assert m.shipped == 2 * SHIP_BATCH and m.shipments == 2
 
 
 async def test_a_fenced_host_leaves_its_marks_on_storage():
