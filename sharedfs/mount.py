@@ -419,19 +419,26 @@ async def _run_fuse(
         raise QuietError(f"{mountpoint}: cannot mount: {e}", 32) from None
     log.info("host %d: mounted %s on %s", node, gate.name, mountpoint)
     try:
-        async with trio.open_nursery() as tasks:
-            tasks.start_soon(_heartbeat_task, gate, keeper)
-            tasks.start_soon(fs.write_back_every, writeback)
-            tasks.start_soon(_signal_task, signals)
-            ready()
-            await pyfuse3.main()
-            tasks.cancel_scope.cancel()
+        async with trio.open_nursery() as beats:
+            # Heartbeats go on through the unmount: a destroy that waits
+            # longer than the disk lease (the last host, sweeping and
+            # handing on) would otherwise fence its own host mid-way.
+            beats.start_soon(_heartbeat_task, gate, keeper)
+            try:
+                async with trio.open_nursery() as tasks:
+                    tasks.start_soon(fs.write_back_every, writeback)
+                    tasks.start_soon(_signal_task, signals)
+                    ready()
+                    await pyfuse3.main()
+                    tasks.cancel_scope.cancel()
+            finally:
+                # Still mounted unless the kernel unmounted us (fusermount3 -u).
+                pyfuse3.close(unmount=is_mounted(mountpoint))
+                with trio.CancelScope(shield=True):
+                    if not fs.fenced:
+                        await fs.destroy()
+                beats.cancel_scope.cancel()
     finally:
-        # Still mounted unless the kernel unmounted us (fusermount3 -u).
-        pyfuse3.close(unmount=is_mounted(mountpoint))
-        with trio.CancelScope(shield=True):
-            if not fs.fenced:
-                await fs.destroy()
         nursery.cancel_scope.cancel()
 
 
