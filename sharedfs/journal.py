@@ -30,7 +30,7 @@ from __future__ import annotations
 import enum
 import logging
 import struct
-from collections.abc import AsyncIterator, Iterable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -672,20 +672,36 @@ class Log:
             records, self.plc, self._plc_bytes = self.plc, [], 0
             appending = dict(self.pending)
             body = bytes(_pack_records(records))
-            for _ in range(2):  # the one we asked may name the holder now
-                reply = await ship(body)
+            reply = None
+            try:
+                reply = await self._ask_holder(ship, body)
+            finally:
+                # Not known to be on storage (no answer, a refusal, or we
+                # were cancelled waiting): the records are ours to append
+                # again, or the blocks they changed stay pending with no
+                # record anywhere to force, and can never be written.
                 if reply is None:
-                    break
-                if reply.ok:
-                    self._durable(appending)
-                    self._known = JournalHeader(
-                        reply.checkpoint_seq, reply.next_seq, self._known.low, reply.llp_used
-                    )
-                    self.shipped += 1
-                    return True
-            self.plc = records + self.plc
-            self._plc_bytes = sum(r.size for r in self.plc)
-            return False
+                    self.plc = records + self.plc
+                    self._plc_bytes = sum(r.size for r in self.plc)
+            if reply is None:
+                return False
+            self._durable(appending)
+            self._known = JournalHeader(
+                reply.checkpoint_seq, reply.next_seq, self._known.low, reply.llp_used
+            )
+            self.shipped += 1
+            return True
+
+    @staticmethod
+    async def _ask_holder(
+        ship: Callable[[bytes], Awaitable[p.LogAppended | None]], body: bytes
+    ) -> p.LogAppended | None:
+        """The holder's ok to our LogAppend, or None."""
+        for _ in range(2):  # the one we asked may name the holder now
+            reply = await ship(body)
+            if reply is None or reply.ok:
+                return reply
+        return None
 
     async def append_for(self, host: int, body: bytes) -> p.LogAppended:
         """A peer's LogAppend: its records appended with ours, once on

@@ -170,3 +170,41 @@ async def test_a_holder_that_dies_with_anothers_append_on_its_way(monkeypatch, w
         third = c.hosts[3 - holder - asker]
         assert await content(third, dirs[asker], b"late") == b"L" * 3000
     await fsck_clean(vol)
+
+
+async def test_a_commit_whose_ship_is_cancelled_still_reaches_the_log():
+    """The task that ships a host's commit to the holder is cancelled while
+    the holder's write of it is held back (an unmount cancels the
+    write-back task, say).  The records must stay the asker's to append:
+    its next force leaves nothing pending, a write of the blocks they
+    changed goes through (it waited forever on records nobody had), and
+    the file is there after the asker dies."""
+    vol = await make_volume(256 << 20)
+    rec: dict[int, Recorder] = {}
+    async with cluster(vol, 3, checkpoint_every=None, wrap=recorders(vol, rec)) as c:
+        dirs = [(await fs.mkdir(ROOT, b"d%d" % n, 0o755, CTX)).ino for n, fs in enumerate(c.hosts)]
+        for n, fs in enumerate(c.hosts):
+            await put(fs, dirs[n], b"first", b"1")
+        holder = holder_of_llol(c)
+        asker = (holder + 1) % 3
+        fs = c.hosts[asker]
+        ino = (await fs.create(dirs[asker], b"cut", 0o644, CTX)).ino
+        await fs.write(ino, 0, b"C" * 3000)
+        assert fs.log.pending
+        rec[holder].gate = trio.Event()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(fs.log.force)
+            with trio.fail_after(10):
+                await rec[holder].at_gate.wait()
+            assert fs.cache.agent._log_asks
+            nursery.cancel_scope.cancel()
+        rec[holder].gate.set()
+        with c.watchdog(20):
+            await fs.log.force()
+            assert not fs.log.pending
+            await fs.cache.flush()
+        c.kill(asker)
+        await c.wait_recovered(asker)
+        third = c.hosts[3 - holder - asker]
+        assert await content(third, dirs[asker], b"cut") == b"C" * 3000
+    await fsck_clean(vol)
