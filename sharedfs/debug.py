@@ -1,12 +1,18 @@
-"""What a running master or host is doing, for `kill -USR2 PID`: every trio
-task and where it waits, and the protocol state it may be stuck on, written
-to its log, one line per item."""
+"""What a running master or host is doing: for `kill -USR2 PID`, every trio
+task and where it waits, and the protocol state it may be stuck on; and, on
+its own, where the event loop was held when it went a second or more
+without coming round (a stall that long costs leases).  Written to its log,
+one line per item."""
 
 from __future__ import annotations
 
 import gc
 import logging
 import signal
+import sys
+import threading
+import time
+import traceback
 from collections.abc import Callable, Iterator
 
 import trio
@@ -58,3 +64,40 @@ async def dump_on_signal(who: str, *describe: Describe) -> None:
                 lines += d()
             for line in lines:
                 log.warning("%s: state: %s", who, line)
+
+
+#: A loop that has not come round for this long is reported, with where it is.
+HELD_AFTER = 1.0
+
+
+async def watch_loop(who: str, held_after: float = HELD_AFTER) -> None:
+    """Until cancelled: a thread looks at a time this task renews; when the
+    loop has not renewed it for `held_after`, the thread logs the stack of
+    the loop's thread, once per stall (the code that holds the loop, or
+    the garbage collector, or a machine that gave us no CPU)."""
+    loop_thread = threading.get_ident()
+    seen = [time.monotonic()]
+    done = threading.Event()
+
+    def watch() -> None:
+        reported = 0.0
+        while not done.wait(held_after / 4):
+            last = seen[0]
+            held = time.monotonic() - last
+            if held > held_after and last != reported:
+                reported = last
+                frame = sys._current_frames().get(loop_thread)
+                where = " <- ".join(
+                    f"{f.filename.rsplit('/', 1)[-1]}:{f.lineno} {f.name}"
+                    for f in reversed(traceback.extract_stack(frame, limit=8))
+                )
+                log.warning("%s: event loop held %.1f s so far, at %s", who, held, where)
+
+    thread = threading.Thread(target=watch, name="loop-watch", daemon=True)
+    thread.start()
+    try:
+        while True:
+            seen[0] = time.monotonic()
+            await trio.sleep(held_after / 4)
+    finally:
+        done.set()

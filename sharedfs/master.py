@@ -29,7 +29,7 @@ import trio
 
 from . import protocol as p
 from .cli_util import Parser, notify_systemd, parse_address_arg, run_tool, setup_logging
-from .debug import dump_on_signal
+from .debug import dump_on_signal, watch_loop
 from .directory import Directory
 from .errors import QuietError
 from .link import Handshakes, Link, LinkClosed, parse_address
@@ -666,6 +666,7 @@ async def _serve_forever(
                 bound = await stack.enter_async_context(serve_metrics(metrics, samples))
             await nursery.start(service.serve, host, port)
             nursery.start_soon(dump_on_signal, "master", service.describe)
+            nursery.start_soon(watch_loop, "master")
             if metrics is not None:
                 log.info("master: metrics on http://%s:%d/metrics", metrics[0], bound)
             notify_systemd("READY=1")

@@ -34,7 +34,7 @@ from .cli_util import (
     run_tool,
     setup_logging,
 )
-from .debug import dump_on_signal
+from .debug import dump_on_signal, watch_loop
 from .errors import QuietError
 from .failover import DISK_LEASE, Failover
 from .fs import FileSystem
@@ -295,6 +295,7 @@ async def _serve_host(
             log.info("host %d: metrics on %s:%d/metrics", node, args.metrics[0], port)
         states = [agent.describe] + ([service.describe] if service else [])
         nursery.start_soon(dump_on_signal, f"host {node}", *states)
+        nursery.start_soon(watch_loop, f"host {node}")
         lhost, lport = args.peer_address
         await nursery.start(
             functools.partial(agent.run, master, listen_host=lhost, listen_port=lport)
