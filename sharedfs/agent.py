@@ -17,6 +17,7 @@ import contextlib
 import functools
 import itertools
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
@@ -583,16 +584,21 @@ class ClusterAgent:
         held (a master we cannot hear may already have)."""
         tick = self.lease / 4
         while True:
-            before = trio.current_time()
+            before, cpu, loop_cpu = trio.current_time(), time.process_time(), time.thread_time()
             await trio.sleep(tick)
             if (late := trio.current_time() - before - tick) > tick:
                 # Nothing ran here meanwhile, Beats included: a stall this
                 # long can cost the lease of a host that is alive and well.
+                # The CPU it took says whether we were busy (this thread:
+                # code holding the loop) or got no CPU at all.
                 log.warning(
-                    "host %d: event loop stalled for %.1f s (lease %.1f s)",
+                    "host %d: event loop stalled for %.1f s (lease %.1f s; CPU meanwhile"
+                    " %.1f s, %.1f s of it the loop's)",
                     self.host,
                     late,
                     self.lease,
+                    time.process_time() - cpu,
+                    time.thread_time() - loop_cpu,
                 )
             if trio.current_time() - self._heard > self.lease * 0.75:
                 # After a stall of our own, what the master sent meanwhile

@@ -1,5 +1,7 @@
-"""The loop watch (debug.watch_loop): a loop held by blocking code is
-reported once, with where it was held; a loop that comes round is not."""
+"""Stalls of the event loop: the loop watch (debug.watch_loop) reports a
+loop held by blocking code once, with where it was held, and a loop that
+comes round not at all; a host's lease task says how long a stall was and
+how much CPU it took (busy code, or a process that got none)."""
 
 from __future__ import annotations
 
@@ -7,6 +9,8 @@ import logging
 import time
 
 import trio
+from cluster_util import cluster
+from conftest import make_volume
 
 from sharedfs.debug import watch_loop
 
@@ -43,3 +47,31 @@ async def test_a_loop_that_comes_round_is_not_reported(caplog):
             await trio.sleep(0.03)
 
     assert await watched(caplog, work) == []
+
+
+def spin(seconds: float) -> None:
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        pass
+
+
+async def test_a_hosts_stall_says_how_much_cpu_it_took(caplog):
+    """A host's loop blocked 1.2 s twice (lease 2 s, renewed every 0.5 s):
+    asleep, the stall took no CPU; spinning, it took about all of it, and
+    on the loop's thread."""
+    caplog.set_level(logging.WARNING, logger="sharedfs.agent")
+    async with cluster(await make_volume(), 1, lease=2.0):
+        await trio.sleep(0.6)  # the lease task's first tick
+        hold_the_loop(1.2)
+        await trio.sleep(0.6)
+        spin(1.2)
+        await trio.sleep(0.6)
+    stalls = [r.getMessage() for r in caplog.records if "event loop stalled" in r.getMessage()]
+    assert len(stalls) == 2, stalls
+
+    def cpu(line: str) -> tuple[float, float]:
+        total, loop = line.split("CPU meanwhile ")[1].split(" s, ")
+        return float(total), float(loop.split(" s")[0])
+
+    assert cpu(stalls[0])[0] < 0.3
+    assert cpu(stalls[1])[1] > 0.8
