@@ -10,7 +10,6 @@ host withdraws from the cluster (storage.fence): every later call gets EIO.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import functools
 import logging
@@ -135,8 +134,14 @@ def _first_ino_of(fs: FileSystem, blockno: int) -> int:
 
 def _run_calls(calls: list[tuple[Callable[..., None], tuple[Any, ...]]]) -> None:
     for fn, args in calls:
-        with contextlib.suppress(OSError):  # the kernel had already forgotten it
-            fn(*args)
+        while True:
+            try:
+                fn(*args)
+            except InterruptedError:
+                continue  # a signal (mount.unblocked_fuse_reads): not done yet
+            except OSError:
+                pass  # the kernel had already forgotten it
+            break
 
 
 def _ctx(ctx: pyfuse3.RequestContext) -> Ctx:

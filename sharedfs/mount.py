@@ -17,7 +17,7 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 
 import pyfuse3
 import trio
@@ -400,6 +400,30 @@ def _metric_samples(
     return out + (service.metric_samples() if service is not None else [])
 
 
+#: pyfuse3's loop reads /dev/fuse with the GIL held once the device polls
+#: readable.  A request withdrawn in between (its process killed, or an
+#: interrupt whose request got its answer first) leaves that read blocked,
+#: and every thread of the mount with it, until some other request comes:
+#: a quiet mount then lost its lease (RELIABILITY, the stalls).  A timer
+#: signal every tick ends such a read with EINTR, on which pyfuse3 polls
+#: again; anywhere else the signal costs a wakeup.
+FUSE_READ_TICK = 0.5
+
+
+@contextlib.contextmanager
+def unblocked_fuse_reads(tick: float = FUSE_READ_TICK) -> Iterator[None]:
+    """A no-op SIGALRM every `tick` seconds that interrupts system calls
+    (not restarted), while the FUSE loop runs."""
+    old = signal.signal(signal.SIGALRM, lambda *_: None)
+    signal.siginterrupt(signal.SIGALRM, True)
+    timer = signal.setitimer(signal.ITIMER_REAL, tick, tick)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, *timer)
+        signal.signal(signal.SIGALRM, old)
+
+
 async def _run_fuse(
     fs: FileSystem,
     ops: Operations,
@@ -430,7 +454,8 @@ async def _run_fuse(
                     tasks.start_soon(fs.write_back_every, writeback)
                     tasks.start_soon(_signal_task, signals)
                     ready()
-                    await pyfuse3.main()
+                    with unblocked_fuse_reads():
+                        await pyfuse3.main()
                     tasks.cancel_scope.cancel()
             finally:
                 # Still mounted unless the kernel unmounted us (fusermount3 -u).

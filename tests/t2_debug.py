@@ -1,11 +1,17 @@
 """Stalls of the event loop: the loop watch (debug.watch_loop) reports a
 loop held by blocking code once, with where it was held, and a loop that
 comes round not at all; a host's lease task says how long a stall was and
-how much CPU it took (busy code, or a process that got none)."""
+how much CPU it took (busy code, or a process that got none); and the
+mount's timer signal ends a read that blocks with the GIL held, as
+pyfuse3's read of /dev/fuse can."""
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import logging
+import os
+import subprocess
 import time
 
 import trio
@@ -13,6 +19,7 @@ from cluster_util import cluster
 from conftest import make_volume
 
 from sharedfs.debug import watch_loop
+from sharedfs.mount import unblocked_fuse_reads
 
 
 def hold_the_loop(seconds: float) -> None:
@@ -75,3 +82,32 @@ async def test_a_hosts_stall_says_how_much_cpu_it_took(caplog):
 
     assert cpu(stalls[0])[0] < 0.3
     assert cpu(stalls[1])[1] > 0.8
+
+
+def gil_holding_read(delay: float, **ticks: float) -> tuple[int, int, float]:
+    """read(2) of a pipe that gets a byte `delay` seconds later (from
+    another process: no thread of ours can run meanwhile), called with the
+    GIL held; (result, errno, seconds taken)."""
+    libc = ctypes.PyDLL(None, use_errno=True)  # PyDLL: the call keeps the GIL
+    r, w = os.pipe()
+    writer = subprocess.Popen(["sh", "-c", f"sleep {delay}; printf x"], stdout=w)
+    os.close(w)
+    buf = ctypes.create_string_buffer(1)
+    start = time.monotonic()
+    try:
+        if ticks:
+            with unblocked_fuse_reads(ticks["tick"]):
+                n = libc.read(r, buf, 1)
+        else:
+            n = libc.read(r, buf, 1)
+        return n, ctypes.get_errno(), time.monotonic() - start
+    finally:
+        writer.wait()
+        os.close(r)
+
+
+def test_a_read_that_blocks_holding_the_gil_ends_at_the_next_tick():
+    n, _, took = gil_holding_read(1.0)
+    assert n == 1 and took >= 0.9  # without the ticks it waits for the byte
+    n, err, took = gil_holding_read(3.0, tick=0.2)
+    assert (n, err) == (-1, errno.EINTR) and took < 1.5

@@ -49,6 +49,7 @@ import trio
 
 from sharedfs.fuse_ops import CACHE_TIMEOUT
 from sharedfs.mount import fuse_options as sharedfs_fuse_options
+from sharedfs.mount import unblocked_fuse_reads
 
 log = logging.getLogger("passthrough")
 
@@ -412,7 +413,8 @@ async def serve() -> bool:
         async with trio.open_nursery() as nursery:
             signalled = trio.Event()
             nursery.start_soon(terminate_on, signals, signalled)
-            await pyfuse3.main()
+            with unblocked_fuse_reads():  # as sharedfs's loop: see there
+                await pyfuse3.main()
             nursery.cancel_scope.cancel()
     return signalled.is_set()
 
