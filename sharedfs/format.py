@@ -742,12 +742,28 @@ def unpack_bucket(buf: bytes | bytearray, blockno: int = -1) -> tuple[int, list[
     return depth, entries
 
 
+def _heads_hashed(
+    buf: bytes | bytearray, count: int, h: int
+) -> Iterator[tuple[int, int, int, int, int]]:
+    """The entry heads whose name hashes to h.  Every lookup and create
+    asks, so they are found at C speed rather than unpacked one by one: a
+    cookie is stored little-endian, its hash in the 6 bytes past its
+    16-bit sequence number."""
+    key = h.to_bytes(6, "little")
+    end = _EH_OFF + count * _EH.size
+    at = buf.find(key, _EH_OFF + 2, end)
+    while at >= 0:
+        if (at - _EH_OFF - 2) % _EH.size == 0:  # not bytes of another field
+            yield _EH.unpack_from(buf, at - 2)
+        at = buf.find(key, at + 1, end)
+
+
 def bucket_find(buf: bytes | bytearray, h: int, name: bytes, blockno: int = -1) -> DirEntry | None:
     """The entry called `name` (whose hash is h), without decoding the rest."""
     _, count, _ = _bucket_heads(buf, blockno)
     n = len(name)
-    for cookie, ino, dtype, nl, off in _iter_heads(buf, count):
-        if cookie >> 16 == h and nl == n and buf[off : off + n] == name:
+    for cookie, ino, dtype, nl, off in _heads_hashed(buf, count, h):
+        if nl == n and buf[off : off + n] == name:
             return DirEntry(cookie, ino, dtype, name)
     return None
 
@@ -755,7 +771,7 @@ def bucket_find(buf: bytes | bytearray, h: int, name: bytes, blockno: int = -1) 
 def bucket_next_seq(buf: bytes | bytearray, h: int, blockno: int = -1) -> int:
     """The smallest cookie sequence number >= 1 unused among names hashing to h."""
     _, count, _ = _bucket_heads(buf, blockno)
-    used = {c & 0xFFFF for c, *_ in _iter_heads(buf, count) if c >> 16 == h}
+    used = {c & 0xFFFF for c, *_ in _heads_hashed(buf, count, h)}
     return next(s for s in range(1, 0x10000) if s not in used)
 
 

@@ -608,3 +608,16 @@ def test_host_slot_round_trip():
     buf = slot.pack(BS, 3)
     assert fmt.verify(buf, BlockType.HOST, 3)
     assert fmt.HostSlot.unpack(buf) == slot
+
+
+def test_bucket_lookups_match_a_hash_only_in_a_cookie():
+    """Lookups find a hash's entries by its bytes in the entry table: the
+    same bytes in an inode number, or straddling two heads, are no match."""
+    h = 0x1234_5678_9AB
+    buf = _bucket()
+    fmt.bucket_append(buf, DirEntry(7 << 16 | 1, h << 16, 8, b"ino"))  # ino laid out as a cookie
+    fmt.bucket_append(buf, DirEntry(h << 16 | 2, 30, 8, b"real"))
+    assert fmt.bucket_find(buf, h, b"ino") is None
+    assert fmt.bucket_find(buf, h, b"real").ino == 30
+    assert fmt.bucket_next_seq(buf, h) == 1
+    assert fmt.bucket_next_seq(buf, 7) == 2

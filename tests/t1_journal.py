@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 from conftest import make_volume
 
@@ -201,6 +203,16 @@ def test_diff_rebuilds_any_change():
             n = rng.randrange(1, 300)
             after[at : at + n] = rng.randbytes(len(after[at : at + n]))
         rebuilt = bytearray(before)
-        for off, d in j.diff(before, after):
+        ranges = j.diff(before, after)
+        for off, d in ranges:
             rebuilt[fmt.HDR_SIZE + off : fmt.HDR_SIZE + off + len(d)] = d
         assert rebuilt == after
+        # Tight: each range starts and ends on a changed byte, holds no run
+        # of more than _GAP unchanged ones, and the next starts past one.
+        changed = [before[i] != after[i] for i in range(fmt.HDR_SIZE, BS)]
+        for off, d in ranges:
+            assert changed[off] and changed[off + len(d) - 1]
+            assert "." * (j._GAP + 1) not in "".join(
+                "x" if c else "." for c in changed[off : off + len(d)]
+            )
+        assert all(o2 - (o1 + len(d1)) > j._GAP for (o1, d1), (o2, _) in itertools.pairwise(ranges))
