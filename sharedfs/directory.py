@@ -544,6 +544,14 @@ class Directory:
         out: Out = []
         granted: list[int] = []
         for block in msg.blocks:
+            st = self.blocks.get(block)
+            if st is None and (msg.recovery or not self._sweeping()):
+                # Nobody holds it, owns it or waits for it: granted as
+                # _serve would, without a queue (a host registering the
+                # blocks it allocated sends tens of thousands at a time).
+                self.blocks[block] = BlockState(holders={node: mode})
+                granted.append(block)
+                continue
             st = self._state(block)
             st.queue.append(Request(node, msg.req, mode, msg.op_start, msg.recovery))
             if len(st.queue) == 1 or st.recovering is not None:

@@ -456,3 +456,29 @@ async def test_an_unmounting_host_leaves_no_mark_though_its_blocks_are_taken_mea
         header, _ = await journal.read_log(vol, c.sb)
         assert header.low[0] == 0
         assert (await b.lookup(shared, b"from-a")).ino
+
+
+async def test_a_write_streaming_through_a_small_cache_registers_only_what_points_at_it():
+    """Host 0 writes 4 MiB through a 512 KiB cache.  The data blocks it
+    allocates and evicts clean are storage's: the master never hears of
+    them (a few requests for the blocks that point at them, not one per
+    block).  Host 1 then reads the file as written, and after host 0
+    changes a page of it, host 1 reads the change."""
+    vol = await make_volume(64 << 20)
+    async with cluster(vol, 2, cache_bytes=512 << 10, checkpoint_every=None) as c:
+        fs0, fs1 = c.hosts
+        ino = (await fs0.create(ROOT, b"big", 0o644, CTX)).ino
+        rng = random.Random(3)
+        data = rng.randbytes(4 << 20)
+        before = c.directory.counters.blocks_requested
+        for off in range(0, len(data), 128 << 10):
+            await fs0.write(ino, off, data[off : off + (128 << 10)])
+        await fs0.fsync(ino)
+        registered = c.directory.counters.blocks_requested - before
+        assert fs0.cache.stats.evictions > 800
+        assert registered < 256, registered  # of 1,024 data blocks written
+        ino1 = (await fs1.lookup(ROOT, b"big")).ino
+        assert await fs1.read(ino1, 0, len(data)) == data
+        await fs0.write(ino, 8192, b"changed")
+        assert await fs1.read(ino1, 8190, 12) == data[8190:8192] + b"changed" + data[8199:8202]
+    await fsck_clean(vol)
