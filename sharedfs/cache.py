@@ -597,7 +597,7 @@ class BlockCache:
         self._private.add(blockno)
         if self._op is None:
             self._unlinked_private = True
-        if self._op is not None:
+        else:
             self._op.pinned.add(blockno)
         self.mark_dirty(buf)
         return buf
@@ -1161,11 +1161,10 @@ class BlockCache:
         # blocks evicted while a large write streams through the cache
         # register nothing, and a private block evicted clean is storage's,
         # unknown to any master, so not released.
-        if self._unlinked_private or any(
-            self._bufs[b].links_private for b in self._victims(excess)
-        ):
+        victims = self._victims(excess)
+        if self._unlinked_private or any(self._bufs[b].links_private for b in victims):
             await self.register_private()
-        victims = self._victims(excess)  # the same, unless we waited
+            victims = self._victims(excess)  # blocks may have changed meanwhile
         for b in victims:
             if self._bufs.pop(b).private:
                 self._private.discard(b)

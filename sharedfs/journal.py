@@ -688,8 +688,7 @@ class Log:
                 # again, or the blocks they changed stay pending with no
                 # record anywhere to force, and can never be written.
                 if reply is None:
-                    self.plc = records + self.plc
-                    self._plc_bytes = sum(r.size for r in self.plc)
+                    self._put_back(records)
             if reply is None:
                 return False
             self._durable(appending)
@@ -749,6 +748,12 @@ class Log:
         k = self._known
         return p.LogAppended(0, True, self.host, k.next_seq, k.llp_used, k.checkpoint_seq)
 
+    def _put_back(self, records: list[Record]) -> None:
+        """Records taken for an append that did not happen: ours to append
+        again, ahead of any committed since."""
+        self.plc = records + self.plc
+        self._plc_bytes = sum(r.size for r in self.plc)
+
     def _durable(self, appended: dict[int, int]) -> None:
         """These versions' records are on storage."""
         for b, version in appended.items():
@@ -772,8 +777,7 @@ class Log:
         try:
             await self._append(h, batches)
         except BaseException:
-            self.plc = records + self.plc
-            self._plc_bytes = sum(r.size for r in self.plc)
+            self._put_back(records)
             for job in foreign:
                 job.done.set()  # not ok: each asker appends for itself
             raise

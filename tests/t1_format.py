@@ -612,7 +612,7 @@ def test_host_slot_round_trip():
 
 def test_bucket_lookups_match_a_hash_only_in_a_cookie():
     """Lookups find a hash's entries by its bytes in the entry table: the
-    same bytes in an inode number, or straddling two heads, are no match."""
+    same bytes laid out in an inode number are no match."""
     h = 0x1234_5678_9AB
     buf = _bucket()
     fmt.bucket_append(buf, DirEntry(7 << 16 | 1, h << 16, 8, b"ino"))  # ino laid out as a cookie
