@@ -27,7 +27,9 @@ same block; a crashed host's run keeps its marks for `sharedfs mirror
 resync`, which copies exactly the regions some run marks.  A region whose
 update could not be shipped (the queue is full, the primary write failed,
 it was marked by an earlier mount of this slot) is *stale*: it stays marked
-until a resync.  While the secondary is unreachable writes go on, their
+until a resync.  An update whose range another write keeps changing is
+shipped again a little later, and stale only if that still fails as the
+mount ends.  While the secondary is unreachable writes go on, their
 regions stay marked, one log line says so, and shipping retries with
 backoff.
 
@@ -87,9 +89,13 @@ RETRY_FIRST, RETRY_MOST = 0.1, 5.0
 #: How long a secondary NBD connection tries to reconnect before we count
 #: the secondary unreachable and retry on our own (with a fresh connection).
 SECONDARY_NBD_TIMEOUT = 5.0
-#: An update whose range keeps changing under it this many times is left
-#: stale rather than chased (the writers' own updates are in flight anyway).
+#: An update whose range keeps changing under it this many times in a row
+#: is put aside rather than chased on (a hot block, the log's tail say, is
+#: being written meanwhile); it goes again CHASE_AFTER seconds later, still
+#: queued, its region still marked.  One that still fails as the mount
+#: drains is left stale, for a resync.
 MAX_RECHECKS = 8
+CHASE_AFTER = 0.2
 #: How long the marks a write-back announced (will_write) are held for its writes.
 HINT_HOLD = 1.0
 #: How long an unmount waits for the queue to drain to a reachable secondary.
@@ -304,9 +310,10 @@ class MirrorStorage(Storage):
             write is stale at once.
         queued_bytes: data waiting to be shipped.
         reachable: whether the last attempt to use the secondary worked.
-        shipped, rechecks, dropped, shipments: counters (updates
+        shipped, rechecks, dropped, shipments, chases: counters (updates
             acknowledged, ranges sent again because they changed meanwhile,
-            updates left stale, batches put on the secondary).
+            updates left stale, batches put on the secondary, updates
+            shipped again after MAX_RECHECKS).
     """
 
     def __init__(
@@ -335,7 +342,7 @@ class MirrorStorage(Storage):
         self.queued_bytes = 0
         self.reachable = True
         self._puts = 0  # writes to the secondary that succeeded
-        self.shipped = self.rechecks = self.dropped = self.shipments = 0
+        self.shipped = self.rechecks = self.dropped = self.shipments = self.chases = 0
         self._open_secondary = open_secondary or self._open_by_name
         self._secondary: Storage | None = None
         self._opening = trio.Lock()
@@ -349,6 +356,8 @@ class MirrorStorage(Storage):
         self._queued: dict[int, float] = {}
         #: Regions a write-back announced, and until when their marks hold.
         self._hinted: dict[int, float] = {}
+        #: Updates put aside after MAX_RECHECKS, for the chase task.
+        self._unsettled: list[_Update] = []
         if self.stale:
             log.info(
                 "host %d: mirror: %d regions marked by an earlier mount wait for a resync",
@@ -502,6 +511,7 @@ class MirrorStorage(Storage):
             "mirror_rechecks": self.rechecks,
             "mirror_dropped": self.dropped,
             "mirror_shipments": self.shipments,
+            "mirror_chases": self.chases,
             "mirror_indicator_writes": self.indicators.writes,
         }
 
@@ -519,6 +529,7 @@ class MirrorStorage(Storage):
                 n.start_soon(self._shipper, batches_recv.clone())
             await batches_recv.aclose()
             n.start_soon(self._reset_task)
+            n.start_soon(self._chase_task)
             task_status.started()
 
     async def _gather(
@@ -543,21 +554,36 @@ class MirrorStorage(Storage):
     async def _shipper(self, recv: trio.MemoryReceiveChannel[list[_Update]]) -> None:
         async with recv:
             async for batch in recv:
-                results = await self._ship(batch)
-                for update, shipped in zip(batch, results, strict=True):
-                    self.queued_bytes -= update.size
-                    del self._queued[update.uid]
-                    if shipped:
-                        self._acknowledged(update)
-                    else:
-                        self._drop(update.uid, update.regions)
+                await self._ship_batch(batch, last_try=False)
+
+    async def _chase_task(self) -> None:
+        """Ship the updates put aside again, a little later; once drain has
+        begun, for the last time."""
+        while True:
+            await trio.sleep(CHASE_AFTER)
+            if self._unsettled:
+                batch, self._unsettled = self._unsettled, []
+                self.chases += len(batch)
+                await self._ship_batch(batch, last_try=self._closed)
+
+    async def _ship_batch(self, batch: list[_Update], *, last_try: bool) -> None:
+        results = await self._ship(batch)
+        for update, shipped in zip(batch, results, strict=True):
+            if not shipped and not last_try:
+                self._unsettled.append(update)  # still queued, its regions marked
+                continue
+            self.queued_bytes -= update.size
+            del self._queued[update.uid]
+            if shipped:
+                self._acknowledged(update)
+            else:
+                self._drop(update.uid, update.regions)
 
     async def _ship(self, batch: list[_Update]) -> list[bool]:
         """Put the updates on the secondary, retrying until it has them, then
         read their ranges on the primary again (step 4 of the module
         docstring): a range changed meanwhile goes again with its new
-        contents; one still changing after MAX_RECHECKS leaves its update
-        stale.  Returns, per update, whether it made it."""
+        contents; one still changing after MAX_RECHECKS fails.  Returns, per update, whether it made it."""
         ok = [True] * len(batch)
         tries = [0] * len(batch)
         todo = [(i, offset, data) for i, u in enumerate(batch) for offset, data in u.pieces]
@@ -577,6 +603,9 @@ class MirrorStorage(Storage):
                     again.append((i, offset, current))
                 else:
                     ok[i] = False
+                    # What goes if it is shipped again: the newest we know.
+                    u = batch[i]
+                    u.pieces = [(o, current if o == offset else d) for o, d in u.pieces]
             todo = again
         return ok
 

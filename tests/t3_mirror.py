@@ -11,6 +11,7 @@ from sharedfs import format as fmt
 from sharedfs.errors import StorageError
 from sharedfs.fsck import run_fsck
 from sharedfs.mirror import (
+    MAX_RECHECKS,
     SHIP_BATCH,
     MirrorStorage,
     attach_secondary,
@@ -199,6 +200,70 @@ async def test_an_update_overtaken_by_another_hosts_is_sent_again():
         n.cancel_scope.cancel()
     assert a.rechecks == 1 and b.rechecks == 0
     assert secondary.read_sync(off, 4096) == b"new!" * 1024
+
+
+class Busy(Primary):
+    """A block another host keeps writing: each read of it by the shipper
+    first lands a new version (as that host's write would), `busy` times."""
+
+    def __init__(self, size: int, events: list[tuple[str, int]], offset: int) -> None:
+        super().__init__(size, events)
+        self.offset = offset
+        self.busy = 0
+
+    def read_sync(self, offset: int, length: int) -> bytes:
+        if offset == self.offset and self.busy:
+            self.busy -= 1
+            self.write_sync(offset, bytes([self.busy % 251]) * length)
+        return super().read_sync(offset, length)
+
+
+async def busy_pair(r: int) -> tuple[Busy, Secondary, fmt.Superblock, int]:
+    primary, secondary, sb = await mirrored_pair()
+    busy = Busy(primary.size, primary.events, data_offset(sb, r))
+    busy.write_sync(0, primary.read_sync(0, primary.size))
+    return busy, secondary, sb, busy.offset
+
+
+async def test_an_update_whose_block_keeps_changing_is_chased_later_not_left_stale():
+    """Past MAX_RECHECKS in a row the update is put aside, region still
+    marked, and shipped again later with the newest contents it read (one
+    put, no recheck: the block is quiet by then): no resync needed."""
+    r = 40
+    primary, secondary, sb, off = await busy_pair(r)
+    primary.busy = MAX_RECHECKS  # the first shipment gives up, the chase does not
+    m = MirrorStorage(primary, sb, 0, open_secondary=lambda: secondary)
+    async with trio.open_nursery() as n:
+        await n.start(m.run)
+        await m.write(off, b"w" * 4096)
+        await until(lambda: m.rechecks >= MAX_RECHECKS)
+        assert m.marked() == {r} and on_storage(primary, sb, 0, r)
+        await until(lambda: not m.marked())
+        await until(lambda: not on_storage(primary, sb, 0, r))
+        await m.drain()
+        n.cancel_scope.cancel()
+    assert primary.busy == 0 and m.chases == 1 and m.dropped == 0
+    assert m.rechecks == MAX_RECHECKS and m.shipments == MAX_RECHECKS + 1
+    assert secondary.read_sync(off, 4096) == primary.read_sync(off, 4096) == bytes([0]) * 4096
+    assert read_marks(primary, sb)[0] == set()
+
+
+async def test_a_block_still_changing_as_the_mount_drains_is_left_marked():
+    r = 41
+    primary, secondary, sb, off = await busy_pair(r)
+    primary.busy = 10**9  # never quiet
+    m = MirrorStorage(primary, sb, 0, open_secondary=lambda: secondary)
+    async with trio.open_nursery() as n:
+        await n.start(m.run)
+        await m.write(off, b"w" * 4096)
+        await until(lambda: m.chases >= 2)  # chased, and chased again, while mounted
+        assert m.marked() == {r} and not m.dropped
+        with trio.fail_after(10):
+            await m.drain()  # one last chase, then stale
+        n.cancel_scope.cancel()
+    assert m.dropped == 1 and m.stale == {r}
+    assert read_marks(primary, sb)[0] == {r}
+    assert await resync(primary, secondary, sb) == [r]
 
 
 async def test_a_region_marked_while_its_reset_is_written_stays_marked():
