@@ -19,7 +19,11 @@ one-host: sharedfs, a pyfuse3 passthrough (tools/passthrough.py) and ext4
 on a loop image, all on this machine's disk, through the same workloads
 (tools/bench_fs.py).
 
-all: one-host, a block moved host to host against a loopback round trip
+profile: the one-host workloads once more on sharedfs, each with py-spy on
+the mount: how busy its event loop and storage threads were, and in which
+modules the loop spent its time (tools/bench_profile.py).
+
+all: one-host, profile, a block moved host to host against a loopback round trip
 (tools/bench_transfer.py), pingpong, journal and disjoint in one run; with
 --write it makes docs/BENCHMARKS.md (keeping the readings written by hand
 under its last line) and docs/benchmarks.png, and checks the targets of
@@ -52,6 +56,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import bench_fs
+import bench_profile
 import bench_report
 import bench_transfer
 import trio
@@ -750,6 +755,17 @@ def one_host_bench(args: argparse.Namespace, work: Path) -> Section:
     return Section("\n".join(out), figures)
 
 
+def profile_bench(args: argparse.Namespace, work: Path) -> Section:
+    """Where the mount's time goes in each one-host workload (bench_profile)."""
+    out = [
+        "## One host: where the mount's time goes",
+        "",
+        *bench_profile.report(bench_profile.profile_all(work)),
+        "",
+    ]
+    return Section("\n".join(out))
+
+
 def transfer_bench(args: argparse.Namespace, work: Path) -> Section:
     runs = [bench_transfer.transfer_run(work) for _ in range(args.repeat)]
     med = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
@@ -805,6 +821,7 @@ def all_bench(args: argparse.Namespace, work: Path) -> Section:
     t0 = time.monotonic()
     sections = [
         one_host_bench(args, work),
+        profile_bench(args, work),
         transfer_bench(args, work),
         pingpong_bench(args, work),
         journal_bench(args, work),
@@ -849,7 +866,8 @@ def write_all(section: Section) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(prog="tools/bench")
     ap.add_argument(
-        "what", choices=["all", "pingpong", "nbd", "journal", "mirror", "disjoint", "one-host"]
+        "what",
+        choices=["all", "pingpong", "nbd", "journal", "mirror", "disjoint", "one-host", "profile"],
     )
     ap.add_argument("--rounds", type=int, default=200, help="pingpong: turns per host")
     ap.add_argument("--seconds", type=float, default=10, help="journal, disjoint: seconds per run")
@@ -875,6 +893,7 @@ def main() -> None:
             "mirror": mirror_bench,
             "disjoint": disjoint_bench,
             "one-host": one_host_bench,
+            "profile": profile_bench,
             "all": all_bench,
         }[args.what]
         section = bench(args, work)
