@@ -798,12 +798,12 @@ class BlockCache:
         return snap is None or snap.version != self._bufs[b].version
 
     async def _write_blocks(self, start: int, count: int) -> None:
-        chunk = bytearray()
+        parts = []
         for b in range(start, start + count):
             buf = self._bufs[b]
             if buf.btype is not None:
                 fmt.seal(buf.data, buf.btype, b, buf.version)
-            chunk += buf.data
+            parts.append(buf.data)
             # Clean before the write: a change during it re-dirties.
             buf.dirty = False
             self._dirty.discard(b)
@@ -813,6 +813,7 @@ class BlockCache:
             log.debug(
                 "host %d: writing blocks %d+%d, versions %s", self._host, start, count, versions
             )
+        chunk = b"".join(parts)  # one copy: growing a bytearray copies again
         try:
             await self.storage.write(start * self.bs, chunk)
         except BaseException:

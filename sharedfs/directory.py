@@ -543,9 +543,12 @@ class Directory:
         mode = Mode(msg.mode)
         out: Out = []
         granted: list[int] = []
+        # Serving a request starts no sweep and ends none: asked once, not
+        # per block (a sequential read asks for hundreds at a time).
+        sweeping = self._sweeping()
         for block in msg.blocks:
             st = self.blocks.get(block)
-            if st is None and (msg.recovery or not self._sweeping()):
+            if st is None and (msg.recovery or not sweeping):
                 # Nobody holds it, owns it or waits for it: granted as
                 # _serve would, without a queue (a host registering the
                 # blocks it allocated sends tens of thousands at a time).
@@ -556,7 +559,7 @@ class Directory:
             st.queue.append(Request(node, msg.req, mode, msg.op_start, msg.recovery))
             if len(st.queue) == 1 or st.recovering is not None:
                 out += self._serve(block, st, granted)
-            elif msg.recovery and self._sweeping():
+            elif msg.recovery and sweeping:
                 # It goes before those queued ahead (_recovery_first); not
                 # at once, in `granted`, which is for a request at the head.
                 out += self._serve(block, st)
