@@ -583,7 +583,8 @@ class MirrorStorage(Storage):
         """Put the updates on the secondary, retrying until it has them, then
         read their ranges on the primary again (step 4 of the module
         docstring): a range changed meanwhile goes again with its new
-        contents; one still changing after MAX_RECHECKS fails.  Returns, per update, whether it made it."""
+        contents; one still changing after MAX_RECHECKS fails.  Returns,
+        per update, whether it made it."""
         ok = [True] * len(batch)
         tries = [0] * len(batch)
         todo = [(i, offset, data) for i, u in enumerate(batch) for offset, data in u.pieces]
