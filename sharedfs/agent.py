@@ -26,7 +26,7 @@ import trio
 
 from . import protocol as p
 from .errors import QuietError, StorageError
-from .link import Handshakes, Link, LinkClosed, open_master
+from .link import AnyLink, Handshakes, Link, LinkClosed, LocalLink, open_master
 from .master import LockMaster
 from .protocol import HostId, Mode, Resource, block_resource
 from .storage.fence import Fenced
@@ -185,7 +185,10 @@ class ClusterAgent:
         self.coherence = coherence
         self.cache: BlockCache | None = None
         self.peer_port = 0
-        self._master: Link | None = None  # None between sessions
+        self._master: AnyLink | None = None  # None between sessions
+        #: Masters running in this process, by the address the others reach
+        #: them at: we talk to them by a LocalLink (set by a mount).
+        self.local_masters: dict[tuple[str, int], Callable[[], LocalLink]] = {}
         self._master_addr: tuple[str, int] = ("", 0)
         self._listen_host = ""
         self._up = trio.Event()  # set while a session is up
@@ -267,7 +270,7 @@ class ClusterAgent:
                     if link is not None:
                         await link.aclose()
 
-    async def _connect(self, master: tuple[str, int], listen_host: str) -> Link:
+    async def _connect(self, master: tuple[str, int], listen_host: str) -> AnyLink:
         where = f"master {master[0]}:{master[1]}"
         assert self.cache is not None
         join = p.Join(
@@ -282,7 +285,7 @@ class ClusterAgent:
             # A master that has just started may hold joins back while the
             # hosts of its predecessor resume (a lease at most).
             with trio.fail_after(JOIN_TIMEOUT):
-                link = await open_master(master, self.key, self.host, exitcode=32, tls=self.tls)
+                link = await self._open_master(master)
                 await self._welcomed(link, join, where)
         except trio.TooSlowError:
             raise QuietError(f"{where} did not answer; is it a sharedfs master?", 32) from None
@@ -292,12 +295,20 @@ class ClusterAgent:
         log.info("host %d: joined master %s:%d", self.host, *master)
         return link
 
-    def _begin(self, link: Link) -> None:
+    async def _open_master(self, addr: tuple[str, int]) -> AnyLink:
+        """A link to the master at `addr`: a LocalLink if it runs in this
+        process (lock requests to it then cost no network message)."""
+        dial = self.local_masters.get(addr)
+        if dial is not None:
+            return dial()
+        return await open_master(addr, self.key, self.host, exitcode=32, tls=self.tls)
+
+    def _begin(self, link: AnyLink) -> None:
         """From here what we send goes to the master on `link`."""
         self._master = link
         self._up.set()
 
-    async def _welcomed(self, link: Link, join: p.Join, where: str) -> None:
+    async def _welcomed(self, link: AnyLink, join: p.Join, where: str) -> None:
         """Send `join`, and take the master's Welcome (QuietError if it refuses)."""
         await link.send(join)
         while not isinstance(msg := await link.receive(), p.Welcome):
@@ -313,7 +324,7 @@ class ClusterAgent:
         self.cache.see_scn(msg.scn)
 
     # -- sessions with the master --------------------------------------------------
-    async def _sessions(self, link: Link) -> None:
+    async def _sessions(self, link: AnyLink) -> None:
         """Serve the master; when it goes, hold our writes and resume with
         it when it is back (or fence)."""
         while True:
@@ -325,7 +336,7 @@ class ClusterAgent:
                 return
             link = resumed
 
-    async def _session(self, link: Link) -> str:
+    async def _session(self, link: AnyLink) -> str:
         """Serve one connection to the master; why it ended.  Pings it sent
         that are still being served end with it: a master that takes us
         back rebuilds from what we hold once they have (and, should they
@@ -343,7 +354,7 @@ class ClusterAgent:
                 await link.aclose()
         return reason
 
-    async def _resume(self, reason: str) -> Link | None:
+    async def _resume(self, reason: str) -> AnyLink | None:
         """Hold our writes and try the master until master_wait is up: a
         master that takes us back gets our report (Join.resume); one that
         refuses (it declared us dead), or none, fences us.  A master that
@@ -400,14 +411,14 @@ class ClusterAgent:
             return await self.failover.where(self.master_node, self._master_addr)
         return None
 
-    async def _resume_with(self, addr: tuple[str, int], deadline: float) -> Link | None:
+    async def _resume_with(self, addr: tuple[str, int], deadline: float) -> AnyLink | None:
         """A session resumed with the master at `addr`; None if it is not
         there (yet); MasterRefused if it will not take us back."""
         where = f"master {addr[0]}:{addr[1]}"
         try:
             left = deadline - trio.current_time()
             with trio.fail_after(max(0.1, min(CONNECT_TIMEOUT, left))):
-                link = await open_master(addr, self.key, self.host, exitcode=32, tls=self.tls)
+                link = await self._open_master(addr)
                 try:
                     await self._rejoin(link, where)
                 except BaseException:
@@ -442,7 +453,7 @@ class ClusterAgent:
                     n.start_soon(probe, addr)
         return answered
 
-    async def _rejoin(self, link: Link, where: str) -> None:
+    async def _rejoin(self, link: AnyLink, where: str) -> None:
         """Report what we hold, then ask again for what we still wait for:
         requests and writes the old master took with it."""
         assert self.cache is not None
@@ -578,7 +589,7 @@ class ClusterAgent:
                 if ticks % STATS_TICKS == 0:
                     await self._send_master(p.Stats(self.host, self.counters()))
 
-    async def _lease_task(self, link: Link) -> None:
+    async def _lease_task(self, link: AnyLink) -> None:
         """Renew our lease; end the session once the master has been silent
         for most of one: by the time it declares us dead, our writes are
         held (a master we cannot hear may already have)."""
@@ -735,7 +746,7 @@ class ClusterAgent:
                         return
 
     # -- from the master -------------------------------------------------------------
-    async def _master_loop(self, link: Link, session: trio.Nursery) -> str:
+    async def _master_loop(self, link: AnyLink, session: trio.Nursery) -> str:
         """Handle what the master sends until the link ends; why it did."""
         assert self._nursery is not None and self.cache is not None
         try:

@@ -1,12 +1,15 @@
 """Trio glue for protocol.Connection: an authenticated message link on a stream.
 
-Used for every connection: host to master, host to host, tool to master.
+Used for every connection: host to master, host to host, tool to master;
+but a host's link to the master running in its own process is a
+`LocalLink`, which hands the messages over as they are.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 from collections.abc import Iterator
 
@@ -153,6 +156,55 @@ class Link:
     async def aclose(self) -> None:
         with trio.CancelScope(shield=True):
             await self.stream.aclose()
+
+
+class LocalLink:
+    """One end of a link within this process: a host and the master it
+    runs (embedded, or the successor it became).  The messages themselves
+    pass through memory channels: no socket, framing, MAC or decoding, so
+    a lock request to our own master costs no network message.  Nothing
+    outside the process can reach it, so nothing is authenticated.  Ends
+    as a Link does: receive() gives None once the other end has closed,
+    send() raises LinkClosed."""
+
+    def __init__(
+        self, send: trio.MemorySendChannel[p.Message], recv: trio.MemoryReceiveChannel[p.Message]
+    ) -> None:
+        self._send, self._recv = send, recv
+        self.sent = 0
+        self.received = 0
+
+    @classmethod
+    def pair(cls) -> tuple[LocalLink, LocalLink]:
+        # Unbounded, as a socket's buffers nearly are: the master's outbox
+        # for each host already bounds what waits for it.
+        a_send, b_recv = trio.open_memory_channel[p.Message](math.inf)
+        b_send, a_recv = trio.open_memory_channel[p.Message](math.inf)
+        return cls(a_send, a_recv), cls(b_send, b_recv)
+
+    async def send(self, msg: p.Message) -> None:
+        try:
+            await self._send.send(msg)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            raise LinkClosed("the other end closed") from None
+        self.sent += 1
+
+    async def receive(self) -> p.Message | None:
+        try:
+            msg = await self._recv.receive()
+        except (trio.EndOfChannel, trio.ClosedResourceError):
+            return None
+        self.received += 1
+        return msg
+
+    async def aclose(self) -> None:
+        self._send.close()
+        self._recv.close()
+        await trio.lowlevel.cancel_shielded_checkpoint()  # closing, as Link's, is never cancelled
+
+
+#: Either kind of link to a master.
+AnyLink = Link | LocalLink
 
 
 def parse_address(text: str, default_port: int = 7400) -> tuple[str, int]:

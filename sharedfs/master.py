@@ -32,7 +32,7 @@ from .cli_util import Parser, notify_systemd, parse_address_arg, run_tool, setup
 from .debug import dump_on_signal, watch_loop
 from .directory import Directory
 from .errors import QuietError
-from .link import Handshakes, Link, LinkClosed, parse_address
+from .link import AnyLink, Handshakes, Link, LinkClosed, LocalLink, parse_address
 from .metrics import Sample, counter_samples, serve_metrics
 from .protocol import HostId, Mode, Resource
 from .storage import open_volume
@@ -165,7 +165,7 @@ class MasterService:
         self._said_bye: set[int] = set()
         self._dying: set[int] = set()
         self._handshakes = Handshakes()
-        self._links: dict[int, Link] = {}
+        self._links: dict[int, AnyLink] = {}
         self._outboxes: dict[int, trio.MemorySendChannel[p.Message]] = {}
         self._peers: dict[int, tuple[str, int]] = {}
         self._host_stats: dict[int, dict[str, int]] = {}
@@ -340,10 +340,33 @@ class MasterService:
     async def _handle(self, stream: trio.SocketStream) -> None:
         # Every failure stays with this connection: serve_tcp would otherwise
         # let one bad peer take the whole master down.
-        node: int | None = None
+        peer = _peername(stream)
         try:
             with self._handshakes.slot():
                 link = await Link.open(stream, self.key, -1, initiator=False, tls=self.tls)
+        except (p.ProtocolError, LinkClosed, trio.TooSlowError) as e:
+            self._dropped(peer, e)
+            with trio.CancelScope(shield=True):
+                await stream.aclose()
+            return
+        except trio.BrokenResourceError:
+            with trio.CancelScope(shield=True):
+                await stream.aclose()
+            return
+        await self._serve_link(link, peer)
+
+    def connect_local(self) -> LocalLink:
+        """A link for a host in this process (the one we are embedded in):
+        its messages reach us as they are, through no socket."""
+        if self._nursery is None or self._nursery.cancel_scope.cancel_called:
+            raise LinkClosed("the master in this process has stopped")
+        ours, theirs = LocalLink.pair()
+        self._nursery.start_soon(self._serve_link, ours, "this process")
+        return theirs
+
+    async def _serve_link(self, link: AnyLink, peer: str) -> None:
+        node: int | None = None
+        try:
             with trio.CancelScope() as scope:
                 while (msg := await link.receive()) is not None:
                     if node is None:
@@ -354,19 +377,22 @@ class MasterService:
                     self._heard[node] = trio.current_time()
                     await self._on_message(node, msg)
         except (p.ProtocolError, LinkClosed, trio.TooSlowError) as e:
-            self.refused += 1
-            if isinstance(e, p.ProtocolError):
-                self.rejected_frames += 1
-            log.warning("master: dropped connection from %s: %s", _peername(stream), e)
+            self._dropped(peer, e)
         except trio.BrokenResourceError:
             pass
         finally:
             with trio.CancelScope(shield=True):
-                await stream.aclose()
+                await link.aclose()
                 if node is not None:
                     await self._gone(node)
 
-    async def _first(self, link: Link, msg: p.Message, scope: trio.CancelScope) -> int | None:
+    def _dropped(self, peer: str, e: Exception) -> None:
+        self.refused += 1
+        if isinstance(e, p.ProtocolError):
+            self.rejected_frames += 1
+        log.warning("master: dropped connection from %s: %s", peer, e)
+
+    async def _first(self, link: AnyLink, msg: p.Message, scope: trio.CancelScope) -> int | None:
         if not self._serving():
             return None
         if isinstance(msg, p.StatusRequest):
@@ -444,7 +470,7 @@ class MasterService:
         return None
 
     async def _sender(
-        self, node: int, link: Link, recv: trio.MemoryReceiveChannel[p.Message]
+        self, node: int, link: AnyLink, recv: trio.MemoryReceiveChannel[p.Message]
     ) -> None:
         async with recv:
             async for msg in recv:
@@ -570,6 +596,7 @@ class MasterService:
             n: {
                 "peer": list(self._peers.get(n, ("", 0))),
                 "heard_s": round(self._silent(n, now), 2),
+                "local": isinstance(self._links[n], LocalLink),
                 "counters": self._host_stats.get(n, {}),
             }
             for n in sorted(self._links)

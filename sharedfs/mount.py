@@ -381,6 +381,7 @@ class Masters:
         lhost, lport = listen
         port = await self._nursery.start(service.serve, lhost, lport)
         reach = self._args.peer_address[0] if lhost in ("0.0.0.0", "::", "") else lhost
+        self._agent.local_masters[(reach, port)] = service.connect_local
         await trio.to_thread.run_sync(self._keeper.publish, f"{reach}:{port}")
         self._nursery.start_soon(self._stop_when_fenced, service)
         return (reach, port), service

@@ -82,6 +82,10 @@ class Cluster:
             node=old.node,
         )
         await self._nursery.start(self.run_master, self.master, self._port)
+        for fs in self.hosts:  # the host it is embedded in reaches the new one
+            dials = fs.cache.agent.local_masters
+            if ("127.0.0.1", self._port) in dials:
+                dials[("127.0.0.1", self._port)] = self.master.connect_local
         return self.master
 
     async def start(self, node: int) -> FileSystem:
@@ -102,6 +106,8 @@ class Cluster:
             cache_bytes=self._cache_bytes,
             tls=self._tls,
         )
+        if node == self.master.node:  # as a mount talks to the master it runs
+            fs.cache.agent.local_masters[("127.0.0.1", self._port)] = self.master.connect_local
         self._scopes[node] = await self._nursery.start(self._run, fs)
         if node < len(self.hosts):
             self.hosts[node] = fs
@@ -176,6 +182,8 @@ class Cluster:
             self._port = await self._nursery.start(self.run_master, new, 0)
             self.master = new
             started.append(new)
+            agent = self.hosts[node].cache.agent
+            agent.local_masters[("127.0.0.1", self._port)] = new.connect_local
             # Published in its slot, as a mount's SlotKeeper does.
             slot = read_slot(self.storage, self.sb, node)
             write_slot(self.storage, self.sb, node, replace(slot, master=f"127.0.0.1:{new.port}"))

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import pytest
 import trio
 import trio.testing
 
 from sharedfs import protocol as p
-from sharedfs.link import Link, parse_address
+from sharedfs.link import Link, LinkClosed, LocalLink, parse_address
+from sharedfs.master import MasterService
 
 KEY = b"k" * 32
 
@@ -77,3 +79,40 @@ def test_parse_address():
     assert parse_address(":0") == ("127.0.0.1", 0)
     assert parse_address("host") == ("host", 7400)
     assert parse_address("[::1]:80") == ("::1", 80)
+
+
+async def test_a_local_link_hands_messages_over_and_ends_as_a_link_does():
+    a, b = LocalLink.pair()
+    msg = p.Beat()
+    await a.send(msg)
+    assert await b.receive() is msg  # the message itself: nothing encoded
+    assert (a.sent, b.received) == (1, 1)
+    await a.aclose()
+    assert await b.receive() is None  # as a closed connection reads
+    with pytest.raises(LinkClosed):
+        await b.send(p.Beat())
+
+
+async def test_a_host_joins_the_master_in_its_process_by_a_local_link():
+    """connect_local: the Join and the lock traffic reach the master as
+    messages, no socket; status says the host is local; the link's end
+    is the host's leaving; a stopped master has no local link to give."""
+    master = MasterService(KEY)
+    async with trio.open_nursery() as n:
+        await n.start(master.serve)
+        link = master.connect_local()
+        await link.send(p.Join(5, "127.0.0.1", 1, "fusion"))
+        assert isinstance(await link.receive(), p.Welcome)
+        await link.send(p.LockRequest(1, (40, 41), int(p.Mode.X), 0, 0.0))
+        grant = await link.receive()
+        assert isinstance(grant, p.Grant) and grant.blocks == (40, 41)
+        assert master.status()["hosts"][5]["local"] is True  # type: ignore[index]
+        assert master.directory.counters.lock_requests == 1
+        await link.send(p.Bye())
+        await link.aclose()
+        with trio.fail_after(5):
+            while master.status()["hosts"]:  # noqa: ASYNC110 - gone once its session ends
+                await trio.sleep(0.01)
+        master.stop("the test is done")
+    with pytest.raises(LinkClosed):
+        master.connect_local()

@@ -49,6 +49,11 @@ async def fsync_files(fs, parent: int, tag: bytes, acked: dict) -> None:  # type
         acked[(parent, tag + b"%d" % i)] = tag * 1000
 
 
+def local_links(master: MasterService) -> dict[int, bool]:
+    """Per joined host, whether it talks to `master` within its process."""
+    return {n: h["local"] for n, h in master.status()["hosts"].items()}  # type: ignore[attr-defined]
+
+
 async def test_the_lowest_live_host_takes_over_the_master_of_a_host_that_died():
     """Host 0 runs the master and dies with it.  Host 1, the lowest live
     slot, starts the one successor; host 2 resumes with it; host 0's
@@ -59,6 +64,7 @@ async def test_the_lowest_live_host_takes_over_the_master_of_a_host_that_died():
     async with cluster(vol, 3, lease=1.5, master_node=0) as c:
         started = c.fail_over([1, 2])
         assert [fs.cache.agent.master_node for fs in c.hosts] == [0, 0, 0]
+        assert local_links(c.master) == {0: True, 1: False, 2: False}
         acked: dict = {}
         shared = (await c.hosts[0].mkdir(ROOT, b"shared", 0o755, CTX)).ino
         for n, fs in enumerate(c.hosts):
@@ -84,6 +90,7 @@ async def test_the_lowest_live_host_takes_over_the_master_of_a_host_that_died():
             while 0 in new.directory.recoveries:  # noqa: ASYNC110
                 await trio.sleep(0.05)
         assert new.directory.counters.hosts_failed == 1  # host 0, swept
+        assert local_links(new) == {1: True, 2: False}  # its own master, no socket
         assert not c.hosts[1].fenced and not c.hosts[2].fenced
         for (parent, name), data in acked.items():
             assert await content(c.hosts[2], parent, name) == data, name
@@ -91,6 +98,7 @@ async def test_the_lowest_live_host_takes_over_the_master_of_a_host_that_died():
         await c.hosts[2].lookup(shared, b"after")
         again = await c.start(0)
         assert again.cache.agent.master_node == 1
+        assert local_links(new) == {0: False, 1: True, 2: False}
         assert await content(again, shared, b"late-3") == b"late-" * 1000
     await fsck_clean(vol)
 
@@ -166,6 +174,13 @@ def _mounts(vol: Path, work: Path) -> tuple[list[Mount], str]:
     return [first, *rest], addr
 
 
+def _local_links(vol: Path, addr: str) -> dict[str, bool]:
+    """Per joined host, whether it reaches the master at `addr` by a link
+    within its own process (no socket) rather than over TCP."""
+    st = json.loads(sharedfs("status", str(vol), "--master", addr, "--json").stdout)
+    return {n: h["local"] for n, h in st["master"]["hosts"].items()}
+
+
 def _published(vol: Path) -> dict[int, str]:
     st = json.loads(sharedfs("status", str(vol), "--json").stdout)
     return {h["node"]: h["runs_master"] for h in st["hosts"] if h["runs_master"]}
@@ -179,13 +194,15 @@ def test_killed_master_host_is_followed_by_a_successor_and_a_clean_unmount_hands
     meanwhile completes, and what host 0 fsync'd is there.  Host 0 mounts
     again without --master (it finds host 1's master on the volume).  Then
     host 1 unmounts cleanly: host 0, now the lowest live host, takes over,
-    and nobody is fenced.  fsck is clean after all unmount."""
+    and nobody is fenced.  fsck is clean after all unmount.  Whichever
+    host runs the master talks to it by a link in its own process."""
     work = public_dir()
     vol = work / "vol.img"
     mounts, addr = _mounts(vol, work)
     h0, h1, h2 = mounts
     try:
         assert _published(vol) == {0: addr}
+        assert _local_links(vol, addr) == {"0": True, "1": False, "2": False}
         (h0.mnt / "d").mkdir()
         with open(h0.mnt / "d" / "synced", "wb") as f:
             f.write(b"s" * 30000)
@@ -203,6 +220,8 @@ def test_killed_master_host_is_followed_by_a_successor_and_a_clean_unmount_hands
         assert "took the master role" not in h2.log.read_text()
         new = _published(vol)[1]
         wait_for(lambda: f"resumed with master {new}" in h2.log.read_text(), what="h2 resume")
+        wait_for(lambda: f"resumed with master {new}" in h1.log.read_text(), what="h1 resume")
+        assert _local_links(vol, new) == {"1": True, "2": False}
         for m in (h1, h2):
             assert (m.mnt / "d" / "synced").read_bytes() == b"s" * 30000
             assert (m.mnt / "d" / "meanwhile").read_bytes() == b"m" * 5000
@@ -216,6 +235,7 @@ def test_killed_master_host_is_followed_by_a_successor_and_a_clean_unmount_hands
         (h2.mnt / "d" / "after").write_text("goes on")
         assert (again.mnt / "d" / "after").read_text() == "goes on"
         assert _published(vol).keys() == {0}
+        assert _local_links(vol, _published(vol)[0]) == {"0": True, "2": False}
         for m in (again, h2):
             assert "fenced" not in m.log.read_text(), m.log.read_text()
         for m in (h2, again):
