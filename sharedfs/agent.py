@@ -150,6 +150,7 @@ class AgentStats:
     retries: int = 0
     peer_rejected: int = 0  # frames refused on the peer listener
     resumes: int = 0  # sessions resumed with a master that came back
+    lock_wait_us: int = 0  # from each lock request sent to its last grant, summed
 
 
 class ClusterAgent:
@@ -534,11 +535,13 @@ class ClusterAgent:
         self._pending[req] = pend
         self.stats.lock_requests += 1
         self.stats.blocks_requested += len(blocknos)
+        sent = time.perf_counter()
         try:
             await self._send_master(
                 p.LockRequest(req, tuple(blocknos), int(mode), self.cache.scn, op_start, recovery)
             )
             await self.cache.wait_for_grant(pend)
+            self.stats.lock_wait_us += round((time.perf_counter() - sent) * 1e6)
         except BaseException as e:
             # Backed off or cancelled: the master still grants the request
             # (one cancelled before it was sent is asked again of a master

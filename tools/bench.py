@@ -24,11 +24,15 @@ the mount: how busy its event loop and storage threads were, and in which
 modules the loop spent its time (tools/bench_profile.py).
 
 all: one-host, profile, a block moved host to host against a loopback round trip
-(tools/bench_transfer.py), pingpong, journal, disjoint and peer-reads in one run; with
+(tools/bench_transfer.py), pingpong, journal, disjoint, peer-reads and locks in one run; with
 --write it makes docs/BENCHMARKS.md (keeping the readings written by hand
 under its last line) and docs/benchmarks.png, and checks the targets of
 issues #3, #4, #9 and #10.  Each single benchmark's --record appends its
 section to docs/BENCHMARKS-HISTORY.md.
+
+locks: lock requests granted at once, with 1, 2 and 3 hosts and the master
+embedded in host 0: each host's wait for its grant (host 0's master is in
+its own process), and the master's messages per read (issue #10).
 
 peer-reads: two hosts whose caches together hold a set, not one alone,
 read it in turn, with the master's --peer-reads and without: the blocks
@@ -589,6 +593,127 @@ def disjoint_bench(args: argparse.Namespace, work: Path) -> Section:
     return Section("\n".join(out), figures)
 
 
+# -- lock requests with 1, 2, 3 hosts ---------------------------------------------
+
+#: `count` random 4 KiB O_DIRECT preads of `path` (every one reaches the
+#: mount, and on a cold cache each needs a lock); prints seconds.
+RANDOM_READER = r"""
+import mmap, os, random, sys, time
+path, count = sys.argv[1], int(sys.argv[2])
+buf = mmap.mmap(-1, 4096)
+fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+blocks = os.fstat(fd).st_size // 4096
+offs = [b * 4096 for b in random.Random(1).sample(range(blocks), count)]
+t0 = time.monotonic()
+for off in offs:
+    os.preadv(fd, [buf], off)
+print(time.monotonic() - t0)
+os.close(fd)
+"""
+LOCK_READS = 2000
+LOCK_FILE_MIB = 16
+
+
+@contextmanager
+def embedded_cluster(vol: Path, hosts: int, work: Path) -> Iterator[tuple[str, list[Path]]]:
+    """`hosts` mounts of `vol`, the master embedded in host 0 (as a
+    mount without --master runs it): (its address, mountpoints)."""
+    addr = f"127.0.0.1:{free_port()}"
+    mnts: list[Path] = []
+    try:
+        for n in range(hosts):
+            mnt = work / f"{vol.stem}-host{n}"
+            mnt.mkdir(exist_ok=True)
+            where = ("--listen", addr) if n == 0 else ("--master", addr)
+            log = str(work / f"{mnt.name}.log")
+            sfs("mount", str(vol), str(mnt), "--node", str(n), *where, "--log", log)
+            mnts.append(mnt)
+        yield addr, mnts
+    finally:
+        for m in reversed(mnts):  # host 0, with the master, last
+            subprocess.run([PY, "-m", "sharedfs.cli", "umount", str(m)], capture_output=True)
+
+
+def locks_run(hosts: int, work: Path) -> dict:
+    """Each host reads a file of its own at random, on caches made cold
+    by unmounting after the files were written: every read a lock request
+    granted at once.  Per host, the requests and their mean wait; the
+    master's messages per read."""
+    vol = work / "locks.img"
+    sfs("mkfs", str(vol), "--size", "512M", "-q", "--force")
+    with embedded_cluster(vol, 1, work) as (_, (mnt,)):
+        for n in range(hosts):
+            with open(mnt / f"f{n}", "wb") as f:
+                f.write(os.urandom(LOCK_FILE_MIB << 20))
+    with embedded_cluster(vol, hosts, work) as (addr, mnts):
+        before = counters(vol, addr)
+        readers = [
+            subprocess.Popen(
+                [PY, "-c", RANDOM_READER, str(m / f"f{n}"), str(LOCK_READS)],
+                stdout=subprocess.PIPE,
+                text=True,
+            )
+            for n, m in enumerate(mnts)
+        ]
+        for r in readers:
+            if r.wait(timeout=600):
+                raise SystemExit("locks: a reader failed")
+        after = counters(vol, addr)
+    out: dict = {"hosts": hosts, "per_host": []}
+    for n in range(hosts):
+        h0, h1 = before["hosts"][str(n)], after["hosts"][str(n)]
+        reqs = h1["counters"]["agent_lock_requests"] - h0["counters"]["agent_lock_requests"]
+        wait = h1["counters"]["agent_lock_wait_us"] - h0["counters"]["agent_lock_wait_us"]
+        out["per_host"].append(
+            {"local": h1["local"], "requests": reqs, "mean_us": wait / max(reqs, 1)}
+        )
+    msgs = sum(
+        after["counters"][k] - before["counters"][k] for k in ("messages_in", "messages_out")
+    )
+    out["messages_per_read"] = msgs / (hosts * LOCK_READS)
+    return out
+
+
+def locks_bench(args: argparse.Namespace, work: Path) -> Section:
+    runs: dict[int, list[dict]] = {1: [], 2: [], 3: []}
+    for _ in range(args.repeat):  # interleaved: noise hurts all alike
+        for hosts in runs:
+            runs[hosts].append(locks_run(hosts, work))
+    cmd = f"tools/bench locks --repeat {args.repeat}"
+    out = [
+        f"### lock requests with 1, 2, 3 hosts, {time.strftime('%Y-%m-%d')}",
+        "",
+        f"`{cmd}` on {machine()}; a 512 MiB image file on the machine's disk, the",
+        "master embedded in host 0 (a mount without --master), the others joined to",
+        f"it. One host writes a {LOCK_FILE_MIB} MiB file per host; all unmount (every cache",
+        f"cold, no lock held); then each host makes {LOCK_READS} random 4 KiB O_DIRECT reads of",
+        "its own file at once with the others: each read a lock request the master",
+        "grants at once. *Wait*: from the request sent to its grant, as the host",
+        "timed it; host 0 reaches the master in its own process (a LocalLink, no",
+        "network message), the others over loopback TCP. *Master messages*: in and",
+        "out, all hosts, per read.",
+        f"Medians of {args.repeat} runs (each host's mean wait, in brackets per run).",
+        "",
+        "| hosts | host | link | lock requests | wait, us | master messages per read |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    figures = {}
+    for hosts, rs in runs.items():
+        per_read = statistics.median(r["messages_per_read"] for r in rs)
+        for n in range(hosts):
+            waits = [r["per_host"][n]["mean_us"] for r in rs]
+            reqs = statistics.median(r["per_host"][n]["requests"] for r in rs)
+            link = "local" if rs[0]["per_host"][n]["local"] else "TCP"
+            each = ", ".join(f"{w:.0f}" for w in waits)
+            out.append(
+                f"| {hosts} | {n} | {link} | {reqs:.0f} | {statistics.median(waits):.0f} ({each}) "
+                f"| {per_read:.2f} |"
+            )
+            figures[f"lock wait us, {hosts} hosts, host {n}"] = statistics.median(waits)
+    out.append("")
+    return Section("\n".join(out), figures)
+
+
 # -- reads from other hosts' caches (--peer-reads) ---------------------------------
 
 #: Reads `path` whole with O_DIRECT (no page cache: every read reaches the
@@ -942,6 +1067,7 @@ def all_bench(args: argparse.Namespace, work: Path) -> Section:
         journal_bench(args, work),
         disjoint_bench(args, work),
         peer_reads_bench(args, work),
+        locks_bench(args, work),
     ]
     figures = {k: v for s in sections for k, v in s.figures.items()}
     targets = targets_of(figures)
@@ -993,6 +1119,7 @@ def main() -> None:
             "one-host",
             "profile",
             "peer-reads",
+            "locks",
         ],
     )
     ap.add_argument("--rounds", type=int, default=200, help="pingpong: turns per host")
@@ -1021,6 +1148,7 @@ def main() -> None:
             "one-host": one_host_bench,
             "profile": profile_bench,
             "peer-reads": peer_reads_bench,
+            "locks": locks_bench,
             "all": all_bench,
         }[args.what]
         section = bench(args, work)
