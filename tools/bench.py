@@ -1159,7 +1159,7 @@ def main() -> None:
         write_all(section)
     if args.record:
         with open(TOP / "docs" / "BENCHMARKS-HISTORY.md", "a") as f:
-            f.write(section.text + "\n")
+            f.write("\n" + section.text + "\n")  # a blank line after the last one
 
 
 if __name__ == "__main__":
