@@ -347,12 +347,9 @@ class MasterService:
         try:
             with self._handshakes.slot():
                 link = await Link.open(stream, self.key, -1, initiator=False, tls=self.tls)
-        except (p.ProtocolError, LinkClosed, trio.TooSlowError) as e:
-            self._dropped(peer, e)
-            with trio.CancelScope(shield=True):
-                await stream.aclose()
-            return
-        except trio.BrokenResourceError:
+        except (p.ProtocolError, LinkClosed, trio.TooSlowError, trio.BrokenResourceError) as e:
+            if not isinstance(e, trio.BrokenResourceError):  # that one just went away
+                self._dropped(peer, e)
             with trio.CancelScope(shield=True):
                 await stream.aclose()
             return
@@ -713,12 +710,12 @@ def run_master(args: argparse.Namespace) -> None:
         raise QuietError(f"--listen {args.listen}: {e}", 2) from None
     if not 0.2 <= args.lease <= 600:
         raise QuietError(f"--lease {args.lease:g}: give 0.2 to 600 seconds", 2)
+    check_peer_reads(args)
     storage = open_volume(args.volume)
     try:
         sb = open_superblock(storage)
     finally:
         storage.close()
-    check_peer_reads(args)
     service = MasterService(
         sb.cluster_key,
         coherence=args.coherence,
