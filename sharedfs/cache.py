@@ -1158,19 +1158,22 @@ class BlockCache:
             await self.flush()
         # Another host may read a released block from storage and follow it
         # to blocks only we know of: the master must know them first.  Only
-        # a block an allocating operation changed can point at them: cold
-        # blocks evicted while a large write streams through the cache
-        # register nothing, and a private block evicted clean is storage's,
-        # unknown to any master, so not released.
+        # a block an allocating operation changed can point at them.  And a
+        # private block itself is registered before it goes: another host
+        # may still hold a read copy of it from before it was freed and
+        # allocated here (no lock revoked that copy), which the
+        # registration revokes; dropped unregistered, that host would read
+        # its old copy once something points at the block again.
         victims = self._victims(excess)
-        if self._unlinked_private or any(self._bufs[b].links_private for b in victims):
+        if self._unlinked_private or any(
+            self._bufs[b].links_private or self._bufs[b].private for b in victims
+        ):
             await self.register_private()
-            victims = self._victims(excess)  # blocks may have changed meanwhile
+            # Blocks may have changed meanwhile; one allocated since waits.
+            victims = [b for b in self._victims(excess) if not self._bufs[b].private]
         for b in victims:
-            if self._bufs.pop(b).private:
-                self._private.discard(b)
-            else:
-                self.agent.release_block(b)
+            del self._bufs[b]
+            self.agent.release_block(b)
         self.stats.evictions += len(victims)
         log.debug("host %d: evicted %s", self._host, victims)
 

@@ -707,7 +707,6 @@ def run_master(args: argparse.Namespace) -> None:
         raise QuietError(f"--listen {args.listen}: {e}", 2) from None
     if not 0.2 <= args.lease <= 600:
         raise QuietError(f"--lease {args.lease:g}: give 0.2 to 600 seconds", 2)
-    check_peer_reads(args)
     storage = open_volume(args.volume)
     try:
         sb = open_superblock(storage)
