@@ -69,9 +69,6 @@ class Buffer:
         going: leaving for good (no copy stays here): not even read, or a
             reply made from it could reach the kernel after its caches
             were dropped, and stay there stale.
-        links_private: changed by an operation that allocated blocks: it
-            may point at private ones, so it is not released before they
-            are registered.
     """
 
     blockno: int
@@ -87,7 +84,6 @@ class Buffer:
     boundary: int = 0
     leaving: bool = False
     going: bool = False
-    links_private: bool = False
 
 
 @dataclass(slots=True)
@@ -190,8 +186,6 @@ class BlockCache:
         self._shipped_while_writing: dict[int, int] = {}
         self.pis = PastImages()
         self._private: set[int] = set()  # allocated here, unknown to the master
-        # Allocated outside an operation: what points at it is unknown.
-        self._unlinked_private = False
         self._registering = trio.Lock()
         # One write-back at a time, so two writes of one block never race.
         self._write_lock = trio.Lock()
@@ -306,13 +300,7 @@ class BlockCache:
         return sorted(self._op.revoked) if self._op is not None else []
 
     def end_op(self) -> None:
-        op, self._op = self._op, None
-        if op is not None and any(snap is None for snap in op.undo.values()):
-            # It allocated: what it changed may point at private blocks.
-            for b in op.undo:
-                buf = self._bufs.get(b)
-                if buf is not None and buf.btype is not None:
-                    buf.links_private = True
+        self._op = None
         self._changed()
 
     def abort_op(self) -> None:
@@ -595,9 +583,7 @@ class BlockCache:
         buf = Buffer(blockno, bytearray(self.bs), btype, Mode.X, private=True)
         self._insert(buf)
         self._private.add(blockno)
-        if self._op is None:
-            self._unlinked_private = True
-        else:
+        if self._op is not None:
             self._op.pinned.add(blockno)
         self.mark_dirty(buf)
         return buf
@@ -1064,10 +1050,8 @@ class BlockCache:
         # registration is still on its way to the master.
         async with self._registering:
             if not self._private:
-                self._unlinked_private = False
                 return
             blocks, self._private = sorted(self._private), set()
-            unlinked, self._unlinked_private = self._unlinked_private, False
             # As a rebuilder's request: a block we allocated (free on the
             # bitmap) may be one a dead host held and we rebuild meanwhile.
             # Queued behind that recovery, the registration waited for our
@@ -1080,7 +1064,6 @@ class BlockCache:
                 # Not known to be registered (the ping that asked was
                 # cancelled, with its master gone): private still.
                 self._private.update(blocks)
-                self._unlinked_private |= unlinked
                 raise
             for b in blocks:
                 buf = self._bufs.get(b)
@@ -1153,40 +1136,29 @@ class BlockCache:
         if len(self._bufs) <= self.capacity:
             return
         # Evict clean blocks from the cold end; write back dirty ones first.
+        # A block whose write is still in flight stays: storage does not
+        # have its contents yet.
         excess = len(self._bufs) - self.capacity
         if len(self._dirty) > len(self._bufs) - excess:
             await self.flush()
         # Another host may read a released block from storage and follow it
-        # to blocks only we know of: the master must know them first.  Only
-        # a block an allocating operation changed can point at them.  And a
-        # private block itself is registered before it goes: another host
+        # to blocks only we know of: the master must know them first.  And
+        # a private block itself is registered before it goes: another host
         # may still hold a read copy of it from before it was freed and
-        # allocated here (no lock revoked that copy), which the
-        # registration revokes; dropped unregistered, that host would read
-        # its old copy once something points at the block again.
-        victims = self._victims(excess)
-        if self._unlinked_private or any(
-            self._bufs[b].links_private or self._bufs[b].private for b in victims
-        ):
-            await self.register_private()
-            # Blocks may have changed meanwhile; one allocated since waits.
-            victims = [b for b in self._victims(excess) if not self._bufs[b].private]
-        for b in victims:
-            del self._bufs[b]
-            self.agent.release_block(b)
-        self.stats.evictions += len(victims)
-        log.debug("host %d: evicted %s", self._host, victims)
-
-    def _victims(self, excess: int) -> list[int]:
-        """Up to `excess` clean blocks from the cold end.  A block whose
-        write is still in flight stays: storage does not have it yet."""
+        # allocated here (no lock revoked that copy), which the registration
+        # revokes (t5_cluster: ...never_read_stale).
+        await self.register_private()
         victims = []
         for b, buf in self._bufs.items():
             if len(victims) >= excess:
                 break
             if not buf.dirty and b not in self._inflight and not buf.leaving:
                 victims.append(b)
-        return victims
+        for b in victims:
+            del self._bufs[b]
+            self.agent.release_block(b)
+        self.stats.evictions += len(victims)
+        log.debug("host %d: evicted %s", self._host, victims)
 
     def drop_all(self) -> None:
         """Forget every clean block and release its lock (unmount)."""
