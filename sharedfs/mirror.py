@@ -358,6 +358,7 @@ class MirrorStorage(Storage):
         self._hinted: dict[int, float] = {}
         #: Updates put aside after MAX_RECHECKS, for the chase task.
         self._unsettled: list[_Update] = []
+        self._put_aside = trio.Event()
         if self.stale:
             log.info(
                 "host %d: mirror: %d regions marked by an earlier mount wait for a resync",
@@ -560,17 +561,19 @@ class MirrorStorage(Storage):
         """Ship the updates put aside again, a little later; once drain has
         begun, for the last time."""
         while True:
+            await self._put_aside.wait()
             await trio.sleep(CHASE_AFTER)
-            if self._unsettled:
-                batch, self._unsettled = self._unsettled, []
-                self.chases += len(batch)
-                await self._ship_batch(batch, last_try=self._closed)
+            self._put_aside = trio.Event()
+            batch, self._unsettled = self._unsettled, []
+            self.chases += len(batch)
+            await self._ship_batch(batch, last_try=self._closed)
 
     async def _ship_batch(self, batch: list[_Update], *, last_try: bool) -> None:
         results = await self._ship(batch)
         for update, shipped in zip(batch, results, strict=True):
             if not shipped and not last_try:
                 self._unsettled.append(update)  # still queued, its regions marked
+                self._put_aside.set()
                 continue
             self.queued_bytes -= update.size
             del self._queued[update.uid]
