@@ -140,41 +140,41 @@ def counters(vol: Path, addr: str) -> dict:
 
 @contextmanager
 def cluster(
-    vol: Path, hosts: int, work: Path, master_args: tuple[str, ...], mount_args: tuple[str, ...]
+    vol: Path,
+    hosts: int,
+    work: Path,
+    master_args: tuple[str, ...],
+    mount_args: tuple[str, ...],
+    *,
+    embedded: bool = False,
 ) -> Iterator[tuple[str, list[Path]]]:
-    """A standalone master and `hosts` mounts of `vol`: (master address, mountpoints)."""
+    """A standalone master and `hosts` mounts of `vol`; or, `embedded`, the
+    master in host 0 (a mount without --master): (its address, mountpoints)."""
     port = free_port()
     addr = f"127.0.0.1:{port}"
-    master = subprocess.Popen(
-        [PY, "-m", "sharedfs.cli", "master", str(vol), "--listen", addr, *master_args],
-        stderr=subprocess.DEVNULL,
-    )
-    wait_port(port)
+    master = None
+    if not embedded:
+        master = subprocess.Popen(
+            [PY, "-m", "sharedfs.cli", "master", str(vol), "--listen", addr, *master_args],
+            stderr=subprocess.DEVNULL,
+        )
+        wait_port(port)
     mnts: list[Path] = []
     try:
         for n in range(hosts):
             mnt = work / f"{vol.stem}-host{n}"
             mnt.mkdir(exist_ok=True)
+            where = ("--listen", addr) if embedded and n == 0 else ("--master", addr)
             log = str(work / f"{mnt.name}.log")
-            sfs(
-                "mount",
-                str(vol),
-                str(mnt),
-                "--master",
-                addr,
-                "--node",
-                str(n),
-                "--log",
-                log,
-                *mount_args,
-            )
+            sfs("mount", str(vol), str(mnt), "--node", str(n), *where, "--log", log, *mount_args)
             mnts.append(mnt)
         yield addr, mnts
     finally:
-        for m in mnts:
+        for m in reversed(mnts):  # an embedded master's host last
             subprocess.run([PY, "-m", "sharedfs.cli", "umount", str(m)], capture_output=True)
-        master.terminate()
-        master.wait()
+        if master is not None:
+            master.terminate()
+            master.wait()
 
 
 def grown(before: dict, after: dict, counter: str) -> int:
@@ -590,42 +590,19 @@ def disjoint_bench(args: argparse.Namespace, work: Path) -> Section:
 # -- lock requests with 1, 2, 3 hosts ---------------------------------------------
 
 #: `count` random 4 KiB O_DIRECT preads of `path` (every one reaches the
-#: mount, and on a cold cache each needs a lock); prints seconds.
+#: mount, and on a cold cache each needs a lock).
 RANDOM_READER = r"""
-import mmap, os, random, sys, time
+import mmap, os, random, sys
 path, count = sys.argv[1], int(sys.argv[2])
 buf = mmap.mmap(-1, 4096)
 fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
 blocks = os.fstat(fd).st_size // 4096
-offs = [b * 4096 for b in random.Random(1).sample(range(blocks), count)]
-t0 = time.monotonic()
-for off in offs:
-    os.preadv(fd, [buf], off)
-print(time.monotonic() - t0)
+for b in random.Random(1).sample(range(blocks), count):
+    os.preadv(fd, [buf], b * 4096)
 os.close(fd)
 """
 LOCK_READS = 2000
 LOCK_FILE_MIB = 16
-
-
-@contextmanager
-def embedded_cluster(vol: Path, hosts: int, work: Path) -> Iterator[tuple[str, list[Path]]]:
-    """`hosts` mounts of `vol`, the master embedded in host 0 (as a
-    mount without --master runs it): (its address, mountpoints)."""
-    addr = f"127.0.0.1:{free_port()}"
-    mnts: list[Path] = []
-    try:
-        for n in range(hosts):
-            mnt = work / f"{vol.stem}-host{n}"
-            mnt.mkdir(exist_ok=True)
-            where = ("--listen", addr) if n == 0 else ("--master", addr)
-            log = str(work / f"{mnt.name}.log")
-            sfs("mount", str(vol), str(mnt), "--node", str(n), *where, "--log", log)
-            mnts.append(mnt)
-        yield addr, mnts
-    finally:
-        for m in reversed(mnts):  # host 0, with the master, last
-            subprocess.run([PY, "-m", "sharedfs.cli", "umount", str(m)], capture_output=True)
 
 
 def locks_run(hosts: int, work: Path) -> dict:
@@ -635,18 +612,14 @@ def locks_run(hosts: int, work: Path) -> dict:
     master's messages per read."""
     vol = work / "locks.img"
     sfs("mkfs", str(vol), "--size", "512M", "-q", "--force")
-    with embedded_cluster(vol, 1, work) as (_, (mnt,)):
+    with cluster(vol, 1, work, (), (), embedded=True) as (_, (mnt,)):
         for n in range(hosts):
             with open(mnt / f"f{n}", "wb") as f:
                 f.write(os.urandom(LOCK_FILE_MIB << 20))
-    with embedded_cluster(vol, hosts, work) as (addr, mnts):
+    with cluster(vol, hosts, work, (), (), embedded=True) as (addr, mnts):
         before = counters(vol, addr)
         readers = [
-            subprocess.Popen(
-                [PY, "-c", RANDOM_READER, str(m / f"f{n}"), str(LOCK_READS)],
-                stdout=subprocess.PIPE,
-                text=True,
-            )
+            subprocess.Popen([PY, "-c", RANDOM_READER, str(m / f"f{n}"), str(LOCK_READS)])
             for n, m in enumerate(mnts)
         ]
         for r in readers:
