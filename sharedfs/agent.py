@@ -763,6 +763,8 @@ class ClusterAgent:
                     self._on_grant(msg)
                 elif isinstance(msg, p.Ping):
                     session.start_soon(self._serve_ping, msg)
+                elif isinstance(msg, p.Primary):
+                    self.cache.made_primary(msg.blocks)
                 elif isinstance(msg, p.WritePerform):
                     self._nursery.start_soon(self._perform, msg)
                 elif isinstance(msg, p.Recover):
@@ -848,6 +850,7 @@ class ClusterAgent:
                 shipped.btype,
                 shipped.data,
                 shipped.via_storage,
+                msg.primary and not shipped.via_storage,
             )
             # Once handed over, the copy goes out even if the master's link
             # ends meanwhile: our past image and the receiver's request,
@@ -858,7 +861,7 @@ class ClusterAgent:
         done = p.PingDone(
             msg.block,
             msg.to,
-            msg.keep,
+            msg.keep if shipped.cached else int(Mode.N),  # none to keep: asked to keep S
             shipped.pi,
             shipped.version,
             shipped.was_dirty,

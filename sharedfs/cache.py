@@ -69,6 +69,9 @@ class Buffer:
         going: leaving for good (no copy stays here): not even read, or a
             reply made from it could reach the kernel after its caches
             were dropped, and stay there stale.
+        copy: a read copy of a block whose primary cache is another host's
+            (--peer-reads): evicted before the blocks we are primary for,
+            so that the cluster keeps one copy of more blocks (seed 001).
     """
 
     blockno: int
@@ -84,6 +87,7 @@ class Buffer:
     boundary: int = 0
     leaving: bool = False
     going: bool = False
+    copy: bool = False
 
 
 @dataclass(slots=True)
@@ -98,6 +102,7 @@ class Shipped:
     via_storage: bool
     btype: int = 0
     was_dirty: bool = False  # our copy was not on storage when it left
+    cached: bool = True  # False: we had let it go already (its Release is on its way)
 
 
 @dataclass(slots=True)
@@ -136,6 +141,7 @@ class CacheStats:
     bin_writes: int = 0
     retries: int = 0
     transfers_in: int = 0
+    copies_evicted: int = 0  # of those evictions, copies (Buffer.copy)
 
 
 Invalidate = Callable[[Buffer], Awaitable[None]]
@@ -181,6 +187,9 @@ class BlockCache:
         self.capacity = max(capacity, 64)
         self.dirty_limit = max(self.capacity // 2, 32)
         self._bufs: OrderedDict[int, Buffer] = OrderedDict()
+        #: The copies among them (Buffer.copy), coldest first; may name
+        #: blocks gone since, or no longer copies (skipped, then dropped).
+        self._copies: OrderedDict[int, None] = OrderedDict()
         self._dirty: set[int] = set()
         self._inflight: dict[int, int] = {}  # block -> version being written
         self._shipped_while_writing: dict[int, int] = {}
@@ -383,6 +392,8 @@ class BlockCache:
             # The common case: cached and held; no lock request, no I/O.
             self.stats.hits += 1
             self._bufs.move_to_end(blockno)
+            if buf.copy:
+                self._copies.move_to_end(blockno)
             if pin:
                 self._touch(buf, mode)
             return buf
@@ -411,6 +422,8 @@ class BlockCache:
                 raise CorruptVolume(f"block {b}: used as {btype.name}, cached as {buf.btype}")
             buf.mode = max(buf.mode, mode)
             self._bufs.move_to_end(b)
+            if buf.copy:
+                self._copies.move_to_end(b)
             if pin:
                 self._touch(buf, mode)
             out.append(buf)
@@ -513,6 +526,9 @@ class BlockCache:
                 buf.version = t.version
                 self.see_scn(t.version)
                 buf.boundary = t.writing
+                buf.copy = t.copy
+                if t.copy:
+                    self._copies[b] = None
                 if t.dirty or t.writing:
                     # A dirty version from another host, or one its sender
                     # is still writing: writing it needs the master, which
@@ -528,6 +544,17 @@ class BlockCache:
                 continue
             if buf is not None:
                 buf.mode = max(buf.mode, mode)
+                if mode is Mode.X:
+                    buf.copy = False  # nobody else holds it now
+
+    def made_primary(self, blocks: Iterable[int]) -> None:
+        """The master made our copies of these blocks their primary (the
+        primary host let its copy go): kept like our own from here on."""
+        for b in blocks:
+            buf = self._bufs.get(b)
+            if buf is not None:
+                buf.copy = False
+            self._copies.pop(b, None)
 
     def adopt(
         self, images: list[tuple[int, fmt.BlockType | None, int, bytearray]]
@@ -1019,7 +1046,7 @@ class BlockCache:
         buf = self._bufs.get(b)
         if buf is None:
             log.debug("host %d: block %d leaves, not cached", self._host, b)
-            return Shipped(b"", 0, False, 0, 0, True)  # storage has our last copy
+            return Shipped(b"", 0, False, 0, 0, True, cached=False)  # storage has our last copy
         buf.leaving = True
         buf.going = keep is Mode.N
         try:
@@ -1093,6 +1120,7 @@ class BlockCache:
             self._shipped_while_writing[b] = writing
         if keep is Mode.N:
             self._bufs.pop(b, None)
+            self._copies.pop(b, None)
             self._dirty.discard(b)
             if buf.dirty:
                 # Keep a past image until a write covers it (claim 1).
@@ -1148,17 +1176,45 @@ class BlockCache:
         # allocated here (no lock revoked that copy), which the registration
         # revokes (t5_cluster: ...never_read_stale).
         await self.register_private()
-        victims = []
+        victims = self._victims(excess)
+        for b in victims:
+            buf = self._bufs.pop(b)
+            self.agent.release_block(b)
+            if buf.copy:
+                self._copies.pop(b, None)
+                self.stats.copies_evicted += 1
+        self.stats.evictions += len(victims)
+        log.debug("host %d: evicted %s", self._host, victims)
+
+    def _victims(self, excess: int) -> list[int]:
+        """Up to `excess` clean blocks: copies of blocks another host is
+        primary for first, then from the cold end.  A block whose write is
+        still in flight stays: storage does not have it yet."""
+        victims = self._cold_copies(excess)
+        chosen = set(victims)
         for b, buf in self._bufs.items():
             if len(victims) >= excess:
                 break
-            if not buf.dirty and b not in self._inflight and not buf.leaving:
+            if b not in chosen and self._evictable(b, buf):
                 victims.append(b)
-        for b in victims:
-            del self._bufs[b]
-            self.agent.release_block(b)
-        self.stats.evictions += len(victims)
-        log.debug("host %d: evicted %s", self._host, victims)
+        return victims
+
+    def _cold_copies(self, excess: int) -> list[int]:
+        victims, stale = [], []
+        for b in self._copies:
+            if len(victims) >= excess:
+                break
+            buf = self._bufs.get(b)
+            if buf is None or not buf.copy:
+                stale.append(b)
+            elif self._evictable(b, buf):
+                victims.append(b)
+        for b in stale:
+            del self._copies[b]
+        return victims
+
+    def _evictable(self, b: int, buf: Buffer) -> bool:
+        return not buf.dirty and b not in self._inflight and not buf.leaving
 
     def drop_all(self) -> None:
         """Forget every clean block and release its lock (unmount)."""

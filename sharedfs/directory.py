@@ -65,6 +65,9 @@ class BlockState:
     settling: a master rebuilt from the hosts' reports found the newest
         version of the block only in a past image: nobody is served until
         that is on storage (or storage is found to be newer).
+    primary: --peer-reads: the holder whose cache is the block's primary
+        (it read it from storage, or took it exclusively); the others hold
+        copies, shipped from it.  None: nobody we know of.
     """
 
     holders: dict[int, Mode] = field(default_factory=dict)
@@ -81,6 +84,7 @@ class BlockState:
     revoking: set[int] = field(default_factory=set)
     heir: int | None = None
     settling: bool = False
+    primary: int | None = None
 
 
 @dataclass(slots=True)
@@ -148,6 +152,8 @@ class Counters:
     blocks_recovered: int = 0
     messages_in: int = 0
     messages_out: int = 0
+    peer_reads: int = 0  # clean blocks shipped from a cache instead of read from storage
+    primaries_moved: int = 0  # copies made primary when their primary let go
 
 
 class Directory:
@@ -157,10 +163,17 @@ class Directory:
     scn: the highest change number seen (every message carries one).
     deferred: notifications waiting to ride on the next message to a node.
     recoveries: dead node -> what is left of its recovery.
+    peer_reads: a host that asks for a block other hosts cache clean gets
+        it shipped from the block's primary cache rather than reading
+        storage; copies are marked as such, and a copy becomes primary when
+        the primary lets go (cluster-aware replacement, seed 001).
     """
 
-    def __init__(self, coherence: str = "fusion", counters: Counters | None = None) -> None:
+    def __init__(
+        self, coherence: str = "fusion", counters: Counters | None = None, peer_reads: bool = False
+    ) -> None:
         self.coherence = coherence
+        self.peer_reads = peer_reads
         self.blocks: dict[int, BlockState] = {}
         self.nodes: set[int] = set()
         self.scn = 0
@@ -552,7 +565,7 @@ class Directory:
                 # Nobody holds it, owns it or waits for it: granted as
                 # _serve would, without a queue (a host registering the
                 # blocks it allocated sends tens of thousands at a time).
-                self.blocks[block] = BlockState(holders={node: mode})
+                self.blocks[block] = BlockState(holders={node: mode}, primary=node)
                 granted.append(block)
                 continue
             st = self._state(block)
@@ -606,9 +619,15 @@ class Directory:
                 and (st.owner in conflicts or held is Mode.N)
             ):
                 src = st.owner
+            if src is None and held is Mode.N and self.peer_reads:
+                src = self._clean_source(st, r.node)
+                if src is not None:
+                    self.counters.peer_reads += 1
             if src is None and not conflicts:
                 st.queue.popleft()
                 st.holders[r.node] = max(held, r.mode)
+                if st.primary not in st.holders:
+                    st.primary = r.node  # it reads storage: its copy is the one
                 if granted is not None and r is not None:
                     granted.append(block)
                 else:
@@ -638,9 +657,21 @@ class Directory:
                     r.op_start,
                     final,
                     self._take_deferred(x),
+                    self.peer_reads and keep is Mode.S,
                 )
                 out.append((x, msg))
         return out
+
+    @staticmethod
+    def _clean_source(st: BlockState, asker: int) -> int | None:
+        """--peer-reads: who ships a block storage has the newest version
+        of: its primary, or else any other holder (which becomes primary)."""
+        others = [n for n in st.holders if n != asker]
+        if not others:
+            return None
+        if st.primary not in others:
+            st.primary = others[-1]
+        return st.primary
 
     @staticmethod
     def _recovery_first(st: BlockState) -> bool:
@@ -721,6 +752,8 @@ class Directory:
                 return out + self._advance(rec)
             return out + self._serve(block, st)
         st.holders[r.node] = max(st.holders.get(r.node, Mode.N), r.mode)
+        if r.mode is Mode.X or st.primary not in st.holders:
+            st.primary = r.node  # it holds the only copy, or the first of them
         # Sent even when the transfer was the grant: it reaches the requester
         # before any later ping for the block, so the requester knows that a
         # ping is about this hold and waits for the data still on its way.
@@ -732,6 +765,7 @@ class Directory:
 
     def on_release(self, node: int, msg: p.Release) -> Out:
         out: Out = []
+        promoted: dict[int, list[int]] = {}
         for block in msg.blocks:
             st = self.blocks.get(block)
             if st is None:
@@ -739,9 +773,22 @@ class Directory:
             st.holders.pop(node, None)
             if st.owner == node:
                 st.owner = None
+            if st.primary == node:
+                st.primary = self._promote(block, st, promoted)
             out += self._serve(block, st)
             self._gc(block, st)
+        out += [(n, p.Primary(tuple(blocks))) for n, blocks in promoted.items()]
         return out
+
+    def _promote(self, block: int, st: BlockState, promoted: dict[int, list[int]]) -> int | None:
+        """The primary let its copy go: the copy granted last (the warmest,
+        as LRU goes) becomes primary, so the cluster keeps one copy."""
+        if not self.peer_reads or not st.holders:
+            return None
+        heir = next(reversed(st.holders))
+        promoted.setdefault(heir, []).append(block)
+        self.counters.primaries_moved += 1
+        return heir
 
     def _gc(self, block: int, st: BlockState) -> None:
         busy = st.holders or st.pis or st.queue or st.acks or st.revoking or st.write_waiters

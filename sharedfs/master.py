@@ -149,12 +149,14 @@ class MasterService:
         tls: Tls | None = None,
         node: int = -1,
         dead: frozenset[int] = frozenset(),
+        peer_reads: bool = False,
     ) -> None:
         """`dead`: hosts known to be dead (a successor's predecessor): the
-        rebuild window need not wait for them to resume."""
+        rebuild window need not wait for them to resume.  `peer_reads`:
+        Directory.peer_reads."""
         self.key = key
         self.tls = tls
-        self.directory = Directory(coherence)
+        self.directory = Directory(coherence, peer_reads=peer_reads)
         self.host_slots = host_slots
         self.lease = lease
         self.port = 0
@@ -277,7 +279,8 @@ class MasterService:
         for node in nodes:
             self._forgotten.add(node)
             self._scopes[node].cancel()
-        self.directory = Directory(self.directory.coherence, self.directory.counters)
+        d = self.directory
+        self.directory = Directory(d.coherence, d.counters, d.peer_reads)
         self._open_window(nodes)
 
     async def _notify_task(self) -> None:
@@ -707,6 +710,7 @@ def run_master(args: argparse.Namespace) -> None:
         raise QuietError(f"--listen {args.listen}: {e}", 2) from None
     if not 0.2 <= args.lease <= 600:
         raise QuietError(f"--lease {args.lease:g}: give 0.2 to 600 seconds", 2)
+    check_peer_reads(args)
     storage = open_volume(args.volume)
     try:
         sb = open_superblock(storage)
@@ -718,8 +722,22 @@ def run_master(args: argparse.Namespace) -> None:
         host_slots=sb.host_slots,
         lease=args.lease,
         tls=load_tls(args.tls),
+        peer_reads=args.peer_reads,
     )
     trio.run(_serve_forever, service, host, port, args.metrics)
+
+
+PEER_READS_HELP = (
+    "a read of a block another host caches is shipped from that host's cache "
+    "rather than read from storage, and each host evicts its copies of blocks "
+    "another host is primary for before its own (fewer storage reads when the "
+    "hosts' caches together hold the working set; each such read costs a ping)"
+)
+
+
+def check_peer_reads(args: argparse.Namespace) -> None:
+    if args.peer_reads and args.coherence == "disk":
+        raise QuietError("--peer-reads ships blocks host to host: not with --coherence disk", 2)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -727,6 +745,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("volume", help="the volume (its cluster key authenticates hosts)")
     ap.add_argument("--listen", default="127.0.0.1:7400", metavar="HOST:PORT")
     ap.add_argument("--coherence", choices=("fusion", "disk"), default="fusion")
+    ap.add_argument("--peer-reads", action="store_true", help=PEER_READS_HELP)
     ap.add_argument(
         "--lease",
         type=float,

@@ -41,7 +41,7 @@ from .fs import FileSystem
 from .fuse_ops import Operations
 from .host import DEFAULT_CACHE_BYTES, open_cluster_host
 from .link import parse_address
-from .master import DEFAULT_LEASE, MasterService
+from .master import DEFAULT_LEASE, PEER_READS_HELP, MasterService, check_peer_reads
 from .metrics import Sample, counter_samples, serve_metrics
 from .mirror import mirrored, refuse_own_secondary
 from .storage import Storage, canonical_name, open_volume
@@ -111,6 +111,11 @@ def add_mount_args(p: argparse.ArgumentParser) -> None:
         choices=("fusion", "disk"),
         default="fusion",
         help="fusion: ship blocks host to host; disk: write before every transfer",
+    )
+    p.add_argument(
+        "--peer-reads",
+        action="store_true",
+        help="for the master this mount embeds (without --master): " + PEER_READS_HELP,
     )
     p.add_argument("--cache-size", type=parse_size, default=DEFAULT_CACHE_BYTES)
     p.add_argument(
@@ -371,6 +376,7 @@ class Masters:
             lease=args.lease,
             node=self._node,
             dead=dead,
+            peer_reads=args.peer_reads,
         )
         # This host writes only while its heartbeat is fresh, and its master
         # serves only as long.
@@ -561,6 +567,7 @@ def mount(args: argparse.Namespace) -> None:
         raise QuietError(f"--lease {args.lease:g}: give 0.2 to 600 seconds", 2)
     if not 0 <= args.master_wait <= 3600:
         raise QuietError(f"--master-wait {args.master_wait:g}: give 0 to 3600 seconds", 2)
+    check_peer_reads(args)
     mountpoint = check_mountpoint(args.mountpoint)
     args.tls_config = load_tls(args.tls)
     storage = open_volume(args.volume, nbd_timeout=args.nbd_timeout)
@@ -626,8 +633,8 @@ def helper_argv(volume: str, mountpoint: str, options: str) -> list[str]:
             if not eq or not value:
                 raise QuietError(f"-o {key}: give a value ({key}=...)", 1)
             argv.append(f"{_HELPER_OPTIONS[key]}={value}")
-        elif key == "debug":
-            argv.append("--debug")
+        elif key in ("debug", "peer_reads"):
+            argv.append("--" + key.replace("_", "-"))
         elif key not in _FSTAB_ONLY and not key.startswith("x-"):
             fuse.append(opt)
     return argv + (["-o", ",".join(fuse)] if fuse else [])
@@ -642,7 +649,7 @@ def mount_helper_main(argv: list[str] | None = None) -> None:
         "writeback=SECONDS, nbd_timeout=SECONDS, master_wait=SECONDS, cache_size=SIZE, "
         "metrics=HOST:PORT, tls=DIR, "
         "log=FILE, "
-        "debug, and FUSE "
+        "peer_reads, debug, and FUSE "
         "options; defaults, auto, noauto, _netdev, nofail, user(s), rw and x-* are for "
         "mount(8) and fstab and are ignored.",
     )

@@ -273,6 +273,9 @@ class Ping(Message):
     op_start: float
     final: bool  # no other host must let go first: the transfer is the grant
     written: tuple[tuple[int, int], ...] = ()
+    # --peer-reads: you keep S and stay the block's primary cache; the
+    # receiver's copy is a copy (evicted first there: seed 001).
+    primary: bool = False
 
 
 @message(23)
@@ -296,6 +299,7 @@ class Transfer(Message):
     btype: int  # metadata block type, 0 for a data block
     data: bytes
     via_storage: bool = False  # --coherence disk: read it from storage instead
+    copy: bool = False  # the sender stays the primary: hold it as a copy (Ping.primary)
 
 
 @message(24)
@@ -393,6 +397,15 @@ class WriteNotify(Message):
 
 
 # -- status ------------------------------------------------------------------------
+
+
+@message(34)
+class Primary(Message):
+    """Master to a host (--peer-reads): the primary cache of these blocks
+    let its copy go; yours is the primary now, kept before copies of
+    blocks other hosts are primary for (seed 001)."""
+
+    blocks: tuple[int, ...]
 
 
 @message(40)

@@ -218,6 +218,7 @@ async def cluster(
     tls: Tls | None = None,
     lease: float = DEFAULT_LEASE,
     master_node: int = -1,
+    peer_reads: bool = False,
 ) -> AsyncIterator[Cluster]:
     """checkpoint_every=None: no background checkpoints, for tests that
     account for every storage write.  On a volume that names a secondary,
@@ -225,7 +226,8 @@ async def cluster(
     volume it names), and drains its queue at the end.  `wrap(node,
     storage)`: what host `node` sees of the volume (a faulty device, say).
     `tls`: every connection over TLS.  `master_node`: the host the master
-    is embedded in, as the hosts learn it (Welcome.master_node).  A body still
+    is embedded in, as the hosts learn it (Welcome.master_node).  `peer_reads`:
+    the master's (Directory.peer_reads).  A body still
     running after `hang_after` seconds is a hang: the state is dumped."""
     sb = read_superblock(storage)
     master = MasterService(
@@ -235,6 +237,7 @@ async def cluster(
         tls=tls,
         lease=lease,
         node=master_node,
+        peer_reads=peer_reads,
     )
     async with trio.open_nursery() as nursery:
         c = Cluster(

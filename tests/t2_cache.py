@@ -435,6 +435,35 @@ async def test_trim_evicts_cold_clean_blocks_and_releases_locks():
     assert storage.reads == reads + 1
 
 
+def copy_of(b: int) -> p.Transfer:
+    """Another host's clean copy of block b, shipped with Ping.primary: the
+    sender stays its primary cache."""
+    return p.Transfer(1, b, int(Mode.S), 0, False, 0, 0, True, 0, bytes([b]) * BS, copy=True)
+
+
+async def test_trim_evicts_copies_of_other_hosts_primaries_first():
+    """Seed 001: copies whose primary is another host go before the
+    blocks we are primary for, however cold those are; a copy made
+    primary, or one taken in X, is kept like our own."""
+    storage = MemoryStorage(1 << 20)
+    cache = make_cache(storage, capacity=64)
+    await cache.get_many(list(range(60)), Mode.S)  # ours, read from storage: the coldest
+    arrived = {b: copy_of(b) for b in range(100, 110)}
+    async with cache._locked(list(arrived), Mode.S):
+        cache.install(arrived, list(arrived), Mode.S)
+    cache.made_primary([100])
+    cache.install({101: copy_of(101)}, [101], Mode.X)
+    await cache.get(109, Mode.S)  # the hottest of them
+    await cache.trim()  # 70 blocks: 6 go
+    assert cache.stats.evictions == cache.stats.copies_evicted == 6
+    assert {b for b in range(100, 110) if b in cache._bufs} == {100, 101, 108, 109}
+    assert all(b in cache._bufs for b in range(60))
+    await cache.get_many(list(range(200, 204)), Mode.S)
+    await cache.trim()  # 4 go: the last two copies, then our coldest two
+    assert cache.stats.copies_evicted == 8 and cache.stats.evictions == 10
+    assert {0, 1, 108, 109}.isdisjoint(cache._bufs) and {2, 100, 101} <= set(cache._bufs)
+
+
 async def test_trim_keeps_dirty_blocks():
     storage = MemoryStorage(1 << 20)
     cache = make_cache(storage, capacity=64)

@@ -176,6 +176,18 @@ def cases(s: Scene) -> list[Case]:
             2,
         ),
         Case("helper-no-value", ("mount.sharedfs", vol, empty, "-o", "node"), ("node=",)),
+        Case(
+            "mount-peer-reads-with-disk",
+            ("mount", vol, empty, "--coherence", "disk", "--peer-reads"),
+            ("--peer-reads", "not with --coherence disk"),
+            2,
+        ),
+        Case(
+            "master-peer-reads-with-disk",
+            ("master", vol, "--coherence", "disk", "--peer-reads"),
+            ("--peer-reads", "not with --coherence disk"),
+            2,
+        ),
         # master
         Case("master-missing-volume", ("master", f"{d}/missing.img"), ("no such file",)),
         Case("master-junk", ("master", str(s.junk)), ("not a sharedfs volume",)),
