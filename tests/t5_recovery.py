@@ -205,12 +205,32 @@ async def test_random_kills_lose_no_acknowledged_write(seed: int):
     at random, is killed at a random moment; the others must still read
     every acknowledged byte; the dead host's slot comes back.  (Seeds 29 and
     36 once lost a file; `SHAREDFS_SEED` picks the first.)"""
+    await random_kills(seed, 5)
+
+
+async def test_random_kills_with_peer_reads_lose_no_acknowledged_write():
+    """The same with the master's --peer-reads and caches small enough that
+    hosts read each other's copies and evict them: a host dying mid-ship,
+    or while it is a block's primary, loses nothing acknowledged."""
+    await random_kills(7, 3, peer_reads=True, cache_bytes=1 << 20)
+
+
+async def random_kills(
+    seed: int, trials: int, *, peer_reads: bool = False, cache_bytes: int = 64 << 20
+) -> None:
     rng = random.Random(seed)
     vol = await make_volume(256 << 20)
     acked: dict[tuple[int, bytes], set[bytes]] = {}
-    async with cluster(vol, 3, checkpoint_every=0.2, hang_after=600) as c:
+    async with cluster(
+        vol,
+        3,
+        checkpoint_every=0.2,
+        hang_after=600,
+        peer_reads=peer_reads,
+        cache_bytes=cache_bytes,
+    ) as c:
         shared = (await c.hosts[0].mkdir(ROOT, b"shared", 0o755, CTX)).ino
-        for _trial in range(5):
+        for _trial in range(trials):
             with c.watchdog(60):
                 stop = trio.Event()
                 async with trio.open_nursery() as n:
@@ -226,7 +246,9 @@ async def test_random_kills_lose_no_acknowledged_write(seed: int):
                 for (parent, name), data in acked.items():
                     assert await content(survivor, parent, name) in data, name
                 await c.start(victim)
-        assert c.directory.counters.hosts_failed == 5
+        assert c.directory.counters.hosts_failed == trials
+        if peer_reads:
+            assert c.directory.counters.peer_reads > 0
     await fsck_clean(vol)
     fs = host(vol)
     for (parent, name), data in acked.items():
