@@ -222,10 +222,13 @@ class Cluster:
         writers: bool = True,
         mount_args: tuple[str, ...] = (),
         embedded: bool = False,
+        peer_reads: bool = False,
     ) -> None:
         self.work = work
         self.debug = ["--debug"] if debug else []
-        self.mount_args = list(mount_args)
+        # Every mount may come to run the master (embedded, or by failover).
+        self.peer_reads = ["--peer-reads"] if peer_reads else []
+        self.mount_args = list(mount_args) + self.peer_reads
         self.vol = work / "volume.img"
         self.seed = seed
         self.lease = lease
@@ -255,6 +258,7 @@ class Cluster:
             proc = subprocess.Popen(
                 [PY, "-m", "sharedfs.cli", "master", str(self.vol), "--listen", self.addr]
                 + ["--lease", str(self.lease)]
+                + self.peer_reads
                 + self.debug,
                 stdout=subprocess.DEVNULL,
                 stderr=log,
@@ -532,7 +536,17 @@ def run(args: argparse.Namespace) -> dict:  # type: ignore[type-arg]
     work = Path(tempfile.mkdtemp(prefix="sharedfs-torture-", dir=args.dir))
     work.chmod(0o755)
     embedded = args.mode == "failover"
-    c = Cluster(work, args.hosts, args.size, args.lease, args.seed, args.debug, embedded=embedded)
+    c = Cluster(
+        work,
+        args.hosts,
+        args.size,
+        args.lease,
+        args.seed,
+        args.debug,
+        embedded=embedded,
+        peer_reads=args.peer_reads,
+        mount_args=("--cache-size", args.cache_size) if args.cache_size else (),
+    )
     result: dict = {"work": str(work), "trials": 0, "recovery_s": [], "checked": 0, "failovers": 0}  # type: ignore[type-arg]
     ok = False
     try:
@@ -583,6 +597,11 @@ def run(args: argparse.Namespace) -> dict:  # type: ignore[type-arg]
                 f"{reader.node}: ok",
                 flush=True,
             )
+        # What the master did meanwhile: a master restarted in a trial
+        # counts from then on.
+        counters = c.status()["counters"]
+        result["peer_reads"] = counters["peer_reads"]
+        result["transfers"] = counters["transfers"]
         c.stop()
         result["final_files"] = final_check(c)
         ok = True
@@ -627,6 +646,12 @@ def main() -> None:
         "--max-wait", type=float, default=3.0, help="longest pause between trials (seconds)"
     )
     ap.add_argument("--sample", type=int, default=50, help="files per survivor checked per trial")
+    ap.add_argument(
+        "--peer-reads",
+        action="store_true",
+        help="the master ships reads from the hosts' caches (sharedfs master --peer-reads)",
+    )
+    ap.add_argument("--cache-size", help="each mount's --cache-size (small: evictions, copies)")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--dir", default=None, help="where to make the work directory")
     ap.add_argument("--keep", action="store_true", help="keep the volume and logs")
@@ -647,6 +672,7 @@ def main() -> None:
         + f"; recovery {min(rec):.2f} / "
         f"{statistics.median(rec):.2f} / {max(rec):.2f} s (min/median/max); "
         f"{result['checked']} files read in trials, {result['final_files']} at the end; fsck clean"
+        + (f"; {result['peer_reads']} peer reads" if args.peer_reads else "")
     )
     if args.json:
         print(json.dumps(result))
