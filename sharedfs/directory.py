@@ -68,6 +68,11 @@ class BlockState:
     primary: --peer-reads: the holder whose cache is the block's primary
         (it read it from storage, or took it exclusively); the others hold
         copies, shipped from it.  None: nobody we know of.
+    let_go: the head request's asker sent a Release while the ping that
+        serves it was out: the transfer was the grant (Ping.final), so it
+        could use the block and evict it before the sender's PingDone
+        reached us.  By its link's order that Release is about this hold,
+        which completes as granted, not held.
     """
 
     holders: dict[int, Mode] = field(default_factory=dict)
@@ -85,6 +90,7 @@ class BlockState:
     heir: int | None = None
     settling: bool = False
     primary: int | None = None
+    let_go: bool = False
 
 
 @dataclass(slots=True)
@@ -400,6 +406,7 @@ class Directory:
             if st.final and head is not None and not head.gone:
                 st.heir = head.node
             st.final = False
+            st.let_go = False  # served again, after the rebuild
             st.src = None
             st.revoking |= st.acks
             st.acks.clear()
@@ -739,6 +746,7 @@ class Directory:
 
     def _complete(self, block: int, st: BlockState) -> Out:
         r = st.queue.popleft()
+        let_go, st.let_go = st.let_go, False
         out: Out = []
         if r.gone:
             # Its asker died meanwhile.  If the newest version was shipped to
@@ -751,9 +759,10 @@ class Directory:
                 out += self._hold_for_recovery(block, st, rec)
                 return out + self._advance(rec)
             return out + self._serve(block, st)
-        st.holders[r.node] = max(st.holders.get(r.node, Mode.N), r.mode)
-        if r.mode is Mode.X or st.primary not in st.holders:
-            st.primary = r.node  # it holds the only copy, or the first of them
+        if not let_go:
+            st.holders[r.node] = max(st.holders.get(r.node, Mode.N), r.mode)
+            if r.mode is Mode.X or st.primary not in st.holders:
+                st.primary = r.node  # it holds the only copy, or the first of them
         # Sent even when the transfer was the grant: it reaches the requester
         # before any later ping for the block, so the requester knows that a
         # ping is about this hold and waits for the data still on its way.
@@ -770,6 +779,10 @@ class Directory:
             st = self.blocks.get(block)
             if st is None:
                 continue
+            if node not in st.holders and st.final and st.queue and st.queue[0].node == node:
+                # It had the transfer that was its grant, and let it go
+                # before the sender's PingDone came: not a holder once done.
+                st.let_go = True
             st.holders.pop(node, None)
             if st.owner == node:
                 st.owner = None

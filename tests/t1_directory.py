@@ -317,3 +317,29 @@ def test_a_recovery_waits_for_the_version_it_needs_not_an_older_write():
     assert d.recoveries[1].writes == {5: 30}
     out = d.on_write_done(3, p.WriteDone(((5, 30),), 33))
     assert (2, p.Recover(1, (), 33)) in out
+
+
+def test_a_reader_that_lets_go_before_the_pingdone_is_not_counted_a_holder():
+    """The transfer is the grant: the reader uses the block and evicts it
+    before the sender's PingDone reaches the master, so its Release comes
+    first (torture seeds 21 and 22, with small caches).  Counted a holder
+    once done, it was told to keep a copy it no longer had on its next
+    request, and read storage, which the dirty owner had not written yet:
+    a corrupt directory."""
+    d = joined(1, 2)
+    lock(d, 1, 1, (5,), Mode.X)
+    out = lock(d, 2, 2, (5,), Mode.S)
+    assert out == [(1, p.Ping(5, 2, int(Mode.S), int(Mode.S), 2, 0, 2.0, True, ()))]
+    assert d.on_release(2, p.Release((5,))) == []  # it had the transfer
+    assert lock(d, 2, 3, (5,), Mode.S) == []  # and wants it again: queued
+    dirty = p.PingDone(5, 2, int(Mode.S), 0, 7, True, 0, 7)
+    out = d.on_ping_done(1, dirty)
+    # Its first request completes, granted but not held; the second is
+    # served from the owner's copy again, not from storage.
+    assert out == [
+        (2, p.Grant(2, (5,), int(Mode.S), 7, (), True)),
+        (1, p.Ping(5, 2, int(Mode.S), int(Mode.S), 3, 7, 3.0, True, ())),
+    ]
+    assert d.blocks[5].holders == {1: Mode.S} and d.blocks[5].owner == 1
+    d.on_ping_done(1, dirty)
+    assert d.blocks[5].holders == {1: Mode.S, 2: Mode.S}
