@@ -18,6 +18,11 @@ Two masters must never serve at once.  That holds because:
   its master sends nothing more (MasterService.may_serve);
 - a host that cannot reach the successor keeps its writes held, and fences
   itself when its wait is up, as with any master it cannot reach.
+
+A partition that leaves the master's host with fewer than half of the
+hosts stops that master before it declares anyone dead, and fences its host
+(MasterService.on_minority): its heartbeat stops, and the majority elects a
+successor as if it had died.
 """
 
 from __future__ import annotations

@@ -137,6 +137,11 @@ class MasterService:
         may_serve: for an embedded master, whether its host may still
             write (its disk lease): once not, the master stops before it
             sends anything more, since a successor may be serving.
+        on_minority: for an embedded master, called (with why) once it
+            hears fewer than half of its hosts, its own included: it stops
+            before it declares any of them dead, and its host fences
+            itself, so that the majority elects a successor (failover.py)
+            rather than going on without writes.
     """
 
     def __init__(
@@ -184,6 +189,7 @@ class MasterService:
         self.node = node
         self._dead = set(dead)
         self.may_serve: Callable[[], bool] = lambda: True
+        self.on_minority: Callable[[str], None] = lambda why: None
 
     async def serve(
         self, host: str = "127.0.0.1", port: int = 0, *, task_status=trio.TASK_STATUS_IGNORED
@@ -305,6 +311,8 @@ class MasterService:
                     self._heard[node] += late
             silent = {n: now - self._heard.get(n, now) for n in self._outboxes}
             lapsed = silent and max(silent.values()) > self.lease
+            if lapsed and self._in_minority(silent):
+                return
             if lapsed and min(silent.values()) > self.lease / 2:
                 # Every host lapses at once: it is we who were cut off.
                 self._forget()
@@ -314,6 +322,29 @@ class MasterService:
                 if silent[node] > self.lease:
                     log.warning("master: node %d silent for %.1f s: lease lapsed", node, self.lease)
                     self._scopes[node].cancel()
+
+    def _in_minority(self, silent: dict[int, float]) -> bool:
+        """An embedded master whose host hears fewer than half of the hosts
+        (itself included) is on the minority side of a partition: it stops
+        and fences its host (on_minority) rather than declare the others
+        dead.  Asked before anyone is cut off, with "heard" meaning within
+        half a lease: hosts cut off together lapse a beat apart, and one
+        cut off after another would shrink the count a host at a time.
+        Half exactly is not a minority: with two hosts, or two and two, the
+        master's side goes on and the other fences (the volume says the
+        master's host lives), as before.  A standalone master is no host:
+        the hosts it hears go on, the rest fence."""
+        if self.node < 0:
+            return False
+        # Our own host counts as heard even when its loop is slow: it is us.
+        heard = sorted(n for n, s in silent.items() if s <= self.lease / 2 or n == self.node)
+        if 2 * len(heard) >= len(silent):
+            return False
+        why = f"its master hears only hosts {heard} of {sorted(silent)}: a minority"
+        log.warning("master: hears only hosts %s of %s: standing down", heard, sorted(silent))
+        self.on_minority(why)
+        self.stop(why)
+        return True
 
     async def _sample_task(self) -> None:
         """Keep the last RATE_WINDOW seconds of counters, for rates."""

@@ -384,6 +384,7 @@ class Masters:
         if gate.lapsed():
             raise QuietError("this host's disk lease is up", 32)
         service.may_serve = lambda: not gate.lapsed()
+        service.on_minority = self._agent.fence
         lhost, lport = listen
         port = await self._nursery.start(service.serve, lhost, lport)
         reach = self._args.peer_address[0] if lhost in ("0.0.0.0", "::", "") else lhost

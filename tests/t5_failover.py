@@ -245,3 +245,29 @@ def test_killed_master_host_is_followed_by_a_successor_and_a_clean_unmount_hands
         for m in mounts:
             m.kill()
     fsck_ok(vol)
+
+
+@pytest.mark.parametrize(
+    ("node", "silent", "stands_down"),
+    [
+        (0, {0: 0.1, 1: 3.2, 2: 3.0}, True),  # hears itself only, of three
+        (0, {0: 2.0, 1: 3.2, 2: 0.5}, False),  # its own host slow, not cut off
+        (0, {0: 0.1, 1: 3.2, 2: 0.5}, False),  # two of three: h1 is cut off
+        (0, {0: 0.1, 1: 3.2}, False),  # half of two: the master's side goes on
+        (0, {0: 0.1, 1: 3.2, 2: 2.9, 3: 0.4}, False),  # two of four
+        (0, {0: 0.1, 1: 3.2, 2: 2.9, 3: 2.5, 4: 0.4}, True),  # two of five
+        (-1, {1: 3.2, 2: 3.0, 3: 0.2}, False),  # a standalone master is no host
+    ],
+)
+def test_an_embedded_master_that_hears_a_minority_stands_down_before_declaring_anyone_dead(
+    node: int, silent: dict[int, float], stands_down: bool
+) -> None:
+    """The decision t6_netns makes happen on a real partition, case by
+    case (lease 3 s: heard means within 1.5 s)."""
+    master = MasterService(b"k" * 32, lease=3.0, node=node)
+    told: list[str] = []
+    master.on_minority = told.append
+    assert master._in_minority(silent) is stands_down
+    assert bool(told) is stands_down
+    if stands_down:
+        assert "a minority" in told[0]
