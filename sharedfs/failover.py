@@ -10,8 +10,9 @@ what the dead host held (Sweep); the others resume with it.
 
 Two masters must never serve at once.  That holds because:
 - a successor is chosen only once the old master's host is dead on the
-  volume: it released its slot, its heartbeat is HEARTBEAT_TIMEOUT old, or
-  (on this machine) its process is gone;
+  volume: it released its slot, we watched its heartbeat stand still for
+  HEARTBEAT_TIMEOUT of our own clock (volume.SlotWatch: no wall clocks
+  compared), or (on this machine) its process is gone;
 - a host that runs a master keeps a disk lease (storage/fence.py): once its
   own last heartbeat is older than HEARTBEAT_TIMEOUT - HEARTBEAT_INTERVAL,
   before any other host could take it for dead, it writes nothing more and
@@ -27,15 +28,17 @@ successor as if it had died.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 
 import trio
 
 from . import format as fmt
+from .errors import StorageError
 from .link import parse_address
 from .storage import Storage
-from .volume import HEARTBEAT_INTERVAL, HEARTBEAT_TIMEOUT, live_slots
+from .volume import HEARTBEAT_INTERVAL, HEARTBEAT_TIMEOUT, SlotWatch
 
 log = logging.getLogger(__name__)
 
@@ -61,18 +64,28 @@ class Failover:
         sb: fmt.Superblock,
         node: int,
         start: Callable[[int], Awaitable[Address | None]],
+        timeout: float = HEARTBEAT_TIMEOUT,
     ) -> None:
         self.storage, self.sb, self.node = storage, sb, node
         self._start = start
         self._mine: Address | None = None
         self._tried = False
+        self._slots = SlotWatch(timeout)
+
+    async def watch(self) -> None:
+        """Read the slots every heartbeat interval from the mount on, so that
+        the watch knows how long each has stood still when a master goes."""
+        while True:
+            with contextlib.suppress(StorageError):
+                await trio.to_thread.run_sync(self._slots.live, self.storage, self.sb)
+            await trio.sleep(HEARTBEAT_INTERVAL)
 
     async def where(self, old: int, old_addr: Address) -> Address | None:
         """The master to try now, when the one embedded in host `old` went
         away: `old_addr` while that host is alive on the volume; once it is
         dead, the successor's (this host's own, started here, if it is the
         successor); None while the successor has not published one yet."""
-        live = await trio.to_thread.run_sync(live_slots, self.storage, self.sb)
+        live = await trio.to_thread.run_sync(self._slots.live, self.storage, self.sb)
         if old in live:
             return old_addr
         heir = min(live, default=None)

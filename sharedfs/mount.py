@@ -292,7 +292,7 @@ async def _serve_host(
     ops = Operations(fs)
     async with contextlib.AsyncExitStack() as stack, trio.open_nursery() as nursery:
         masters = Masters(nursery, sb, args, node, gate, keeper, agent)
-        agent.failover = Failover(gate, sb, node, masters.take_over)
+        agent.failover = failover = Failover(gate, sb, node, masters.take_over)
         master, service = await masters.start_embedded()
         if args.metrics:
             samples = functools.partial(_metric_samples, fs, agent, service)
@@ -301,6 +301,7 @@ async def _serve_host(
         states = [agent.describe] + ([service.describe] if service else [])
         nursery.start_soon(dump_on_signal, f"host {node}", *states)
         nursery.start_soon(watch_loop, f"host {node}")
+        nursery.start_soon(failover.watch)
         lhost, lport = args.peer_address
         await nursery.start(
             functools.partial(agent.run, master, listen_host=lhost, listen_port=lport)

@@ -110,7 +110,12 @@ def slot_is_live(slot: fmt.HostSlot, now_ns: int | None = None) -> bool:
     now_ns = time.time_ns() if now_ns is None else now_ns
     if not slot.in_use or now_ns - slot.heartbeat_ns >= HEARTBEAT_TIMEOUT * 1e9:
         return False
-    return not (slot.hostname == socket.gethostname() and not _pid_alive(slot.pid))
+    return not _process_gone(slot)
+
+
+def _process_gone(slot: fmt.HostSlot) -> bool:
+    """Its holder ran on this machine, and its process is no more."""
+    return slot.hostname == socket.gethostname() and not _pid_alive(slot.pid)
 
 
 def _pid_alive(pid: int) -> bool:
@@ -130,6 +135,39 @@ def process_state(pid: int) -> str | None:
         return "?"  # it exists, but we may not look
     # "pid (comm) S ...": comm may hold spaces and parentheses.
     return stat_line.rpartition(")")[2].split()[0]
+
+
+class SlotWatch:
+    """Who is alive on the volume by this host's own clock, as OCFS2's disk
+    heartbeat judges it: a slot lives while its heartbeat keeps changing,
+    and is dead once we have watched it stand still for `timeout` seconds
+    of our monotonic time (or it is not in use, or its holder ran on this
+    machine and its process is gone).  No wall clocks are compared, so
+    hosts whose clocks disagree still agree on who died; and a host that
+    runs a master has fenced itself DISK_LEASE after its own last heartbeat
+    (failover.py), before anyone can have watched that heartbeat for
+    `timeout`.  A slot first seen is given the whole `timeout`: watch from
+    the mount on, so that a host long dead is known dead when it counts."""
+
+    def __init__(self, timeout: float = HEARTBEAT_TIMEOUT) -> None:
+        self.timeout = timeout
+        self._seen: dict[int, tuple[int, float]] = {}  # node -> (heartbeat, since)
+
+    def live(self, storage: Storage, sb: fmt.Superblock) -> dict[int, fmt.HostSlot]:
+        now = time.monotonic()
+        out = {}
+        for n in range(sb.host_slots):
+            slot = read_slot(storage, sb, n)
+            if not slot.in_use or _process_gone(slot):
+                self._seen.pop(n, None)
+                continue
+            beat, since = self._seen.get(n, (slot.heartbeat_ns, now))
+            if beat != slot.heartbeat_ns:
+                since = now
+            self._seen[n] = (slot.heartbeat_ns, since)
+            if now - since < self.timeout:
+                out[n] = slot
+        return out
 
 
 def live_slots(storage: Storage, sb: fmt.Superblock) -> dict[int, fmt.HostSlot]:

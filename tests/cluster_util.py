@@ -160,10 +160,12 @@ class Cluster:
         """The master's connections drop; nothing listens on its port."""
         self._master_scope.cancel()
 
-    def fail_over(self, nodes: list[int]) -> list[MasterService]:
+    def fail_over(self, nodes: list[int], slot_timeout: float = 1.0) -> list[MasterService]:
         """Hosts `nodes` follow a master embedded in a host that dies as
         mounts do (failover.py): by the slots on the volume, the lowest
-        live one starting a successor here.  Returns the list the
+        live one starting a successor here.  A slot is dead once it has
+        stood still for `slot_timeout` (a mount's is 10 s): keep the live
+        ones beating (t5_failover.beating).  Returns the list the
         successors are added to as they start; the cluster's master is
         then the newest (later starts join it)."""
         started: list[MasterService] = []
@@ -191,7 +193,9 @@ class Cluster:
 
         for node in nodes:
             agent = self.hosts[node].cache.agent
-            agent.failover = Failover(self.storage, self.sb, node, functools.partial(start, node))
+            agent.failover = Failover(
+                self.storage, self.sb, node, functools.partial(start, node), slot_timeout
+            )
         return started
 
     def dump(self) -> None:

@@ -8,10 +8,12 @@ only the bytes."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
 import time
+from collections.abc import AsyncIterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -33,12 +35,20 @@ from mount_util import (
 from t5_master_restart import fsck_clean, resumed
 from t5_recovery import content
 
+from sharedfs import format as fmt
 from sharedfs import protocol as p
 from sharedfs.link import open_master
 from sharedfs.master import MasterService
 from sharedfs.storage.fence import Fence, Fenced
 from sharedfs.storage.memory import MemoryStorage
-from sharedfs.volume import claim_slot, read_superblock, write_slot
+from sharedfs.volume import (
+    SlotWatch,
+    claim_slot,
+    read_slot,
+    read_superblock,
+    slot_is_live,
+    write_slot,
+)
 
 
 async def fsync_files(fs, parent: int, tag: bytes, acked: dict) -> None:  # type: ignore[no-untyped-def]
@@ -47,6 +57,37 @@ async def fsync_files(fs, parent: int, tag: bytes, acked: dict) -> None:  # type
         await fs.write(f.ino, 0, tag * 1000)
         await fs.fsync(f.ino)
         acked[(parent, tag + b"%d" % i)] = tag * 1000
+
+
+class Beating:
+    """Host slots kept fresh as a mount's heartbeat keeps its own (every
+    0.2 s here, against the cluster's 1 s slot timeout); `stop(n)` stills
+    one, as a host that dies does."""
+
+    def __init__(self, vol: MemoryStorage, sb, nodes: list[int]) -> None:  # type: ignore[no-untyped-def]
+        self.vol, self.sb = vol, sb
+        self.nodes = set(nodes)
+        for n in nodes:
+            claim_slot(vol, sb, n)
+
+    def stop(self, node: int) -> None:
+        self.nodes.discard(node)
+
+    async def run(self) -> None:
+        while True:
+            await trio.sleep(0.2)
+            for n in sorted(self.nodes):
+                slot = read_slot(self.vol, self.sb, n)  # with what others wrote: a master
+                write_slot(self.vol, self.sb, n, replace(slot, heartbeat_ns=time.time_ns()))
+
+
+@contextlib.asynccontextmanager
+async def beating(vol, sb, nodes: list[int]) -> AsyncIterator[Beating]:  # type: ignore[no-untyped-def]
+    beats = Beating(vol, sb, nodes)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(beats.run)
+        yield beats
+        nursery.cancel_scope.cancel()
 
 
 def local_links(master: MasterService) -> dict[int, bool]:
@@ -71,35 +112,33 @@ async def test_the_lowest_live_host_takes_over_the_master_of_a_host_that_died():
             await fsync_files(fs, shared, b"h%d-" % n, acked)
         # Host 0 holds the directory last, dirty: only its log has that.
         await fsync_files(c.hosts[0], shared, b"late-", acked)
-        # The volume as the mounts keep it: each slot fresh.
-        slot0 = claim_slot(vol, sb, 0)
-        for n in (1, 2):
-            claim_slot(vol, sb, n)
-        c.kill(0)
-        c.stop_master()
-        await trio.sleep(0.5)
-        assert started == []  # host 0 still looks alive on the volume
-        write_slot(vol, sb, 0, replace(slot0, heartbeat_ns=0))  # now it does not
-        await resumed(c, [1, 2])
-        assert [m.node for m in started] == [1]
-        new = started[0]
-        for n in (1, 2):
-            agent = c.hosts[n].cache.agent
-            assert agent.master_node == 1 and agent._master_addr == ("127.0.0.1", new.port)
-        with c.watchdog(20):
-            while 0 in new.directory.recoveries:  # noqa: ASYNC110
-                await trio.sleep(0.05)
-        assert new.directory.counters.hosts_failed == 1  # host 0, swept
-        assert local_links(new) == {1: True, 2: False}  # its own master, no socket
-        assert not c.hosts[1].fenced and not c.hosts[2].fenced
-        for (parent, name), data in acked.items():
-            assert await content(c.hosts[2], parent, name) == data, name
-        await c.hosts[1].create(shared, b"after", 0o644, CTX)
-        await c.hosts[2].lookup(shared, b"after")
-        again = await c.start(0)
-        assert again.cache.agent.master_node == 1
-        assert local_links(new) == {0: False, 1: True, 2: False}
-        assert await content(again, shared, b"late-3") == b"late-" * 1000
+        # The volume as the mounts keep it: each slot beating.
+        async with beating(vol, sb, [0, 1, 2]) as beats:
+            c.kill(0)
+            c.stop_master()
+            await trio.sleep(1.5)  # longer than the slot timeout
+            assert started == []  # host 0's slot beats on: it is alive on the volume
+            beats.stop(0)  # now it stands still: dead once watched for 1 s
+            await resumed(c, [1, 2])
+            assert [m.node for m in started] == [1]
+            new = started[0]
+            for n in (1, 2):
+                agent = c.hosts[n].cache.agent
+                assert agent.master_node == 1 and agent._master_addr == ("127.0.0.1", new.port)
+            with c.watchdog(20):
+                while 0 in new.directory.recoveries:  # noqa: ASYNC110
+                    await trio.sleep(0.05)
+            assert new.directory.counters.hosts_failed == 1  # host 0, swept
+            assert local_links(new) == {1: True, 2: False}  # its own master, no socket
+            assert not c.hosts[1].fenced and not c.hosts[2].fenced
+            for (parent, name), data in acked.items():
+                assert await content(c.hosts[2], parent, name) == data, name
+            await c.hosts[1].create(shared, b"after", 0o644, CTX)
+            await c.hosts[2].lookup(shared, b"after")
+            again = await c.start(0)
+            assert again.cache.agent.master_node == 1
+            assert local_links(new) == {0: False, 1: True, 2: False}
+            assert await content(again, shared, b"late-3") == b"late-" * 1000
     await fsck_clean(vol)
 
 
@@ -111,18 +150,17 @@ async def test_nobody_takes_over_while_the_masters_host_is_alive_on_the_volume()
     sb = read_superblock(vol)
     async with cluster(vol, 3, lease=1.5, master_node=0) as c:
         started = c.fail_over([1, 2])
-        for n in range(3):
-            claim_slot(vol, sb, n)
         d = (await c.hosts[1].mkdir(ROOT, b"d", 0o755, CTX)).ino
-        c.stop_master()
-        await trio.sleep(3)  # two leases: every host has noticed
-        assert started == []
-        assert all(fs.cache.gate.held and not fs.fenced for fs in c.hosts)
-        await c.restart_master()
-        await resumed(c, [0, 1, 2])
-        assert started == [] and c.master.node == 0
-        await c.hosts[2].create(d, b"f", 0o644, CTX)
-        await c.hosts[0].lookup(d, b"f")
+        async with beating(vol, sb, [0, 1, 2]):
+            c.stop_master()
+            await trio.sleep(3)  # two leases: every host has noticed
+            assert started == []
+            assert all(fs.cache.gate.held and not fs.fenced for fs in c.hosts)
+            await c.restart_master()
+            await resumed(c, [0, 1, 2])
+            assert started == [] and c.master.node == 0
+            await c.hosts[2].create(d, b"f", 0o644, CTX)
+            await c.hosts[0].lookup(d, b"f")
     await fsck_clean(vol)
 
 
@@ -271,3 +309,30 @@ def test_an_embedded_master_that_hears_a_minority_stands_down_before_declaring_a
     assert bool(told) is stands_down
     if stands_down:
         assert "a minority" in told[0]
+
+
+async def test_who_is_dead_on_the_volume_needs_no_clock_of_another_host():
+    """Two remote hosts whose wall clocks are far off ours: host 1's slow by
+    a day but beating, host 2's ahead by a day but standing still.  By
+    wall-clock age (slot_is_live) host 1 is dead already, while it still
+    runs (a successor would start beside its master), and host 2 alive
+    for a day.  The watch goes by what it sees change on its own clock:
+    host 1 lives, host 2 is dead once watched for the timeout."""
+    vol = await make_volume()
+    sb = read_superblock(vol)
+    day = 86_400 * 10**9
+    slot = fmt.HostSlot(True, 4242, 1, 0, 0, "elsewhere")
+    beats = {1: time.time_ns() - day, 2: time.time_ns() + day}
+    for n, at in beats.items():
+        write_slot(vol, sb, n, replace(slot, heartbeat_ns=at))
+    assert not slot_is_live(read_slot(vol, sb, 1)) and slot_is_live(read_slot(vol, sb, 2))
+    watch = SlotWatch(timeout=0.5)
+    assert set(watch.live(vol, sb)) == {1, 2}  # first seen: given the whole timeout
+    for _ in range(4):
+        await trio.sleep(0.2)
+        beats[1] += 2 * 10**9
+        write_slot(vol, sb, 1, replace(slot, heartbeat_ns=beats[1]))
+        live = set(watch.live(vol, sb))
+    assert live == {1}
+    write_slot(vol, sb, 1, replace(slot, in_use=False, heartbeat_ns=beats[1]))
+    assert watch.live(vol, sb) == {}  # released: gone at once
