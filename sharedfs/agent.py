@@ -31,7 +31,7 @@ from .master import LockMaster
 from .protocol import HostId, Mode, Resource, block_resource
 from .storage.fence import Fenced
 from .tls import Tls
-from .volume import HEARTBEAT_TIMEOUT
+from .volume import HEARTBEAT_INTERVAL, HEARTBEAT_TIMEOUT
 
 if TYPE_CHECKING:
     from .cache import BlockCache
@@ -52,6 +52,10 @@ JOIN_TIMEOUT = 30.0
 DEFAULT_MASTER_WAIT = 10.0
 #: Between attempts to reach a master that went away.
 RECONNECT_INTERVAL = 0.5
+#: An attempt to reach a master whose host may be dying (failover.py): cut
+#: short, so that the volume is read again soon once that host is dead
+#: there (a connect to a host cut off hangs for CONNECT_TIMEOUT).
+FAILOVER_ATTEMPT = 2 * HEARTBEAT_INTERVAL
 #: How long a host that lost its master tries to reach the other hosts.
 PROBE_TIMEOUT = 2.0
 #: How long a LogAppend waits for its answer before we append ourselves,
@@ -375,8 +379,9 @@ class ClusterAgent:
             # be dead, and we its only survivor.)
             self.fence(f"{reason}, and no other host answers")
             return None
-        # Its host's death shows on the volume a heartbeat timeout late.
-        wait = self.master_wait + (HEARTBEAT_TIMEOUT if failover else 0.0)
+        # Its host's death shows on the volume a heartbeat timeout late, as
+        # watched every heartbeat interval (volume.SlotWatch).
+        wait = self.master_wait + (HEARTBEAT_TIMEOUT + HEARTBEAT_INTERVAL if failover else 0.0)
         log.warning(
             "host %d: lost the lock master (%s): holding writes, retrying for %.0f s",
             self.host,
@@ -387,7 +392,8 @@ class ClusterAgent:
         while trio.current_time() < deadline and not self.master_lost.is_set():
             addr = await self._where() if failover else self._master_addr
             try:
-                link = None if addr is None else await self._resume_with(addr, deadline)
+                limit = FAILOVER_ATTEMPT if failover else CONNECT_TIMEOUT
+                link = None if addr is None else await self._resume_with(addr, deadline, limit)
             except MasterRefused as e:
                 self.fence(str(e))
                 return None
@@ -412,13 +418,16 @@ class ClusterAgent:
             return await self.failover.where(self.master_node, self._master_addr)
         return None
 
-    async def _resume_with(self, addr: tuple[str, int], deadline: float) -> AnyLink | None:
-        """A session resumed with the master at `addr`; None if it is not
-        there (yet); MasterRefused if it will not take us back."""
+    async def _resume_with(
+        self, addr: tuple[str, int], deadline: float, limit: float
+    ) -> AnyLink | None:
+        """A session resumed with the master at `addr` within `limit`
+        seconds; None if it is not there (yet); MasterRefused if it will
+        not take us back."""
         where = f"master {addr[0]}:{addr[1]}"
         try:
             left = deadline - trio.current_time()
-            with trio.fail_after(max(0.1, min(CONNECT_TIMEOUT, left))):
+            with trio.fail_after(max(0.1, min(limit, left))):
                 link = await self._open_master(addr)
                 try:
                     await self._rejoin(link, where)
