@@ -585,6 +585,8 @@ class MasterService:
         self._scopes.pop(node, None)
         self._heard.pop(node, None)
         self._resumed.discard(node)  # before the rebuild: one that never came back
+        if self._nursery is not None and self._nursery.cancel_scope.cancel_called:
+            return  # we stopped (stop()): who is dead is our successor's to judge
         if node in self._forgotten:
             self._forgotten.discard(node)
             self._said_bye.discard(node)
