@@ -372,7 +372,7 @@ class ClusterAgent:
         # Held before anything else: the master may be declaring us dead.
         gate = self.cache.gate
         gate.hold()
-        failover = self._can_fail_over()
+        failover = self.can_fail_over()
         if not failover and self._peers and not await self._a_peer_answers():
             # Neither the master nor any other host: it is we who are cut
             # off.  (With failover, the volume tells: the master's host may
@@ -389,10 +389,10 @@ class ClusterAgent:
             wait,
         )
         deadline = trio.current_time() + wait
+        limit = FAILOVER_ATTEMPT if failover else CONNECT_TIMEOUT
         while trio.current_time() < deadline and not self.master_lost.is_set():
             addr = await self._where() if failover else self._master_addr
             try:
-                limit = FAILOVER_ATTEMPT if failover else CONNECT_TIMEOUT
                 link = None if addr is None else await self._resume_with(addr, deadline, limit)
             except MasterRefused as e:
                 self.fence(str(e))
@@ -408,7 +408,9 @@ class ClusterAgent:
         self.fence(f"the lock master was gone for {wait:.0f} s ({reason})")
         return None
 
-    def _can_fail_over(self) -> bool:
+    def can_fail_over(self) -> bool:
+        """Our master is embedded in another host: if that host dies, the
+        volume says who takes its place (failover.py)."""
         return self.failover is not None and self.master_node not in (-1, self.host)
 
     async def _where(self) -> tuple[str, int] | None:

@@ -72,12 +72,14 @@ class Failover:
         self._tried = False
         self._slots = SlotWatch(timeout)
 
-    async def watch(self) -> None:
-        """Read the slots every heartbeat interval from the mount on, so that
-        the watch knows how long each has stood still when a master goes."""
+    async def watch(self, needed: Callable[[], bool]) -> None:
+        """Read the slots every heartbeat interval from the mount on, while
+        `needed` (our master runs in another host), so that the watch knows
+        how long each has stood still when that master goes."""
         while True:
-            with contextlib.suppress(StorageError):
-                await trio.to_thread.run_sync(self._slots.live, self.storage, self.sb)
+            if needed():
+                with contextlib.suppress(StorageError):
+                    await trio.to_thread.run_sync(self._slots.live, self.storage, self.sb)
             await trio.sleep(HEARTBEAT_INTERVAL)
 
     async def where(self, old: int, old_addr: Address) -> Address | None:

@@ -301,7 +301,7 @@ async def _serve_host(
         states = [agent.describe] + ([service.describe] if service else [])
         nursery.start_soon(dump_on_signal, f"host {node}", *states)
         nursery.start_soon(watch_loop, f"host {node}")
-        nursery.start_soon(failover.watch)
+        nursery.start_soon(failover.watch, agent.can_fail_over)
         lhost, lport = args.peer_address
         await nursery.start(
             functools.partial(agent.run, master, listen_host=lhost, listen_port=lport)
