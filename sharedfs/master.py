@@ -22,7 +22,7 @@ import logging
 import signal
 import sys
 from collections import defaultdict, deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict
 
 import trio
@@ -137,6 +137,10 @@ class MasterService:
         may_serve: for an embedded master, whether its host may still
             write (its disk lease): once not, the master stops before it
             sends anything more, since a successor may be serving.
+        volume_blocks: the volume's size in blocks (None: not known, as in
+            unit tests); a host that names a block past it is dropped,
+            since no honest one does and the directory would keep state
+            for it.
         on_minority: for an embedded master, called (with why) once it
             hears fewer than half of its hosts, its own included: it stops
             before it declares any of them dead, and its host fences
@@ -155,10 +159,12 @@ class MasterService:
         node: int = -1,
         dead: frozenset[int] = frozenset(),
         peer_reads: bool = False,
+        volume_blocks: int | None = None,
     ) -> None:
         """`dead`: hosts known to be dead (a successor's predecessor): the
         rebuild window need not wait for them to resume.  `peer_reads`:
         Directory.peer_reads."""
+        self.volume_blocks = volume_blocks
         self.key = key
         self.tls = tls
         self.directory = Directory(coherence, peer_reads=peer_reads)
@@ -406,6 +412,7 @@ class MasterService:
                             return
                         continue
                     self._heard[node] = trio.current_time()
+                    self._check_blocks(node, msg)
                     await self._on_message(node, msg)
         except (p.ProtocolError, LinkClosed, trio.TooSlowError) as e:
             self._dropped(peer, e)
@@ -416,6 +423,23 @@ class MasterService:
                 await link.aclose()
                 if node is not None:
                     await self._gone(node)
+
+    def _check_blocks(self, node: int, msg: p.Message) -> None:
+        """ProtocolError if `msg` asks for a block past the volume's end."""
+        if self.volume_blocks is None:
+            return
+        if isinstance(msg, p.LockRequest):
+            blocks: Iterable[int] = msg.blocks
+        elif isinstance(msg, p.WriteRequest):
+            blocks = (b for b, _ in msg.blocks)
+        else:
+            return
+        past = max(blocks, default=-1)
+        if past >= self.volume_blocks:
+            raise p.ProtocolError(
+                f"node {node} asks for block {past}, past the volume's end "
+                f"({self.volume_blocks} blocks)"
+            )
 
     def _dropped(self, peer: str, e: Exception) -> None:
         self.refused += 1
@@ -756,6 +780,7 @@ def run_master(args: argparse.Namespace) -> None:
         lease=args.lease,
         tls=load_tls(args.tls),
         peer_reads=args.peer_reads,
+        volume_blocks=sb.volume_blocks,
     )
     trio.run(_serve_forever, service, host, port, args.metrics)
 

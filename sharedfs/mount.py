@@ -378,6 +378,7 @@ class Masters:
             node=self._node,
             dead=dead,
             peer_reads=args.peer_reads,
+            volume_blocks=self._sb.volume_blocks,
         )
         # This host writes only while its heartbeat is fresh, and its master
         # serves only as long.

@@ -80,6 +80,8 @@ class Cluster:
             lease=old.lease,
             tls=old.tls,
             node=old.node,
+            peer_reads=old.directory.peer_reads,
+            volume_blocks=old.volume_blocks,
         )
         await self._nursery.start(self.run_master, self.master, self._port)
         for fs in self.hosts:  # the host it is embedded in reaches the new one
@@ -180,6 +182,8 @@ class Cluster:
                 tls=old.tls,
                 node=node,
                 dead=frozenset({dead}),
+                peer_reads=old.directory.peer_reads,
+                volume_blocks=old.volume_blocks,
             )
             self._port = await self._nursery.start(self.run_master, new, 0)
             self.master = new
@@ -242,6 +246,7 @@ async def cluster(
         lease=lease,
         node=master_node,
         peer_reads=peer_reads,
+        volume_blocks=sb.volume_blocks,
     )
     async with trio.open_nursery() as nursery:
         c = Cluster(

@@ -256,3 +256,30 @@ async def test_fsck_checks_the_log_once_it_has_restored_the_superblock():
     await run_fsck(storage, repair=True, force=True, progress=False)
     check = await run_fsck(storage, repair=False, force=True, progress=False)
     assert check.found_errors == 0, check.problems
+
+
+async def test_an_insider_asking_for_a_block_past_the_volumes_end_is_dropped(
+    caplog: pytest.LogCaptureFixture,
+):
+    """A joined peer asks for a lock on a block the volume does not have:
+    no honest host does, so the master drops its connection (and keeps no
+    state for that block) rather than grant it."""
+    from sharedfs.link import open_master
+    from sharedfs.master import MasterService
+
+    master = MasterService(KEY, volume_blocks=1000)
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(master.serve, "127.0.0.1", 0)
+        link = await open_master(("127.0.0.1", port), KEY, 5, exitcode=1)
+        await link.send(p.Join(5, "127.0.0.1", 1, "fusion"))
+        assert isinstance(await link.receive(), p.Welcome)
+        await link.send(p.LockRequest(1, (999,), int(p.Mode.S), 0, 0.0))
+        assert isinstance(await link.receive(), p.Grant)  # the last block is fine
+        await link.send(p.LockRequest(2, (5, 1000), int(p.Mode.X), 0, 0.0))
+        with trio.fail_after(10):
+            while (msg := await link.receive()) is not None:
+                assert not isinstance(msg, p.Grant), msg
+        assert 1000 not in master.directory.blocks and 5 not in master.directory.blocks
+        assert any("past the volume's end (1000 blocks)" in r.getMessage() for r in caplog.records)
+        await link.aclose()
+        nursery.cancel_scope.cancel()
