@@ -230,9 +230,15 @@ class MasterService:
     def stop(self, why: str) -> None:
         """Serve no more (an embedded master whose host may no longer
         write): every connection drops, and the hosts elect a successor."""
-        if self._nursery is not None and not self._nursery.cancel_scope.cancel_called:
+        if not self._stopped:
+            assert self._nursery is not None
             log.warning("master: stopping: %s", why)
             self._nursery.cancel_scope.cancel()
+
+    @property
+    def _stopped(self) -> bool:
+        """Not serving: not started yet, or stopped."""
+        return self._nursery is None or self._nursery.cancel_scope.cancel_called
 
     # -- the rebuild window ----------------------------------------------------------
     def _open_window(self, expected: set[int]) -> None:
@@ -346,8 +352,7 @@ class MasterService:
         heard = sorted(n for n, s in silent.items() if s <= self.lease / 2 or n == self.node)
         if 2 * len(heard) >= len(silent):
             return False
-        why = f"its master hears only hosts {heard} of {sorted(silent)}: a minority"
-        log.warning("master: hears only hosts %s of %s: standing down", heard, sorted(silent))
+        why = f"the master hears only hosts {heard} of {sorted(silent)}: a minority"
         self.on_minority(why)
         self.stop(why)
         return True
@@ -395,7 +400,7 @@ class MasterService:
     def connect_local(self) -> LocalLink:
         """A link for a host in this process (the one we are embedded in):
         its messages reach us as they are, through no socket."""
-        if self._nursery is None or self._nursery.cancel_scope.cancel_called:
+        if self._stopped:
             raise LinkClosed("the master in this process has stopped")
         ours, theirs = LocalLink.pair()
         self._nursery.start_soon(self._serve_link, ours, "this process")
@@ -609,8 +614,8 @@ class MasterService:
         self._scopes.pop(node, None)
         self._heard.pop(node, None)
         self._resumed.discard(node)  # before the rebuild: one that never came back
-        if self._nursery is not None and self._nursery.cancel_scope.cancel_called:
-            return  # we stopped (stop()): who is dead is our successor's to judge
+        if self._stopped:
+            return  # who is dead is our successor's to judge
         if node in self._forgotten:
             self._forgotten.discard(node)
             self._said_bye.discard(node)
