@@ -312,15 +312,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     work.chmod(0o755)
     for sub in (sw.FEEDS, sw.STATS, sw.MODELS, "workers"):
         (work / sub).mkdir()
-    c = Cluster(
-        work,
-        args.hosts,
-        args.size,
-        args.lease,
-        args.seed,
-        args.debug,
-        writers=False,
-        mount_args=("--cache-size", str(args.cache_size)),
+    c = Cluster.for_run(
+        work, args, writers=False, mount_args=("--cache-size", str(args.cache_size))
     )
     ok = False
     tasks: list[Task] = []

@@ -34,6 +34,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import trio
 import xxhash
@@ -252,6 +253,12 @@ class Cluster:
             self.mount(h)
             if writers:
                 self.start_writer(h)
+
+    @classmethod
+    def for_run(cls, work: Path, args: argparse.Namespace, **options: Any) -> Cluster:
+        """The cluster a run's command line asks for (--hosts, --size,
+        --lease, --seed, --debug); `options` as for the constructor."""
+        return cls(work, args.hosts, args.size, args.lease, args.seed, args.debug, **options)
 
     def _start_master(self) -> subprocess.Popen[bytes]:
         with open(self.master_log, "a") as log:
@@ -536,13 +543,9 @@ def run(args: argparse.Namespace) -> dict:  # type: ignore[type-arg]
     work = Path(tempfile.mkdtemp(prefix="sharedfs-torture-", dir=args.dir))
     work.chmod(0o755)
     embedded = args.mode == "failover"
-    c = Cluster(
+    c = Cluster.for_run(
         work,
-        args.hosts,
-        args.size,
-        args.lease,
-        args.seed,
-        args.debug,
+        args,
         embedded=embedded,
         peer_reads=args.peer_reads,
         mount_args=("--cache-size", args.cache_size) if args.cache_size else (),
