@@ -584,6 +584,7 @@ class Log:
         if hasattr(cache.agent, "on_log_append"):
             cache.agent.on_log_append = self.append_for
         self._foreign: list[_Foreign] = []  # to append for other hosts
+        self._asking = False  # our LogAppend waits for its answer
         self.shipped = 0  # our PLCs another host appended for us
         self.appended_for = 0  # other hosts' forces we appended
         self.recovered = 0
@@ -680,9 +681,11 @@ class Log:
             appending = dict(self.pending)
             body = bytes(_pack_records(records))
             reply = None
+            self._asking = True
             try:
                 reply = await self._ask_holder(ship, body)
             finally:
+                self._asking = False
                 # Not known to be on storage (no answer, a refusal, or we
                 # were cancelled waiting): the records are ours to append
                 # again, or the blocks they changed stay pending with no
@@ -716,6 +719,11 @@ class Log:
         refusal = p.LogAppended(0, False, self.cache.agent.llol_holder, 0, 0, 0)
         if hbuf is None or self.page_locks or self._used_pages() > self.FULL * self.area.count:
             return refusal  # a full log: the asker waits for room itself
+        if self._asking:
+            # The LLOL reached us while our own LogAppend waits for an
+            # answer, holding the append semaphore: the asker may be the
+            # host we asked, each waiting for the other until both give up.
+            return refusal
         try:
             records = _unpack_records(memoryview(body), -1)
         except CorruptVolume as e:
@@ -760,6 +768,24 @@ class Log:
             if self.pending.get(b) == version:  # no newer commit meanwhile
                 del self.pending[b]
 
+    def _foreign_of_live_hosts(self) -> list[_Foreign]:
+        """The LogAppends to serve now.  One from a host the master has
+        since said is down is refused: its recovery may have read the log
+        already, and would not follow blocks its records allocated (they
+        would reach the log after their host's recovery took what it
+        holds).  The asker died before our answer: nothing it was told
+        is lost."""
+        if not self._foreign:
+            return []
+        live = set(self.cache.agent.live_nodes())
+        for job in self._foreign:
+            if job.host not in live:
+                log.warning(
+                    "host %d: node %d is down: its records are not appended", self.host, job.host
+                )
+                job.done.set()  # not ok
+        return [job for job in self._foreign if job.host in live]
+
     async def _force(self, hbuf: Buffer) -> None:
         """force() with the LLOL held: our PLC, and the records other hosts
         asked us to append."""
@@ -767,7 +793,7 @@ class Log:
             return  # a group commit took ours along
         h = unpack_header(hbuf.data, self.area.header)
         records, self.plc, self._plc_bytes = self.plc, [], 0
-        foreign, self._foreign = self._foreign, []
+        foreign, self._foreign = self._foreign_of_live_hosts(), []
         batches = [(self.host, records)] if records else []
         batches += [(job.host, job.records) for job in foreign]
         # Still pending while the pages are on their way: a block must not
@@ -981,15 +1007,21 @@ class Log:
         # The blocks its records name, except those the master gave us to
         # rebuild in another round: they are ours already, and wait for that
         # round, not for a lock.
-        theirs = _last_changed_by(pages, dead)
-        private = theirs - self._rebuilding - {self.area.header} if follow else set()
-        if private:
-            await self.cache.take_for_rebuild(sorted(private))
+        followed: set[int] = set()
         try:
-            want |= {b for b in private if self.cache.holding(b, Mode.X) is None}
-            installed, kept = await self._rebuild_into_cache(dead, want)
+            while True:
+                if follow:
+                    more = self._theirs(pages, dead) - followed
+                    await self._take(more, followed)
+                    want |= {b for b in more if self.cache.holding(b, Mode.X) is None}
+                done = await self._rebuild_into_cache(dead, want, followed if follow else None)
+                if isinstance(done, list):
+                    pages = done  # it names more: take those too, and again
+                    continue
+                installed, kept = done
+                break
         finally:
-            self.cache.release_rebuild_hold(private)
+            self.cache.release_rebuild_hold(followed)
         self.recovered += len(installed)
         log.warning(
             "host %d: rebuilt %d blocks of dead node %d from the log (%d it had allocated)",
@@ -1010,18 +1042,23 @@ class Log:
         shipped to us that is as new stays, and is reported kept: storage
         must have it before the dead host's records may go).  The log's
         header, which it may have held, comes in a round of its own."""
-        header = self.area.header
         _, pages = await read_log(self.cache.storage, self.sb)
-        theirs = _last_changed_by(pages, dead) - self._rebuilding - {header}
-        self._rebuilding |= theirs
+        theirs: set[int] = set()
+        marked: set[int] = set()  # ours to rebuild: no round follows them
         try:
-            await self.cache.take_for_rebuild(sorted(theirs))
-            try:
-                rebuilt, kept_too = await self._rebuild_into_cache(dead, theirs)
-            finally:
-                self.cache.release_rebuild_hold(theirs)
+            while True:
+                more = self._theirs(pages, dead) - theirs
+                marked |= more
+                self._rebuilding |= more
+                await self._take(more, theirs)
+                done = await self._rebuild_into_cache(dead, theirs, theirs)
+                if not isinstance(done, list):
+                    rebuilt, kept_too = done
+                    break
+                pages = done  # it names more: take those too, and again
         finally:
-            self._rebuilding -= theirs
+            self.cache.release_rebuild_hold(theirs)
+            self._rebuilding -= marked
         self.recovered += len(rebuilt)
         log.warning(
             "host %d: swept %d blocks of node %d from the log, rebuilt %d",
@@ -1032,15 +1069,43 @@ class Log:
         )
         await report([], rebuilt, kept_too)
 
+    def _theirs(self, pages: list[Page], dead: int) -> set[int]:
+        """The blocks whose last record in `pages` is the dead host's, but
+        the log's header and those the master gave us to rebuild in a round
+        of their own (ours already: they wait for that round, not a lock)."""
+        return _last_changed_by(pages, dead) - self._rebuilding - {self.area.header}
+
+    async def _take(self, blocks: set[int], taken: set[int]) -> None:
+        """Hold `blocks` in X for the rebuild (release_rebuild_hold(taken)
+        lets them go), and add them to `taken`."""
+        if blocks:
+            await self.cache.take_for_rebuild(sorted(blocks))
+            taken |= blocks
+
     async def _rebuild_into_cache(
-        self, dead: int, want: set[int]
-    ) -> tuple[list[int], list[tuple[int, int]]]:
+        self, dead: int, want: set[int], followed: set[int] | None = None
+    ) -> tuple[list[int], list[tuple[int, int]]] | list[Page]:
         """Rebuild `want` into our cache: the blocks installed, and those of
-        them whose cached copy was newer and stayed (block, version rebuilt)."""
+        them whose cached copy was newer and stayed (block, version rebuilt).
+
+        `followed`: the dead host's blocks we took by following its records.
+        If the log, read here under the LLOL, names more of them, nothing is
+        rebuilt and the pages are returned: take those blocks first.  (Its
+        last records can land after we first read the log: the LLOL's holder
+        had its LogAppend queued when it died.  They would name blocks it
+        allocated that nobody else knows of.)"""
+        storage = self.cache.storage
         async with self._llol() as hbuf:
             # Nobody appends while we read the log (we hold the LLOL).
             h = unpack_header(hbuf.data, self.area.header)
-            images = await self._rebuild(want, h) if want else []
+            pages = await read_chain(storage, self.area, self.bs, h.checkpoint_seq, h.next_seq)
+            if followed is not None and self._theirs(pages, dead) - followed:
+                log.info("host %d: more records of dead node %d: following them", self.host, dead)
+                return pages
+            images: list[tuple[int, int, int, bytearray]] = []
+            if want:
+                rp, _ = await apply_log(storage, self.bs, pages, want)
+                images = rp.results()
             kept = self.cache.adopt([(b, fmt.BlockType(t), v, data) for b, t, v, data in images])
             # A copy that stayed is newer than the image, and our records of
             # its changes are in the log already: a full record of the older
@@ -1052,16 +1117,6 @@ class Log:
             # dead host's mark stays until the master's closing round).
             await self._force(hbuf)
         return [b for b, _, _, _ in images], kept
-
-    async def _rebuild(
-        self, want: set[int], h: JournalHeader
-    ) -> list[tuple[int, int, int, bytearray]]:
-        """`want` as storage and the committed records past the checkpoint
-        make them: (block, type, version, contents) of those records change."""
-        storage = self.cache.storage
-        pages = await read_chain(storage, self.area, self.bs, h.checkpoint_seq, h.next_seq)
-        rp, _ = await apply_log(storage, self.bs, pages, want)
-        return rp.results()
 
     async def _adopt_header(self, dead: int, pages: list[Page]) -> list[int]:
         """The LLOL's value as storage and the log chain (`pages`, read from
