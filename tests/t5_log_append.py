@@ -208,3 +208,55 @@ async def test_a_commit_whose_ship_is_cancelled_still_reaches_the_log():
         third = c.hosts[3 - holder - asker]
         assert await content(third, dirs[asker], b"cut") == b"C" * 3000
     await fsck_clean(vol)
+
+
+async def test_records_that_land_after_the_recovery_read_the_log_are_followed(monkeypatch):
+    """The asker's commit (a file big enough for an indirect block, which
+    only the asker knows of) is in the holder's log write, held back; the
+    asker dies.  Its recovery reads the log before that write lands, and
+    the write lands before the rebuild takes the LLOL: the rebuild must
+    read the log again, follow the indirect block the late records
+    allocated, and rebuild it, or the inode would point at a block that
+    was never written (fsck: bad magic)."""
+    vol = await make_volume(256 << 20)
+    rec: dict[int, Recorder] = {}
+    first_reads: list[int] = []
+    real_read_log = j.read_log
+
+    async def read_log(storage, sb):  # type: ignore[no-untyped-def]
+        out = await real_read_log(storage, sb)
+        first_reads.append(len([r for page in out[1] for r in page.records]))
+        return out
+
+    async with cluster(vol, 3, checkpoint_every=None, wrap=recorders(vol, rec)) as c:
+        dirs = [(await fs.mkdir(ROOT, b"d%d" % n, 0o755, CTX)).ino for n, fs in enumerate(c.hosts)]
+        for n, fs in enumerate(c.hosts):
+            await put(fs, dirs[n], b"first", b"1")
+        holder = holder_of_llol(c)
+        asker = (holder + 1) % 3
+        fs = c.hosts[asker]
+        ino = (await fs.create(dirs[asker], b"big", 0o644, CTX)).ino
+        await fs.write(ino, 0, b"B" * (64 * c.sb.block_size))  # past the direct blocks
+        private = set(fs.cache._private)
+        assert private, "the file's new metadata blocks are private to its host"
+        rec[holder].gate = trio.Event()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(fs.log.force)
+            with trio.fail_after(10):
+                await rec[holder].at_gate.wait()
+            assert fs.cache.agent._log_asks  # its commit is in the held-back write
+            monkeypatch.setattr(j, "read_log", read_log)
+            c.kill(asker)
+            nursery.cancel_scope.cancel()  # the dead host's task goes with it
+        with c.watchdog(20):
+            while not first_reads:  # noqa: ASYNC110 - the recovery read the log
+                await trio.sleep(0.01)
+        rec[holder].gate.set()  # the asker's records land now
+        await c.wait_recovered(asker)
+        _, pages = await real_read_log(vol, c.sb)
+        late = {r.block for page in pages for r in page.records if r.host == asker} & private
+        assert late, "the late records name the blocks the asker allocated"
+        # Never fsync'd: its data may not be there, but its block map must.
+        survivor = c.hosts[3 - holder - asker]
+        assert len(await content(survivor, dirs[asker], b"big")) == 64 * c.sb.block_size
+    await fsck_clean(vol)
