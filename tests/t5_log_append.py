@@ -260,3 +260,87 @@ async def test_records_that_land_after_the_recovery_read_the_log_are_followed(mo
         survivor = c.hosts[3 - holder - asker]
         assert len(await content(survivor, dirs[asker], b"big")) == 64 * c.sb.block_size
     await fsck_clean(vol)
+
+
+async def test_the_holder_does_not_append_records_of_a_host_the_master_said_is_down():
+    """The asker's LogAppend waits at the holder behind the holder's own
+    log write (held back); the asker dies, and the master says so before
+    that write is done.  Its records must not reach the log: its recovery
+    may have read the log already, and would not follow what they name."""
+    vol = await make_volume(256 << 20)
+    rec: dict[int, Recorder] = {}
+    async with cluster(vol, 3, checkpoint_every=None, wrap=recorders(vol, rec)) as c:
+        dirs = [(await fs.mkdir(ROOT, b"d%d" % n, 0o755, CTX)).ino for n, fs in enumerate(c.hosts)]
+        for n, fs in enumerate(c.hosts):
+            await put(fs, dirs[n], b"first", b"1")
+        holder = holder_of_llol(c)
+        asker = (holder + 1) % 3
+        hfs, afs = c.hosts[holder], c.hosts[asker]
+        _, pages = await j.read_log(vol, c.sb)
+        before = sum(r.host == asker for page in pages for r in page.records)
+        served = hfs.log.appended_for
+        await hfs.create(dirs[holder], b"mine", 0o644, CTX)
+        await afs.create(dirs[asker], b"lost", 0o644, CTX)
+        # Its log pages held back, not the header (the write-back's).
+        area = rec[holder].log_area
+        rec[holder].log_area = range(area.start + c.sb.block_size, area.stop)
+        rec[holder].gate = trio.Event()
+        async with trio.open_nursery() as holding:
+            holding.start_soon(hfs.log.force)  # the holder's write, held back
+            with trio.fail_after(10):
+                await rec[holder].at_gate.wait()
+            async with trio.open_nursery() as asking:
+                asking.start_soon(afs.log.force)  # its LogAppend waits behind it
+                with c.watchdog(10):
+                    while not hfs.log._foreign:  # noqa: ASYNC110
+                        await trio.sleep(0.01)
+                c.kill(asker)
+                asking.cancel_scope.cancel()  # the dead host's task goes with it
+            with c.watchdog(20):
+                while asker in hfs.cache.agent.live_nodes():  # noqa: ASYNC110 - PeerDown
+                    await trio.sleep(0.01)
+            rec[holder].gate.set()
+        await c.wait_recovered(asker)
+        _, pages = await j.read_log(vol, c.sb)
+        after = sum(r.host == asker for page in pages for r in page.records)
+        assert after == before, "the dead host's records were appended after it was down"
+        assert hfs.log.appended_for == served
+        survivor = c.hosts[3 - holder - asker]
+        names = {e.name for e, _ in await survivor.readdir(dirs[asker], 0)}
+        assert names - {b".", b".."} == {b"first"}  # "lost" was never fsync'd
+    await fsck_clean(vol)
+
+
+async def test_a_host_whose_own_log_append_waits_refuses_anothers_at_once():
+    """Two hosts that each have a LogAppend out to the other would wait
+    on each other (each holds its append semaphore) until both give up: a
+    host whose own LogAppend waits for an answer refuses others at once."""
+    vol = await make_volume(256 << 20)
+    async with cluster(vol, 2, checkpoint_every=None) as c:
+        dirs = [(await fs.mkdir(ROOT, b"d%d" % n, 0o755, CTX)).ino for n, fs in enumerate(c.hosts)]
+        for n, fs in enumerate(c.hosts):
+            await put(fs, dirs[n], b"first", b"1")
+        holder = holder_of_llol(c)
+        hfs, afs = c.hosts[holder], c.hosts[1 - holder]
+        answers: list[tuple[bool, bool]] = []
+        real = hfs.log.append_for
+
+        async def spy(host: int, body: bytes):  # type: ignore[no-untyped-def]
+            reply = await real(host, body)
+            answers.append((hfs.log.append_lock.locked(), reply.ok))
+            return reply
+
+        hfs.cache.agent.on_log_append = spy
+        await afs.create(dirs[1 - holder], b"late", 0o644, CTX)
+        with c.watchdog(10):
+            # Held as in _ship, while asking another host.
+            async with trio.open_nursery() as nursery, hfs.log.append_lock:
+                hfs.log._asking = True
+                nursery.start_soon(afs.log.force)
+                while not answers:  # noqa: ASYNC110
+                    await trio.sleep(0.01)
+                hfs.log._asking = False
+        assert answers == [(True, False)]  # refused while its own ask was out
+        # The asker took the LLOL and appended its commit itself.
+        assert afs.cache.holding(afs.log.area.header, Mode.X) is not None
+    await fsck_clean(vol)
