@@ -93,7 +93,7 @@ class Volume:
         return self.storage.read_sync(blockno * self.bs, self.bs)
 
     def in_use_note(self) -> list[str]:
-        live = live_slots(self.storage, self.sb)
+        live = live_slots(self.storage, self.sb, watch=0)
         if not live:
             return []
         who = ", ".join(describe_slot(n, s) for n, s in sorted(live.items()))

@@ -39,7 +39,9 @@ def umount(args: argparse.Namespace) -> None:
     storage = open_volume(volume)
     try:
         sb = open_superblock(storage)
-        nodes = [n for n, s in live_slots(storage, sb).items() if s.mountpoint == mountpoint]
+        nodes = [
+            n for n, s in live_slots(storage, sb, watch=0).items() if s.mountpoint == mountpoint
+        ]
         cmd = ["fusermount3", "-u"] + (["-z"] if args.lazy else []) + [mountpoint]
         r = subprocess.run(cmd, capture_output=True, text=True)
         if r.returncode:

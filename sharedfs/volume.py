@@ -23,6 +23,9 @@ log = logging.getLogger(__name__)
 HEARTBEAT_INTERVAL = 2.0
 #: A slot whose heartbeat is older than this belongs to a dead host.
 HEARTBEAT_TIMEOUT = 10.0
+#: How far behind ours another host's clock may be, at most, for the slot
+#: checks of tools: a heartbeat older than this by our clock is dead at once.
+MAX_CLOCK_SKEW = 600.0
 _SIZES = (4096, 1024, 2048, 8192, 16384, 32768, 65536)
 
 
@@ -170,8 +173,67 @@ class SlotWatch:
         return out
 
 
-def live_slots(storage: Storage, sb: fmt.Superblock) -> dict[int, fmt.HostSlot]:
-    return {n: s for n in range(sb.host_slots) if slot_is_live(s := read_slot(storage, sb, n))}
+def live_slots(
+    storage: Storage, sb: fmt.Superblock, watch: float = HEARTBEAT_TIMEOUT
+) -> dict[int, fmt.HostSlot]:
+    """The slots of live hosts, for a tool that must not act on a volume
+    (or take a slot) that a live host uses.  A heartbeat fresh by our wall
+    clock is live: at worst a dead host with a clock ahead of ours looks
+    alive a while, which only makes us refuse.  One that looks stale may be
+    a live host with a clock behind ours: unless it is older than
+    MAX_CLOCK_SKEW, or its holder ran here and its process is gone, it is
+    watched for `watch` seconds and live if it moves (SlotWatch's rule).
+    watch=0: by our wall clock alone, for what only reports."""
+    slots = {n: read_slot(storage, sb, n) for n in range(sb.host_slots)}
+    live = {n: s for n, s in slots.items() if slot_is_live(s)}
+    doubtful = {n: s for n, s in slots.items() if n not in live and _may_be_behind(s)}
+    if doubtful and watch > 0:
+        live.update(_watch(storage, sb, doubtful, watch))
+    return dict(sorted(live.items()))
+
+
+def _may_be_behind(slot: fmt.HostSlot, now_ns: int | None = None) -> bool:
+    """In use, stale by our clock, but not so stale that only a dead host
+    (or one whose clock is hopelessly wrong) could have written it."""
+    now_ns = time.time_ns() if now_ns is None else now_ns
+    age = (now_ns - slot.heartbeat_ns) / 1e9
+    stale = HEARTBEAT_TIMEOUT <= age < MAX_CLOCK_SKEW
+    return slot.in_use and stale and not _process_gone(slot) and _key(slot) not in _watched_dead
+
+
+def _key(slot: fmt.HostSlot) -> tuple[str, int, int, int]:
+    return (slot.hostname, slot.pid, slot.mount_count, slot.heartbeat_ns)
+
+
+#: Slots (as _key has them) watched and found standing still: dead, and not
+#: watched again by this process (a mount looks three times).
+_watched_dead: set[tuple[str, int, int, int]] = set()
+
+
+def _watch(
+    storage: Storage, sb: fmt.Superblock, doubtful: dict[int, fmt.HostSlot], seconds: float
+) -> dict[int, fmt.HostSlot]:
+    """Those of `doubtful` whose heartbeat moves within `seconds`."""
+    log.warning(
+        "%s: host slots %s look stale by this machine's clock; watching their heartbeats "
+        "for %.0f s (clocks may disagree)",
+        storage.name,
+        sorted(doubtful),
+        seconds,
+    )
+    live = {}
+    deadline = time.monotonic() + seconds
+    while doubtful and time.monotonic() < deadline:
+        time.sleep(min(0.25, HEARTBEAT_INTERVAL / 4))
+        for n, old in list(doubtful.items()):
+            slot = read_slot(storage, sb, n)
+            if not slot.in_use:
+                del doubtful[n]
+            elif slot.heartbeat_ns != old.heartbeat_ns:
+                live[n] = slot
+                del doubtful[n]
+    _watched_dead.update(_key(s) for s in doubtful.values())
+    return live
 
 
 def describe_slot(node: int, slot: fmt.HostSlot) -> str:
@@ -185,7 +247,7 @@ def wait_for_local_unmounts(storage: Storage, sb: fmt.Superblock, timeout: float
     while time.monotonic() < deadline:
         busy = [
             s
-            for s in live_slots(storage, sb).values()
+            for s in live_slots(storage, sb, watch=0).values()
             if s.hostname == socket.gethostname() and not is_mounted(s.mountpoint)
         ]
         if not busy:
@@ -210,7 +272,9 @@ def claim_slot(
             f"node {node} is out of range: this volume has host slots 0..{sb.host_slots - 1}", 2
         )
     old = read_slot(storage, sb, node)
-    if slot_is_live(old):
+    if slot_is_live(old) or (
+        _may_be_behind(old) and _watch(storage, sb, {node: old}, HEARTBEAT_TIMEOUT)
+    ):
         raise QuietError(
             f"{storage.name}: host slot {node} is held by live {describe_slot(node, old)}"
         )
