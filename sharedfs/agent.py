@@ -28,7 +28,7 @@ from . import protocol as p
 from .errors import QuietError, StorageError
 from .link import AnyLink, Handshakes, Link, LinkClosed, LocalLink, open_master
 from .master import LockMaster
-from .protocol import HostId, Mode, Resource, block_resource
+from .protocol import HostId, Mode, Resource, block_resource, partition_of
 from .storage.fence import Fenced
 from .tls import Tls
 from .volume import HEARTBEAT_INTERVAL, HEARTBEAT_TIMEOUT
@@ -233,6 +233,12 @@ class ClusterAgent:
         self.on_log_append: Callable[[int, bytes], Awaitable[p.LogAppended]] | None = None
         #: The host we last saw take the LLOL (-1: none known).
         self.llol_holder = -1
+        #: With the directory spread over the hosts (spread.py): the
+        #: partition of the blocks this agent asks for, of how many; every
+        #: host a master of it ever told us of; and who to tell when we fence.
+        self.partition = (0, 1)
+        self.ever_peers: set[int] = set()
+        self.on_fence: Callable[[str], None] | None = None
         self._log_asks: dict[int, _LogAsk] = {}
 
     # -- start -------------------------------------------------------------------
@@ -285,6 +291,8 @@ class ClusterAgent:
             self.coherence,
             self.live_at_join,
             llol=self.cache.llol_block,
+            partition=self.partition[0],
+            partitions=self.partition[1],
         )
         try:
             # A master that has just started may hold joins back while the
@@ -322,6 +330,7 @@ class ClusterAgent:
             if isinstance(msg, p.Refused):
                 raise MasterRefused(f"{where} refused: {msg.reason}", 32)
         self._peers = dict(msg.peers)
+        self.ever_peers |= set(msg.peers)
         self.master_node = msg.master_node
         self.lease = msg.lease
         self._heard = trio.current_time()
@@ -411,7 +420,7 @@ class ClusterAgent:
     def can_fail_over(self) -> bool:
         """Our master is embedded in another host: if that host dies, the
         volume says who takes its place (failover.py)."""
-        return self.failover is not None and self.master_node not in (-1, self.host)
+        return self.failover is not None and self.failover.covers(self.master_node, self.host)
 
     async def _where(self) -> tuple[str, int] | None:
         """The master to try: ours, or its successor's."""
@@ -488,6 +497,7 @@ class ClusterAgent:
                 tuple(sorted(marks - {self.host})),
                 version,
                 self.cache.llol_block,
+                *self.partition,
             )
             await self._welcomed(link, join, where)
             # What others send goes after what we send now (we hold the
@@ -510,14 +520,20 @@ class ClusterAgent:
         """Join.held and Join.pis: our cached copies, with what requests in
         flight were granted or shipped (it may not be in the cache yet)."""
         assert self.cache is not None
-        held = self.cache.holdings()
+        held = {b: h for b, h in self.cache.holdings().items() if self._ours(b)}
         for pend in self._pending.values():
             for b in pend.granted | set(pend.arrived):
                 t = pend.arrived.get(b)
                 mine = held.get(b)
                 if mine is None or mine[1] < pend.mode:
                     held[b] = (b, int(pend.mode), t.version if t else 0, t.dirty if t else False)
-        return tuple(held.values()), tuple(self.cache.pis.newest_versions())
+        pis = tuple(pi for pi in self.cache.pis.newest_versions() if self._ours(pi[0]))
+        return tuple(held.values()), pis
+
+    def _ours(self, block: int) -> bool:
+        """Is `block` of the partition this agent asks for (spread.py)?"""
+        k, parts = self.partition
+        return parts == 1 or partition_of(block, parts) == k
 
     # -- requests ------------------------------------------------------------------
     @contextlib.asynccontextmanager
@@ -635,7 +651,10 @@ class ClusterAgent:
                 )
                 await link.aclose()  # the session ends
                 return
-            await self._send_master(p.Beat())
+            try:
+                await self._send_master(p.Beat())
+            except LinkClosed:
+                return  # fenced meanwhile (spread.py: by another partition's agent)
 
     def fence(self, reason: str) -> None:
         """Stop writing to storage: this host's locks may be someone else's."""
@@ -652,6 +671,8 @@ class ClusterAgent:
         for ev in self._written.values():
             ev.set()
         self._answer_log_asks(None)
+        if self.on_fence is not None:
+            self.on_fence(reason)
 
     def withdraw(self, reason: str) -> None:
         """Our storage failed a write (the Fence closed itself): stop as a
@@ -782,6 +803,7 @@ class ClusterAgent:
                     self._nursery.start_soon(self._recover, msg)
                 elif isinstance(msg, p.PeerUp):
                     self._peers[msg.node] = (msg.host, msg.port)
+                    self.ever_peers.add(msg.node)
                     old = self._peer_links.pop(msg.node, None)  # to its last life
                     if old is not None:
                         self._nursery.start_soon(old.aclose)

@@ -28,6 +28,7 @@ import time
 from collections import Counter, OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import trio
 
@@ -39,6 +40,9 @@ from .pastimages import PastImage, PastImages
 from .protocol import Mode
 from .storage import Storage
 from .storage.fence import Fence
+
+if TYPE_CHECKING:
+    from .spread import SpreadAgent
 
 log = logging.getLogger(__name__)
 
@@ -170,7 +174,7 @@ class BlockCache:
         self,
         storage: Storage,
         block_size: int,
-        agent: LocalAgent | ClusterAgent,
+        agent: LocalAgent | ClusterAgent | SpreadAgent,
         *,
         capacity: int = 65536,
         coherence: str = "fusion",
@@ -214,7 +218,7 @@ class BlockCache:
         # (they overlap): pings for them wait until every rebuilt copy is in.
         self._rebuild_held: Counter[int] = Counter()
         self._rebuild_released = trio.Event()
-        if isinstance(agent, ClusterAgent):
+        if not isinstance(agent, LocalAgent):
             agent.cache = self
             if self.gate is not None:
                 self.gate.on_trip = agent.withdraw

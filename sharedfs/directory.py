@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from . import protocol as p
@@ -176,9 +177,15 @@ class Directory:
     """
 
     def __init__(
-        self, coherence: str = "fusion", counters: Counters | None = None, peer_reads: bool = False
+        self,
+        coherence: str = "fusion",
+        counters: Counters | None = None,
+        peer_reads: bool = False,
+        owns: Callable[[int], bool] = lambda block: True,
     ) -> None:
         self.coherence = coherence
+        #: Whether a block is this directory's (spread.py: one partition).
+        self.owns = owns
         self.peer_reads = peer_reads
         self.blocks: dict[int, BlockState] = {}
         self.nodes: set[int] = set()
@@ -220,6 +227,8 @@ class Directory:
         reports its copies and past images.  Nothing is served until
         settle(), once every such host has reported."""
         self.nodes.add(node)
+        held = tuple(h for h in held if self.owns(h[0]))
+        pis = tuple(pi for pi in pis if self.owns(pi[0]))
         for block, mode, version, dirty in held:
             if mode not in (Mode.S, Mode.X):
                 raise p.ProtocolError(f"node {node} reports block {block} held in mode {mode}")
@@ -261,7 +270,9 @@ class Directory:
             log.warning("master: node %d did not come back: sweeping its log records", dead)
             self.counters.hosts_failed += 1
             rec = self.recoveries.setdefault(dead, Recovery(dead, sweep=True))
-            if header is None or not (header.holders or header.recovering is not None):
+            if not self.owns(self.llol_block):
+                pass  # the log's header is another partition's to rebuild
+            elif header is None or not (header.holders or header.recovering is not None):
                 # Nobody says they hold the log's header: it may have, and
                 # the header on storage be behind its pages.  Rebuilt in a
                 # round of its own, as a dead holder's LLOL is.

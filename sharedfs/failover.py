@@ -72,6 +72,12 @@ class Failover:
         self._tried = False
         self._slots = SlotWatch(timeout)
 
+    @staticmethod
+    def covers(master_node: int, node: int) -> bool:
+        """Does a successor take over when that master goes?  Only one
+        embedded in another host."""
+        return master_node not in (-1, node)
+
     async def watch(self, needed: Callable[[], bool]) -> None:
         """Read the slots every heartbeat interval from the mount on, while
         `needed` (our master runs in another host), so that the watch knows

@@ -12,6 +12,7 @@ from .cache import BlockCache
 from .fs import FileSystem
 from .master import LockMaster
 from .protocol import HostId
+from .spread import SpreadAgent
 from .storage import Storage
 from .storage.fence import Fence
 from .tls import Tls
@@ -43,13 +44,19 @@ def open_cluster_host(
     cache_bytes: int = DEFAULT_CACHE_BYTES,
     gate: Fence | None = None,
     tls: Tls | None = None,
+    partitions: int = 1,
 ) -> FileSystem:
     """A FileSystem whose agent speaks the Cache Fusion protocol to a master
     (start it with `fs.cache.agent.run(...)`).  gate: the Fence every write
     of this host already passes below `storage` (a mount's, under its
     mirror); by default one is put over `storage`.  tls: for every
-    connection, to the master and to peers."""
-    agent = ClusterAgent(HostId(node), sb.cluster_key, coherence=coherence, tls=tls)
+    connection, to the master and to peers.  partitions: more than one
+    spreads the directory over the hosts (spread.py)."""
+    agent: ClusterAgent | SpreadAgent
+    if partitions > 1:
+        agent = SpreadAgent(HostId(node), sb.cluster_key, partitions, coherence=coherence, tls=tls)
+    else:
+        agent = ClusterAgent(HostId(node), sb.cluster_key, coherence=coherence, tls=tls)
     cache = BlockCache(
         storage if gate is not None else Fence(storage),
         sb.block_size,

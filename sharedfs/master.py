@@ -22,7 +22,7 @@ import logging
 import signal
 import sys
 from collections import defaultdict, deque
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict
 
 import trio
@@ -34,7 +34,7 @@ from .directory import Directory
 from .errors import QuietError
 from .link import AnyLink, Handshakes, Link, LinkClosed, LocalLink, parse_address
 from .metrics import Sample, counter_samples, serve_metrics
-from .protocol import HostId, Mode, Resource
+from .protocol import HostId, Mode, Resource, partition_of
 from .storage import open_volume
 from .tls import Tls, add_tls_arg, load_tls
 from .volume import open_superblock
@@ -160,14 +160,22 @@ class MasterService:
         dead: frozenset[int] = frozenset(),
         peer_reads: bool = False,
         volume_blocks: int | None = None,
+        partition: tuple[int, int] = (0, 1),
+        expect: frozenset[int] = frozenset(),
     ) -> None:
         """`dead`: hosts known to be dead (a successor's predecessor): the
         rebuild window need not wait for them to resume.  `peer_reads`:
-        Directory.peer_reads."""
+        Directory.peer_reads.  `partition`: (k, of how many): with the
+        directory spread over the hosts (spread.py), this master serves
+        only the blocks of part k.  `expect`: hosts known to hold locks,
+        waited for as a resume says of the others (spread.py: every live
+        host, when a partition changes hands)."""
         self.volume_blocks = volume_blocks
+        self._expect = set(expect)
+        self.partition = partition
         self.key = key
         self.tls = tls
-        self.directory = Directory(coherence, peer_reads=peer_reads)
+        self.directory = Directory(coherence, peer_reads=peer_reads, owns=self._owns)
         self.host_slots = host_slots
         self.lease = lease
         self.port = 0
@@ -197,6 +205,24 @@ class MasterService:
         self.may_serve: Callable[[], bool] = lambda: True
         self.on_minority: Callable[[str], None] = lambda why: None
 
+    def _owns(self, block: int) -> bool:
+        k, parts = self.partition
+        return parts == 1 or partition_of(block, parts) == k
+
+    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Serve without a listener of our own: the host's MasterPort hands
+        us the links of our partition (spread.py)."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            self._start_tasks(nursery)
+            task_status.started()
+
+    def _start_tasks(self, nursery: trio.Nursery) -> None:
+        nursery.start_soon(self._notify_task)
+        nursery.start_soon(self._lease_task)
+        nursery.start_soon(self._sample_task)
+        self._open_window(self._expect)
+
     async def serve(
         self, host: str = "127.0.0.1", port: int = 0, *, task_status=trio.TASK_STATUS_IGNORED
     ) -> None:
@@ -214,10 +240,7 @@ class MasterService:
                 ) from None
             self.port = listeners[0].socket.getsockname()[1]
             log.info("master: listening on %s:%d", host, self.port)
-            nursery.start_soon(self._notify_task)
-            nursery.start_soon(self._lease_task)
-            nursery.start_soon(self._sample_task)
-            self._open_window(set())
+            self._start_tasks(nursery)
             task_status.started(self.port)
 
     def _serving(self) -> bool:
@@ -298,7 +321,7 @@ class MasterService:
             self._forgotten.add(node)
             self._scopes[node].cancel()
         d = self.directory
-        self.directory = Directory(d.coherence, d.counters, d.peer_reads)
+        self.directory = Directory(d.coherence, d.counters, d.peer_reads, self._owns)
         self._open_window(nodes)
 
     async def _notify_task(self) -> None:
@@ -406,10 +429,29 @@ class MasterService:
         self._nursery.start_soon(self._serve_link, ours, "this process")
         return theirs
 
-    async def _serve_link(self, link: AnyLink, peer: str) -> None:
+    async def serve_link(self, link: AnyLink, peer: str, first: p.Message) -> None:
+        """Serve a link whose first message the MasterPort has read, in
+        our nursery (it ends when we stop); return when it has ended."""
+        assert self._nursery is not None
+        ended = trio.Event()
+
+        async def serve() -> None:
+            try:
+                await self._serve_link(link, peer, first)
+            finally:
+                ended.set()
+
+        self._nursery.start_soon(serve)
+        await ended.wait()
+
+    async def _serve_link(self, link: AnyLink, peer: str, first: p.Message | None = None) -> None:
         node: int | None = None
         try:
             with trio.CancelScope() as scope:
+                if first is not None:
+                    node = await self._first(link, first, scope)
+                    if node is None:
+                        return
                 while (msg := await link.receive()) is not None:
                     if node is None:
                         node = await self._first(link, msg, scope)
@@ -430,17 +472,20 @@ class MasterService:
                     await self._gone(node)
 
     def _check_blocks(self, node: int, msg: p.Message) -> None:
-        """ProtocolError if `msg` asks for a block past the volume's end."""
-        if self.volume_blocks is None:
-            return
+        """ProtocolError if `msg` asks for a block past the volume's end, or
+        (spread.py) one of another partition: no honest host does."""
         if isinstance(msg, p.LockRequest):
-            blocks: Iterable[int] = msg.blocks
+            blocks: list[int] = list(msg.blocks)
         elif isinstance(msg, p.WriteRequest):
-            blocks = (b for b, _ in msg.blocks)
+            blocks = [b for b, _ in msg.blocks]
         else:
             return
+        if self.partition[1] > 1 and (stray := [b for b in blocks if not self._owns(b)]):
+            raise p.ProtocolError(
+                f"node {node} asks for block {stray[0]}, not of partition {self.partition[0]}"
+            )
         past = max(blocks, default=-1)
-        if past >= self.volume_blocks:
+        if self.volume_blocks is not None and past >= self.volume_blocks:
             raise p.ProtocolError(
                 f"node {node} asks for block {past}, past the volume's end "
                 f"({self.volume_blocks} blocks)"
@@ -513,7 +558,9 @@ class MasterService:
                 "or the host came back too late)"
             )
         if not msg.resume and not self._rebuilt.is_set():
-            self._expected |= set(msg.live) - {node}
+            # A host joining afresh holds nothing: not waited for.
+            self._expected |= set(msg.live)
+            self._expected.discard(node)
             await self._maybe_close_window()
             while not self._rebuilt.is_set():
                 await self._rebuilt.wait()  # closed, or a new window opened
@@ -527,6 +574,8 @@ class MasterService:
             return f"node {node} is still being recovered; try again"
         if msg.coherence != self.directory.coherence:
             return f"the cluster runs --coherence {self.directory.coherence}"
+        if (msg.partition, msg.partitions) != self.partition:
+            return f"the cluster spreads its directory over {self.partition[1]} partitions"
         return None
 
     async def _sender(
@@ -642,6 +691,10 @@ class MasterService:
             while node in self._dying or node in self.directory.recoveries:  # noqa: ASYNC110
                 await trio.sleep(0.05)
 
+    def joined(self) -> set[int]:
+        """The hosts with a session now."""
+        return set(self._links)
+
     def describe(self) -> list[str]:
         """Who is joined, dying, recovering, and the blocks waited on."""
         return [
@@ -727,6 +780,85 @@ class MasterService:
                 )
             )
         return out
+
+
+class MasterPort:
+    """One host's listener for the partitions of the directory it masters
+    (spread.py): a connection's first message names its partition, and
+    the link goes to that partition's MasterService.  A partition that is
+    not (or no longer) ours gets its connection closed, not refused: it is
+    moving, and the asker tries again.  A Handover asks us to stop one
+    (`on_handover`, with the asker and the partition: once stopped, the
+    hosts that were joined to it; None if we keep it).
+
+    Attributes:
+        services: partition -> the MasterService serving it here.
+    """
+
+    def __init__(
+        self,
+        key: bytes,
+        tls: Tls | None,
+        on_handover: Callable[[int, int], Awaitable[tuple[int, ...] | None]],
+    ) -> None:
+        self.key, self.tls = key, tls
+        self.services: dict[int, MasterService] = {}
+        self.port = 0
+        self._on_handover = on_handover
+        self._handshakes = Handshakes()
+
+    async def serve(
+        self, host: str = "127.0.0.1", port: int = 0, *, task_status=trio.TASK_STATUS_IGNORED
+    ) -> None:
+        try:
+            listeners = await trio.open_tcp_listeners(port, host=host)
+        except OSError as e:
+            raise QuietError(f"cannot listen on {host}:{port}: {e.strerror or e}", 1) from None
+        self.port = listeners[0].socket.getsockname()[1]
+        log.info("master: partitions served on %s:%d", host, self.port)
+        task_status.started(self.port)
+        await trio.serve_listeners(self._handle, listeners)
+
+    def connect_local(self, partition: int) -> LocalLink:
+        service = self.services.get(partition)
+        if service is None:
+            raise LinkClosed(f"partition {partition} is not mastered here")
+        return service.connect_local()
+
+    async def _handle(self, stream: trio.SocketStream) -> None:
+        peer = _peername(stream)
+        try:
+            with self._handshakes.slot():
+                link = await Link.open(stream, self.key, -1, initiator=False, tls=self.tls)
+            first = await link.receive()
+        except (p.ProtocolError, LinkClosed, trio.TooSlowError, trio.BrokenResourceError) as e:
+            log.warning("master: dropped connection from %s: %s", peer, e)
+            with trio.CancelScope(shield=True):
+                await stream.aclose()
+            return
+        if isinstance(first, p.Join):
+            service = self.services.get(first.partition)
+            if service is not None and not service._stopped:
+                await service.serve_link(link, peer, first)
+                return
+        elif isinstance(first, p.Handover):
+            hosts = await self._on_handover(link.peer_node, first.partition)
+            reply = p.HandedOver(first.partition, hosts is not None, hosts or ())
+            with contextlib.suppress(LinkClosed):
+                await link.send(reply)
+        elif isinstance(first, p.StatusRequest):
+            with contextlib.suppress(LinkClosed):
+                await link.send(p.StatusReply(self.status()))
+        with trio.CancelScope(shield=True):
+            await link.aclose()
+
+    def status(self) -> dict[str, object]:
+        """The status of the lowest partition served here, and which are."""
+        if not self.services:
+            return {"partitions": {}}
+        info = self.services[min(self.services)].status()
+        info["partitions"] = {k: sorted(s._links) for k, s in sorted(self.services.items())}
+        return info
 
 
 def _per_second(old: dict[str, int], new: dict[str, int], dt: float) -> dict[str, float]:

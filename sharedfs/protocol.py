@@ -30,6 +30,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar, NewType
 
 import msgpack
+import xxhash
 
 HostId = NewType("HostId", int)
 
@@ -148,6 +149,10 @@ class Join(Message):
     marks: tuple[int, ...] = ()
     marks_version: int = 0
     llol: int = -1  # the log header's block (the LLOL's), for a sweep
+    # With the directory spread over the hosts (spread.py): the part of the
+    # blocks this session is about, of how many.
+    partition: int = 0
+    partitions: int = 1
 
 
 @message(11)
@@ -406,6 +411,37 @@ class Primary(Message):
     blocks other hosts are primary for (seed 001)."""
 
     blocks: tuple[int, ...]
+
+
+#: Blocks go to partitions in runs of this many, so that a request for
+#: neighbouring blocks mostly goes to one master.
+PARTITION_RUN = 64
+
+
+def partition_of(block: int, partitions: int) -> int:
+    """Which of `partitions` masters a block has (spread.py): a hash of
+    its run of PARTITION_RUN blocks."""
+    if partitions == 1:
+        return 0
+    return xxhash.xxh32_intdigest((block // PARTITION_RUN).to_bytes(8, "little")) % partitions
+
+
+@message(35)
+class Handover(Message):
+    """A host to the host that masters `partition` (spread.py): the hash
+    over the live hosts names the asker now; stop mastering it."""
+
+    partition: int
+
+
+@message(36)
+class HandedOver(Message):
+    """The answer to a Handover: the partition's master has stopped, and
+    every session with it has ended; the asker may master it now."""
+
+    partition: int
+    ok: bool
+    hosts: tuple[int, ...] = ()  # joined to it when it stopped: the new one waits for them
 
 
 @message(40)

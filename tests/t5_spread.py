@@ -1,0 +1,235 @@
+"""The directory spread over the hosts (spread.py), without FUSE: every host
+masters the partitions the hash over the live hosts names it for, a host
+that joins takes its share over, and the partitions of a host that dies
+move to the survivors with nothing fsync'd lost."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import replace
+
+import trio
+from conftest import CTX, ROOT, make_volume
+from t5_faults import fsck_clean
+from t5_recovery import content, put
+
+from sharedfs.debug import task_tree
+from sharedfs.fs import FileSystem
+from sharedfs.host import open_cluster_host
+from sharedfs.link import LocalLink
+from sharedfs.master import MasterService
+from sharedfs.protocol import LockRequest, partition_of
+from sharedfs.spread import Spread, SpreadAgent, owner
+from sharedfs.storage.memory import MemoryStorage
+from sharedfs.volume import claim_slot, read_slot, read_superblock, write_slot
+
+log = logging.getLogger(__name__)
+
+PARTS = 16
+LEASE = 3.0
+
+
+class SpreadCluster:
+    """Hosts on one MemoryStorage, each with its Spread; their slots beat
+    while they live (as a mount's heartbeat does)."""
+
+    def __init__(self, vol: MemoryStorage, nursery: trio.Nursery) -> None:
+        self.vol, self.sb = vol, read_superblock(vol)
+        self.nursery = nursery
+        self.hosts: dict[int, FileSystem] = {}
+        self.spreads: dict[int, Spread] = {}
+        self.requests: dict[tuple[int, int], list[LockRequest]] = {}  # (host, part) -> seen
+        self._scopes: dict[int, trio.CancelScope] = {}
+
+    def agent(self, node: int) -> SpreadAgent:
+        agent = self.hosts[node].cache.agent
+        assert isinstance(agent, SpreadAgent)
+        return agent
+
+    def mastered(self, node: int) -> set[int]:
+        return set(self.spreads[node].port.services)
+
+    async def start(self, node: int) -> FileSystem:
+        claim_slot(self.vol, self.sb, node)
+        fs = open_cluster_host(self.vol, self.sb, node=node, partitions=PARTS)
+        agent = fs.cache.agent
+        assert isinstance(agent, SpreadAgent)
+        agent.master_wait = 2 * LEASE
+
+        def make_service(k: int, dead: frozenset[int], expect: frozenset[int]) -> MasterService:
+            service = MasterService(
+                self.sb.cluster_key,
+                host_slots=self.sb.host_slots,
+                lease=LEASE,
+                node=node,
+                dead=dead,
+                volume_blocks=self.sb.volume_blocks,
+                partition=(k, PARTS),
+                expect=expect,
+            )
+            service.on_minority = agent.fence
+            real = service.directory.on_lock_request
+            seen = self.requests.setdefault((node, k), [])
+
+            def spy(n: int, msg: LockRequest):  # type: ignore[no-untyped-def]
+                seen.append(msg)
+                return real(n, msg)
+
+            service.directory.on_lock_request = spy  # type: ignore[method-assign]
+            return service
+
+        async def publish(addr: str) -> None:
+            slot = read_slot(self.vol, self.sb, node)
+            write_slot(self.vol, self.sb, node, replace(slot, master=addr))
+
+        spread = Spread(
+            agent,
+            self.vol,
+            self.sb,
+            key=self.sb.cluster_key,
+            tls=None,
+            make_service=make_service,
+            publish=publish,
+            timeout=1.0,
+        )
+        self.hosts[node], self.spreads[node] = fs, spread
+        self._scopes[node] = await self.nursery.start(self._run, node, spread)
+        return fs
+
+    async def _run(self, node: int, spread: Spread, task_status=trio.TASK_STATUS_IGNORED) -> None:  # type: ignore[no-untyped-def]
+        with trio.CancelScope() as scope:
+            async with trio.open_nursery() as n:
+                n.start_soon(self._beat, node)
+                await n.start(spread.run, ("127.0.0.1", 0), "127.0.0.1")
+                task_status.started(scope)
+
+    async def _beat(self, node: int) -> None:
+        while True:
+            await trio.sleep(0.1)
+            slot = read_slot(self.vol, self.sb, node)
+            write_slot(self.vol, self.sb, node, replace(slot, heartbeat_ns=slot.heartbeat_ns + 1))
+
+    def kill(self, node: int) -> None:
+        """kill -9: it stops mid-whatever; the volume shows its slot dead
+        (as a local process that is gone is, at once)."""
+        self.hosts[node].cache.fence("killed by the test")
+        self._scopes.pop(node).cancel()
+        slot = read_slot(self.vol, self.sb, node)
+        write_slot(self.vol, self.sb, node, replace(slot, in_use=False))
+        del self.hosts[node]
+
+    def dump(self) -> None:
+        """What every task waits on, and each host's protocol state."""
+        lines = task_tree()
+        for node, spread in self.spreads.items():
+            lines.append(f"host {node} masters {sorted(spread.port.services)}")
+            for service in spread.port.services.values():
+                lines += [f"host {node}: {x}" for x in service.describe()]
+        for line in lines:
+            log.warning("state: %s", line)
+
+    async def stop_all(self) -> None:
+        for fs in self.hosts.values():
+            await fs.destroy()
+        for scope in self._scopes.values():
+            scope.cancel()
+
+
+@asynccontextmanager
+async def spread_cluster(vol: MemoryStorage, n: int) -> AsyncIterator[SpreadCluster]:
+    async with trio.open_nursery() as nursery:
+        c = SpreadCluster(vol, nursery)
+        for node in range(n):
+            await c.start(node)
+        try:
+            with trio.fail_after(120):
+                yield c
+        finally:
+            with trio.CancelScope(shield=True), trio.fail_after(60):
+                await c.stop_all()
+
+
+def expected_masters(hosts: list[int]) -> dict[int, set[int]]:
+    out: dict[int, set[int]] = {h: set() for h in hosts}
+    for k in range(PARTS):
+        out[owner(k, hosts)].add(k)
+    return out
+
+
+async def wait_for(c: SpreadCluster, want: dict[int, set[int]]) -> None:
+    try:
+        with trio.fail_after(30):
+            while {h: c.mastered(h) for h in want} != want:  # noqa: ASYNC110
+                await trio.sleep(0.05)
+    except trio.TooSlowError:
+        c.dump()
+        raise
+
+
+async def test_every_host_masters_its_share_and_asks_its_own_without_the_network():
+    vol = await make_volume(128 << 20)
+    async with spread_cluster(vol, 3) as c:
+        want = expected_masters([0, 1, 2])
+        assert all(want.values()), "each of 3 hosts masters some of the partitions"
+        await wait_for(c, want)
+        dirs = [(await fs.mkdir(ROOT, b"d%d" % n, 0o755, CTX)).ino for n, fs in c.hosts.items()]
+        for n, fs in c.hosts.items():
+            for i in range(5):
+                await put(fs, dirs[n], b"f%d" % i, b"host %d file %d" % (n, i))
+        for fs in c.hosts.values():
+            for m in range(3):
+                assert await content(fs, dirs[m], b"f4") == b"host %d file 4" % m
+        with trio.fail_after(30):
+            while any(part._master is None for n in range(3) for part in c.agent(n).parts):  # noqa: ASYNC110
+                await trio.sleep(0.05)
+        for node in range(3):
+            for k, part in enumerate(c.agent(node).parts):
+                # Its own partitions by a LocalLink, the others' by TCP.
+                assert isinstance(part._master, LocalLink) == (k in want[node]), (node, k)
+        for (_, k), seen in c.requests.items():
+            assert all(partition_of(b, PARTS) == k for msg in seen for b in msg.blocks)
+        served = {k for (_, k), seen in c.requests.items() if seen}
+        assert len(served) > 1, "the requests went to more than one master"
+    await fsck_clean(vol)
+
+
+async def test_a_host_that_joins_takes_its_share_over():
+    vol = await make_volume(128 << 20)
+    async with spread_cluster(vol, 1) as c:
+        assert c.mastered(0) == set(range(PARTS))
+        d = (await c.hosts[0].mkdir(ROOT, b"d", 0o755, CTX)).ino
+        for i in range(10):
+            await put(c.hosts[0], d, b"f%d" % i, b"before %d" % i)
+        fs1 = await c.start(1)
+        want = expected_masters([0, 1])
+        assert want[1], "the hash names host 1 for some partitions"
+        await wait_for(c, want)
+        for i in range(10):
+            assert await content(fs1, d, b"f%d" % i) == b"before %d" % i
+            await put(fs1, d, b"g%d" % i, b"after %d" % i)
+        for i in range(10):
+            assert await content(c.hosts[0], d, b"g%d" % i) == b"after %d" % i
+    await fsck_clean(vol)
+
+
+async def test_the_partitions_of_a_killed_host_move_and_nothing_fsynced_is_lost():
+    vol = await make_volume(128 << 20)
+    async with spread_cluster(vol, 3) as c:
+        await wait_for(c, expected_masters([0, 1, 2]))
+        dirs = [(await fs.mkdir(ROOT, b"d%d" % n, 0o755, CTX)).ino for n, fs in c.hosts.items()]
+        for n, fs in c.hosts.items():
+            for i in range(5):
+                await put(fs, dirs[n], b"f%d" % i, b"host %d file %d" % (n, i))
+        lost = expected_masters([0, 1, 2])[2]
+        assert lost, "host 2 masters some partitions"
+        c.kill(2)
+        await wait_for(c, expected_masters([0, 1]))
+        for fs in c.hosts.values():
+            for m in range(3):
+                for i in range(5):
+                    assert await content(fs, dirs[m], b"f%d" % i) == b"host %d file %d" % (m, i)
+            await put(fs, dirs[fs.host], b"later", b"after the kill")
+        assert await content(c.hosts[0], dirs[1], b"later") == b"after the kill"
+    await fsck_clean(vol)
