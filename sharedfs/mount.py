@@ -24,7 +24,7 @@ import trio
 
 from . import format as fmt
 from . import journal
-from .agent import DEFAULT_MASTER_WAIT, ClusterAgent
+from .agent import DEFAULT_MASTER_WAIT, ClusterAgent, LocalAgent
 from .cli_util import (
     Parser,
     find_quiet,
@@ -44,6 +44,8 @@ from .link import parse_address
 from .master import DEFAULT_LEASE, PEER_READS_HELP, MasterService, check_peer_reads
 from .metrics import Sample, counter_samples, serve_metrics
 from .mirror import mirrored, refuse_own_secondary
+from .protocol import MAX_PARTITIONS
+from .spread import Spread, SpreadAgent
 from .storage import Storage, canonical_name, open_volume
 from .storage.fence import Fence, Fenced
 from .storage.nbd import DEFAULT_TIMEOUT as NBD_TIMEOUT
@@ -86,6 +88,15 @@ def add_mount_args(p: argparse.ArgumentParser) -> None:
         help="where the master this host runs listens: the one it embeds without --master, "
         "or one it starts when the host that ran the master dies (default: loopback, or "
         "the --peer-address host after a failover; any port)",
+    )
+    p.add_argument(
+        "--spread",
+        type=int,
+        default=0,
+        metavar="PARTITIONS",
+        help="spread the lock master's directory over the hosts in this many partitions, "
+        "each mastered by the host a hash over the live hosts names (every host of the "
+        "cluster gives the same number; no --master)",
     )
     p.add_argument(
         "--lease",
@@ -181,9 +192,11 @@ def check_mountpoint(path: str) -> str:
     return path
 
 
-def pick_node(storage: Storage, sb: fmt.Superblock, node: int | None, master: str | None) -> int:
+def pick_node(storage: Storage, sb: fmt.Superblock, node: int | None, joining: bool) -> int:
+    """The slot to claim.  `joining`: we join the cluster's master (or
+    spread the directory with the others); else we would embed one."""
     live = live_slots(storage, sb)
-    if live and master is None:
+    if live and not joining:
         # Hosts on one volume must share one master: a second embedded
         # master would let two hosts write the same blocks unaware.
         n, slot = min(live.items())
@@ -200,7 +213,7 @@ def pick_node(storage: Storage, sb: fmt.Superblock, node: int | None, master: st
     return node
 
 
-def check_shared(storage: Storage, master: str | None) -> None:
+def check_shared(storage: Storage, master: str | int | None) -> None:
     """A host joining a cluster needs a volume whose every host sees the
     others' writes (an NBD export without multi-conn may not)."""
     if storage.shared:
@@ -282,30 +295,39 @@ async def _serve_host(
         cache_bytes=args.cache_size,
         gate=gate,
         tls=args.tls_config,
+        partitions=max(1, args.spread),
     )
     fs.log.page_locks = args.log_page_locks
     agent = fs.cache.agent
-    assert isinstance(agent, ClusterAgent)
+    assert not isinstance(agent, LocalAgent)
     agent.master_wait = args.master_wait
     # A master that has just started waits for these to resume first.
     agent.live_at_join = tuple(others)
     ops = Operations(fs)
     async with contextlib.AsyncExitStack() as stack, trio.open_nursery() as nursery:
         masters = Masters(nursery, sb, args, node, gate, keeper, agent)
-        agent.failover = failover = Failover(gate, sb, node, masters.take_over)
-        master, service = await masters.start_embedded()
+        service = None
+        if isinstance(agent, SpreadAgent):
+            spread = masters.spread(agent, gate)
+            states = [agent.describe, spread.describe]
+        else:
+            agent.failover = failover = Failover(gate, sb, node, masters.take_over)
+            master, service = await masters.start_embedded()
+            states = [agent.describe] + ([service.describe] if service else [])
         if args.metrics:
             samples = functools.partial(_metric_samples, fs, agent, service)
             port = await stack.enter_async_context(serve_metrics(args.metrics, samples))
             log.info("host %d: metrics on %s:%d/metrics", node, args.metrics[0], port)
-        states = [agent.describe] + ([service.describe] if service else [])
         nursery.start_soon(dump_on_signal, f"host {node}", *states)
         nursery.start_soon(watch_loop, f"host {node}")
-        nursery.start_soon(failover.watch, agent.can_fail_over)
         lhost, lport = args.peer_address
-        await nursery.start(
-            functools.partial(agent.run, master, listen_host=lhost, listen_port=lport)
-        )
+        if isinstance(agent, SpreadAgent):
+            await nursery.start(spread.run, parse_address(args.listen), lhost)
+        else:
+            nursery.start_soon(failover.watch, agent.can_fail_over)
+            await nursery.start(
+                functools.partial(agent.run, master, listen_host=lhost, listen_port=lport)
+            )
         await _run_fuse(
             fs,
             ops,
@@ -337,7 +359,7 @@ class Masters:
         node: int,
         gate: Fence,
         keeper: SlotKeeper,
-        agent: ClusterAgent,
+        agent: ClusterAgent | SpreadAgent,
     ) -> None:
         self._nursery, self._sb, self._args, self._node = nursery, sb, args, node
         self._gate, self._keeper, self._agent = gate, keeper, agent
@@ -365,9 +387,31 @@ class Masters:
         log.warning("host %d: took the master role: listening on %s:%d", self._node, *addr)
         return addr
 
-    async def _start(
-        self, listen: tuple[str, int], dead: frozenset[int]
-    ) -> tuple[tuple[str, int], MasterService]:
+    def spread(self, agent: SpreadAgent, storage: Storage) -> Spread:
+        """This host's part of a directory spread over the hosts."""
+
+        async def publish(addr: str) -> None:
+            await trio.to_thread.run_sync(self._keeper.publish, addr)
+
+        def make_service(k: int, dead: frozenset[int], expect: frozenset[int]) -> MasterService:
+            return self._service(dead, (k, self._args.spread), expect)
+
+        return Spread(
+            agent,
+            storage,
+            self._sb,
+            key=self._sb.cluster_key,
+            tls=self._args.tls_config,
+            make_service=make_service,
+            publish=publish,
+        )
+
+    def _service(
+        self,
+        dead: frozenset[int],
+        partition: tuple[int, int] = (0, 1),
+        expect: frozenset[int] = frozenset(),
+    ) -> MasterService:
         args, gate = self._args, self._gate
         service = MasterService(
             self._sb.cluster_key,
@@ -379,6 +423,8 @@ class Masters:
             dead=dead,
             peer_reads=args.peer_reads,
             volume_blocks=self._sb.volume_blocks,
+            partition=partition,
+            expect=expect,
         )
         # This host writes only while its heartbeat is fresh, and its master
         # serves only as long.
@@ -387,6 +433,12 @@ class Masters:
             raise QuietError("this host's disk lease is up", 32)
         service.may_serve = lambda: not gate.lapsed()
         service.on_minority = self._agent.fence
+        return service
+
+    async def _start(
+        self, listen: tuple[str, int], dead: frozenset[int]
+    ) -> tuple[tuple[str, int], MasterService]:
+        service = self._service(dead)
         lhost, lport = listen
         port = await self._nursery.start(service.serve, lhost, lport)
         reach = self._args.peer_address[0] if lhost in ("0.0.0.0", "::", "") else lhost
@@ -401,7 +453,7 @@ class Masters:
 
 
 def _metric_samples(
-    fs: FileSystem, agent: ClusterAgent, service: MasterService | None
+    fs: FileSystem, agent: ClusterAgent | SpreadAgent, service: MasterService | None
 ) -> list[Sample]:
     """This host's side of /metrics (and its embedded master's)."""
     labels = {"node": str(agent.host)}
@@ -571,17 +623,20 @@ def mount(args: argparse.Namespace) -> None:
     if not 0 <= args.master_wait <= 3600:
         raise QuietError(f"--master-wait {args.master_wait:g}: give 0 to 3600 seconds", 2)
     check_peer_reads(args)
+    if args.spread and (args.master or not 2 <= args.spread <= MAX_PARTITIONS):
+        why = "with --master" if args.master else f"give 2 to {MAX_PARTITIONS} partitions"
+        raise QuietError(f"--spread {args.spread}: {why}", 2)
     mountpoint = check_mountpoint(args.mountpoint)
     args.tls_config = load_tls(args.tls)
     storage = open_volume(args.volume, nbd_timeout=args.nbd_timeout)
     sb = open_superblock(storage)
     check_block_size(storage, sb.block_size)
-    joined = None if args.master else published_master(storage, sb)
+    joined = None if args.master or args.spread else published_master(storage, sb)
     if joined is not None:
         args.master = joined[1]  # a host of the cluster runs one: join it
-    check_shared(storage, args.master)
+    check_shared(storage, args.master or args.spread)
     refuse_own_secondary(args.volume, sb)
-    node = pick_node(storage, sb, args.node, args.master)
+    node = pick_node(storage, sb, args.node, bool(args.master or args.spread))
     if not 0 <= node < sb.host_slots:
         raise QuietError(f"--node {node}: this volume has host slots 0..{sb.host_slots - 1}", 2)
     options = fuse_options(args.volume, args.options)
@@ -618,6 +673,7 @@ _HELPER_OPTIONS = {
     "writeback": "--writeback",
     "nbd_timeout": "--nbd-timeout",
     "master_wait": "--master-wait",
+    "spread": "--spread",
     "cache_size": "--cache-size",
     "metrics": "--metrics",
     "tls": "--tls",

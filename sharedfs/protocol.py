@@ -413,6 +413,8 @@ class Primary(Message):
     blocks: tuple[int, ...]
 
 
+#: At most this many partitions (a host slot says which it masters, as a mask).
+MAX_PARTITIONS = 64
 #: Blocks go to partitions in runs of this many, so that a request for
 #: neighbouring blocks mostly goes to one master.
 PARTITION_RUN = 64

@@ -484,6 +484,13 @@ class Spread:
         await self._stopped[k].wait()
         return hosts
 
+    def describe(self) -> list[str]:
+        """The partitions mastered here, and each one's state."""
+        out = [f"masters partitions {sorted(self.port.services)}"]
+        for k, service in sorted(self.port.services.items()):
+            out += [f"partition {k}: {line}" for line in service.describe()]
+        return out
+
     async def _stop_when_fenced(self) -> None:
         await self.agent.master_lost.wait()
         for service in list(self.port.services.values()):

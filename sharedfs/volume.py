@@ -330,5 +330,6 @@ def published_master(storage: Storage, sb: fmt.Superblock) -> tuple[int, str] | 
     """The live host that runs a lock master, and its address, if any."""
     for n, slot in sorted(live_slots(storage, sb).items()):
         if slot.master:
-            return n, slot.master
+            # (A host of a spread directory adds "/" and the partitions it masters.)
+            return n, slot.master.partition("/")[0]
     return None

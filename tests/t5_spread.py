@@ -5,13 +5,20 @@ move to the survivors with nothing fsync'd lost."""
 
 from __future__ import annotations
 
+import functools
+import json
 import logging
+import os
+import subprocess
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import replace
+from pathlib import Path
 
+import pytest
 import trio
 from conftest import CTX, ROOT, make_volume
+from mount_util import Mount, fsck_ok, mkfs, needs_fuse, public_dir, sharedfs, wait_for
 from t5_faults import fsck_clean
 from t5_recovery import content, put
 
@@ -21,7 +28,7 @@ from sharedfs.host import open_cluster_host
 from sharedfs.link import LocalLink
 from sharedfs.master import MasterService
 from sharedfs.protocol import LockRequest, partition_of
-from sharedfs.spread import Spread, SpreadAgent, owner
+from sharedfs.spread import Spread, SpreadAgent, owner, served
 from sharedfs.storage.memory import MemoryStorage
 from sharedfs.volume import claim_slot, read_slot, read_superblock, write_slot
 
@@ -151,6 +158,30 @@ async def spread_cluster(vol: MemoryStorage, n: int) -> AsyncIterator[SpreadClus
                 await c.stop_all()
 
 
+def spy_closing(agent: SpreadAgent) -> tuple[list[int], list[int]]:
+    """The partitions whose closing recovery round reaches `agent`, and
+    the dead hosts whose mark its journal then clears."""
+    closing: list[int] = []
+    closes: list[int] = []
+    journal, part_round = agent._journal_recover, agent._recover
+    assert journal is not None
+
+    async def close(dead: int, blocks: list[int], report, follow, sweep):  # type: ignore[no-untyped-def]
+        if not blocks and not sweep:
+            closes.append(dead)
+        await journal(dead, blocks, report, follow, sweep)
+
+    async def round_(k: int, dead: int, blocks: list[int], report, follow, sweep):  # type: ignore[no-untyped-def]
+        if not blocks and not sweep:
+            closing.append(k)
+        await part_round(k, dead, blocks, report, follow, sweep)
+
+    agent._journal_recover = close
+    for k, part in enumerate(agent.parts):
+        part.on_recover = functools.partial(round_, k)
+    return closing, closes
+
+
 def expected_masters(hosts: list[int]) -> dict[int, set[int]]:
     out: dict[int, set[int]] = {h: set() for h in hosts}
     for k in range(PARTS):
@@ -158,7 +189,7 @@ def expected_masters(hosts: list[int]) -> dict[int, set[int]]:
     return out
 
 
-async def wait_for(c: SpreadCluster, want: dict[int, set[int]]) -> None:
+async def wait_for_masters(c: SpreadCluster, want: dict[int, set[int]]) -> None:
     try:
         with trio.fail_after(30):
             while {h: c.mastered(h) for h in want} != want:  # noqa: ASYNC110
@@ -173,7 +204,7 @@ async def test_every_host_masters_its_share_and_asks_its_own_without_the_network
     async with spread_cluster(vol, 3) as c:
         want = expected_masters([0, 1, 2])
         assert all(want.values()), "each of 3 hosts masters some of the partitions"
-        await wait_for(c, want)
+        await wait_for_masters(c, want)
         dirs = [(await fs.mkdir(ROOT, b"d%d" % n, 0o755, CTX)).ino for n, fs in c.hosts.items()]
         for n, fs in c.hosts.items():
             for i in range(5):
@@ -205,7 +236,7 @@ async def test_a_host_that_joins_takes_its_share_over():
         fs1 = await c.start(1)
         want = expected_masters([0, 1])
         assert want[1], "the hash names host 1 for some partitions"
-        await wait_for(c, want)
+        await wait_for_masters(c, want)
         for i in range(10):
             assert await content(fs1, d, b"f%d" % i) == b"before %d" % i
             await put(fs1, d, b"g%d" % i, b"after %d" % i)
@@ -217,15 +248,23 @@ async def test_a_host_that_joins_takes_its_share_over():
 async def test_the_partitions_of_a_killed_host_move_and_nothing_fsynced_is_lost():
     vol = await make_volume(128 << 20)
     async with spread_cluster(vol, 3) as c:
-        await wait_for(c, expected_masters([0, 1, 2]))
+        await wait_for_masters(c, expected_masters([0, 1, 2]))
         dirs = [(await fs.mkdir(ROOT, b"d%d" % n, 0o755, CTX)).ino for n, fs in c.hosts.items()]
         for n, fs in c.hosts.items():
             for i in range(5):
                 await put(fs, dirs[n], b"f%d" % i, b"host %d file %d" % (n, i))
         lost = expected_masters([0, 1, 2])[2]
         assert lost, "host 2 masters some partitions"
+        closing, closes = spy_closing(c.agent(0))
         c.kill(2)
-        await wait_for(c, expected_masters([0, 1]))
+        await wait_for_masters(c, expected_masters([0, 1]))
+        with trio.fail_after(30):
+            while not closes:  # noqa: ASYNC110
+                await trio.sleep(0.05)
+        # Every partition closed its recovery of host 2 with host 0, the
+        # lowest live host; the log's mark went once, after the last.
+        assert sorted(closing) == list(range(PARTS))
+        assert closes == [2]
         for fs in c.hosts.values():
             for m in range(3):
                 for i in range(5):
@@ -233,3 +272,57 @@ async def test_the_partitions_of_a_killed_host_move_and_nothing_fsynced_is_lost(
             await put(fs, dirs[fs.host], b"later", b"after the kill")
         assert await content(c.hosts[0], dirs[1], b"later") == b"after the kill"
     await fsck_clean(vol)
+
+
+def published_masks(vol: Path) -> dict[int, set[int]]:
+    """Per live host, the partitions its slot says it masters."""
+    st = json.loads(sharedfs("status", str(vol), "--json").stdout)
+    return {h["node"]: served(h["runs_master"]) for h in st["hosts"] if h["live"]}
+
+
+@needs_fuse
+@pytest.mark.fuse
+def test_three_mounts_spread_the_directory_and_a_killed_one_loses_nothing() -> None:
+    """Three mounts with --spread and no --master: each masters the share
+    the hash names it for, and what one writes the others read.  kill -9
+    of a host that masters some partitions: the two others take them over
+    and go on, with all that was fsync'd there; then both unmount cleanly
+    (no host fenced) and fsck is clean."""
+    work = public_dir()
+    vol = work / "vol.img"
+    mkfs(vol)
+    args = ("--spread", str(PARTS), "--lease", "3")
+    mounts = []
+    try:
+        for n in range(3):
+            mounts.append(Mount(vol, work / f"h{n}", "--node", str(n), *args))
+        wait_for(lambda: published_masks(vol) == expected_masters([0, 1, 2]), what="the shares")
+        for n, m in enumerate(mounts):
+            (m.mnt / f"d{n}").mkdir()
+            for i in range(3):
+                with open(m.mnt / f"d{n}" / f"f{i}", "wb") as f:
+                    f.write(b"%d" % n * (3000 * (i + 1)))
+                    os.fsync(f.fileno())
+        for m in mounts:
+            for n in range(3):
+                assert (m.mnt / f"d{n}" / "f2").read_bytes() == b"%d" % n * 9000
+        h2 = mounts.pop()
+        h2.proc.kill()
+        h2.proc.wait()
+        subprocess.run(["fusermount3", "-u", "-z", str(h2.mnt)], capture_output=True)
+        wait_for(lambda: published_masks(vol) == expected_masters([0, 1]), what="the takeover")
+        for m in mounts:
+            for n in range(3):
+                for i in range(3):
+                    got = (m.mnt / f"d{n}" / f"f{i}").read_bytes()
+                    assert got == b"%d" % n * (3000 * (i + 1))
+        (mounts[0].mnt / "d0" / "after").write_text("goes on")
+        assert (mounts[1].mnt / "d0" / "after").read_text() == "goes on"
+        for m in list(mounts):
+            assert "fenced" not in m.log.read_text(), m.log.read_text()
+            m.umount()
+            mounts.remove(m)
+    finally:
+        for m in mounts:
+            m.kill()
+    fsck_ok(vol)
