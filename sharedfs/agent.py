@@ -239,6 +239,8 @@ class ClusterAgent:
         self.partition = (0, 1)
         self.ever_peers: set[int] = set()
         self.on_fence: Callable[[str], None] | None = None
+        #: What our Stats report (spread.py: the whole host's counters).
+        self.report_counters: Callable[[], dict[str, int]] | None = None
         self._log_asks: dict[int, _LogAsk] = {}
 
     # -- start -------------------------------------------------------------------
@@ -617,7 +619,8 @@ class ClusterAgent:
                     await self._send_master(None)
                 ticks += 1
                 if ticks % STATS_TICKS == 0:
-                    await self._send_master(p.Stats(self.host, self.counters()))
+                    counters = (self.report_counters or self.counters)()
+                    await self._send_master(p.Stats(self.host, counters))
 
     async def _lease_task(self, link: AnyLink) -> None:
         """Renew our lease; end the session once the master has been silent

@@ -853,11 +853,18 @@ class MasterPort:
             await link.aclose()
 
     def status(self) -> dict[str, object]:
-        """The status of the lowest partition served here, and which are."""
+        """The status of the lowest partition served here (its hosts, with
+        their counters), which partitions are, and their counters summed."""
         if not self.services:
             return {"partitions": {}}
         info = self.services[min(self.services)].status()
         info["partitions"] = {k: sorted(s._links) for k, s in sorted(self.services.items())}
+        # The master's counters: of every partition mastered here.
+        total: dict[str, int] = {}
+        for service in self.services.values():
+            for name, value in asdict(service.directory.counters).items():
+                total[name] = total.get(name, 0) + value
+        info["counters"] = total
         return info
 
 

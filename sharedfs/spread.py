@@ -88,6 +88,7 @@ class SpreadAgent:
         for k, part in enumerate(self.parts):
             part.partition = (k, partitions)
             part.on_fence = self.fence
+            part.report_counters = self.counters
         self.master_lost = trio.Event()
         self._cache: BlockCache | None = None
         self._journal_recover: Callable[..., Awaitable[None]] | None = None

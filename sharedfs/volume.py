@@ -316,6 +316,8 @@ class SlotKeeper:
 
     def _write(self, master: str) -> None:
         with self._lock:
+            if not self.slot.in_use:
+                return  # released: a late publish (a master stopping) must not take it again
             at = time.monotonic()
             slot = replace(self.slot, heartbeat_ns=time.time_ns(), master=master)
             write_slot(self.storage, self.sb, self.node, slot)
@@ -324,6 +326,7 @@ class SlotKeeper:
     def release(self) -> None:
         with self._lock:
             release_slot(self.storage, self.sb, self.node, self.slot)
+            self.slot = replace(self.slot, in_use=False)
 
 
 def published_master(storage: Storage, sb: fmt.Superblock) -> tuple[int, str] | None:

@@ -153,9 +153,11 @@ def cluster(
     mount_args: tuple[str, ...],
     *,
     embedded: bool = False,
+    spread: bool = False,
 ) -> Iterator[tuple[str, list[Path]]]:
     """A standalone master and `hosts` mounts of `vol`; or, `embedded`, the
-    master in host 0 (a mount without --master): (its address, mountpoints)."""
+    master in host 0 (a mount without --master): (its address, mountpoints).
+    `spread`: no master of our own, the mounts' args say --spread."""
     port = free_port()
     addr = f"127.0.0.1:{port}"
     master = None
@@ -171,6 +173,8 @@ def cluster(
             mnt = work / f"{vol.stem}-host{n}"
             mnt.mkdir(exist_ok=True)
             where = ("--listen", addr) if embedded and n == 0 else ("--master", addr)
+            if spread:
+                where = ("--listen", addr) if n == 0 else ()
             log = str(work / f"{mnt.name}.log")
             sfs("mount", str(vol), str(mnt), "--node", str(n), *where, "--log", log, *mount_args)
             mnts.append(mnt)
@@ -611,19 +615,34 @@ LOCK_READS = 2000
 LOCK_FILE_MIB = 16
 
 
-def locks_run(hosts: int, work: Path) -> dict:
+#: Partitions of the directory in the --spread runs of `locks`.
+SPREAD = 16
+
+
+def all_masters(vol: Path) -> list[dict]:
+    """Status of every master listener a live host publishes (--spread:
+    each host's, with the counters of the partitions it masters)."""
+    st = json.loads(sfs("status", str(vol), "--json").stdout)
+    addrs = [h["runs_master"].partition("/")[0] for h in st["hosts"] if h["runs_master"]]
+    return [counters(vol, a) for a in addrs]
+
+
+def locks_run(hosts: int, work: Path, spread: int = 0) -> dict:
     """Each host reads a file of its own at random, on caches made cold
     by unmounting after the files were written: every read a lock request
     granted at once.  Per host, the requests and their mean wait; the
-    master's messages per read."""
+    masters' messages per read.  `spread`: the directory spread over the
+    hosts in that many partitions, else the master embedded in host 0."""
     vol = work / "locks.img"
     sfs("mkfs", str(vol), "--size", "512M", "-q", "--force")
     with cluster(vol, 1, work, (), (), embedded=True) as (_, (mnt,)):
         for n in range(hosts):
             with open(mnt / f"f{n}", "wb") as f:
                 f.write(os.urandom(LOCK_FILE_MIB << 20))
-    with cluster(vol, hosts, work, (), (), embedded=True) as (addr, mnts):
-        before = counters(vol, addr)
+    args = ("--spread", str(spread)) if spread else ()
+    with cluster(vol, hosts, work, (), args, embedded=True, spread=bool(spread)) as (_, mnts):
+        time.sleep(2 if spread else 0)  # the shares handed over
+        before = all_masters(vol)
         readers = [
             subprocess.Popen([PY, "-c", RANDOM_READER, str(m / f"f{n}"), str(LOCK_READS)])
             for n, m in enumerate(mnts)
@@ -631,27 +650,35 @@ def locks_run(hosts: int, work: Path) -> dict:
         for r in readers:
             if r.wait(timeout=600):
                 raise SystemExit("locks: a reader failed")
-        after = counters(vol, addr)
-    out: dict = {"hosts": hosts, "per_host": []}
+        after = all_masters(vol)
+    out: dict = {"hosts": hosts, "per_host": [], "spread": spread}
     for n in range(hosts):
-        h0, h1 = before["hosts"][str(n)], after["hosts"][str(n)]
+        h0, h1 = before[0]["hosts"][str(n)], after[0]["hosts"][str(n)]
         reqs = h1["counters"]["agent_lock_requests"] - h0["counters"]["agent_lock_requests"]
         wait = h1["counters"]["agent_lock_wait_us"] - h0["counters"]["agent_lock_wait_us"]
         out["per_host"].append(
             {"local": h1["local"], "requests": reqs, "mean_us": wait / max(reqs, 1)}
         )
     msgs = sum(
-        after["counters"][k] - before["counters"][k] for k in ("messages_in", "messages_out")
+        a["counters"][k] - b["counters"][k]
+        for a, b in zip(after, before, strict=True)
+        for k in ("messages_in", "messages_out")
     )
     out["messages_per_read"] = msgs / (hosts * LOCK_READS)
     return out
 
 
 def locks_bench(args: argparse.Namespace, work: Path) -> Section:
-    runs: dict[int, list[dict]] = {1: [], 2: [], 3: []}
+    runs: dict[tuple[int, int], list[dict]] = {
+        (1, 0): [],
+        (2, 0): [],
+        (3, 0): [],
+        (2, SPREAD): [],
+        (3, SPREAD): [],
+    }
     for _ in range(args.repeat):  # interleaved: noise hurts all alike
-        for hosts in runs:
-            runs[hosts].append(locks_run(hosts, work))
+        for hosts, spread in runs:
+            runs[hosts, spread].append(locks_run(hosts, work, spread))
     cmd = f"tools/bench locks --repeat {args.repeat}"
     out = [
         f"### lock requests with 1, 2, 3 hosts, {time.strftime('%Y-%m-%d')}",
@@ -664,25 +691,31 @@ def locks_bench(args: argparse.Namespace, work: Path) -> Section:
         "grants at once. *Wait*: from the request sent to its grant, as the host",
         "timed it; host 0 reaches the master in its own process (a LocalLink, no",
         "network message), the others over loopback TCP. *Master messages*: in and",
-        "out, all hosts, per read.",
+        "out, all hosts, per read. *Spread*: every host mounted with",
+        f"`--spread {SPREAD}` instead (no master of its own; each masters its share of",
+        "the partitions, reached in its own process, the others' over TCP).",
         f"Medians of {args.repeat} runs (each host's mean wait, in brackets per run).",
         "",
-        "| hosts | host | link | lock requests | wait, us | master messages per read |",
-        "| --- | --- | --- | --- | --- | --- |",
+        "| master | hosts | host | link | lock requests | wait, us | master messages per read |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     figures = {}
-    for hosts, rs in runs.items():
+    for (hosts, spread), rs in runs.items():
         per_read = statistics.median(r["messages_per_read"] for r in rs)
         for n in range(hosts):
             waits = [r["per_host"][n]["mean_us"] for r in rs]
             reqs = statistics.median(r["per_host"][n]["requests"] for r in rs)
             link = "local" if rs[0]["per_host"][n]["local"] else "TCP"
+            if spread:
+                link = "own share local"
             each = ", ".join(f"{w:.0f}" for w in waits)
+            master = f"spread {spread}" if spread else "host 0"
             out.append(
-                f"| {hosts} | {n} | {link} | {reqs:.0f} | {statistics.median(waits):.0f} ({each}) "
-                f"| {per_read:.2f} |"
+                f"| {master} | {hosts} | {n} | {link} | {reqs:.0f} | "
+                f"{statistics.median(waits):.0f} ({each}) | {per_read:.2f} |"
             )
-            figures[f"lock wait us, {hosts} hosts, host {n}"] = statistics.median(waits)
+            kind = f"spread, {hosts} hosts" if spread else f"{hosts} hosts"
+            figures[f"lock wait us, {kind}, host {n}"] = statistics.median(waits)
     out.append("")
     return Section("\n".join(out), figures)
 
