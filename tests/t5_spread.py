@@ -245,7 +245,8 @@ async def test_a_host_that_joins_takes_its_share_over():
     await fsck_clean(vol)
 
 
-async def test_the_partitions_of_a_killed_host_move_and_nothing_fsynced_is_lost():
+@pytest.mark.parametrize("dead", [0, 2])  # the host that bootstrapped the cluster, and another
+async def test_the_partitions_of_a_killed_host_move_and_nothing_fsynced_is_lost(dead: int):
     vol = await make_volume(128 << 20)
     async with spread_cluster(vol, 3) as c:
         await wait_for_masters(c, expected_masters([0, 1, 2]))
@@ -253,24 +254,26 @@ async def test_the_partitions_of_a_killed_host_move_and_nothing_fsynced_is_lost(
         for n, fs in c.hosts.items():
             for i in range(5):
                 await put(fs, dirs[n], b"f%d" % i, b"host %d file %d" % (n, i))
-        lost = expected_masters([0, 1, 2])[2]
-        assert lost, "host 2 masters some partitions"
-        closing, closes = spy_closing(c.agent(0))
-        c.kill(2)
-        await wait_for_masters(c, expected_masters([0, 1]))
+        assert expected_masters([0, 1, 2])[dead], "it masters some partitions"
+        survivors = sorted({0, 1, 2} - {dead})
+        recoverer = survivors[0]  # the lowest live host
+        closing, closes = spy_closing(c.agent(recoverer))
+        c.kill(dead)
+        await wait_for_masters(c, expected_masters(survivors))
         with trio.fail_after(30):
             while not closes:  # noqa: ASYNC110
                 await trio.sleep(0.05)
-        # Every partition closed its recovery of host 2 with host 0, the
+        # Every partition closed its recovery of the dead host with the
         # lowest live host; the log's mark went once, after the last.
         assert sorted(closing) == list(range(PARTS))
-        assert closes == [2]
+        assert closes == [dead]
         for fs in c.hosts.values():
             for m in range(3):
                 for i in range(5):
                     assert await content(fs, dirs[m], b"f%d" % i) == b"host %d file %d" % (m, i)
             await put(fs, dirs[fs.host], b"later", b"after the kill")
-        assert await content(c.hosts[0], dirs[1], b"later") == b"after the kill"
+        a, b = (c.hosts[n] for n in survivors)
+        assert await content(a, dirs[b.host], b"later") == b"after the kill"
     await fsck_clean(vol)
 
 
