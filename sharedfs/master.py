@@ -854,7 +854,8 @@ class MasterPort:
 
     def status(self) -> dict[str, object]:
         """The status of the lowest partition served here (its hosts, with
-        their counters), which partitions are, and their counters summed."""
+        their counters), which partitions are, their counters summed, and
+        the hosts any of them recovers or waits for."""
         if not self.services:
             return {"partitions": {}}
         info = self.services[min(self.services)].status()
@@ -865,6 +866,9 @@ class MasterPort:
             for name, value in asdict(service.directory.counters).items():
                 total[name] = total.get(name, 0) + value
         info["counters"] = total
+        services = self.services.values()
+        info["recovering"] = sorted(set().union(*(s.status()["recovering"] for s in services)))
+        info["rebuilding"] = any(not s._rebuilt.is_set() for s in services)
         return info
 
 

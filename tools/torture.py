@@ -20,6 +20,7 @@ runs the master, whose successor the others elect (failover.py).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import random
@@ -43,7 +44,7 @@ from sharedfs.errors import QuietError
 from sharedfs.link import parse_address
 from sharedfs.status import ask_master
 from sharedfs.storage import open_volume
-from sharedfs.volume import open_superblock, published_master
+from sharedfs.volume import live_slots, open_superblock, published_master
 
 PY = sys.executable
 
@@ -224,12 +225,18 @@ class Cluster:
         mount_args: tuple[str, ...] = (),
         embedded: bool = False,
         peer_reads: bool = False,
+        spread: int = 0,
     ) -> None:
         self.work = work
+        # --spread: every mount masters its share, no master of our own.
+        self.spread = spread
+        embedded = embedded or bool(spread)
         self.debug = ["--debug"] if debug else []
         # Every mount may come to run the master (embedded, or by failover).
         self.peer_reads = ["--peer-reads"] if peer_reads else []
         self.mount_args = list(mount_args) + self.peer_reads
+        if spread:
+            self.mount_args += ["--spread", str(spread)]
         self.vol = work / "volume.img"
         self.seed = seed
         self.lease = lease
@@ -281,10 +288,38 @@ class Cluster:
         return proc
 
     def status(self) -> dict:  # type: ignore[type-arg]
+        """The master's status; with --spread, every host's master listener
+        asked: the hosts they all have joined, those any recovers."""
+        if not self.spread:
+            try:
+                return trio.run(ask_master, self.key, self.master_address())
+            except QuietError as e:
+                raise TortureFailed(str(e)) from None
+        infos = []
+        for addr in self._listeners():
+            with contextlib.suppress(QuietError):  # a host just killed
+                infos.append(trio.run(ask_master, self.key, addr))
+        if not infos:
+            raise TortureFailed("no host's master listener answers")
+        hosts = set.intersection(*(set(i["hosts"]) for i in infos)) if infos else set()
+        counters: dict[str, int] = {}
+        for info in infos:
+            for name, value in info["counters"].items():
+                counters[name] = counters.get(name, 0) + value
+        return {
+            "counters": counters,
+            "hosts": {n: infos[0]["hosts"][n] for n in hosts},
+            "recovering": sorted(set().union(*(i["recovering"] for i in infos))),
+            "rebuilding": any(i["rebuilding"] for i in infos),
+        }
+
+    def _listeners(self) -> list[tuple[str, int]]:
+        storage = open_volume(str(self.vol))
         try:
-            return trio.run(ask_master, self.key, self.master_address())
-        except QuietError as e:
-            raise TortureFailed(str(e)) from None
+            slots = live_slots(storage, open_superblock(storage), watch=0)
+        finally:
+            storage.close()
+        return [parse_address(s.master.partition("/")[0]) for s in slots.values() if s.master]
 
     def _published(self) -> tuple[int, str] | None:
         storage = open_volume(str(self.vol))
@@ -548,6 +583,7 @@ def run(args: argparse.Namespace) -> dict:  # type: ignore[type-arg]
         args,
         embedded=embedded,
         peer_reads=args.peer_reads,
+        spread=args.spread,
         mount_args=("--cache-size", args.cache_size) if args.cache_size else (),
     )
     result: dict = {"work": str(work), "trials": 0, "recovery_s": [], "checked": 0, "failovers": 0}  # type: ignore[type-arg]
@@ -655,12 +691,21 @@ def main() -> None:
         help="the master ships reads from the hosts' caches (sharedfs master --peer-reads)",
     )
     ap.add_argument("--cache-size", help="each mount's --cache-size (small: evictions, copies)")
+    ap.add_argument(
+        "--spread",
+        type=int,
+        default=0,
+        metavar="N",
+        help="mount every host with --spread N (no master of our own; modes kill and stop)",
+    )
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--dir", default=None, help="where to make the work directory")
     ap.add_argument("--keep", action="store_true", help="keep the volume and logs")
     ap.add_argument("--json", action="store_true", help="print the result as JSON at the end")
     ap.add_argument("--debug", action="store_true", help="debug logs from the master and hosts")
     args = ap.parse_args()
+    if args.spread and args.mode not in ("kill", "stop"):
+        ap.error("--spread goes with --mode kill or stop")
     # Stopped from outside: still take the cluster down (run's cleanup).
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     try:
