@@ -558,9 +558,7 @@ class MasterService:
                 "or the host came back too late)"
             )
         if not msg.resume and not self._rebuilt.is_set():
-            # A host joining afresh holds nothing: not waited for.
-            self._expected |= set(msg.live)
-            self._expected.discard(node)
+            self._expected |= set(msg.live) - {node}
             await self._maybe_close_window()
             while not self._rebuilt.is_set():
                 await self._rebuilt.wait()  # closed, or a new window opened
