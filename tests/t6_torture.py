@@ -97,9 +97,11 @@ def trials(  # type: ignore[type-arg]
     lease: float = LEASE,
     cache_size: str | None = None,
     peer_reads: bool = False,
+    spread: int = 0,
 ) -> dict:
     args = argparse.Namespace(
         peer_reads=peer_reads,
+        spread=spread,
         cache_size=cache_size,
         trials=n,
         hosts=3,
@@ -123,6 +125,15 @@ def test_kill_9_of_any_host_loses_no_fsynced_file() -> None:
     kills of real processes in every run (issue #4 asks for twenty)."""
     result = trials("kill", 12, seed=7)
     assert result["trials"] == 12
+    assert result["checked"] > 0 and result["final_files"] > 0
+
+
+@on_mounts_mark
+def test_kill_9_of_any_host_with_the_directory_spread_loses_no_fsynced_file() -> None:
+    """Three kill -9 trials on mounts with --spread 16: each victim
+    masters some partitions, which move to the survivors."""
+    result = trials("kill", 3, seed=7, spread=16)
+    assert result["trials"] == 3
     assert result["checked"] > 0 and result["final_files"] > 0
 
 
