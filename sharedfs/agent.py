@@ -535,7 +535,7 @@ class ClusterAgent:
     def _ours(self, block: int) -> bool:
         """Is `block` of the partition this agent asks for (spread.py)?"""
         k, parts = self.partition
-        return parts == 1 or partition_of(block, parts) == k
+        return partition_of(block, parts) == k
 
     # -- requests ------------------------------------------------------------------
     @contextlib.asynccontextmanager

@@ -207,7 +207,7 @@ class MasterService:
 
     def _owns(self, block: int) -> bool:
         k, parts = self.partition
-        return parts == 1 or partition_of(block, parts) == k
+        return partition_of(block, parts) == k
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Serve without a listener of our own: the host's MasterPort hands
@@ -693,6 +693,11 @@ class MasterService:
         """The hosts with a session now."""
         return set(self._links)
 
+    def recovering(self) -> set[int]:
+        """The hosts being recovered (one in its close grace is as good as
+        dead: it is being fenced)."""
+        return set(self.directory.recoveries) | self._dying
+
     def describe(self) -> list[str]:
         """Who is joined, dying, recovering, and the blocks waited on."""
         return [
@@ -716,8 +721,7 @@ class MasterService:
         }
         info["coherence"] = self.directory.coherence
         info["lease"] = self.lease
-        # A host in its close grace is as good as dead: it is being fenced.
-        info["recovering"] = sorted(set(self.directory.recoveries) | self._dying)
+        info["recovering"] = sorted(self.recovering())
         # Just started (or cut off from every host): waiting for resumes.
         info["rebuilding"] = not self._rebuilt.is_set()
         info["refused_connections"] = self.refused
@@ -857,7 +861,7 @@ class MasterPort:
         if not self.services:
             return {"partitions": {}}
         info = self.services[min(self.services)].status()
-        info["partitions"] = {k: sorted(s._links) for k, s in sorted(self.services.items())}
+        info["partitions"] = {k: sorted(s.joined()) for k, s in sorted(self.services.items())}
         # The master's counters: of every partition mastered here.
         total: dict[str, int] = {}
         for service in self.services.values():
@@ -865,7 +869,7 @@ class MasterPort:
                 total[name] = total.get(name, 0) + value
         info["counters"] = total
         services = self.services.values()
-        info["recovering"] = sorted(set().union(*(s.status()["recovering"] for s in services)))
+        info["recovering"] = sorted(set().union(*(s.recovering() for s in services)))
         info["rebuilding"] = any(not s._rebuilt.is_set() for s in services)
         return info
 

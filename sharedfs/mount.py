@@ -213,7 +213,7 @@ def pick_node(storage: Storage, sb: fmt.Superblock, node: int | None, joining: b
     return node
 
 
-def check_shared(storage: Storage, master: str | int | None) -> None:
+def check_shared(storage: Storage, joining: bool) -> None:
     """A host joining a cluster needs a volume whose every host sees the
     others' writes (an NBD export without multi-conn may not)."""
     if storage.shared:
@@ -222,7 +222,7 @@ def check_shared(storage: Storage, master: str | int | None) -> None:
         "the NBD server does not promise that one connection sees what another wrote "
         "(no multi-conn)"
     )
-    if master:
+    if joining:
         raise QuietError(f"{storage.name}: {why}, so no cluster can share it", 32)
     log.warning("%s: %s: no other host may join this one", storage.name, why)
 
@@ -307,27 +307,24 @@ async def _serve_host(
     async with contextlib.AsyncExitStack() as stack, trio.open_nursery() as nursery:
         masters = Masters(nursery, sb, args, node, gate, keeper, agent)
         service = None
+        lhost, lport = args.peer_address
         if isinstance(agent, SpreadAgent):
             spread = masters.spread(agent, gate)
             states = [agent.describe, spread.describe]
+            run = functools.partial(spread.run, parse_address(args.listen), lhost)
         else:
             agent.failover = failover = Failover(gate, sb, node, masters.take_over)
             master, service = await masters.start_embedded()
             states = [agent.describe] + ([service.describe] if service else [])
+            nursery.start_soon(failover.watch, agent.can_fail_over)
+            run = functools.partial(agent.run, master, listen_host=lhost, listen_port=lport)
         if args.metrics:
             samples = functools.partial(_metric_samples, fs, agent, service)
             port = await stack.enter_async_context(serve_metrics(args.metrics, samples))
             log.info("host %d: metrics on %s:%d/metrics", node, args.metrics[0], port)
         nursery.start_soon(dump_on_signal, f"host {node}", *states)
         nursery.start_soon(watch_loop, f"host {node}")
-        lhost, lport = args.peer_address
-        if isinstance(agent, SpreadAgent):
-            await nursery.start(spread.run, parse_address(args.listen), lhost)
-        else:
-            nursery.start_soon(failover.watch, agent.can_fail_over)
-            await nursery.start(
-                functools.partial(agent.run, master, listen_host=lhost, listen_port=lport)
-            )
+        await nursery.start(run)
         await _run_fuse(
             fs,
             ops,
@@ -634,9 +631,10 @@ def mount(args: argparse.Namespace) -> None:
     joined = None if args.master or args.spread else published_master(storage, sb)
     if joined is not None:
         args.master = joined[1]  # a host of the cluster runs one: join it
-    check_shared(storage, args.master or args.spread)
+    joining = bool(args.master or args.spread)
+    check_shared(storage, joining)
     refuse_own_secondary(args.volume, sb)
-    node = pick_node(storage, sb, args.node, bool(args.master or args.spread))
+    node = pick_node(storage, sb, args.node, joining)
     if not 0 <= node < sb.host_slots:
         raise QuietError(f"--node {node}: this volume has host slots 0..{sb.host_slots - 1}", 2)
     options = fuse_options(args.volume, args.options)

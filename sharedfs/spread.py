@@ -30,22 +30,22 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import TYPE_CHECKING
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import trio
 import xxhash
 
 from . import format as fmt
 from . import protocol as p
-from .agent import ClusterAgent, Report
+from .agent import AgentStats, ClusterAgent, Report
 from .errors import QuietError, StorageError
 from .link import LinkClosed, open_master, parse_address
 from .master import MasterPort, MasterService
 from .protocol import HostId, Mode, partition_of
 from .storage import Storage
 from .tls import Tls
-from .volume import HEARTBEAT_INTERVAL, HEARTBEAT_TIMEOUT, SlotWatch
+from .volume import HEARTBEAT_INTERVAL, HEARTBEAT_TIMEOUT, SlotWatch, master_address
 
 if TYPE_CHECKING:
     from .cache import BlockCache
@@ -53,6 +53,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 Address = tuple[str, int]
+T = TypeVar("T")
 #: How long a host that asked for a partition waits for its master to stop.
 HANDOVER_TIMEOUT = 30.0
 
@@ -66,6 +67,21 @@ def served(published: str) -> set[int]:
     except ValueError:
         return set()
     return {k for k in range(bits.bit_length()) if bits >> k & 1}
+
+
+class _ToParts:
+    """An attribute of SpreadAgent that is every part's: read from the
+    first, set on each (what the journal and the mount set on an agent)."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    def __get__(self, agent: SpreadAgent, owner: type | None = None) -> Any:
+        return getattr(agent.parts[0], self.name)
+
+    def __set__(self, agent: SpreadAgent, value: object) -> None:
+        for part in agent.parts:
+            setattr(part, self.name, value)
 
 
 def owner(partition: int, hosts: set[int] | list[int]) -> int:
@@ -116,31 +132,19 @@ class SpreadAgent:
         for k, part in enumerate(self.parts):
             part.on_recover = functools.partial(self._recover, k)
 
-    @property
-    def log_marks(self) -> object:
-        return self.parts[0].log_marks
-
-    @log_marks.setter
-    def log_marks(self, marks: object) -> None:
-        for part in self.parts:
-            part.log_marks = marks  # type: ignore[assignment]
-
-    @property
-    def on_log_append(self) -> object:
-        return self.parts[0].on_log_append
-
-    @on_log_append.setter
-    def on_log_append(self, append: object) -> None:
-        for part in self.parts:
-            part.on_log_append = append  # type: ignore[assignment]
+    log_marks = _ToParts()
+    on_log_append = _ToParts()
+    master_wait = _ToParts()
+    live_at_join = _ToParts()
 
     def part(self, block: int) -> ClusterAgent:
         return self.parts[partition_of(block, self.partitions)]
 
-    def _split(self, blocks: list[int]) -> dict[int, list[int]]:
-        out: dict[int, list[int]] = {}
-        for b in blocks:
-            out.setdefault(partition_of(b, self.partitions), []).append(b)
+    def _split(self, items: Iterable[T], block: Callable[[T], int]) -> dict[int, list[T]]:
+        """`items` by the partition of their block."""
+        out: dict[int, list[T]] = {}
+        for item in items:
+            out.setdefault(partition_of(block(item), self.partitions), []).append(item)
         return out
 
     # -- requests ------------------------------------------------------------------
@@ -150,7 +154,7 @@ class SpreadAgent:
     ) -> AsyncIterator[dict[int, p.Transfer]]:
         """ClusterAgent.taking, each partition's share asked of its master
         at once."""
-        groups = self._split(blocknos)
+        groups = self._split(blocknos, int)
         pends = {}
 
         async def take(k: int, blocks: list[int]) -> None:
@@ -180,18 +184,12 @@ class SpreadAgent:
         self.part(blockno).release_block(blockno)
 
     async def write_request(self, blocks: list[tuple[int, int]], bin: int = 0) -> None:
-        groups: dict[int, list[tuple[int, int]]] = {}
-        for b, v in blocks:
-            groups.setdefault(partition_of(b, self.partitions), []).append((b, v))
         async with trio.open_nursery() as nursery:
-            for k, some in groups.items():
+            for k, some in self._split(blocks, _first).items():
                 nursery.start_soon(self.parts[k].write_request, some, bin)
 
     def write_done(self, blocks: list[tuple[int, int]]) -> None:
-        groups: dict[int, list[tuple[int, int]]] = {}
-        for b, v in blocks:
-            groups.setdefault(partition_of(b, self.partitions), []).append((b, v))
-        for k, some in groups.items():
+        for k, some in self._split(blocks, _first).items():
             self.parts[k].write_done(some)
 
     # -- the log's tail: the LLOL is a block of one partition ------------------------
@@ -269,24 +267,6 @@ class SpreadAgent:
     def close(self) -> None:
         pass
 
-    @property
-    def master_wait(self) -> float:
-        return self.parts[0].master_wait
-
-    @master_wait.setter
-    def master_wait(self, seconds: float) -> None:
-        for part in self.parts:
-            part.master_wait = seconds
-
-    @property
-    def live_at_join(self) -> tuple[int, ...]:
-        return self.parts[0].live_at_join
-
-    @live_at_join.setter
-    def live_at_join(self, nodes: tuple[int, ...]) -> None:
-        for part in self.parts:
-            part.live_at_join = nodes
-
     def describe(self) -> list[str]:
         """Each part's requests in flight, then the cache's state once."""
         assert self._cache is not None
@@ -298,17 +278,21 @@ class SpreadAgent:
         return out + self._cache.describe()
 
     def counters(self) -> dict[str, int]:
-        """The parts' agent counters summed, and the cache's once."""
-        out = self.parts[0].counters()
-        for part in self.parts[1:]:
-            for name, value in part.counters().items():
-                if name.startswith("agent_"):
-                    out[name] += value
+        """ClusterAgent.counters: the parts' agent counters summed, and the
+        cache's (taken once: every part sends these each second)."""
+        assert self._cache is not None
+        names = AgentStats.__slots__  # type: ignore[attr-defined]
+        out = {f"agent_{n}": sum(getattr(part.stats, n) for part in self.parts) for n in names}
+        out.update(self._cache.counters())
         return out
 
 
 async def _no_report(blocks: list[int], installed: list[int], kept: list[tuple[int, int]]) -> None:
     pass
+
+
+def _first(pair: tuple[int, int]) -> int:
+    return pair[0]
 
 
 class Spread:
@@ -398,7 +382,7 @@ class Spread:
         if slot is None or not slot.master:
             return None
         try:
-            return parse_address(slot.master.partition("/")[0])
+            return parse_address(master_address(slot))
         except ValueError:
             return None
 
@@ -521,19 +505,14 @@ class _PartFailover:
             return s._address_of(server, live)
         if owner(self.k, list(live)) != s.node:
             return None  # nobody masters it yet: the one the hash names will
-        if self.k not in s.port.services:
-            if old in live and old != s.node and self.k not in s._handed:
-                return None  # the handover is under way: wait for its end
-            dead = frozenset({old}) - set(live)
-            # Every live host has an agent of this partition.
-            expect = frozenset(live)
-            if dead:
-                log.warning(
-                    "host %d: partition %d's master, host %d, is dead: taking it",
-                    s.node,
-                    self.k,
-                    old,
-                )
-            await s._start(self.k, dead, expect)
+        if old in live and old != s.node and self.k not in s._handed:
+            return None  # the handover is under way: wait for its end
+        dead = frozenset({old}) - set(live)
+        if dead:
+            log.warning(
+                "host %d: partition %d's master, host %d, is dead: taking it", s.node, self.k, old
+            )
+        # Every live host has an agent of this partition.
+        await s._start(self.k, dead, frozenset(live))
         s._handed.discard(self.k)
         return s.address

@@ -329,10 +329,15 @@ class SlotKeeper:
             self.slot = replace(self.slot, in_use=False)
 
 
+def master_address(slot: fmt.HostSlot) -> str:
+    """The address of the lock master a slot publishes ("" if none).  A
+    host of a spread directory adds "/" and the partitions it masters."""
+    return slot.master.partition("/")[0]
+
+
 def published_master(storage: Storage, sb: fmt.Superblock) -> tuple[int, str] | None:
     """The live host that runs a lock master, and its address, if any."""
     for n, slot in sorted(live_slots(storage, sb).items()):
         if slot.master:
-            # (A host of a spread directory adds "/" and the partitions it masters.)
-            return n, slot.master.partition("/")[0]
+            return n, master_address(slot)
     return None

@@ -69,6 +69,15 @@ def count_log_requests(c) -> list[int]:  # type: ignore[no-untyped-def]
     return asked
 
 
+async def first_commits(c) -> tuple[list[int], int]:  # type: ignore[no-untyped-def]
+    """A directory per host and a first fsync'd file in each (each host's
+    first commit: the LLOL moves); the directories, and the LLOL's holder."""
+    dirs = [(await fs.mkdir(ROOT, b"d%d" % n, 0o755, CTX)).ino for n, fs in enumerate(c.hosts)]
+    for n, fs in enumerate(c.hosts):
+        await put(fs, dirs[n], b"first", b"1")
+    return dirs, holder_of_llol(c)
+
+
 def holder_of_llol(c) -> int:  # type: ignore[no-untyped-def]
     [holder] = [
         n
@@ -88,10 +97,7 @@ async def test_the_llol_stays_put_and_its_holder_appends_the_others_commits():
     vol = await make_volume(256 << 20)
     rec: dict[int, Recorder] = {}
     async with cluster(vol, 3, checkpoint_every=None, wrap=recorders(vol, rec)) as c:
-        dirs = [(await fs.mkdir(ROOT, b"d%d" % n, 0o755, CTX)).ino for n, fs in enumerate(c.hosts)]
-        for n, fs in enumerate(c.hosts):  # each host's first commit: the LLOL moves
-            await put(fs, dirs[n], b"first", b"1")
-        holder = holder_of_llol(c)
+        dirs, holder = await first_commits(c)
         asked = count_log_requests(c)
         before = {n: r.log_writes for n, r in rec.items()}
         acked: dict[tuple[int, bytes], bytes] = {}
@@ -140,10 +146,7 @@ async def test_a_holder_that_dies_with_anothers_append_on_its_way(monkeypatch, w
     vol = await make_volume(256 << 20)
     rec: dict[int, Recorder] = {}
     async with cluster(vol, 3, checkpoint_every=None, wrap=recorders(vol, rec), lease=1.5) as c:
-        dirs = [(await fs.mkdir(ROOT, b"d%d" % n, 0o755, CTX)).ino for n, fs in enumerate(c.hosts)]
-        for n, fs in enumerate(c.hosts):
-            await put(fs, dirs[n], b"first", b"1")
-        holder = holder_of_llol(c)
+        dirs, holder = await first_commits(c)
         asker = (holder + 1) % 3
         rec[holder].gate = trio.Event()
         shipped = c.hosts[asker].log.shipped
@@ -182,10 +185,7 @@ async def test_a_commit_whose_ship_is_cancelled_still_reaches_the_log():
     vol = await make_volume(256 << 20)
     rec: dict[int, Recorder] = {}
     async with cluster(vol, 3, checkpoint_every=None, wrap=recorders(vol, rec)) as c:
-        dirs = [(await fs.mkdir(ROOT, b"d%d" % n, 0o755, CTX)).ino for n, fs in enumerate(c.hosts)]
-        for n, fs in enumerate(c.hosts):
-            await put(fs, dirs[n], b"first", b"1")
-        holder = holder_of_llol(c)
+        dirs, holder = await first_commits(c)
         asker = (holder + 1) % 3
         fs = c.hosts[asker]
         ino = (await fs.create(dirs[asker], b"cut", 0o644, CTX)).ino
@@ -229,10 +229,7 @@ async def test_records_that_land_after_the_recovery_read_the_log_are_followed(mo
         return out
 
     async with cluster(vol, 3, checkpoint_every=None, wrap=recorders(vol, rec)) as c:
-        dirs = [(await fs.mkdir(ROOT, b"d%d" % n, 0o755, CTX)).ino for n, fs in enumerate(c.hosts)]
-        for n, fs in enumerate(c.hosts):
-            await put(fs, dirs[n], b"first", b"1")
-        holder = holder_of_llol(c)
+        dirs, holder = await first_commits(c)
         asker = (holder + 1) % 3
         fs = c.hosts[asker]
         ino = (await fs.create(dirs[asker], b"big", 0o644, CTX)).ino
@@ -270,10 +267,7 @@ async def test_the_holder_does_not_append_records_of_a_host_the_master_said_is_d
     vol = await make_volume(256 << 20)
     rec: dict[int, Recorder] = {}
     async with cluster(vol, 3, checkpoint_every=None, wrap=recorders(vol, rec)) as c:
-        dirs = [(await fs.mkdir(ROOT, b"d%d" % n, 0o755, CTX)).ino for n, fs in enumerate(c.hosts)]
-        for n, fs in enumerate(c.hosts):
-            await put(fs, dirs[n], b"first", b"1")
-        holder = holder_of_llol(c)
+        dirs, holder = await first_commits(c)
         asker = (holder + 1) % 3
         hfs, afs = c.hosts[holder], c.hosts[asker]
         _, pages = await j.read_log(vol, c.sb)
@@ -317,10 +311,7 @@ async def test_a_host_whose_own_log_append_waits_refuses_anothers_at_once():
     host whose own LogAppend waits for an answer refuses others at once."""
     vol = await make_volume(256 << 20)
     async with cluster(vol, 2, checkpoint_every=None) as c:
-        dirs = [(await fs.mkdir(ROOT, b"d%d" % n, 0o755, CTX)).ino for n, fs in enumerate(c.hosts)]
-        for n, fs in enumerate(c.hosts):
-            await put(fs, dirs[n], b"first", b"1")
-        holder = holder_of_llol(c)
+        dirs, holder = await first_commits(c)
         hfs, afs = c.hosts[holder], c.hosts[1 - holder]
         answers: list[tuple[bool, bool]] = []
         real = hfs.log.append_for

@@ -44,7 +44,7 @@ from sharedfs.errors import QuietError
 from sharedfs.link import parse_address
 from sharedfs.status import ask_master
 from sharedfs.storage import open_volume
-from sharedfs.volume import live_slots, open_superblock, published_master
+from sharedfs.volume import live_slots, master_address, open_superblock, published_master
 
 PY = sys.executable
 
@@ -319,7 +319,7 @@ class Cluster:
             slots = live_slots(storage, open_superblock(storage), watch=0)
         finally:
             storage.close()
-        return [parse_address(s.master.partition("/")[0]) for s in slots.values() if s.master]
+        return [parse_address(master_address(s)) for s in slots.values() if s.master]
 
     def _published(self) -> tuple[int, str] | None:
         storage = open_volume(str(self.vol))
