@@ -243,6 +243,12 @@ class ClusterAgent:
         self.report_counters: Callable[[], dict[str, int]] | None = None
         self._log_asks: dict[int, _LogAsk] = {}
 
+    @property
+    def name(self) -> str:
+        """What our log lines begin with."""
+        k, parts = self.partition
+        return f"host {self.host}" if parts == 1 else f"host {self.host} partition {k}"
+
     # -- start -------------------------------------------------------------------
     async def run(
         self,
@@ -307,7 +313,7 @@ class ClusterAgent:
         except (p.ProtocolError, LinkClosed) as e:
             raise QuietError(f"{where}: {e}; is it a sharedfs master?", 32) from None
         self._begin(link)
-        log.info("host %d: joined master %s:%d", self.host, *master)
+        log.info("%s: joined master %s:%d", self.name, *master)
         return link
 
     async def _open_master(self, addr: tuple[str, int]) -> AnyLink:
@@ -394,8 +400,8 @@ class ClusterAgent:
         # watched every heartbeat interval (volume.SlotWatch).
         wait = self.master_wait + (HEARTBEAT_TIMEOUT + HEARTBEAT_INTERVAL if failover else 0.0)
         log.warning(
-            "host %d: lost the lock master (%s): holding writes, retrying for %.0f s",
-            self.host,
+            "%s: lost the lock master (%s): holding writes, retrying for %.0f s",
+            self.name,
             reason,
             wait,
         )
@@ -413,7 +419,7 @@ class ClusterAgent:
                 self.stats.resumes += 1
                 self._master_addr = addr
                 gate.open_gate()
-                log.warning("host %d: resumed with master %s:%d", self.host, *addr)
+                log.warning("%s: resumed with master %s:%d", self.name, *addr)
                 return link
             await trio.sleep(RECONNECT_INTERVAL)
         self.fence(f"the lock master was gone for {wait:.0f} s ({reason})")
@@ -649,9 +655,7 @@ class ClusterAgent:
                 # (Beats; a PeerDown) may be unread yet: read it first.
                 await trio.sleep(min(0.2, tick / 4))
             if trio.current_time() - self._heard > self.lease * 0.75:
-                log.warning(
-                    "host %d: no word from the master for %.1f s", self.host, self.lease * 0.75
-                )
+                log.warning("%s: no word from the master for %.1f s", self.name, self.lease * 0.75)
                 await link.aclose()  # the session ends
                 return
             try:
@@ -663,7 +667,7 @@ class ClusterAgent:
         """Stop writing to storage: this host's locks may be someone else's."""
         if self.master_lost.is_set() or self._left:
             return
-        log.error("host %d: fenced: %s; the mount returns EIO until remounted", self.host, reason)
+        log.error("%s: fenced: %s; the mount returns EIO until remounted", self.name, reason)
         assert self.cache is not None
         self.cache.fence(reason)
         self.master_lost.set()
@@ -816,7 +820,7 @@ class ClusterAgent:
                     if gone is not None:
                         self._nursery.start_soon(gone.aclose)
         except p.ProtocolError as e:
-            log.error("host %d: bad message from the master: %s", self.host, e)
+            log.error("%s: bad message from the master: %s", self.name, e)
             return f"bad message from the master: {e}"
         except LinkClosed as e:
             return f"lost the connection to the lock master: {e}"
@@ -925,7 +929,7 @@ class ClusterAgent:
         """Rebuild what a dead host held (the journal does it)."""
         assert self.on_recover is not None and self.cache is not None
         log.warning(
-            "host %d: recovering %d blocks of dead node %d", self.host, len(msg.blocks), msg.dead
+            "%s: recovering %d blocks of dead node %d", self.name, len(msg.blocks), msg.dead
         )
 
         async def report(
@@ -949,7 +953,7 @@ class ClusterAgent:
         except Exception as e:  # noqa: BLE001 - any failure: we cannot be trusted either
             self.fence(f"recovery of node {msg.dead} failed: {e}")
             return
-        log.info("host %d: recovered node %d", self.host, msg.dead)
+        log.info("%s: recovered node %d", self.name, msg.dead)
 
     # -- peers -------------------------------------------------------------------------
     async def _send_peer(self, node: int, msg: p.Message) -> bool:
@@ -982,7 +986,7 @@ class ClusterAgent:
                 except (OSError, LinkClosed, p.ProtocolError, trio.TooSlowError) as e:
                     self._peer_links.pop(node, None)
                     if fresh:
-                        log.warning("host %d: peer %d unreachable: %s", self.host, node, e)
+                        log.warning("%s: peer %d unreachable: %s", self.name, node, e)
                         return False
         return False
 
@@ -1016,7 +1020,7 @@ class ClusterAgent:
         except (p.ProtocolError, LinkClosed, trio.TooSlowError) as e:
             if isinstance(e, p.ProtocolError):
                 self.stats.peer_rejected += 1
-            log.warning("host %d: dropped a peer connection: %s", self.host, e)
+            log.warning("%s: dropped a peer connection: %s", self.name, e)
         finally:
             with trio.CancelScope(shield=True):
                 await stream.aclose()
@@ -1027,7 +1031,7 @@ class ClusterAgent:
         self.stats.transfers_received += 1
         pend = self._pending.get(msg.req)
         if pend is None or msg.block not in pend.blocks:
-            log.warning("host %d: transfer of block %d for no request", self.host, msg.block)
+            log.warning("%s: transfer of block %d for no request", self.name, msg.block)
             return
         old = pend.arrived.get(msg.block)
         if old is not None and old.version > msg.version:
@@ -1071,7 +1075,7 @@ class ClusterAgent:
     def _on_log_appended(self, node: int, msg: p.LogAppended) -> None:
         ask = self._log_asks.get(msg.req)
         if ask is None or ask.node != node:
-            log.warning("host %d: answer from %d to no log append of ours", self.host, node)
+            log.warning("%s: answer from %d to no log append of ours", self.name, node)
             return
         ask.reply = msg
         ask.done.set()
@@ -1089,7 +1093,7 @@ class ClusterAgent:
             try:
                 reply = replace(await self.on_log_append(node, msg.records), req=msg.req)
             except StorageError as e:  # fenced, or the volume failed: the asker appends
-                log.warning("host %d: cannot append node %d's records: %s", self.host, node, e)
+                log.warning("%s: cannot append node %d's records: %s", self.name, node, e)
         await self._send_peer(node, reply)
 
     def close(self) -> None:

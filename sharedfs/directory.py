@@ -197,6 +197,8 @@ class Directory:
         self._reported: dict[int, dict[int, Copy]] = {}
         #: The log's header (the LLOL's block), as hosts name it (Join.llol).
         self.llol_block = -1
+        #: What our log lines begin with (MasterService.name).
+        self.name = "master"
 
     def _state(self, block: int) -> BlockState:
         st = self.blocks.get(block)
@@ -267,7 +269,7 @@ class Directory:
         out: Out = []
         header = self.blocks.get(self.llol_block) if self.llol_block >= 0 else None
         for dead in sorted(missing):
-            log.warning("master: node %d did not come back: sweeping its log records", dead)
+            log.warning("%s: node %d did not come back: sweeping its log records", self.name, dead)
             self.counters.hosts_failed += 1
             rec = self.recoveries.setdefault(dead, Recovery(dead, sweep=True))
             if not self.owns(self.llol_block):
@@ -350,7 +352,7 @@ class Directory:
         whose newest version it was receiving, wait for a survivor to rebuild
         them from storage and the log; storage first gets the newest copy
         that survives anywhere (seed 003; DESIGN.md, Failure and recovery)."""
-        log.warning("master: node %d failed: recovering what it held", node)
+        log.warning("%s: node %d failed: recovering what it held", self.name, node)
         for copies in self._reported.values():
             copies.pop(node, None)  # it resumed, and died before the rebuild
         self.nodes.discard(node)
@@ -512,7 +514,7 @@ class Directory:
                 # Its mark is gone from the log: the recovery is over, and
                 # the slot may be joined again.
                 del self.recoveries[msg.dead]
-                log.info("master: node %d recovered", msg.dead)
+                log.info("%s: node %d recovered", self.name, msg.dead)
                 return []
             # A block it was being sent when it died came back to it
             # meanwhile: rebuild that, then close again.
@@ -714,7 +716,9 @@ class Directory:
                 return []
             return self._serve(msg.block, st)
         if node not in st.acks:
-            log.warning("master: unexpected PingDone from node %d for block %d", node, msg.block)
+            log.warning(
+                "%s: unexpected PingDone from node %d for block %d", self.name, node, msg.block
+            )
             return []
         st.acks.discard(node)
         keep = Mode(msg.keep)

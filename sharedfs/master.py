@@ -175,7 +175,10 @@ class MasterService:
         self.partition = partition
         self.key = key
         self.tls = tls
+        #: What our log lines begin with.
+        self.name = "master" if partition[1] == 1 else f"master of partition {partition[0]}"
         self.directory = Directory(coherence, peer_reads=peer_reads, owns=self._owns)
+        self.directory.name = self.name
         self.host_slots = host_slots
         self.lease = lease
         self.port = 0
@@ -239,7 +242,7 @@ class MasterService:
                     1,
                 ) from None
             self.port = listeners[0].socket.getsockname()[1]
-            log.info("master: listening on %s:%d", host, self.port)
+            log.info("%s: listening on %s:%d", self.name, host, self.port)
             self._start_tasks(nursery)
             task_status.started(self.port)
 
@@ -255,7 +258,7 @@ class MasterService:
         write): every connection drops, and the hosts elect a successor."""
         if not self._stopped:
             assert self._nursery is not None
-            log.warning("master: stopping: %s", why)
+            log.warning("%s: stopping: %s", self.name, why)
             self._nursery.cancel_scope.cancel()
 
     @property
@@ -296,7 +299,12 @@ class MasterService:
         self._rebuilt.set()
         missing = self._missing()
         if self._resumed:
-            log.warning("master: rebuilt from %d resumed hosts", len(self._resumed))
+            log.warning(
+                "%s: rebuilt from %d resumed hosts %s",
+                self.name,
+                len(self._resumed),
+                sorted(self._resumed),
+            )
         # What the missing held is in no report, only in their log records:
         # a survivor sweeps them (the next host to join, if none resumed).
         await self._dispatch(self.directory.settle(sweep=bool(missing)))
@@ -312,8 +320,9 @@ class MasterService:
         without us: forget every lock, and take back the hosts that resume."""
         nodes = set(self._links)
         log.warning(
-            "master: heard from none of the hosts %s for %.1f s: forgetting every lock, "
+            "%s: heard from none of the hosts %s for %.1f s: forgetting every lock, "
             "waiting for them to resume",
+            self.name,
             sorted(nodes),
             self.lease,
         )
@@ -322,6 +331,7 @@ class MasterService:
             self._scopes[node].cancel()
         d = self.directory
         self.directory = Directory(d.coherence, d.counters, d.peer_reads, self._owns)
+        self.directory.name = self.name
         self._open_window(nodes)
 
     async def _notify_task(self) -> None:
@@ -355,7 +365,9 @@ class MasterService:
             for node in list(self._outboxes):
                 self._post(node, p.Beat())
                 if silent[node] > self.lease:
-                    log.warning("master: node %d silent for %.1f s: lease lapsed", node, self.lease)
+                    log.warning(
+                        "%s: node %d silent for %.1f s: lease lapsed", self.name, node, self.lease
+                    )
                     self._scopes[node].cancel()
 
     def _in_minority(self, silent: dict[int, float]) -> bool:
@@ -495,7 +507,7 @@ class MasterService:
         self.refused += 1
         if isinstance(e, p.ProtocolError):
             self.rejected_frames += 1
-        log.warning("master: dropped connection from %s: %s", peer, e)
+        log.warning("%s: dropped connection from %s: %s", self.name, peer, e)
 
     async def _first(self, link: AnyLink, msg: p.Message, scope: trio.CancelScope) -> int | None:
         if not self._serving():
@@ -509,7 +521,7 @@ class MasterService:
         reason = await self._refusal(msg)
         if reason is not None:
             self.refused += 1
-            log.warning("master: refused node %d: %s", node, reason)
+            log.warning("%s: refused node %d: %s", self.name, node, reason)
             await link.send(p.Refused(reason))
             return None
         if msg.llol >= 0:
@@ -535,7 +547,8 @@ class MasterService:
             self._expected |= set(msg.live)
             self._marks = max(self._marks, (msg.marks_version, msg.marks))
             log.info(
-                "master: node %d resumed with %d blocks and %d past images",
+                "%s: node %d resumed with %d blocks and %d past images",
+                self.name,
                 node,
                 len(msg.held),
                 len(msg.pis),
@@ -543,7 +556,7 @@ class MasterService:
             await self._maybe_close_window()
             return node
         await self._dispatch(self.directory.join(node))
-        log.info("master: node %d joined (peer port %d)", node, msg.peer_port)
+        log.info("%s: node %d joined (peer port %d)", self.name, node, msg.peer_port)
         return node
 
     async def _refusal(self, msg: p.Join) -> str | None:
@@ -597,7 +610,7 @@ class MasterService:
             return
         if not isinstance(msg, _UPKEEP):
             d.counters.messages_in += 1
-            log.debug("master: <- node %d %s", node, msg)
+            log.debug("%s: <- node %d %s", self.name, node, msg)
         if isinstance(msg, p.LockRequest):
             out = d.on_lock_request(node, msg)
         elif isinstance(msg, p.PingDone):
@@ -627,7 +640,7 @@ class MasterService:
 
     async def _dispatch(self, out: list[tuple[int, p.Message]]) -> None:
         for node, msg in out:
-            log.debug("master: -> node %d %s", node, msg)
+            log.debug("%s: -> node %d %s", self.name, node, msg)
             self._post(node, msg)
 
     def _post(self, node: int, msg: p.Message) -> None:
@@ -643,7 +656,10 @@ class MasterService:
             scope = self._scopes[node]
             if not scope.cancel_called:  # once: its connection is ending
                 log.warning(
-                    "master: node %d has %d messages unread: cutting it off", node, OUTBOX_MAX
+                    "%s: node %d has %d messages unread: cutting it off",
+                    self.name,
+                    node,
+                    OUTBOX_MAX,
                 )
                 scope.cancel()
         except (trio.BrokenResourceError, trio.ClosedResourceError):
@@ -671,10 +687,10 @@ class MasterService:
             self._post(other, p.PeerDown(node))
         if node in self._said_bye:
             self._said_bye.discard(node)
-            log.info("master: node %d left", node)
+            log.info("%s: node %d left", self.name, node)
             await self._dispatch(self.directory.leave(node))
             return
-        log.warning("master: node %d is gone without a Bye: fencing it", node)
+        log.warning("%s: node %d is gone without a Bye: fencing it", self.name, node)
         self._dying.add(node)
         try:
             await trio.sleep(CLOSE_GRACE)
