@@ -409,6 +409,8 @@ class ClusterAgent:
         limit = FAILOVER_ATTEMPT if failover else CONNECT_TIMEOUT
         while trio.current_time() < deadline and not self.master_lost.is_set():
             addr = await self._where() if failover else self._master_addr
+            if addr is None:
+                log.debug("%s: no master to resume with yet", self.name)
             try:
                 link = None if addr is None else await self._resume_with(addr, deadline, limit)
             except MasterRefused as e:
@@ -456,7 +458,8 @@ class ClusterAgent:
                     raise
         except MasterRefused:
             raise
-        except (QuietError, p.ProtocolError, LinkClosed, trio.TooSlowError, OSError):
+        except (QuietError, p.ProtocolError, LinkClosed, trio.TooSlowError, OSError) as e:
+            log.debug("%s: no resume with %s: %s", self.name, where, e.__class__.__name__)
             return None
         return link
 

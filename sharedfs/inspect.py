@@ -287,7 +287,11 @@ async def _show_entries(vol: Volume, ino: int, every: bool) -> list[str]:
     entries = []
     after = 0
     while True:
-        batch = await vol.fs.readdir(ino, after)
+        try:
+            batch = await vol.fs.readdir(ino, after)
+        except FsError as e:
+            # What was shown above is what there is to see of it.
+            return [f"  entries: unreadable past {len(entries)}: {e}"]
         if not batch:
             break
         entries += batch

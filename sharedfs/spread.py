@@ -324,6 +324,7 @@ class Spread:
         self._slots = SlotWatch(timeout)
         self._handed: set[int] = set()
         self._stopped: dict[int, trio.Event] = {}
+        self._publishing = trio.Lock()
         self._nursery: trio.Nursery | None = None
 
     async def run(
@@ -396,9 +397,14 @@ class Spread:
         return heir if heir in servers else min(servers)
 
     async def _publish_served(self) -> None:
-        """Our slot says where our master port is and what it masters."""
-        mask = sum(1 << k for k in self.port.services)
-        await self._publish(f"{self.address[0]}:{self.address[1]}/{mask:x}")
+        """Our slot says where our master port is and what it masters.
+        One write at a time, its mask taken once the one before has landed:
+        two masters started at once each publish, and the writes run in
+        threads, in either order; the older mask landing last would hide a
+        partition we master from everyone looking for it."""
+        async with self._publishing:
+            mask = sum(1 << k for k in self.port.services)
+            await self._publish(f"{self.address[0]}:{self.address[1]}/{mask:x}")
 
     # -- the partitions we master ----------------------------------------------------
     async def _start(self, k: int, dead: frozenset[int], expect: frozenset[int]) -> None:

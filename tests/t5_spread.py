@@ -245,6 +245,33 @@ async def test_a_host_that_joins_takes_its_share_over():
     await fsck_clean(vol)
 
 
+async def test_the_slot_ends_with_every_partition_mastered_when_two_start_at_once():
+    """Two masters started at once each publish their host's mask; the
+    writes run in threads and may land in either order.  The first one's
+    write lands last here: had its mask been taken before the second's
+    landed, the slot would hide the second partition for good (a torture
+    run: a host then looked for that partition's master until fenced)."""
+    delays = iter([0.2, 0.0])
+    published: list[str] = []
+
+    async def publish(mask: str) -> None:
+        await trio.sleep(next(delays))  # the thread of the first is slower
+        published.append(mask)
+
+    agent = SpreadAgent(0, b"k" * 32, PARTS, coherence="fusion", tls=None)
+    # Only the publishing is used: no volume, no masters.
+    spread = Spread(agent, None, None, key=b"", tls=None, make_service=None, publish=publish)
+    spread.address = ("127.0.0.1", 7)
+    async with trio.open_nursery() as nursery:
+        spread.port.services[3] = None
+        nursery.start_soon(spread._publish_served)
+        await trio.sleep(0.01)
+        spread.port.services[15] = None
+        nursery.start_soon(spread._publish_served)
+    assert len(published) == 2
+    assert served(published[-1]) == {3, 15}
+
+
 @pytest.mark.parametrize("dead", [0, 2])  # the host that bootstrapped the cluster, and another
 async def test_the_partitions_of_a_killed_host_move_and_nothing_fsynced_is_lost(dead: int):
     vol = await make_volume(128 << 20)
