@@ -858,7 +858,8 @@ class BlockCache:
         """perform_write() for a master that lost track of storage
         (WritePerform.check): our newest past image of each block goes to
         storage only if storage has an older version of it; either way,
-        storage has at least that version now."""
+        storage has at least that version now, and the newer one it had is
+        what we report (the master learns what storage has)."""
         out = []
         async with self._write_lock:
             for b in blocknos:
@@ -866,11 +867,13 @@ class BlockCache:
                 if pi is None:
                     out.append((b, 0))
                     continue
+                landed = pi.version
                 if pi.btype is not None:
                     stored = fmt.stored_version(await self.storage.read(b * self.bs, self.bs), b)
                     if stored < pi.version:
                         await self._write_image(b, pi.data, pi.btype, pi.version)
-                out.append((b, pi.version))
+                    landed = max(landed, stored)
+                out.append((b, landed))
         await report(out)
 
     async def perform_write(self, blocknos: list[int], report: Landed) -> None:

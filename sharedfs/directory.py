@@ -69,6 +69,11 @@ class BlockState:
     primary: --peer-reads: the holder whose cache is the block's primary
         (it read it from storage, or took it exclusively); the others hold
         copies, shipped from it.  None: nobody we know of.
+    unsure: a master rebuilt from the hosts' reports does not know what
+        storage has of the block, and a past image of it survived: storage
+        may hold a newer version (a write whose notice died with the old
+        master), so a past image is written only if storage is older
+        (WritePerform.check), for as long as the block is known here.
     let_go: the head request's asker sent a Release while the ping that
         serves it was out: the transfer was the grant (Ping.final), so it
         could use the block and evict it before the sender's PingDone
@@ -92,6 +97,7 @@ class BlockState:
     settling: bool = False
     primary: int | None = None
     let_go: bool = False
+    unsure: bool = False
 
 
 @dataclass(slots=True)
@@ -315,17 +321,17 @@ class Directory:
                 if v <= st.disk_version:
                     del st.pis[n]
                     self._defer(n, block, st.disk_version)
+            st.unsure = bool(st.pis)
             self._gc(block, st)
             return out
         # Only a past image has it, or storage has something newer (a
         # write's notice was lost): the holder writes it unless storage
         # is newer (WritePerform.check).
-        st.settling = True
+        st.settling = st.unsure = True
         st.write_waiters[MASTER] = top_pi
         if st.writer is None:
             st.writer = max(st.pis, key=lambda n: st.pis[n])
-            self.counters.write_performs += 1
-            out.append((st.writer, p.WritePerform((block,), self.scn, True)))
+            out += self._perform(st.writer, [block])
         return out
 
     def leave(self, node: int) -> Out:
@@ -856,8 +862,7 @@ class Directory:
                 st.writer = writer
                 performs.setdefault(writer, []).append(block)
         for writer, blocks in performs.items():
-            self.counters.write_performs += len(blocks)
-            out.append((writer, p.WritePerform(tuple(blocks), self.scn)))
+            out += self._perform(writer, blocks)
         if done:
             self.counters.notifications_now += len(done)
             out.append((node, p.WriteNotify(tuple(done), self.scn)))
@@ -903,8 +908,28 @@ class Directory:
             st.write_waiters.clear()
             return self._writes_done(block)
         st.writer = writer
-        self.counters.write_performs += 1
-        return [(st.writer, p.WritePerform((block,), self.scn))]
+        return self._perform(writer, [block])
+
+    def _perform(self, writer: int, blocks: list[int]) -> Out:
+        """Have `writer` write these blocks: checked where what it writes
+        is a past image that storage may have something newer than
+        (BlockState.unsure); its current copy is the newest there is."""
+        self.counters.write_performs += len(blocks)
+        checked = [b for b in blocks if self._writes_image(self.blocks[b], writer)]
+        plain = [b for b in blocks if b not in checked]
+        return [
+            (writer, p.WritePerform(tuple(bs), self.scn, check))
+            for bs, check in ((plain, False), (checked, True))
+            if bs
+        ]
+
+    @staticmethod
+    def _writes_image(st: BlockState, writer: int) -> bool:
+        """Is what `writer` would write of the block an unsure past image?"""
+        if not st.unsure or writer not in st.pis:
+            return False
+        current = st.holders.get(writer) is Mode.X or st.owner == writer
+        return st.recovering is not None or not current
 
     def _writes_done(self, block: int) -> Out:
         """A write the master waited for (a recovery's, a settling block's)

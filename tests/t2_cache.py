@@ -144,6 +144,32 @@ async def test_a_write_asked_of_a_clean_copy_never_puts_an_older_past_image_back
     assert blk(storage, 40).startswith(b"new")
 
 
+async def test_a_checked_write_of_a_past_image_leaves_a_newer_storage_copy_and_says_so():
+    """A master that lost track of storage asks for our past image checked:
+    storage has a newer version (another host wrote it), so nothing is
+    written, and the version storage has is what we report: the master
+    then knows it, and writes no older past image over it."""
+    storage = MemoryStorage(1 << 20)
+    cache = make_cache(storage)
+    buf = cache.new(40, BlockType.INODES)
+    buf.data[fmt.HDR_SIZE :] = b"n" * (BS - fmt.HDR_SIZE)
+    cache.mark_dirty(buf)
+    await cache.flush()
+    newer = buf.version
+    mark = len(storage.write_log)
+    old = bytearray(BS)
+    cache.pis.keep(40, PastImage(newer - 1, 1, bytes(old), BlockType.INODES), 0)
+    landed: list[list[tuple[int, int]]] = []
+
+    async def report(written: list[tuple[int, int]]) -> None:
+        landed.append(written)
+
+    await cache.perform_write_checked([40], report)
+    assert landed == [[(40, newer)]]
+    assert storage.write_log[mark:] == []
+    assert fmt.stored_version(blk(storage, 40), 40) == newer
+
+
 async def test_flush_seals_metadata_with_version():
     storage = MemoryStorage(1 << 20)
     cache = make_cache(storage)
