@@ -913,7 +913,7 @@ class Directory:
     def _perform(self, writer: int, blocks: list[int]) -> Out:
         """Have `writer` write these blocks: checked where what it writes
         is a past image that storage may have something newer than
-        (BlockState.unsure); its current copy is the newest there is."""
+        (BlockState.unsure); a copy it holds is the newest there is."""
         self.counters.write_performs += len(blocks)
         checked = [b for b in blocks if self._writes_image(self.blocks[b], writer)]
         plain = [b for b in blocks if b not in checked]
@@ -925,11 +925,9 @@ class Directory:
 
     @staticmethod
     def _writes_image(st: BlockState, writer: int) -> bool:
-        """Is what `writer` would write of the block an unsure past image?"""
-        if not st.unsure or writer not in st.pis:
-            return False
-        current = st.holders.get(writer) is Mode.X or st.owner == writer
-        return st.recovering is not None or not current
+        """Is what `writer` would write of the block an unsure past image?
+        (A host that holds a copy writes that: cache.perform_write.)"""
+        return st.unsure and writer in st.pis and writer not in st.holders
 
     def _writes_done(self, block: int) -> Out:
         """A write the master waited for (a recovery's, a settling block's)

@@ -212,3 +212,18 @@ def test_a_current_copy_is_written_plainly_beside_an_unsure_past_image():
     assert d.blocks[5].unsure
     out = d.on_write_request(2, p.WriteRequest(((5, 20),), 31))
     assert out == [(0, p.WritePerform((5,), 31))]
+
+
+def test_a_read_copy_is_written_plainly_by_its_holder_beside_its_own_past_image():
+    """Node 2 holds a read copy (v30, clean to it but perhaps on no
+    storage: a host is missing) and an older past image.  Asked to write,
+    it writes its copy, the newest version, unchecked: a checked write
+    would look at the past image only, find storage newer than that, and
+    leave v30 on no storage (a test run left the log needing a replay)."""
+    d = Directory()
+    d.rebuild(0, ((5, S, 30, False),), ())
+    d.rebuild(2, ((5, S, 30, False),), ((5, 20),))
+    assert d.settle(sweep=True) == []
+    d.on_release(0, p.Release((5,)))
+    out = d.on_write_request(2, p.WriteRequest(((5, 20),), 31))
+    assert out == [(2, p.WritePerform((5,), 31))]
