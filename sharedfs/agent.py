@@ -388,7 +388,7 @@ class ClusterAgent:
             return None
         # Held before anything else: the master may be declaring us dead.
         gate = self.cache.gate
-        gate.hold()
+        gate.hold(self)  # with the directory spread, each partition's hold is its own
         failover = self.can_fail_over()
         if not failover and self._peers and not await self._a_peer_answers():
             # Neither the master nor any other host: it is we who are cut
@@ -420,7 +420,7 @@ class ClusterAgent:
                 assert addr is not None
                 self.stats.resumes += 1
                 self._master_addr = addr
-                gate.open_gate()
+                gate.open_gate(self)
                 log.warning("%s: resumed with master %s:%d", self.name, *addr)
                 return link
             await trio.sleep(RECONNECT_INTERVAL)

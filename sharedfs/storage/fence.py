@@ -14,7 +14,9 @@ already retried what can be retried: an NBD connection that drops.)
 A host that loses its master *holds* the gate (`hold`): its block writes
 wait, since it cannot tell a master that restarted (and will take its word
 for what it holds) from one that declared it dead.  The master's answer
-when it is back either opens the gate again or closes it.  Its slot's
+when it is back either opens the gate again or closes it.  With the
+directory spread over the hosts, each partition's agent holds it apart: it
+opens once every one that lost its master has it back.  Its slot's
 heartbeat and mirror marks (`write_sync`, its own areas, which no other
 host rebuilds) go on meanwhile: the host is not dead until it is fenced.
 
@@ -58,25 +60,34 @@ class Fence(Storage):
         self.reason = ""
         self.on_trip: Callable[[str], None] | None = None
         self._opened: trio.Event | None = None  # set while held
+        self._holders: set[object] = set()
         self.disk_lease: tuple[float, Callable[[], float]] | None = None
 
     @property
     def held(self) -> bool:
         return self._opened is not None
 
-    def hold(self) -> None:
-        """Block writes wait from now until open_gate() or close_gate()."""
+    def hold(self, holder: object = None) -> None:
+        """Block writes wait from now until every holder has called
+        open_gate(), or close_gate()."""
+        self._holders.add(holder)
         if self._opened is None:
             self._opened = trio.Event()
 
-    def open_gate(self) -> None:
-        opened, self._opened = self._opened, None
-        if opened is not None:
-            opened.set()
+    def open_gate(self, holder: object = None) -> None:
+        self._holders.discard(holder)
+        if not self._holders:
+            self._release()
 
     def close_gate(self, reason: str) -> None:
         self.reason = reason
-        self.open_gate()  # what waits fails now
+        self._holders.clear()
+        self._release()  # what waits fails now
+
+    def _release(self) -> None:
+        opened, self._opened = self._opened, None
+        if opened is not None:
+            opened.set()
 
     async def _wait_open(self) -> None:
         while self._opened is not None and not self.reason:
