@@ -433,7 +433,9 @@ class Spread:
         finally:
             if self.port.services.get(k) is service:
                 del self.port.services[k]
-            with trio.CancelScope(shield=True):
+            # A fenced host's slot takes no more writes: its mask stays, and
+            # the mount stays up, answering EIO, as with one master.
+            with trio.CancelScope(shield=True), contextlib.suppress(StorageError):
                 await self._publish_served()
             stopped.set()
 

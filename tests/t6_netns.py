@@ -28,17 +28,28 @@ pytestmark = [needs_fuse, needs_netns, pytest.mark.fuse, pytest.mark.slow]
 
 LEASE = 3.0
 PORT = 7411
+PARTS = 16
 
 
 class Host:
     """One host: its namespace, its NBD server, its mount process."""
 
     def __init__(
-        self, node: int, net: Net, vol: Path, work: Path, master: str, *, embeds: bool = False
+        self,
+        node: int,
+        net: Net,
+        vol: Path,
+        work: Path,
+        master: str,
+        *,
+        embeds: bool = False,
+        spread: bool = False,
     ) -> None:
-        """`embeds`: this host runs the master, listening at `master`."""
+        """`embeds`: this host runs the master, listening at `master`.
+        `spread`: every host masters its share of the directory
+        (--spread), listening at its own address."""
         self.node, self.net, self.work, self.master = node, net, work, master
-        self.embeds = embeds
+        self.embeds, self.spread = embeds, spread
         self.name = f"h{node}"
         self.mnt = work / self.name
         self.mnt.mkdir()
@@ -52,7 +63,10 @@ class Host:
     def mount(self, node: int | None = None) -> None:
         """Mount in our slot (or in `node`'s)."""
         cmd = [PY, "-m", "sharedfs.cli", "mount", "--foreground", self.nbd.uri, str(self.mnt)]
-        if self.embeds:
+        if self.spread:
+            listen = f"{self.net.addr[self.name]}:{PORT}"
+            cmd += ["--spread", str(PARTS), "--listen", listen, "--lease", str(LEASE)]
+        elif self.embeds:
             cmd += ["--listen", self.master, "--lease", str(LEASE)]
         else:
             cmd += ["--master", self.master]
@@ -338,3 +352,55 @@ def test_a_host_cut_off_from_an_embedded_master_fences_and_the_rest_go_on(embedd
     h2.unmount()
     h2.mount()
     assert (h2.mnt / "survivors").read_bytes() == b"h0 and h1 go on"
+
+
+@pytest.fixture
+def spread() -> Iterator[tuple[Net, list[Host], Path]]:
+    """Three hosts with the directory spread over them (--spread)."""
+    work = public_dir()
+    vol = work / "volume.img"
+    mkfs(vol, "256M")
+    with network(["h0", "h1", "h2"]) as net:
+        hosts = [Host(n, net, vol, work, "", spread=True) for n in range(3)]
+        try:
+            for h in hosts:
+                h.mount()
+            yield net, hosts, work
+        finally:
+            for h in hosts:
+                h.stop()
+    fsck_ok(vol)
+    subprocess.run(["rm", "-rf", str(work)])
+
+
+def test_a_host_cut_off_with_the_directory_spread_fences_and_its_partitions_move(spread) -> None:  # type: ignore[no-untyped-def]
+    """Membership with --spread (issue #10, item 2): h2, which masters a
+    share of the partitions, loses its network but still reaches the
+    volume.  Its masters hear one host of three: they stand down and h2
+    fences, writing nothing more, its mount up and answering EIO.  Once
+    the volume says h2 is dead, h0 and h1 take its partitions over and go
+    on with what h2 acknowledged; healed, h2 mounts again and takes its
+    share back."""
+    net, (h0, h1, h2), work = spread
+    put(h2.mnt / "before", b"h2" * 5000)
+    assert (h0.mnt / "before").read_bytes() == b"h2" * 5000
+    net.cut("h2")
+    wait_for(lambda: "fenced" in h2.log.read_text(), timeout=40, what="h2 to fence")
+    assert "a minority" in h2.log.read_text(), h2.log.read_text()
+    written = h2.writes()
+    assert _eio(h2.mnt / "cut off")
+    put(h0.mnt / "after", b"the majority goes on")  # waits while h2's partitions move
+    assert (h1.mnt / "after").read_bytes() == b"the majority goes on"
+    assert (h1.mnt / "before").read_bytes() == b"h2" * 5000
+    for h in (h0, h1):
+        assert "fenced" not in h.log.read_text(), h.log.read_text()
+    assert "is dead: taking it" in h0.log.read_text() + h1.log.read_text()
+    net.heal("h2")
+    time.sleep(LEASE)
+    assert h2.writes() == written, "\n".join(h2.writes()[len(written) :])
+    h2.unmount()
+    assert h2.writes() == written
+    h2.mount()
+    assert (h2.mnt / "after").read_bytes() == b"the majority goes on"
+    put(h2.mnt / "back", b"h2 is back")
+    assert (h0.mnt / "back").read_bytes() == b"h2 is back"
