@@ -536,8 +536,18 @@ class ClusterAgent:
             for b in pend.granted | set(pend.arrived):
                 t = pend.arrived.get(b)
                 mine = held.get(b)
-                if mine is None or mine[1] < pend.mode:
-                    held[b] = (b, int(pend.mode), t.version if t else 0, t.dirty if t else False)
+                if mine is not None and mine[1] >= pend.mode:
+                    continue
+                if t is not None:
+                    version, dirty = t.version, t.dirty
+                elif mine is not None:
+                    # An upgrade granted in place: our copy, as it is.  (As
+                    # version 0, clean, it read as storage's: a rebuild then
+                    # took the newest past image for what storage has.)
+                    version, dirty = mine[2], mine[3]
+                else:
+                    version, dirty = 0, False  # to be read from storage
+                held[b] = (b, int(pend.mode), version, dirty)
         pis = tuple(pi for pi in self.cache.pis.newest_versions() if self._ours(pi[0]))
         return tuple(held.values()), pis
 

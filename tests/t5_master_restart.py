@@ -15,8 +15,12 @@ from cluster_util import cluster
 from conftest import CTX, ROOT, make_volume
 from t5_recovery import content, start_workloads
 
+from sharedfs.agent import ClusterAgent, Pending
+from sharedfs.cache import BlockCache, Buffer
+from sharedfs.format import BlockType
 from sharedfs.fsck import run_fsck
-from sharedfs.protocol import Mode
+from sharedfs.protocol import HostId, Mode
+from sharedfs.storage.memory import MemoryStorage
 
 
 async def fsck_clean(storage) -> None:  # type: ignore[no-untyped-def]
@@ -238,3 +242,20 @@ async def test_a_host_dying_with_the_master_loses_nothing(seed: int):
 @pytest.mark.parametrize("seed", range(30, 40))
 async def test_a_host_dying_with_the_master_soak(seed: int):
     await _restarts(seed, restarts=8, kill=True)
+
+
+def test_a_report_keeps_the_version_and_dirt_of_a_copy_upgraded_in_place():
+    """We hold a dirty read copy (v30, the owner's) and our request for X
+    is granted without a transfer, not yet used, when the master goes.
+    The report says X of that copy, v30 and dirty: as version 0, clean, a
+    rebuild took storage for newest and the newest past image elsewhere
+    for what storage has."""
+    agent = ClusterAgent(HostId(0), b"k" * 32, coherence="fusion", tls=None)
+    cache = BlockCache(MemoryStorage(1 << 20), 4096, agent)
+    buf = Buffer(40, bytearray(4096), BlockType.INODES, Mode.S, dirty=True, version=30)
+    cache._insert(buf)
+    pend = Pending(1, {40}, Mode.X)
+    pend.granted.add(40)
+    agent._pending[1] = pend
+    held, _ = agent._holdings()
+    assert held == ((40, int(Mode.X), 30, True),)
