@@ -273,21 +273,38 @@ class Directory:
         a survivor takes and rebuilds every block their records name
         (Recover.sweep); meanwhile only recovery requests are served."""
         out: Out = []
-        header = self.blocks.get(self.llol_block) if self.llol_block >= 0 else None
         for dead in sorted(missing):
             log.warning("%s: node %d did not come back: sweeping its log records", self.name, dead)
             self.counters.hosts_failed += 1
             rec = self.recoveries.setdefault(dead, Recovery(dead, sweep=True))
-            if not self.owns(self.llol_block):
-                pass  # the log's header is another partition's to rebuild
-            elif header is None or not (header.holders or header.recovering is not None):
-                # Nobody says they hold the log's header: it may have, and
-                # the header on storage be behind its pages.  Rebuilt in a
-                # round of its own, as a dead holder's LLOL is.
-                header = self._state(self.llol_block)
-                out += self._hold_for_recovery(self.llol_block, header, rec)
+            out += self._hold_header(rec)
             out += self._advance(rec)
         return out
+
+    def name_llol(self, block: int) -> Out:
+        """A joining host names the log's header (Join.llol).  A sweep that
+        ran before any host could name it rebuilds it now."""
+        if block < 0 or block == self.llol_block:
+            return []
+        self.llol_block = block
+        out: Out = []
+        for rec in list(self.recoveries.values()):
+            if rec.sweep and not rec.swept:
+                out += self._hold_header(rec)
+        return out
+
+    def _hold_header(self, rec: Recovery) -> Out:
+        """Nobody says they hold the log's header: it may have been the
+        dead host, and the header on storage be behind its pages.  Rebuilt
+        in a round of its own, as a dead holder's LLOL is.  (Not while no
+        host has named it; nor when it is another partition's.)"""
+        if self.llol_block < 0 or not self.owns(self.llol_block):
+            return []
+        header = self.blocks.get(self.llol_block)
+        if header is not None and (header.holders or header.recovering is not None):
+            return []
+        header = self._state(self.llol_block)
+        return self._hold_for_recovery(self.llol_block, header, rec)
 
     def _sweeping(self) -> bool:
         return any(rec.sweep and not rec.swept for rec in self.recoveries.values())

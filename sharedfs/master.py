@@ -289,6 +289,14 @@ class MasterService:
     def _missing(self) -> set[int]:
         return self._expected.union(self._marks[1]) - self._resumed
 
+    async def alive_on_volume(self, live: set[int]) -> None:
+        """The hosts alive on the volume now (spread.py): one we wait for
+        that is not is dead, and will not resume."""
+        if not self._rebuilt.is_set() and (gone := self._missing() - live - self._dead):
+            log.info("%s: hosts %s are dead on the volume: not waiting", self.name, sorted(gone))
+            self._dead |= gone
+            await self._maybe_close_window()
+
     async def _maybe_close_window(self) -> None:
         if not self._rebuilt.is_set() and self._missing() <= self._dead:
             await self._close_window()
@@ -524,8 +532,8 @@ class MasterService:
             log.warning("%s: refused node %d: %s", self.name, node, reason)
             await link.send(p.Refused(reason))
             return None
-        if msg.llol >= 0:
-            self.directory.llol_block = msg.llol
+        # Before the join: a round it may be given could be the header's.
+        await self._dispatch(self.directory.name_llol(msg.llol))
         send, recv = trio.open_memory_channel[p.Message](OUTBOX_MAX)
         self._links[node] = link
         self._outboxes[node] = send

@@ -227,3 +227,22 @@ def test_a_read_copy_is_written_plainly_by_its_holder_beside_its_own_past_image(
     d.on_release(0, p.Release((5,)))
     out = d.on_write_request(2, p.WriteRequest(((5, 20),), 31))
     assert out == [(2, p.WritePerform((5,), 31))]
+
+
+def test_a_sweep_before_any_host_named_the_log_header_rebuilds_it_once_one_does():
+    """A partition's new master whose expected hosts all died sweeps them
+    before any host could say which block is the log's header (it used to
+    look up block -1, and crash).  The first host to join names it: the
+    header is held for its own recovery round, and the joiner gets that
+    round with the sweep."""
+    d = Directory()
+    assert d.settle(sweep=True) == []
+    assert d.sweep({1}) == []  # no host to do it yet
+    assert d.recoveries[1].sweep and -1 not in d.blocks
+    assert d.name_llol(9) == []
+    assert d.blocks[9].recovering == 1
+    out = d.join(2)
+    assert [(n, m.dead, m.blocks, m.sweep) for n, m in out] == [
+        (2, 1, (), True),
+        (2, 1, (9,), False),
+    ]
