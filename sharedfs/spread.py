@@ -371,10 +371,14 @@ class Spread:
 
     async def _watch(self) -> None:
         """Read the slots every heartbeat interval, so that the watch knows
-        how long each has stood still when its host's partitions move."""
+        how long each has stood still when its host's partitions move; and
+        tell our masters who is alive, so that a rebuild window waits for no
+        host the volume says is dead (killed while it resumed)."""
         while True:
             with contextlib.suppress(StorageError):
-                await self._live()
+                live = set(await self._live())
+                for service in list(self.port.services.values()):
+                    await service.alive_on_volume(live)
             await trio.sleep(HEARTBEAT_INTERVAL)
 
     @staticmethod

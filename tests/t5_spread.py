@@ -356,3 +356,23 @@ def test_three_mounts_spread_the_directory_and_a_killed_one_loses_nothing() -> N
         for m in mounts:
             m.kill()
     fsck_ok(vol)
+
+
+async def test_a_rebuild_window_waits_for_no_host_the_volume_says_is_dead():
+    """A partition's new master waits for the hosts joined to the old one
+    to resume.  One that is killed meanwhile never will: once the volume
+    says it is dead (the Spread's watch), the window closes at once and
+    the dead host's records are swept, rather than two leases later."""
+    service = MasterService(
+        b"k" * 32, lease=LEASE, node=0, partition=(3, PARTS), expect=frozenset({1, 2})
+    )
+    async with trio.open_nursery() as nursery:
+        await nursery.start(service.run)
+        await service.alive_on_volume({0, 1, 2})
+        assert not service._rebuilt.is_set()  # all alive: it waits
+        await service.alive_on_volume({0, 1})
+        assert not service._rebuilt.is_set()  # 1 may still resume
+        await service.alive_on_volume({0})
+        assert service._rebuilt.is_set()
+        assert {n for n, rec in service.directory.recoveries.items() if rec.sweep} == {1, 2}
+        nursery.cancel_scope.cancel()
