@@ -866,15 +866,26 @@ class BlockCache:
                 pi = self.pis.newest(b)
                 if pi is None:
                     out.append((b, 0))
-                    continue
-                landed = pi.version
-                if pi.btype is not None:
-                    stored = fmt.stored_version(await self.storage.read(b * self.bs, self.bs), b)
-                    if stored < pi.version:
-                        await self._write_image(b, pi.data, pi.btype, pi.version)
-                    landed = max(landed, stored)
-                out.append((b, landed))
+                elif pi.btype is None:
+                    out.append((b, pi.version))  # no version to compare: storage wins
+                else:
+                    out.append(await self._write_past_image(b, pi))
         await report(out)
+
+    async def _write_past_image(self, b: int, pi: PastImage) -> tuple[int, int]:
+        """Our past image of metadata block `b` to storage, unless storage
+        has a version as new: the notice of a write of a newer one can die
+        with a master, and the next one ask for an image it covered (and
+        the blocks a rebuild holds are no copy here: what we write for them
+        is an image).  What storage has is reported then.  (One read per
+        past image written: the newest holder writes its copy, and images
+        are written only when none holds one.)"""
+        if pi.btype is not None:
+            stored = fmt.stored_version(await self.storage.read(b * self.bs, self.bs), b)
+            if stored >= pi.version:
+                return (b, stored)
+        await self._write_image(b, pi.data, pi.btype, pi.version)
+        return (b, pi.version)
 
     async def perform_write(self, blocknos: list[int], report: Landed) -> None:
         """The master chose us to write these blocks (claims 19-21): write our
@@ -937,8 +948,7 @@ class BlockCache:
             await self._write_image(b, buf.data, buf.btype, buf.version)
             return (b, buf.version)
         if (pi := self.pis.newest(b)) is not None:
-            await self._write_image(b, pi.data, pi.btype, pi.version)
-            return (b, pi.version)
+            return await self._write_past_image(b, pi)
         # Nothing of it here: the master must still hear back, or whoever
         # waits for this write waits for ever.
         return (b, 0)

@@ -170,6 +170,31 @@ async def test_a_checked_write_of_a_past_image_leaves_a_newer_storage_copy_and_s
     assert fmt.stored_version(blk(storage, 40), 40) == newer
 
 
+async def test_a_write_of_only_a_past_image_never_goes_over_a_newer_storage_copy():
+    """Asked to write a block of which we keep only a past image (a
+    rebuild holds the block here, no copy read yet), we find storage newer
+    (another host wrote it, and that write's notice died with the master
+    that moved): nothing is written, and what storage has is reported.
+    (A torture run put v28734 back over v29298 this way.)"""
+    storage = MemoryStorage(1 << 20)
+    cache = make_cache(storage)
+    buf = cache.new(40, BlockType.INODES)
+    cache.mark_dirty(buf)
+    await cache.flush()
+    newer = buf.version
+    cache._bufs.pop(40)  # it left: only the image stays
+    cache.pis.keep(40, PastImage(newer - 1, 1, bytes(BS), BlockType.INODES), 0)
+    mark = len(storage.write_log)
+    landed: list[list[tuple[int, int]]] = []
+
+    async def report(written: list[tuple[int, int]]) -> None:
+        landed.append(written)
+
+    await cache.perform_write([40], report)
+    assert landed == [[(40, newer)]]
+    assert storage.write_log[mark:] == []
+
+
 async def test_flush_seals_metadata_with_version():
     storage = MemoryStorage(1 << 20)
     cache = make_cache(storage)
