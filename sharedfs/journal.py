@@ -951,6 +951,7 @@ class Log:
         report: Report,
         follow: bool = True,
         sweep: bool = False,
+        only: Callable[[int], bool] | None = None,
     ) -> None:
         """Another host died holding `blocks` in X; the master has us hold
         them now, and storage has the newest copy that survived elsewhere.
@@ -968,10 +969,11 @@ class Log:
 
         `sweep`: the master does not know what it held (a master rebuilt
         from the hosts' reports, which it did not come back to): we take
-        every block its records name.
+        every block its records name (`only`: of those, the blocks this
+        master answers for, spread.py: what we keep of them it must hear).
         """
         if sweep:
-            await self._sweep(dead, report)
+            await self._sweep(dead, report, only)
             return
         if not blocks:
             await self._close_recovery(dead)
@@ -1036,7 +1038,9 @@ class Log:
                 sorted(rest), [b for b in installed if b in rest], [k for k in kept if k[0] in rest]
             )
 
-    async def _sweep(self, dead: int, report: Report) -> None:
+    async def _sweep(
+        self, dead: int, report: Report, only: Callable[[int], bool] | None = None
+    ) -> None:
         """Recover(sweep): every block whose last record is the dead
         host's, taken and rebuilt as a dead host's blocks are (a copy
         shipped to us that is as new stays, and is reported kept: storage
@@ -1047,11 +1051,11 @@ class Log:
         marked: set[int] = set()  # ours to rebuild: no round follows them
         try:
             while True:
-                more = self._theirs(pages, dead) - theirs
+                more = self._theirs(pages, dead, only) - theirs
                 marked |= more
                 self._rebuilding |= more
                 await self._take(more, theirs)
-                done = await self._rebuild_into_cache(dead, theirs, theirs)
+                done = await self._rebuild_into_cache(dead, theirs, theirs, only)
                 if not isinstance(done, list):
                     rebuilt, kept_too = done
                     break
@@ -1069,11 +1073,15 @@ class Log:
         )
         await report([], rebuilt, kept_too)
 
-    def _theirs(self, pages: list[Page], dead: int) -> set[int]:
-        """The blocks whose last record in `pages` is the dead host's, but
-        the log's header and those the master gave us to rebuild in a round
-        of their own (ours already: they wait for that round, not a lock)."""
-        return _last_changed_by(pages, dead) - self._rebuilding - {self.area.header}
+    def _theirs(
+        self, pages: list[Page], dead: int, only: Callable[[int], bool] | None = None
+    ) -> set[int]:
+        """The blocks whose last record in `pages` is the dead host's (and
+        that `only` keeps), but the log's header and those the master gave
+        us to rebuild in a round of their own (ours already: they wait for
+        that round, not a lock)."""
+        blocks = _last_changed_by(pages, dead) - self._rebuilding - {self.area.header}
+        return blocks if only is None else {b for b in blocks if only(b)}
 
     async def _take(self, blocks: set[int], taken: set[int]) -> None:
         """Hold `blocks` in X for the rebuild (release_rebuild_hold(taken)
@@ -1083,7 +1091,11 @@ class Log:
             taken |= blocks
 
     async def _rebuild_into_cache(
-        self, dead: int, want: set[int], followed: set[int] | None = None
+        self,
+        dead: int,
+        want: set[int],
+        followed: set[int] | None = None,
+        only: Callable[[int], bool] | None = None,
     ) -> tuple[list[int], list[tuple[int, int]]] | list[Page]:
         """Rebuild `want` into our cache: the blocks installed, and those of
         them whose cached copy was newer and stayed (block, version rebuilt).
@@ -1099,7 +1111,7 @@ class Log:
             # Nobody appends while we read the log (we hold the LLOL).
             h = unpack_header(hbuf.data, self.area.header)
             pages = await read_chain(storage, self.area, self.bs, h.checkpoint_seq, h.next_seq)
-            if followed is not None and self._theirs(pages, dead) - followed:
+            if followed is not None and self._theirs(pages, dead, only) - followed:
                 log.info("host %d: more records of dead node %d: following them", self.host, dead)
                 return pages
             images: list[tuple[int, int, int, bytearray]] = []

@@ -219,7 +219,15 @@ class SpreadAgent:
         the dead host has closed too: until then another's rounds may
         still need its records."""
         assert self._journal_recover is not None
-        if blocks or sweep:
+        if sweep:
+            # Our partition's blocks only: a copy kept of another's would be
+            # reported to a master that knows nothing of it, and no master
+            # would have it written (a torture run: indirect blocks a dead
+            # host had rebuilt, kept clean here, on no storage).
+            ours = functools.partial(self._in_part, k)
+            await self._journal_recover(dead, blocks, report, follow, sweep, ours)
+            return
+        if blocks:
             await self._journal_recover(dead, blocks, report, follow, sweep)
             return
         closing = self._closing.setdefault(dead, set())
@@ -240,6 +248,9 @@ class SpreadAgent:
             )
             await closed.wait()
         await report([], [], [])
+
+    def _in_part(self, k: int, block: int) -> bool:
+        return partition_of(block, self.partitions) == k
 
     # -- the host ------------------------------------------------------------------
     def live_nodes(self) -> list[int]:

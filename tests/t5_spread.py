@@ -166,10 +166,10 @@ def spy_closing(agent: SpreadAgent) -> tuple[list[int], list[int]]:
     journal, part_round = agent._journal_recover, agent._recover
     assert journal is not None
 
-    async def close(dead: int, blocks: list[int], report, follow, sweep):  # type: ignore[no-untyped-def]
+    async def close(dead: int, blocks: list[int], report, follow, sweep, only=None):  # type: ignore[no-untyped-def]
         if not blocks and not sweep:
             closes.append(dead)
-        await journal(dead, blocks, report, follow, sweep)
+        await journal(dead, blocks, report, follow, sweep, only)
 
     async def round_(k: int, dead: int, blocks: list[int], report, follow, sweep):  # type: ignore[no-untyped-def]
         if not blocks and not sweep:
@@ -376,3 +376,27 @@ async def test_a_rebuild_window_waits_for_no_host_the_volume_says_is_dead():
         assert service._rebuilt.is_set()
         assert {n for n, rec in service.directory.recoveries.items() if rec.sweep} == {1, 2}
         nursery.cancel_scope.cancel()
+
+
+async def test_a_sweep_round_rebuilds_only_its_own_partitions_blocks():
+    """A partition's sweep of a dead host takes only the blocks of that
+    partition: what it keeps of another's (a clean copy it held, newer
+    than the records) it would report to a master that knows nothing of
+    the block, and no master would have it written (a torture run left
+    indirect blocks on no storage this way)."""
+    agent = SpreadAgent(0, b"k" * 32, PARTS, coherence="fusion", tls=None)
+    calls = []
+
+    async def journal(dead, blocks, report, follow, sweep, only=None):  # type: ignore[no-untyped-def]
+        calls.append((dead, sweep, only))
+
+    agent.on_recover = journal
+    await agent.parts[3].on_recover(2, [], _nothing, False, True)
+    [(dead, sweep, only)] = calls
+    blocks = range(0, 64 * 256, 64)
+    assert dead == 2 and sweep
+    assert {b for b in blocks if only(b)} == {b for b in blocks if partition_of(b, PARTS) == 3}
+
+
+async def _nothing(blocks, installed, kept):  # type: ignore[no-untyped-def]
+    pass
