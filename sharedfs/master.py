@@ -315,8 +315,8 @@ class MasterService:
             )
         # What the missing held is in no report, only in their log records:
         # a survivor sweeps them (the next host to join, if none resumed).
-        await self._dispatch(self.directory.settle(sweep=bool(missing)))
-        await self._dispatch(self.directory.sweep(missing))
+        self._dispatch(self.directory.settle(sweep=bool(missing)))
+        self._dispatch(self.directory.sweep(missing))
         backlog, self._backlog = self._backlog, []
         for node, msg in backlog:
             if node in self._links:
@@ -346,7 +346,7 @@ class MasterService:
         """Deferred write notifications that found no message to ride on."""
         while True:
             await trio.sleep(NOTIFY_DELAY)
-            await self._dispatch(self.directory.flush_deferred())
+            self._dispatch(self.directory.flush_deferred())
 
     async def _lease_task(self) -> None:
         """Renew every host's lease (a Beat each quarter lease) and cut off a
@@ -532,19 +532,14 @@ class MasterService:
             log.warning("%s: refused node %d: %s", self.name, node, reason)
             await link.send(p.Refused(reason))
             return None
+        # From the refusal to the report, nothing waits: the rebuild window
+        # cannot end between finding a resume in time and taking in what it
+        # holds.  (It once did, while the Welcome was on its way: the
+        # directory settled without the report and served the host's dirty
+        # blocks from storage.)  The Welcome goes first in the outbox.
+        self._post_welcome(node, link, scope, msg)
         # Before the join: a round it may be given could be the header's.
-        await self._dispatch(self.directory.name_llol(msg.llol))
-        send, recv = trio.open_memory_channel[p.Message](OUTBOX_MAX)
-        self._links[node] = link
-        self._outboxes[node] = send
-        self._scopes[node] = scope
-        self._heard[node] = trio.current_time()
-        assert self._nursery is not None
-        self._nursery.start_soon(self._sender, node, link, recv)
-        welcome = p.Welcome(
-            self.directory.scn, dict(self._peers), msg.coherence, self.lease, self.node
-        )
-        await link.send(welcome)
+        self._dispatch(self.directory.name_llol(msg.llol))
         self._peers[node] = (msg.peer_host, msg.peer_port)
         for other in list(self._outboxes):
             if other != node:
@@ -563,9 +558,24 @@ class MasterService:
             )
             await self._maybe_close_window()
             return node
-        await self._dispatch(self.directory.join(node))
+        self._dispatch(self.directory.join(node))
         log.info("%s: node %d joined (peer port %d)", self.name, node, msg.peer_port)
         return node
+
+    def _post_welcome(self, node: int, link: AnyLink, scope: trio.CancelScope, msg: p.Join) -> None:
+        """`node` is joined: its outbox, its sender, and the Welcome first
+        in it."""
+        send, recv = trio.open_memory_channel[p.Message](OUTBOX_MAX)
+        self._links[node] = link
+        self._outboxes[node] = send
+        self._scopes[node] = scope
+        self._heard[node] = trio.current_time()
+        welcome = p.Welcome(
+            self.directory.scn, dict(self._peers), msg.coherence, self.lease, self.node
+        )
+        self._post(node, welcome)
+        assert self._nursery is not None
+        self._nursery.start_soon(self._sender, node, link, recv)
 
     async def _refusal(self, msg: p.Join) -> str | None:
         """Why `msg` cannot join.  A resume is too late once the directory
@@ -573,11 +583,12 @@ class MasterService:
         may hold blocks it would read), and a host coming back into its
         slot waits for its old self's recovery."""
         node = msg.node
+        too_late = (
+            "this master does not know its locks (it declared the host dead, "
+            "or the host came back too late)"
+        )
         if msg.resume and self._rebuilt.is_set():
-            return (
-                "this master does not know its locks (it declared the host dead, "
-                "or the host came back too late)"
-            )
+            return too_late
         if not msg.resume and not self._rebuilt.is_set():
             self._expected |= set(msg.live) - {node}
             await self._maybe_close_window()
@@ -595,6 +606,8 @@ class MasterService:
             return f"the cluster runs --coherence {self.directory.coherence}"
         if (msg.partition, msg.partitions) != self.partition:
             return f"the cluster spreads its directory over {self.partition[1]} partitions"
+        if msg.resume and self._rebuilt.is_set():
+            return too_late  # the window ended while we waited
         return None
 
     async def _sender(
@@ -644,9 +657,9 @@ class MasterService:
             return
         else:
             raise p.ProtocolError(f"unexpected {type(msg).__name__} from node {node}")
-        await self._dispatch(out)
+        self._dispatch(out)
 
-    async def _dispatch(self, out: list[tuple[int, p.Message]]) -> None:
+    def _dispatch(self, out: list[tuple[int, p.Message]]) -> None:
         for node, msg in out:
             log.debug("%s: -> node %d %s", self.name, node, msg)
             self._post(node, msg)
@@ -696,7 +709,7 @@ class MasterService:
         if node in self._said_bye:
             self._said_bye.discard(node)
             log.info("%s: node %d left", self.name, node)
-            await self._dispatch(self.directory.leave(node))
+            self._dispatch(self.directory.leave(node))
             return
         log.warning("%s: node %d is gone without a Bye: fencing it", self.name, node)
         self._dying.add(node)
@@ -704,7 +717,7 @@ class MasterService:
             await trio.sleep(CLOSE_GRACE)
         finally:
             self._dying.discard(node)
-            await self._dispatch(self.directory.fail(node))
+            self._dispatch(self.directory.fail(node))
 
     async def _wait_recovered(self, node: int) -> None:
         """A host coming back into its slot waits for its old self's recovery."""

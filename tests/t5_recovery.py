@@ -264,5 +264,5 @@ async def test_the_master_survives_telling_a_host_whose_link_just_closed():
     send, recv = trio.open_memory_channel[p.Message](math.inf)
     await recv.aclose()
     master._outboxes[5] = send
-    await master._dispatch([(5, p.Beat())])
+    master._dispatch([(5, p.Beat())])
     assert master._outboxes[5] is send  # its _gone() will come
