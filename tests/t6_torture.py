@@ -129,6 +129,17 @@ def test_kill_9_of_any_host_loses_no_fsynced_file() -> None:
 
 
 @on_mounts_mark
+def test_kill_9_of_any_host_with_the_directory_spread_loses_no_fsynced_file() -> None:
+    """Three kill -9 trials on mounts with --spread 16: each victim
+    masters some partitions, which move to the survivors, and takes its
+    share back when it mounts again (a kill lands 0.3-1.5 s later, often
+    during that handover)."""
+    result = trials("kill", 3, seed=7, spread=16)
+    assert result["trials"] == 3
+    assert result["checked"] > 0 and result["final_files"] > 0
+
+
+@on_mounts_mark
 def test_a_stopped_host_is_fenced_and_recovered_when_its_lease_lapses() -> None:
     result = trials("stop", 1, seed=3, lease=3.0)  # a stop waits out the lease
     assert result["trials"] == 1 and result["final_files"] > 0
