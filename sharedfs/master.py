@@ -537,7 +537,7 @@ class MasterService:
         # holds.  (It once did, while the Welcome was on its way: the
         # directory settled without the report and served the host's dirty
         # blocks from storage.)  The Welcome goes first in the outbox.
-        self._post_welcome(node, link, scope, msg)
+        self._admit(node, link, scope, msg)
         # Before the join: a round it may be given could be the header's.
         self._dispatch(self.directory.name_llol(msg.llol))
         self._peers[node] = (msg.peer_host, msg.peer_port)
@@ -562,9 +562,9 @@ class MasterService:
         log.info("%s: node %d joined (peer port %d)", self.name, node, msg.peer_port)
         return node
 
-    def _post_welcome(self, node: int, link: AnyLink, scope: trio.CancelScope, msg: p.Join) -> None:
-        """`node` is joined: its outbox, its sender, and the Welcome first
-        in it."""
+    def _admit(self, node: int, link: AnyLink, scope: trio.CancelScope, msg: p.Join) -> None:
+        """`node` is joined: its link, its outbox with the Welcome first in
+        it, and the sender that empties it."""
         send, recv = trio.open_memory_channel[p.Message](OUTBOX_MAX)
         self._links[node] = link
         self._outboxes[node] = send
@@ -583,12 +583,11 @@ class MasterService:
         may hold blocks it would read), and a host coming back into its
         slot waits for its old self's recovery."""
         node = msg.node
-        too_late = (
-            "this master does not know its locks (it declared the host dead, "
-            "or the host came back too late)"
-        )
         if msg.resume and self._rebuilt.is_set():
-            return too_late
+            return (
+                "this master does not know its locks (it declared the host dead, "
+                "or the host came back too late)"
+            )
         if not msg.resume and not self._rebuilt.is_set():
             self._expected |= set(msg.live) - {node}
             await self._maybe_close_window()
@@ -596,7 +595,9 @@ class MasterService:
                 await self._rebuilt.wait()  # closed, or a new window opened
         if not 0 <= node < self.host_slots:
             return f"node {node} is out of range 0..{self.host_slots - 1}"
-        if node not in self._links:
+        if node not in self._links and not msg.resume:
+            # A resume never waits: it is the same life, not a new one (and
+            # the window must not end between our look at it and its report).
             await self._wait_recovered(node)
         if node in self._links:
             return f"node {node} is already joined"
@@ -606,8 +607,6 @@ class MasterService:
             return f"the cluster runs --coherence {self.directory.coherence}"
         if (msg.partition, msg.partitions) != self.partition:
             return f"the cluster spreads its directory over {self.partition[1]} partitions"
-        if msg.resume and self._rebuilt.is_set():
-            return too_late  # the window ended while we waited
         return None
 
     async def _sender(

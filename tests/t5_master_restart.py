@@ -102,7 +102,7 @@ async def test_a_resume_whose_welcome_is_on_its_way_as_the_window_ends_is_rebuil
     it as missing, took its report after the settle and never used it,
     and served the blocks it held dirty from storage: bad magic in CI.)"""
     vol = await make_volume()
-    async with cluster(vol, 3, lease=1.0, checkpoint_every=None) as c:
+    async with cluster(vol, 3, lease=2.0, checkpoint_every=None) as c:
         a, b, _ = c.hosts
         top = await a.mkdir(ROOT, b"d", 0o755, CTX)
         f = await a.create(top.ino, b"f", 0o644, CTX)
@@ -110,6 +110,7 @@ async def test_a_resume_whose_welcome_is_on_its_way_as_the_window_ends_is_rebuil
         dirty_at_a = [
             blk for blk, m, _, dirty in a.cache.holdings().values() if dirty and m == Mode.X
         ]
+        assert dirty_at_a
         real = Link.send
 
         async def send(link: Link, msg: p.Message) -> None:
