@@ -94,6 +94,13 @@ class LocalAgent:
     def release_block(self, blockno: int) -> None:
         self.master.release(self.host, block_resource(blockno))
 
+    @property
+    def retention(self) -> dict[int, float]:
+        return {}  # no other host to hand a block to
+
+    def handoff(self, blockno: int, to: int) -> None:
+        raise AssertionError("a single host has no other host to hand a block to")
+
     async def write_request(self, blocks: list[tuple[int, int]], bin: int = 0) -> None:
         raise AssertionError("a single host never has blocks in global role")
 
@@ -209,6 +216,13 @@ class ClusterAgent:
         self._written: dict[int, trio.Event] = {}  # block -> write notification wanted
         self._write_wanted: dict[int, int] = {}  # block -> version asked for
         self._releases: list[int] = []
+        #: --peer-reads: node -> its Stats.spare, as the master last said.
+        self.retention: dict[int, float] = {}
+        self._handoffs: dict[int, list[int]] = {}  # to -> blocks to offer it
+        #: Handed-off blocks granted to us before their transfer came.
+        self._handoff_due: dict[int, trio.Event] = {}
+        self._handed_in: set[int] = set()  # ... and those that came first
+        self._handoff_lost: set[int] = set()  # ... and those given up on
         self._send_lock = trio.Lock()
         self._nursery: trio.Nursery | None = None
         self.stats = AgentStats()
@@ -328,6 +342,11 @@ class ClusterAgent:
         """From here what we send goes to the master on `link`."""
         self._master = link
         self._up.set()
+        # Offers the last master had not answered will not be answered.
+        self._handoffs.clear()
+        self.retention = {}
+        if self.cache is not None:
+            self.cache.declined([b for b in self.cache.offered if self._ours(b)])
 
     async def _welcomed(self, link: AnyLink, join: p.Join, where: str) -> None:
         """Send `join`, and take the master's Welcome (QuietError if it refuses)."""
@@ -627,6 +646,11 @@ class ClusterAgent:
     def release_block(self, blockno: int) -> None:
         self._releases.append(blockno)
 
+    def handoff(self, blockno: int, to: int) -> None:
+        """Offer a block we are about to evict to `to` (protocol.Handoff);
+        the cache keeps it until the master pings us for it, or declines."""
+        self._handoffs.setdefault(to, []).append(blockno)
+
     async def _release_task(self) -> None:
         """Releases also go out on their own, batched, when nothing else does;
         and now and then our counters, for `sharedfs status`."""
@@ -634,12 +658,13 @@ class ClusterAgent:
         with contextlib.suppress(LinkClosed):  # fenced: nothing more to say
             while True:
                 await trio.sleep(0.05)
-                if self._releases:
+                if self._releases or self._handoffs:
                     await self._send_master(None)
                 ticks += 1
                 if ticks % STATS_TICKS == 0:
                     counters = (self.report_counters or self.counters)()
-                    await self._send_master(p.Stats(self.host, counters))
+                    spare = self.cache.spare() if self.cache is not None else -1.0
+                    await self._send_master(p.Stats(self.host, counters, spare))
 
     async def _lease_task(self, link: AnyLink) -> None:
         """Renew our lease; end the session once the master has been silent
@@ -791,6 +816,9 @@ class ClusterAgent:
                         batch = tuple(self._releases[:RELEASE_BATCH])
                         del self._releases[:RELEASE_BATCH]
                         await link.send(p.Release(batch))
+                    while self._handoffs:
+                        to, blocks = self._handoffs.popitem()
+                        await link.send(p.Handoff(tuple(blocks), to))
                     if msg is not None:
                         await link.send(msg)
                     return
@@ -817,6 +845,10 @@ class ClusterAgent:
                     session.start_soon(self._serve_ping, msg)
                 elif isinstance(msg, p.Primary):
                     self.cache.made_primary(msg.blocks)
+                elif isinstance(msg, p.Retention):
+                    self.retention = dict(msg.spare)
+                elif isinstance(msg, p.Handoff):
+                    self.cache.declined(msg.blocks)
                 elif isinstance(msg, p.WritePerform):
                     self._nursery.start_soon(self._perform, msg)
                 elif isinstance(msg, p.Recover):
@@ -840,6 +872,9 @@ class ClusterAgent:
         return "lost the connection to the lock master"
 
     def _on_grant(self, msg: p.Grant) -> None:
+        if msg.req == p.HANDOFF:
+            self._handoff_granted(msg)
+            return
         pend = self._pending.get(msg.req)
         if pend is None:
             return  # already complete: its transfer was the grant
@@ -884,6 +919,7 @@ class ClusterAgent:
         for pend in list(self._pending.values()):
             if msg.block in pend.granted and msg.block in pend.blocks:
                 await pend.used.wait()
+        await self._handoff_landed(msg.block)
         shipped = await self.cache.give_up(msg)
         if msg.block == self.cache.llol_block:
             self.llol_holder = msg.to
@@ -904,6 +940,7 @@ class ClusterAgent:
                 shipped.data,
                 shipped.via_storage,
                 msg.primary and not shipped.via_storage,
+                shipped.age,
             )
             # Once handed over, the copy goes out even if the master's link
             # ends meanwhile: our past image and the receiver's request,
@@ -1042,6 +1079,9 @@ class ClusterAgent:
         assert self.cache is not None
         self.cache.see_scn(msg.scn)
         self.stats.transfers_received += 1
+        if msg.req == p.HANDOFF:
+            self._handed(msg)
+            return
         pend = self._pending.get(msg.req)
         if pend is None or msg.block not in pend.blocks:
             log.warning("%s: transfer of block %d for no request", self.name, msg.block)
@@ -1058,6 +1098,49 @@ class ClusterAgent:
         pend.check()
         if pend.done.is_set():
             self._finish(pend)
+
+    # -- blocks other hosts handed us (Handoff) -----------------------------------------
+    # Its transfer is the grant (the giver was its only holder), but the
+    # master's Grant can come first, and a ping for the block after it:
+    # that ping waits for the copy, or it would find nothing to give up,
+    # and the copy landing later would be held here unknown to the master.
+    def _handed(self, msg: p.Transfer) -> None:
+        assert self.cache is not None
+        if msg.block in self._handoff_lost:
+            self._handoff_lost.discard(msg.block)
+            return
+        if not self.cache.take_handoff(msg):
+            self.release_block(msg.block)  # we had it already, or it was not sent
+        ev = self._handoff_due.pop(msg.block, None)
+        if ev is None:
+            self._handed_in.add(msg.block)
+        else:
+            ev.set()
+
+    def _handoff_granted(self, msg: p.Grant) -> None:
+        for b in msg.blocks:
+            if b in self._handed_in:
+                self._handed_in.discard(b)
+            elif msg.transfer:
+                self._handoff_due[b] = trio.Event()
+            else:
+                # Its giver died before its PingDone: granted from storage.
+                # What it sent, if anything, may come after a ping took the
+                # block from us again: not ours to keep.
+                self._handoff_lost.add(b)
+
+    async def _handoff_landed(self, block: int) -> None:
+        ev = self._handoff_due.get(block)
+        if ev is None:
+            return
+        with trio.move_on_after(CONNECT_TIMEOUT):
+            await ev.wait()
+        if not ev.is_set():
+            # Its giver never got it to us (it died, or could not reach
+            # us): a copy that lands after this ping is not ours to keep.
+            del self._handoff_due[block]
+            self._handoff_lost.add(block)
+            log.warning("%s: handed block %d never came", self.name, block)
 
     # -- the log's tail, host to host --------------------------------------------------
     async def ship_log(self, records: bytes) -> p.LogAppended | None:

@@ -76,6 +76,13 @@ class Buffer:
         copy: a read copy of a block whose primary cache is another host's
             (--peer-reads): evicted before the blocks we are primary for,
             so that the cluster keeps one copy of more blocks (seed 001).
+        used: when an operation last had it (trio clock): its age is its
+            cache retention value, which hosts compare (BlockCache.spare).
+        offered: evicted, and offered to another host (protocol.Handoff):
+            kept, held, until the master pings for it or declines.
+        last_chance: evicted without an offer: it came here by a handoff,
+            or an offer of it was declined, and nobody has used it since
+            (a block does not go round the cluster for ever).
     """
 
     blockno: int
@@ -92,6 +99,9 @@ class Buffer:
     leaving: bool = False
     going: bool = False
     copy: bool = False
+    used: float = 0.0
+    offered: bool = False
+    last_chance: bool = False
 
 
 @dataclass(slots=True)
@@ -107,6 +117,7 @@ class Shipped:
     btype: int = 0
     was_dirty: bool = False  # our copy was not on storage when it left
     cached: bool = True  # False: we had let it go already (its Release is on its way)
+    age: float = 0.0  # seconds since an operation here last used it
 
 
 @dataclass(slots=True)
@@ -146,6 +157,9 @@ class CacheStats:
     retries: int = 0
     transfers_in: int = 0
     copies_evicted: int = 0  # of those evictions, copies (Buffer.copy)
+    handed_off: int = 0  # evicted blocks offered to another host (Handoff)
+    handoffs_declined: int = 0  # ... and evicted here after all
+    handed_in: int = 0  # blocks another host handed us
 
 
 Invalidate = Callable[[Buffer], Awaitable[None]]
@@ -194,6 +208,11 @@ class BlockCache:
         #: The copies among them (Buffer.copy), coldest first; may name
         #: blocks gone since, or no longer copies (skipped, then dropped).
         self._copies: OrderedDict[int, None] = OrderedDict()
+        #: Evicted blocks offered to another host, not yet gone (Buffer.offered).
+        self.offered: set[int] = set()
+        #: Set when a handed block takes us past the capacity: trim soon,
+        #: idle or not (FileSystem.trim_when_crowded).
+        self.crowded = trio.Event()
         self._dirty: set[int] = set()
         self._inflight: dict[int, int] = {}  # block -> version being written
         self._shipped_while_writing: dict[int, int] = {}
@@ -398,6 +417,7 @@ class BlockCache:
             self._bufs.move_to_end(blockno)
             if buf.copy:
                 self._copies.move_to_end(blockno)
+            buf.used, buf.last_chance = trio.current_time(), False
             if pin:
                 self._touch(buf, mode)
             return buf
@@ -420,6 +440,7 @@ class BlockCache:
         self, blocknos: list[int], mode: Mode, btype: fmt.BlockType | None, pin: bool
     ) -> list[Buffer]:
         out = []
+        now = trio.current_time()
         for b in blocknos:
             buf = self._bufs[b]
             if btype is not None and buf.btype != btype:
@@ -428,6 +449,7 @@ class BlockCache:
             self._bufs.move_to_end(b)
             if buf.copy:
                 self._copies.move_to_end(b)
+            buf.used, buf.last_chance = now, False
             if pin:
                 self._touch(buf, mode)
             out.append(buf)
@@ -550,6 +572,55 @@ class BlockCache:
                 buf.mode = max(buf.mode, mode)
                 if mode is Mode.X:
                     buf.copy = False  # nobody else holds it now
+
+    def take_handoff(self, t: p.Transfer) -> bool:
+        """A block another host evicted and the master moved here (Handoff):
+        held in S, clean, ours as primary; False if no copy came with it.
+        It goes in as used when its giver last used it, but at the warm
+        end (a dict keeps no order in between)."""
+        if t.via_storage:
+            return False
+        self.stats.handed_in += 1
+        fresh = t.block not in self._bufs
+        self.install({t.block: t}, [t.block], Mode(t.mode))
+        if fresh:
+            buf = self._bufs[t.block]
+            buf.used, buf.last_chance = trio.current_time() - t.age, True
+        if len(self._bufs) > self.capacity:
+            self.crowded.set()
+        return True
+
+    def declined(self, blocks: Iterable[int]) -> None:
+        """The master kept these offered blocks here: the next trim evicts
+        them, offering them to nobody."""
+        for b in blocks:
+            buf = self._bufs.get(b)
+            if buf is not None and buf.offered:
+                buf.offered, buf.last_chance = False, True
+                self.stats.handoffs_declined += 1
+            self.offered.discard(b)
+
+    def _offers(self) -> int:
+        """How many blocks are offered (forgetting those gone meanwhile:
+        freed, or dropped at unmount)."""
+        self.offered.difference_update(
+            [b for b in self.offered if not getattr(self._bufs.get(b), "offered", False)]
+        )
+        return len(self.offered)
+
+    def spare(self) -> float:
+        """This host's Stats.spare: how long ago the block we would evict
+        next was used (protocol.SPARE if it is worth nothing to the
+        cluster: we have room, or it is a copy)."""
+        if len(self._bufs) - self._offers() < self.capacity:
+            return p.SPARE
+        victims = self._victims(1)
+        if not victims:
+            return 0.0  # nothing we can evict: no room for anything
+        buf = self._bufs[victims[0]]
+        if buf.copy:
+            return p.SPARE
+        return max(0.0, trio.current_time() - buf.used)
 
     def made_primary(self, blocks: Iterable[int]) -> None:
         """The master made our copies of these blocks their primary (the
@@ -685,6 +756,8 @@ class BlockCache:
         return buf.mode if buf is not None else Mode.N
 
     def _insert(self, buf: Buffer) -> None:
+        if not buf.used:
+            buf.used = trio.current_time()
         self._bufs[buf.blockno] = buf
 
     # -- changing blocks -----------------------------------------------------
@@ -1170,6 +1243,7 @@ class BlockCache:
             False,
             btype,
             buf.dirty or bool(writing),
+            age=max(0.0, trio.current_time() - buf.used),
         )
 
     # -- memory --------------------------------------------------------------------
@@ -1178,12 +1252,14 @@ class BlockCache:
         too much is dirty, and evict cold clean blocks past the capacity."""
         if len(self._dirty) >= self.dirty_limit:
             await self.flush()
-        if len(self._bufs) <= self.capacity:
+        if self.crowded.is_set():
+            self.crowded = trio.Event()
+        excess = len(self._bufs) - self._offers() - self.capacity
+        if excess <= 0:
             return
         # Evict clean blocks from the cold end; write back dirty ones first.
         # A block whose write is still in flight stays: storage does not
         # have its contents yet.
-        excess = len(self._bufs) - self.capacity
         if len(self._dirty) > len(self._bufs) - excess:
             await self.flush()
         # Another host may read a released block from storage and follow it
@@ -1194,14 +1270,32 @@ class BlockCache:
         # revokes (t5_cluster: ...never_read_stale).
         await self.register_private()
         victims = self._victims(excess)
+        heir = self._heir()
+        now = trio.current_time()
+        offers = 0
         for b in victims:
-            buf = self._bufs.pop(b)
+            buf = self._bufs[b]
+            if heir is not None and not (buf.copy or buf.last_chance) and now - buf.used < heir[1]:
+                # Warmer than what `heir` would evict next: the cluster
+                # keeps this one and drops that (seed 001).
+                buf.offered = True
+                self.offered.add(b)
+                self.agent.handoff(b, heir[0])
+                offers += 1
+                continue
+            del self._bufs[b]
             self.agent.release_block(b)
             if buf.copy:
                 self._copies.pop(b, None)
                 self.stats.copies_evicted += 1
-        self.stats.evictions += len(victims)
+        self.stats.handed_off += offers
+        self.stats.evictions += len(victims) - offers
         log.debug("host %d: evicted %s", self._host, victims)
+
+    def _heir(self) -> tuple[int, float] | None:
+        """The host with the most room for our evictions, and its
+        Stats.spare (the master's last word on it)."""
+        return max(self.agent.retention.items(), key=lambda kv: kv[1], default=None)
 
     def _victims(self, excess: int) -> list[int]:
         """Up to `excess` clean blocks: copies of blocks another host is
@@ -1231,7 +1325,7 @@ class BlockCache:
         return victims
 
     def _evictable(self, b: int, buf: Buffer) -> bool:
-        return not buf.dirty and b not in self._inflight and not buf.leaving
+        return not buf.dirty and b not in self._inflight and not buf.leaving and not buf.offered
 
     def drop_all(self) -> None:
         """Forget every clean block and release its lock (unmount)."""

@@ -23,6 +23,10 @@ log = logging.getLogger(__name__)
 
 Out = list[tuple[int, p.Message]]
 NOBODY = -1
+#: A handoff's place among conflicting operations: after every real one
+#: (an operation of the giver's that uses the block meanwhile finishes
+#: before the block goes, rather than start again).
+HANDOFF_START = 1e18
 #: The master itself, waiting for a write (recovery needs a block on storage).
 MASTER = -2
 
@@ -35,6 +39,7 @@ class Request:
     op_start: float
     recovery: bool = False
     gone: bool = False  # its asker died while it was being served
+    giver: int | None = None  # a handoff: the host that lets go of it for this
 
 
 @dataclass(slots=True)
@@ -167,6 +172,8 @@ class Counters:
     messages_out: int = 0
     peer_reads: int = 0  # clean blocks shipped from a cache instead of read from storage
     primaries_moved: int = 0  # copies made primary when their primary let go
+    handoffs: int = 0  # blocks a host evicting them moved to a host with room
+    handoffs_declined: int = 0  # offered, and dropped instead (someone else asked, say)
 
 
 class Directory:
@@ -664,7 +671,7 @@ class Directory:
                 src = st.owner
             if src is None and held is Mode.N and self.peer_reads:
                 src = self._clean_source(st, r.node)
-                if src is not None:
+                if src is not None and r.giver is None:
                     self.counters.peer_reads += 1
             if src is None and not conflicts:
                 st.queue.popleft()
@@ -684,7 +691,8 @@ class Directory:
             st.final = final
             st.src = src
             for x in targets:
-                keep = Mode.S if (r.mode is Mode.S and x == src) else Mode.N
+                # A giver keeps nothing: it hands its copy over, primary and all.
+                keep = Mode.S if (r.mode is Mode.S and x == src != r.giver) else Mode.N
                 to = r.node if x == src else NOBODY
                 if to == NOBODY:
                     self.counters.revokes += 1
@@ -830,6 +838,45 @@ class Directory:
             self._gc(block, st)
         out += [(n, p.Primary(tuple(blocks))) for n, blocks in promoted.items()]
         return out
+
+    def on_handoff(self, node: int, msg: p.Handoff) -> Out:
+        """`node` would evict these blocks, and offers them to `msg.to`,
+        which has room for colder blocks (seed 001: the cluster drops the
+        block of lowest retention value, wherever it is).  A block only the
+        giver holds, that nobody waits for, moves: a request of `to`'s
+        served by the giver's copy, which the giver keeps none of.  The
+        others stay as they are, and go back in one Handoff to nobody: the
+        giver evicts them as it would have (a copy stays elsewhere, someone
+        asked for it, `to` went)."""
+        out: Out = []
+        declined: list[int] = []
+        for block in msg.blocks:
+            st = self._state(block)
+            if not self._movable(node, msg.to, st):
+                declined.append(block)
+                self._gc(block, st)
+                continue
+            self.counters.handoffs += 1
+            st.queue.append(Request(msg.to, p.HANDOFF, Mode.S, HANDOFF_START, giver=node))
+            out += self._serve(block, st)
+        if declined:
+            self.counters.handoffs_declined += len(declined)
+            out.append((node, p.Handoff(tuple(declined), NOBODY)))
+        return out
+
+    def _movable(self, giver: int, to: int, st: BlockState) -> bool:
+        return (
+            self.peer_reads
+            and to != giver
+            and to in self.nodes
+            and to not in self.recoveries
+            and list(st.holders) == [giver]
+            and st.owner is None
+            and st.writer is None
+            and st.recovering is None
+            and not (st.queue or st.acks or st.revoking or st.settling)
+            and not self._sweeping()
+        )
 
     def _promote(self, block: int, st: BlockState, promoted: dict[int, list[int]]) -> int | None:
         """The primary let its copy go: the copy granted last (the warmest,

@@ -1315,6 +1315,20 @@ class FileSystem:
                 # The next round tries again; what is dirty stays dirty.
                 log.error("host %d: checkpoint failed: %s", self.host, e)
 
+    async def trim_when_crowded(self) -> None:
+        """The mount's task for blocks other hosts hand us (Handoff): they
+        can take the cache past its capacity while no operation runs here
+        to trim it after."""
+        while True:
+            await self.cache.crowded.wait()
+            try:
+                async with self._op:
+                    await self.cache.trim()
+            except (StorageError, LinkClosed) as e:
+                if self.fenced:
+                    return
+                log.error("host %d: trimming the cache failed: %s", self.host, e)
+
     async def destroy(self) -> None:
         """Unmount: free inodes unlinked while open, write everything back,
         and leave nothing of ours that the log must keep."""

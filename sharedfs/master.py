@@ -67,7 +67,7 @@ _CounterSample = tuple[float, dict[str, int], dict[int, dict[str, int]]]
 
 #: Messages that keep the cluster's bookkeeping, not its locks: not counted
 #: in the messages per transfer or per commit.
-_UPKEEP = (p.Beat, p.Stats, p.StatusRequest, p.StatusReply)
+_UPKEEP = (p.Beat, p.Stats, p.StatusRequest, p.StatusReply, p.Retention)
 
 
 class LockMaster:
@@ -193,6 +193,7 @@ class MasterService:
         self._outboxes: dict[int, trio.MemorySendChannel[p.Message]] = {}
         self._peers: dict[int, tuple[str, int]] = {}
         self._host_stats: dict[int, dict[str, int]] = {}
+        self._spare: dict[int, float] = {}  # node -> its last Stats.spare (--peer-reads)
         self._samples: deque[_CounterSample] = deque(maxlen=RATE_WINDOW + 1)
         self._nursery: trio.Nursery | None = None
         # The rebuild window: open (not set) while hosts may still resume.
@@ -637,6 +638,8 @@ class MasterService:
             out = d.on_ping_done(node, msg)
         elif isinstance(msg, p.Release):
             out = d.on_release(node, msg)
+        elif isinstance(msg, p.Handoff):
+            out = d.on_handoff(node, msg)
         elif isinstance(msg, p.WriteRequest):
             out = d.on_write_request(node, msg)
         elif isinstance(msg, p.WriteDone):
@@ -650,6 +653,7 @@ class MasterService:
             return
         elif isinstance(msg, p.Stats):
             self._host_stats[node] = dict(msg.counters)
+            self._retention(node, msg.spare)
             return
         elif isinstance(msg, p.StatusRequest):
             self._post(node, p.StatusReply(self.status()))
@@ -657,6 +661,15 @@ class MasterService:
         else:
             raise p.ProtocolError(f"unexpected {type(msg).__name__} from node {node}")
         self._dispatch(out)
+
+    def _retention(self, node: int, spare: float) -> None:
+        """--peer-reads: keep what `node` says it has room for, and tell it
+        what the others said (where its evictions may go: Handoff)."""
+        if not self.directory.peer_reads or spare < 0:
+            return
+        self._spare[node] = spare
+        others = tuple((n, s) for n, s in self._spare.items() if n != node and n in self._links)
+        self._post(node, p.Retention(others))
 
     def _dispatch(self, out: list[tuple[int, p.Message]]) -> None:
         for node, msg in out:
@@ -696,6 +709,7 @@ class MasterService:
         self._peers.pop(node, None)
         self._scopes.pop(node, None)
         self._heard.pop(node, None)
+        self._spare.pop(node, None)
         self._resumed.discard(node)  # before the rebuild: one that never came back
         if self._stopped:
             return  # who is dead is our successor's to judge

@@ -511,6 +511,7 @@ async def _run_fuse(
             try:
                 async with trio.open_nursery() as tasks:
                     tasks.start_soon(fs.write_back_every, writeback)
+                    tasks.start_soon(fs.trim_when_crowded)
                     tasks.start_soon(_signal_task, signals)
                     ready()
                     with unblocked_fuse_reads():

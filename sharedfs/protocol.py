@@ -305,6 +305,7 @@ class Transfer(Message):
     data: bytes
     via_storage: bool = False  # --coherence disk: read it from storage instead
     copy: bool = False  # the sender stays the primary: hold it as a copy (Ping.primary)
+    age: float = 0.0  # seconds since the sender last used it (its retention value)
 
 
 @message(24)
@@ -327,6 +328,25 @@ class Release(Message):
     """A host lets go of clean blocks (eviction, unmount)."""
 
     blocks: tuple[int, ...]
+
+
+#: The request id of a handoff (Handoff): no request of the receiver's
+#: (those count from 1); a Transfer or Grant with it brings a block the
+#: receiver did not ask for, to keep.
+HANDOFF = 0
+
+
+@message(28)
+class Handoff(Message):
+    """A host to the master (--peer-reads): it is about to evict these clean
+    blocks, the only cached copies it knows of, and `to` has room for
+    colder blocks than these (Retention): move them there rather than let
+    the cluster lose them (seed 001, cache retention values compared).  The
+    host keeps each until the master pings it: to ship it to `to`, or
+    just to drop it."""
+
+    blocks: tuple[int, ...]
+    to: int
 
 
 # -- the log's tail, host to host ------------------------------------------------
@@ -463,6 +483,23 @@ class Stats(Message):
 
     node: int
     counters: dict[str, int]
+    #: Seconds since the block this host would evict next was last used
+    #: (its cache retention value: the older, the less it is worth); SPARE
+    #: while it has room, or would evict only a copy of a block another host
+    #: is primary for.  -1: not told.
+    spare: float = -1.0
+
+
+#: Stats.spare of a host that would evict nothing of worth.
+SPARE = 1e9
+
+
+@message(43)
+class Retention(Message):
+    """The master to each host (--peer-reads), in answer to its Stats: what
+    the other live hosts last said their Stats.spare was."""
+
+    spare: tuple[tuple[int, float], ...]
 
 
 #: Stats counters that are levels (blocks cached now), not running totals.

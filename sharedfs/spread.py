@@ -133,6 +133,7 @@ class SpreadAgent:
             part.on_recover = functools.partial(self._recover, k)
 
     log_marks = _ToParts()
+    retention = _ToParts()
     on_log_append = _ToParts()
     master_wait = _ToParts()
     live_at_join = _ToParts()
@@ -182,6 +183,9 @@ class SpreadAgent:
 
     def release_block(self, blockno: int) -> None:
         self.part(blockno).release_block(blockno)
+
+    def handoff(self, blockno: int, to: int) -> None:
+        self.part(blockno).handoff(blockno, to)
 
     async def write_request(self, blocks: list[tuple[int, int]], bin: int = 0) -> None:
         async with trio.open_nursery() as nursery:

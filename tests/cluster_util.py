@@ -125,6 +125,7 @@ class Cluster:
                 await n.start(fs.cache.agent.run, ("127.0.0.1", self._port))
                 if self._checkpoint_every is not None:
                     n.start_soon(fs.write_back_every, self._checkpoint_every)
+                n.start_soon(fs.trim_when_crowded)  # as a mount does
                 task_status.started(scope)
 
     def kill(self, node: int) -> None:
