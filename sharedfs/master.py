@@ -159,13 +159,15 @@ class MasterService:
         node: int = -1,
         dead: frozenset[int] = frozenset(),
         peer_reads: bool = False,
+        handoffs: bool = True,
         volume_blocks: int | None = None,
         partition: tuple[int, int] = (0, 1),
         expect: frozenset[int] = frozenset(),
     ) -> None:
         """`dead`: hosts known to be dead (a successor's predecessor): the
         rebuild window need not wait for them to resume.  `peer_reads`:
-        Directory.peer_reads.  `partition`: (k, of how many): with the
+        Directory.peer_reads.  `handoffs`: with peer reads, tell the hosts
+        where their evictions may go (Retention, Handoff).  `partition`: (k, of how many): with the
         directory spread over the hosts (spread.py), this master serves
         only the blocks of part k.  `expect`: hosts known to hold locks,
         waited for as a resume says of the others (spread.py: every live
@@ -194,6 +196,7 @@ class MasterService:
         self._peers: dict[int, tuple[str, int]] = {}
         self._host_stats: dict[int, dict[str, int]] = {}
         self._spare: dict[int, float] = {}  # node -> its last Stats.spare (--peer-reads)
+        self.handoffs = handoffs
         self._samples: deque[_CounterSample] = deque(maxlen=RATE_WINDOW + 1)
         self._nursery: trio.Nursery | None = None
         # The rebuild window: open (not set) while hosts may still resume.
@@ -665,7 +668,7 @@ class MasterService:
     def _retention(self, node: int, spare: float) -> None:
         """--peer-reads: keep what `node` says it has room for, and tell it
         what the others said (where its evictions may go: Handoff)."""
-        if not self.directory.peer_reads or spare < 0:
+        if not (self.directory.peer_reads and self.handoffs) or spare < 0:
             return
         self._spare[node] = spare
         others = tuple((n, s) for n, s in self._spare.items() if n != node and n in self._links)
@@ -980,6 +983,7 @@ def run_master(args: argparse.Namespace) -> None:
         lease=args.lease,
         tls=load_tls(args.tls),
         peer_reads=args.peer_reads,
+        handoffs=not args.no_handoffs,
         volume_blocks=sb.volume_blocks,
     )
     trio.run(_serve_forever, service, host, port, args.metrics)
@@ -988,14 +992,21 @@ def run_master(args: argparse.Namespace) -> None:
 PEER_READS_HELP = (
     "a read of a block another host caches is shipped from that host's cache "
     "rather than read from storage, and each host evicts its copies of blocks "
-    "another host is primary for before its own (fewer storage reads when the "
+    "another host is primary for before its own, and offers its own to the host "
+    "whose cache holds the coldest blocks (fewer storage reads when the "
     "hosts' caches together hold the working set; each such read costs a ping)"
+)
+NO_HANDOFFS_HELP = (
+    "with --peer-reads: evict a block this host is primary for without offering "
+    "it to another host first (to measure what handoffs are worth)"
 )
 
 
 def check_peer_reads(args: argparse.Namespace) -> None:
     if args.peer_reads and args.coherence == "disk":
         raise QuietError("--peer-reads ships blocks host to host: not with --coherence disk", 2)
+    if args.no_handoffs and not args.peer_reads:
+        raise QuietError("--no-handoffs: only with --peer-reads", 2)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -1004,6 +1015,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--listen", default="127.0.0.1:7400", metavar="HOST:PORT")
     ap.add_argument("--coherence", choices=("fusion", "disk"), default="fusion")
     ap.add_argument("--peer-reads", action="store_true", help=PEER_READS_HELP)
+    ap.add_argument("--no-handoffs", action="store_true", help=NO_HANDOFFS_HELP)
     ap.add_argument(
         "--lease",
         type=float,

@@ -41,7 +41,13 @@ from .fs import FileSystem
 from .fuse_ops import Operations
 from .host import DEFAULT_CACHE_BYTES, open_cluster_host
 from .link import parse_address
-from .master import DEFAULT_LEASE, PEER_READS_HELP, MasterService, check_peer_reads
+from .master import (
+    DEFAULT_LEASE,
+    NO_HANDOFFS_HELP,
+    PEER_READS_HELP,
+    MasterService,
+    check_peer_reads,
+)
 from .metrics import Sample, counter_samples, serve_metrics
 from .mirror import mirrored, refuse_own_secondary
 from .protocol import MAX_PARTITIONS
@@ -127,6 +133,11 @@ def add_mount_args(p: argparse.ArgumentParser) -> None:
         "--peer-reads",
         action="store_true",
         help="for the master this mount embeds (without --master): " + PEER_READS_HELP,
+    )
+    p.add_argument(
+        "--no-handoffs",
+        action="store_true",
+        help="for the master this mount embeds: " + NO_HANDOFFS_HELP,
     )
     p.add_argument("--cache-size", type=parse_size, default=DEFAULT_CACHE_BYTES)
     p.add_argument(
@@ -419,6 +430,7 @@ class Masters:
             node=self._node,
             dead=dead,
             peer_reads=args.peer_reads,
+            handoffs=not args.no_handoffs,
             volume_blocks=self._sb.volume_blocks,
             partition=partition,
             expect=expect,
@@ -691,7 +703,7 @@ def helper_argv(volume: str, mountpoint: str, options: str) -> list[str]:
             if not eq or not value:
                 raise QuietError(f"-o {key}: give a value ({key}=...)", 1)
             argv.append(f"{_HELPER_OPTIONS[key]}={value}")
-        elif key in ("debug", "peer_reads"):
+        elif key in ("debug", "peer_reads", "no_handoffs"):
             argv.append("--" + key.replace("_", "-"))
         elif key not in _FSTAB_ONLY and not key.startswith("x-"):
             fuse.append(opt)
@@ -707,7 +719,7 @@ def mount_helper_main(argv: list[str] | None = None) -> None:
         "writeback=SECONDS, nbd_timeout=SECONDS, master_wait=SECONDS, cache_size=SIZE, "
         "metrics=HOST:PORT, tls=DIR, "
         "log=FILE, "
-        "peer_reads, debug, and FUSE "
+        "peer_reads, no_handoffs, debug, and FUSE "
         "options; defaults, auto, noauto, _netdev, nofail, user(s), rw and x-* are for "
         "mount(8) and fstab and are ignored.",
     )

@@ -35,9 +35,10 @@ embedded in host 0: each host's wait for its grant (host 0's master is in
 its own process), and the master's messages per read (issue #10).
 
 peer-reads: two hosts whose caches together hold a set, not one alone,
-read it in turn, with the master's --peer-reads and without: the blocks
-taken from storage against those shipped from the other host's cache
-(issue #10's cluster-aware eviction).
+read it in turn, or one reads it while the other idles; without peer
+reads, with them but no handoffs, and with both: the blocks taken from
+storage against those shipped from the other host's cache (issue #10's
+cluster-aware eviction).
 
 mirror: one host's write workloads with mirroring off, to an image file,
 and to nbdkit over a unix socket, interleaved; the lag (how long after a
@@ -739,89 +740,109 @@ print(time.monotonic() - t0)
 """
 PEER_CACHE = "16M"
 PEER_SET_MIB = 24  # fits two hosts' caches, not one
-PEER_ROUNDS = 4  # reads of the whole set, the hosts in turn
+PEER_ROUNDS = 4  # reads of the whole set
+#: The master's options per mode: no peer reads; peer reads that evict as
+#: before handoffs (copies first, the rest dropped); and with handoffs.
+PEER_MODES = {
+    "off": (),
+    "copies first": ("--peer-reads", "--no-handoffs"),
+    "handoffs": ("--peer-reads",),
+}
+#: Who reads the set in each round: the hosts in turn, or host 0 alone
+#: (host 1 idle, its cache empty).
+PEER_WORKLOADS = {"in turn": (1, 0, 1, 0), "one reader": (0, 0, 0, 0)}
 
 
-def peer_reads_run(peer_reads: bool, work: Path) -> dict:
-    """Host 0 writes the set; then the hosts read it in turn.  What the
-    reads took from storage, from the other host's cache, and how long."""
+def peer_reads_run(mode: str, readers: tuple[int, ...], work: Path) -> dict:
+    """Host 0 writes the set; then `readers` read it, round by round.
+    What the reads took from storage, from the other host's cache, and
+    how long."""
     vol = work / "peer-reads.img"
     sfs("mkfs", str(vol), "--size", "256M", "-q", "--force")
-    master_args = ("--peer-reads",) if peer_reads else ()
     data = os.urandom(PEER_SET_MIB << 20)
     digest = hashlib.blake2b(data).hexdigest()
-    with cluster(vol, 2, work, master_args, ("--cache-size", PEER_CACHE)) as (addr, mnts):
+    mount_args = ("--cache-size", PEER_CACHE)
+    with cluster(vol, 2, work, PEER_MODES[mode], mount_args) as (addr, mnts):
         with open(mnts[0] / "set", "wb") as f:
             f.write(data)
             os.fsync(f.fileno())
+        time.sleep(1.1)  # host 0 hears what host 1 has room for (Stats)
         before = counters(vol, addr)
         seconds = 0.0
-        for r in range(PEER_ROUNDS):
-            path = mnts[(r + 1) % 2] / "set"  # host 1 first: host 0 has it cached
+        for host in readers:
             out = subprocess.run(
-                [PY, "-c", DIRECT_READER, str(path), digest], capture_output=True, text=True
+                [PY, "-c", DIRECT_READER, str(mnts[host] / "set"), digest],
+                capture_output=True,
+                text=True,
             )
             if out.returncode:
                 raise SystemExit(f"peer-reads: reader failed: {out.stderr.strip()}")
             seconds += float(out.stdout)
         after = counters(vol, addr)
-    blocks = PEER_ROUNDS * (PEER_SET_MIB << 20) // 4096
+    blocks = len(readers) * (PEER_SET_MIB << 20) // 4096
     from_storage = grown(before, after, "cache_misses")
+    master = {k: after["counters"][k] - before["counters"].get(k, 0) for k in after["counters"]}
     return {
-        "peer_reads": peer_reads,
+        "mode": mode,
         "blocks": blocks,
         "from_storage": from_storage,
-        "from_peers": after["counters"]["peer_reads"] - before["counters"]["peer_reads"],
-        "storage_reads": grown(before, after, "cache_storage_reads"),
-        "hit_rate": 1 - from_storage / blocks,
-        "mb_per_s": PEER_ROUNDS * PEER_SET_MIB * MiB / 1e6 / seconds,
+        "from_peers": master["peer_reads"],
+        "handoffs": master.get("handoffs", 0),
+        "hit_rate": max(0.0, 1 - from_storage / blocks),  # metadata reads can exceed the set
+        "mb_per_s": len(readers) * PEER_SET_MIB * MiB / 1e6 / seconds,
         "copies_evicted": grown(before, after, "cache_copies_evicted"),
     }
 
 
 def peer_reads_bench(args: argparse.Namespace, work: Path) -> Section:
-    runs: dict[bool, list[dict]] = {False: [], True: []}
-    for _ in range(args.repeat):  # interleaved: noise hurts both alike
-        for mode in runs:
-            runs[mode].append(peer_reads_run(mode, work))
-    med = {mode: _median(r, "from_storage") for mode, r in runs.items()}
+    runs = {(w, m): [] for w in PEER_WORKLOADS for m in PEER_MODES}  # type: ignore[var-annotated]
+    for _ in range(args.repeat):  # interleaved: noise hurts all alike
+        for w, m in runs:
+            runs[w, m].append(peer_reads_run(m, PEER_WORKLOADS[w], work))
+    med = {key: _median(r, "from_storage") for key, r in runs.items()}
     cmd = f"tools/bench peer-reads --repeat {args.repeat}"
     out = [
         f"### reads from other hosts' caches (--peer-reads), {time.strftime('%Y-%m-%d')}",
         "",
         f"`{cmd}` on {machine()}; a 256 MiB image file on the machine's disk, a",
         f"standalone master, two mounts with `--cache-size {PEER_CACHE}` each. Host 0",
-        f"writes {PEER_SET_MIB} MiB (fsync); then host 1, host 0, host 1, host 0 each read",
-        "it whole with O_DIRECT in 1 MiB reads (no page cache: every read reaches",
-        "the mount). The set fits the two caches together, not one. *From storage*:",
-        "blocks the hosts read from the volume; *from peers*: blocks the master had",
-        "shipped from the other host's cache; *cluster hit rate*: the blocks read",
-        "that did not come from storage. Off: the master's default; on: `sharedfs",
-        "master --peer-reads`.",
-        f"Medians of {args.repeat} runs (by blocks from storage).",
+        f"writes {PEER_SET_MIB} MiB (fsync); then, *in turn*: host 1, host 0, host 1,",
+        "host 0 each read it whole; *one reader*: host 0 reads it four times while",
+        "host 1 is idle. Reads are O_DIRECT, 1 MiB each (no page cache: every read",
+        "reaches the mount). The set fits the two caches together, not one.",
+        "*Off*: the master's default; *copies first*: `--peer-reads --no-handoffs`",
+        "(reads shipped from the primary's cache, copies evicted first);",
+        "*handoffs*: `--peer-reads` (and a host evicting a block it is primary for",
+        "offers it to the host whose next eviction is colder). *From storage*: blocks",
+        "the hosts read from the volume; *from peers*: blocks shipped from the other",
+        "host's cache for a read; *handoffs*: evicted blocks moved to the other",
+        "host's cache; *cluster hit rate*: the blocks read that did not come from",
+        f"storage. Medians of {args.repeat} runs (by blocks from storage).",
         "",
-        "| --peer-reads | blocks read | from storage | from peers | storage reads "
+        "| workload | mode | blocks read | from storage | from peers | handoffs "
         "| cluster hit rate | copies evicted | MB/s |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
-    for mode, r in med.items():
+    for (w, m), r in med.items():
         out.append(
-            f"| {'on' if mode else 'off'} | {r['blocks']} | {r['from_storage']} "
-            f"| {r['from_peers']} | {r['storage_reads']} | {100 * r['hit_rate']:.0f}% "
-            f"| {r['copies_evicted']} | {r['mb_per_s']:.0f} |"
+            f"| {w} | {m} | {r['blocks']} | {r['from_storage']} | {r['from_peers']} "
+            f"| {r['handoffs']} | {100 * r['hit_rate']:.0f}% | {r['copies_evicted']} "
+            f"| {r['mb_per_s']:.0f} |"
         )
-    off, on = med[False], med[True]
-    cut = off["from_storage"] / max(on["from_storage"], 1)
-    out += [
-        "",
-        f"--peer-reads: {cut:.1f}x fewer blocks from storage, at "
-        f"{on['mb_per_s'] / off['mb_per_s']:.2f}x the MB/s.",
-        "",
-    ]
-    figures = {
-        "peer reads off: blocks from storage": off["from_storage"],
-        "peer reads on: blocks from storage": on["from_storage"],
-    }
+    out.append("")
+    figures = {}
+    for w in PEER_WORKLOADS:
+        base = med[w, "off"]["from_storage"]
+        cuts = ", ".join(
+            f"{m}: {med[w, m]['from_storage'] / max(base, 1):.3f}x the blocks from storage, "
+            f"{med[w, m]['mb_per_s'] / med[w, 'off']['mb_per_s']:.2f}x the MB/s"
+            for m in PEER_MODES
+            if m != "off"
+        )
+        out.append(f"{w}, against off: {cuts}.")
+        for m in PEER_MODES:
+            figures[f"peer reads {w}, {m}: blocks from storage"] = med[w, m]["from_storage"]
+    out.append("")
     return Section("\n".join(out), figures)
 
 
@@ -1051,9 +1072,10 @@ def targets_of(fig: dict[str, float]) -> list[bench_report.Target]:
             )
         )
     # #10 asks that cluster-aware eviction cut them; we ask at least by half.
-    on = fig["peer reads on: blocks from storage"]
-    off = fig["peer reads off: blocks from storage"]
-    out.append(T("storage reads, peer reads on vs off", 10, on / max(off, 1), 0.5, True))
+    for w in PEER_WORKLOADS:
+        on = fig[f"peer reads {w}, handoffs: blocks from storage"]
+        off = fig[f"peer reads {w}, off: blocks from storage"]
+        out.append(T(f"storage reads, peer reads vs off, {w}", 10, on / max(off, 1), 0.5, True))
     return out
 
 
