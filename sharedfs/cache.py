@@ -76,7 +76,7 @@ class Buffer:
         copy: a read copy of a block whose primary cache is another host's
             (--peer-reads): evicted before the blocks we are primary for,
             so that the cluster keeps one copy of more blocks (seed 001).
-        used: when an operation last had it (trio clock): its age is its
+        used: when an operation last had it (time.monotonic): its age is its
             cache retention value, which hosts compare (BlockCache.spare).
         offered: evicted, and offered to another host (protocol.Handoff):
             kept, held, until the master pings for it or declines.
@@ -417,7 +417,7 @@ class BlockCache:
             self._bufs.move_to_end(blockno)
             if buf.copy:
                 self._copies.move_to_end(blockno)
-            buf.used, buf.last_chance = trio.current_time(), False
+            buf.used, buf.last_chance = time.monotonic(), False
             if pin:
                 self._touch(buf, mode)
             return buf
@@ -440,7 +440,7 @@ class BlockCache:
         self, blocknos: list[int], mode: Mode, btype: fmt.BlockType | None, pin: bool
     ) -> list[Buffer]:
         out = []
-        now = trio.current_time()
+        now = time.monotonic()
         for b in blocknos:
             buf = self._bufs[b]
             if btype is not None and buf.btype != btype:
@@ -585,7 +585,7 @@ class BlockCache:
         self.install({t.block: t}, [t.block], Mode(t.mode))
         if fresh:
             buf = self._bufs[t.block]
-            buf.used, buf.last_chance = trio.current_time() - t.age, True
+            buf.used, buf.last_chance = time.monotonic() - t.age, True
         if len(self._bufs) > self.capacity:
             self.crowded.set()
         return True
@@ -620,7 +620,7 @@ class BlockCache:
         buf = self._bufs[victims[0]]
         if buf.copy:
             return p.SPARE
-        return max(0.0, trio.current_time() - buf.used)
+        return max(0.0, time.monotonic() - buf.used)
 
     def made_primary(self, blocks: Iterable[int]) -> None:
         """The master made our copies of these blocks their primary (the
@@ -757,7 +757,7 @@ class BlockCache:
 
     def _insert(self, buf: Buffer) -> None:
         if not buf.used:
-            buf.used = trio.current_time()
+            buf.used = time.monotonic()
         self._bufs[buf.blockno] = buf
 
     # -- changing blocks -----------------------------------------------------
@@ -1243,7 +1243,7 @@ class BlockCache:
             False,
             btype,
             buf.dirty or bool(writing),
-            age=max(0.0, trio.current_time() - buf.used),
+            age=max(0.0, time.monotonic() - buf.used),
         )
 
     # -- memory --------------------------------------------------------------------
@@ -1271,7 +1271,7 @@ class BlockCache:
         await self.register_private()
         victims = self._victims(excess)
         heir = self._heir()
-        now = trio.current_time()
+        now = time.monotonic()
         offers = 0
         for b in victims:
             buf = self._bufs[b]
