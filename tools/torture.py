@@ -640,6 +640,7 @@ def run(args: argparse.Namespace) -> dict:  # type: ignore[type-arg]
         # counts from then on.
         counters = c.status()["counters"]
         result["peer_reads"] = counters["peer_reads"]
+        result["handoffs"] = counters.get("handoffs", 0)
         result["transfers"] = counters["transfers"]
         c.stop()
         result["final_files"] = final_check(c)
@@ -720,7 +721,11 @@ def main() -> None:
         + f"; recovery {min(rec):.2f} / "
         f"{statistics.median(rec):.2f} / {max(rec):.2f} s (min/median/max); "
         f"{result['checked']} files read in trials, {result['final_files']} at the end; fsck clean"
-        + (f"; {result['peer_reads']} peer reads" if args.peer_reads else "")
+        + (
+            f"; {result['peer_reads']} peer reads, {result['handoffs']} handoffs"
+            if args.peer_reads
+            else ""
+        )
     )
     if args.json:
         print(json.dumps(result))
