@@ -273,6 +273,10 @@ async def cluster(
                 for node, fs in enumerate(c.hosts):
                     if node in c._scopes:
                         await fs.destroy()
-                        if node in c.mirrors:
-                            await c.mirrors[node].drain()
+                # Only once all have: a later host's unmount can have an
+                # earlier one write (a WritePerform for a past image), and
+                # that write is mirrored too.
+                for node, mirror in c.mirrors.items():
+                    if node in c._scopes:
+                        await mirror.drain()
             nursery.cancel_scope.cancel()
