@@ -1110,7 +1110,7 @@ class ClusterAgent:
             self._handoff_lost.discard(msg.block)
             return
         if not self.cache.take_handoff(msg):
-            self.release_block(msg.block)  # we had it already, or it was not sent
+            self.release_block(msg.block)  # its giver had let it go: no copy came
         ev = self._handoff_due.pop(msg.block, None)
         if ev is None:
             self._handed_in.add(msg.block)

@@ -850,11 +850,12 @@ class Directory:
         asked for it, `to` went)."""
         out: Out = []
         declined: list[int] = []
+        # Asked once, not per block (as on_lock_request).
+        open_to = self._open_to(node, msg.to)
         for block in msg.blocks:
-            st = self._state(block)
-            if not self._movable(node, msg.to, st):
+            st = self.blocks.get(block)
+            if not (open_to and st is not None and self._movable(node, st)):
                 declined.append(block)
-                self._gc(block, st)
                 continue
             self.counters.handoffs += 1
             st.queue.append(Request(msg.to, p.HANDOFF, Mode.S, HANDOFF_START, giver=node))
@@ -864,18 +865,25 @@ class Directory:
             out.append((node, p.Handoff(tuple(declined), NOBODY)))
         return out
 
-    def _movable(self, giver: int, to: int, st: BlockState) -> bool:
+    def _open_to(self, giver: int, to: int) -> bool:
+        """May `giver` hand blocks to `to` at all?"""
         return (
             self.peer_reads
             and to != giver
             and to in self.nodes
             and to not in self.recoveries
-            and list(st.holders) == [giver]
+            and not self._sweeping()
+        )
+
+    @staticmethod
+    def _movable(giver: int, st: BlockState) -> bool:
+        """Only the giver holds the block, clean, and nothing else goes on."""
+        return (
+            list(st.holders) == [giver]
             and st.owner is None
             and st.writer is None
             and st.recovering is None
             and not (st.queue or st.acks or st.revoking or st.settling)
-            and not self._sweeping()
         )
 
     def _promote(self, block: int, st: BlockState, promoted: dict[int, list[int]]) -> int | None:
