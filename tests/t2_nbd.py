@@ -81,6 +81,42 @@ async def test_many_requests_in_flight_on_one_connection(nbd_servers) -> None:  
     vol.close()
 
 
+def test_a_heartbeat_thread_beside_a_new_runs_first_requests(nbd_servers) -> None:  # type: ignore[no-untyped-def]
+    """A mount uses the volume before trio runs; then its first heartbeat
+    (in a worker thread) races its tasks' first requests.  The thread must
+    go through the run, not poll the socket beside the run's pumps: it
+    would read replies whose tasks it cannot wake, and they hang.  Each
+    round is a new run, as a new mount in one process would be."""
+    srv = nbd_servers.nbdkit("memory", "64M", pause=True)
+    vol = NbdStorage.open(srv.uri)
+    for i in range(8):
+        vol.write_sync(i * MiB, pattern(4096, i))  # before trio, as mount's checks run
+
+    async def first_requests() -> dict[int, bytes]:
+        results: dict[int, bytes] = {}
+
+        async def read(i: int) -> None:
+            results[i] = await vol.read(i * MiB, 4096)
+
+        async def heartbeat() -> None:
+            results[7] = await trio.to_thread.run_sync(vol.read_sync, 7 * MiB, 4096)
+
+        srv.pause()
+        with trio.fail_after(20):
+            async with trio.open_nursery() as n:
+                n.start_soon(heartbeat)
+                await trio.sleep(0.2)  # the thread's request waits on the server
+                for i in range(7):
+                    n.start_soon(read, i)
+                await trio.sleep(0.2)
+                srv.pause(False)
+        return results
+
+    for _ in range(5):
+        assert trio.run(first_requests) == {i: pattern(4096, i) for i in range(8)}
+    vol.close()
+
+
 async def test_requests_are_cut_to_the_exports_block_size_limits(nbd_servers) -> None:  # type: ignore[no-untyped-def]
     # The filter fails any request outside the limits it advertises.
     limits = ["blocksize-minimum=4096", "blocksize-maximum=64K", "blocksize-error-policy=error"]

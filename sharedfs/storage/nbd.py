@@ -285,21 +285,30 @@ class NbdStorage(Storage):
         self._run_blocking(self._writes(offset, data, False))
 
     def _loop_elsewhere(self) -> trio.lowlevel.TrioToken | None:
-        """The trio run driving this volume, when the caller is not in it."""
-        token = self._loop
-        if token is None:
-            return None
-        try:
-            if trio.lowlevel.current_trio_token() is token:
-                return None  # its own thread: the loop waits while we block
-        except RuntimeError:
-            pass
-        try:
-            trio.from_thread.run_sync(lambda: None, trio_token=token)
-        except trio.RunFinishedError:
-            self._loop = None
-            return None
-        return token
+        """The trio run driving this volume, when the caller is not in it.
+
+        A trio worker thread goes through its own run even before the volume
+        has seen that run: the mount's first heartbeat races its first reads,
+        and a thread polling the socket beside the run's pumps would read
+        replies whose tasks it cannot wake.  A thread trio did not start may
+        drive the socket only while no run uses the volume."""
+        for find in (lambda: self._loop, _workers_run):
+            token = find()
+            if token is None:
+                continue
+            try:
+                if trio.lowlevel.current_trio_token() is token:
+                    return None  # its own thread: the loop waits while we block
+            except RuntimeError:
+                pass
+            try:
+                trio.from_thread.run_sync(lambda: None, trio_token=token)
+            except trio.RunFinishedError:
+                if token is self._loop:
+                    self._loop = None
+                continue
+            return token
+        return None
 
     def _run_blocking(self, cmds: list[Command]) -> None:
         """_run, for callers with no trio run to wait in."""
@@ -432,6 +441,14 @@ class NbdStorage(Storage):
     def close(self) -> None:
         self._failed = self._failed or f"{self.name}: closed"
         self._conn.close()
+
+
+def _workers_run() -> trio.lowlevel.TrioToken | None:
+    """The trio run this thread works for, if trio.to_thread started it."""
+    try:
+        return trio.from_thread.run_sync(trio.lowlevel.current_trio_token)
+    except RuntimeError:  # not a trio worker thread, or its run has ended
+        return None
 
 
 def _pieces(length: int, most: int) -> list[tuple[int, int]]:
