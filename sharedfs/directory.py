@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 from . import protocol as p
 from .protocol import Mode
@@ -174,6 +174,13 @@ class Counters:
     primaries_moved: int = 0  # copies made primary when their primary let go
     handoffs: int = 0  # blocks a host evicting them moved to a host with room
     handoffs_declined: int = 0  # offered, and dropped instead (someone else asked, say)
+
+
+def messages_per_transfer(counters: dict[str, int]) -> float:
+    """The master's messages per block transfer, from its counters: every
+    transfer also went host to host, past the master."""
+    t = counters.get("transfers", 0)
+    return round((counters["messages_in"] + counters["messages_out"] + t) / t, 2) if t else 0.0
 
 
 class Directory:
@@ -1122,13 +1129,11 @@ class Directory:
                 h[m.name] += 1
             for n in st.pis:
                 held.setdefault(n, {"S": 0, "X": 0, "pi": 0})["pi"] += 1
-        c = self.counters
-        # Every transfer also went host to host, past the master.
-        total = c.messages_in + c.messages_out + c.transfers
+        counters = asdict(self.counters)
         return {
             "blocks_tracked": len(self.blocks),
-            "messages_per_transfer": round(total / c.transfers, 2) if c.transfers else 0.0,
+            "messages_per_transfer": messages_per_transfer(counters),
             "held": held,
             "scn": self.scn,
-            "counters": {k: getattr(self.counters, k) for k in Counters.__slots__},  # type: ignore[attr-defined]
+            "counters": counters,
         }

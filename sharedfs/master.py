@@ -908,23 +908,9 @@ class MasterPort:
             await link.aclose()
 
     def status(self) -> dict[str, object]:
-        """The status of the lowest partition served here (its hosts, with
-        their counters), which partitions are, their counters summed, and
-        the hosts any of them recovers or waits for."""
-        if not self.services:
-            return {"partitions": {}}
-        info = self.services[min(self.services)].status()
-        info["partitions"] = {k: sorted(s.joined()) for k, s in sorted(self.services.items())}
-        # The master's counters: of every partition mastered here.
-        total: dict[str, int] = {}
-        for service in self.services.values():
-            for name, value in asdict(service.directory.counters).items():
-                total[name] = total.get(name, 0) + value
-        info["counters"] = total
-        services = self.services.values()
-        info["recovering"] = sorted(set().union(*(s.recovering() for s in services)))
-        info["rebuilding"] = any(not s._rebuilt.is_set() for s in services)
-        return info
+        """Each partition served here, with its own master's status:
+        `sharedfs status` merges those of every host into one view."""
+        return {"partitions": {k: s.status() for k, s in sorted(self.services.items())}}
 
 
 def _per_second(old: dict[str, int], new: dict[str, int], dt: float) -> dict[str, float]:

@@ -62,7 +62,7 @@ from .cli_util import Parser, parse_address_arg, run_tool, setup_logging
 from .errors import QuietError, StorageError
 from .mkfs import existing_volume
 from .progress import Progress
-from .status import ask_master
+from .status import ask_master, merge_spread
 from .storage import Storage, canonical_name, create_image, open_volume
 from .storage.uri import is_uri
 from .volume import describe_slot, live_slots, open_superblock
@@ -1076,6 +1076,8 @@ async def status(args: argparse.Namespace) -> None:
 async def _host_queues(sb: fmt.Superblock, master: tuple[str, int]) -> dict[str, dict[str, Any]]:
     """Each mounted host's mirror counters, as it last reported them."""
     info = await ask_master(sb.cluster_key, master)
+    if "partitions" in info:  # a host of a spread directory: its partitions know every host
+        info = merge_spread({-1: info})
     out = {}
     for node, h in info["hosts"].items():
         c = h["counters"]

@@ -24,11 +24,19 @@ from . import format as fmt
 from . import journal
 from . import protocol as p
 from .cli_util import Parser, parse_address_arg, run_tool
+from .directory import messages_per_transfer
 from .errors import QuietError
 from .link import LinkClosed, open_master, parse_address
 from .storage import Storage, open_volume
 from .tls import Tls, add_tls_arg, load_tls
-from .volume import open_superblock, published_master, read_slot, slot_is_live
+from .volume import (
+    live_slots,
+    master_address,
+    open_superblock,
+    published_master,
+    read_slot,
+    slot_is_live,
+)
 
 ASK_TIMEOUT = 10.0
 _CLEAR = "\033[H\033[2J"
@@ -99,18 +107,27 @@ def gather(
             return info
         try:
             master = parse_address(found[1])
-            return _with_master(info, sb, master, tls)
+            return _with_master(info, storage, sb, master, tls)
         except (QuietError, ValueError) as e:
             info["master_error"] = f"{e} (the master host {found[0]} runs, by its slot)"
             return info
-    return _with_master(info, sb, master, tls)
+    return _with_master(info, storage, sb, master, tls)
 
 
 def _with_master(
-    info: dict[str, Any], sb: fmt.Superblock, master: tuple[str, int], tls: Tls | None
+    info: dict[str, Any],
+    storage: Storage,
+    sb: fmt.Superblock,
+    master: tuple[str, int],
+    tls: Tls | None,
 ) -> dict[str, Any]:
-    info["master"] = m = trio.run(ask_master, sb.cluster_key, master, tls)
-    m["address"] = f"{master[0]}:{master[1]}"
+    m = trio.run(ask_master, sb.cluster_key, master, tls)
+    if "partitions" in m:  # one host's share of a spread directory: ask every host
+        listeners = spread_listeners(storage, sb)
+        m = merge_spread(trio.run(ask_spread, sb.cluster_key, listeners, tls, (master, m)))
+    else:
+        m["address"] = f"{master[0]}:{master[1]}"
+    info["master"] = m
     # Node numbers as the JSON view has them, so both views read alike.
     m["hosts"] = {str(n): h for n, h in m["hosts"].items()}
     m["held"] = {str(n): h for n, h in m["held"].items()}
@@ -121,6 +138,118 @@ def _with_master(
         if rates:
             rates["cache_hit_rate"] = hit_rate(rates)
     return info
+
+
+# -- a directory spread over the hosts -------------------------------------------------
+
+
+def spread_listeners(storage: Storage, sb: fmt.Superblock) -> dict[int, tuple[str, int]]:
+    """The live hosts of a spread directory, and where their masters listen
+    (their slots say it, with the partitions they master)."""
+    return {
+        n: parse_address(master_address(slot))
+        for n, slot in live_slots(storage, sb, watch=0).items()
+        if "/" in slot.master
+    }
+
+
+async def ask_spread(
+    key: bytes,
+    listeners: dict[int, tuple[str, int]],
+    tls: Tls | None = None,
+    known: tuple[tuple[str, int], dict[str, Any]] | None = None,
+) -> dict[int, dict[str, Any] | str]:
+    """Every listener of a spread directory asked at once: node -> its
+    reply, or why it gave none.  `known`: an address asked already and its
+    reply, kept (as node -1 if no listener is at that address)."""
+    out: dict[int, dict[str, Any] | str] = {}
+    skip = -1
+    if known is not None:
+        asked, reply = known
+        skip = next((n for n, a in listeners.items() if a == asked), -1)
+        out[skip] = reply | {"address": f"{asked[0]}:{asked[1]}"}
+
+    async def one(node: int, addr: tuple[str, int]) -> None:
+        try:
+            out[node] = await ask_master(key, addr, tls) | {"address": f"{addr[0]}:{addr[1]}"}
+        except QuietError as e:
+            out[node] = str(e)
+
+    async with trio.open_nursery() as nursery:
+        for node, addr in listeners.items():
+            if node != skip:
+                nursery.start_soon(one, node, addr)
+    return out
+
+
+def merge_spread(replies: dict[int, dict[str, Any] | str]) -> dict[str, Any]:
+    """One master's view out of the listeners' replies (node -> reply, or
+    why it gave none): every partition once, its directory's locks, past
+    images, blocks and counters summed; a host's lease as its stalest
+    master heard it; `partitions` says which host masters each."""
+    parts: dict[int, tuple[int, dict[str, Any]]] = {}
+    for node, reply in sorted(replies.items()):
+        if isinstance(reply, dict):
+            for k, st in reply["partitions"].items():
+                parts.setdefault(int(k), (node, st))  # moving: either has it
+    if not parts:
+        why = "; ".join(r for r in replies.values() if isinstance(r, str))
+        msg = "no host masters a partition of the spread directory now"
+        raise QuietError(msg + (f": {why}" if why else ""), 1)
+    statuses = [st for _, st in parts.values()]
+    counters = _sums(st["counters"] for st in statuses)
+    first = statuses[0]
+    answered = [r for r in replies.values() if isinstance(r, dict)]
+    return {
+        "address": ", ".join(r.get("address", "?") for r in answered),
+        "coherence": first["coherence"],
+        "lease": first["lease"],
+        "hosts": _stalest(st["hosts"] for st in statuses),
+        "held": _held(st["held"] for st in statuses),
+        "blocks_tracked": sum(st["blocks_tracked"] for st in statuses),
+        "counters": counters,
+        "messages_per_transfer": messages_per_transfer(counters),
+        "recovering": sorted(set().union(*(st["recovering"] for st in statuses))),
+        "rebuilding": any(st["rebuilding"] for st in statuses),
+        "refused_connections": sum(st["refused_connections"] for st in statuses),
+        "rejected_frames": sum(st["rejected_frames"] for st in statuses),
+        "rates": {
+            "window_s": max(st["rates"]["window_s"] for st in statuses),
+            "master": _sums(st["rates"]["master"] for st in statuses),
+            # A host's own counters: every partition's master hears the same.
+            "hosts": {n: r for st in statuses for n, r in st["rates"]["hosts"].items()},
+        },
+        "partitions": {
+            k: {"master": node, "hosts": sorted(st["hosts"])}
+            for k, (node, st) in sorted(parts.items())
+        },
+        "unanswered": {n: r for n, r in replies.items() if isinstance(r, str)},
+    }
+
+
+def _sums(dicts: Any) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for d in dicts:
+        for k, v in d.items():
+            out[k] = out.get(k, 0) + v
+    return out
+
+
+def _stalest(hosts_of: Any) -> dict[Any, dict[str, Any]]:
+    out: dict[Any, dict[str, Any]] = {}
+    for hosts in hosts_of:
+        for n, h in hosts.items():
+            if n not in out or h["heard_s"] > out[n]["heard_s"]:
+                out[n] = h
+    return out
+
+
+def _held(helds: Any) -> dict[Any, dict[str, int]]:
+    out: dict[Any, dict[str, int]] = {}
+    for held in helds:
+        for n, h in held.items():
+            out[n] = _sums([out.get(n, {}), h])
+    return out
 
 
 def hit_rate(counters: dict[str, float]) -> float | None:
@@ -140,7 +269,7 @@ def render(info: dict[str, Any]) -> str:
     out.append(_render_journal(info))
     m = info.get("master")
     if m is not None:
-        out += _render_master(m)
+        out += render_master(m)
     if "master_error" in info:
         out.append(f"master: {info['master_error']}")
     out += _render_hosts(info["hosts"], m)
@@ -165,12 +294,16 @@ def _render_journal(info: dict[str, Any]) -> str:
     )
 
 
-def _render_master(m: dict[str, Any]) -> list[str]:
+def render_master(m: dict[str, Any]) -> list[str]:
+    """The master's lines: its settings, size, share of a spread directory,
+    recoveries and rates."""
     out = [
         f"master {m['address']}: coherence {m['coherence']}, lease {m['lease']:g} s, "
         f"{len(m['hosts'])} hosts joined, {m['blocks_tracked']} blocks tracked, "
         f"{m['messages_per_transfer']} messages per block transfer"
     ]
+    if "partitions" in m:
+        out.append("  " + _render_partitions(m))
     if m["recovering"]:
         out.append(f"  recovering dead nodes: {', '.join(map(str, m['recovering']))}")
     if m.get("rebuilding"):
@@ -184,6 +317,20 @@ def _render_master(m: dict[str, Any]) -> list[str]:
             f"{r['messages_in'] + r['messages_out']:g} messages/s"
         )
     return out
+
+
+def _render_partitions(m: dict[str, Any]) -> str:
+    """Which host masters how many partitions, and who did not answer."""
+    share: dict[int, int] = {}
+    for part in m["partitions"].values():
+        share[part["master"]] = share.get(part["master"], 0) + 1
+    line = f"directory in {len(m['partitions'])} partitions: " + ", ".join(
+        f"host {n} masters {k}" if n >= 0 else f"{k} by the address asked"
+        for n, k in sorted(share.items())
+    )
+    for node, why in sorted(m["unanswered"].items()):
+        line += f"; host {node}: {why}"
+    return line
 
 
 _SLOT_COLUMNS = ("node", "state", "host:pid", "mountpoint", "heartbeat", "mounts", "runs master")

@@ -29,6 +29,7 @@ from sharedfs.link import LocalLink
 from sharedfs.master import MasterService
 from sharedfs.protocol import LockRequest, partition_of
 from sharedfs.spread import Spread, SpreadAgent, owner, served
+from sharedfs.status import ask_spread, merge_spread, render_master, spread_listeners
 from sharedfs.storage.memory import MemoryStorage
 from sharedfs.volume import claim_slot, read_slot, read_superblock, write_slot
 
@@ -304,6 +305,48 @@ async def test_the_partitions_of_a_killed_host_move_and_nothing_fsynced_is_lost(
     await fsck_clean(vol)
 
 
+async def test_status_merges_every_hosts_partitions_into_one_view():
+    """`sharedfs status` on a spread directory: it finds every host's
+    listener by the volume's slots, asks them all, and shows each partition
+    once, with the locks held summed over every partition's directory."""
+    vol = await make_volume(128 << 20)
+    async with spread_cluster(vol, 3) as c:
+        await wait_for_masters(c, expected_masters([0, 1, 2]))
+        for n, fs in c.hosts.items():
+            d = (await fs.mkdir(ROOT, b"d%d" % n, 0o755, CTX)).ino
+            for i in range(4):
+                await put(fs, d, b"f%d" % i, b"%d" % n * 5000)
+
+        def locks() -> dict[int, tuple[int, int]]:
+            """Per host, its S and X locks, from every directory itself."""
+            out: dict[int, tuple[int, int]] = {}
+            for spread in c.spreads.values():
+                for service in spread.port.services.values():
+                    for h, held in service.directory.summary()["held"].items():  # type: ignore[attr-defined]
+                        s, x = out.get(h, (0, 0))
+                        out[h] = (s + held["S"], x + held["X"])
+            return out
+
+        listeners = spread_listeners(vol, c.sb)
+        assert set(listeners) == {0, 1, 2}
+        for _ in range(10):  # until no lock moved while we asked
+            before = locks()
+            view = merge_spread(await ask_spread(c.sb.cluster_key, listeners))
+            if locks() == before:
+                break
+        assert {h: (held["S"], held["X"]) for h, held in view["held"].items()} == before
+        assert sum(x for _, x in before.values()) > 0
+        assert {k: part["master"] for k, part in view["partitions"].items()} == {
+            k: n for n in c.hosts for k in c.mastered(n)
+        }
+        assert set(view["partitions"]) == set(range(PARTS))
+        assert all(part["hosts"] == [0, 1, 2] for part in view["partitions"].values())
+        assert set(view["hosts"]) == {0, 1, 2} and view["unanswered"] == {}
+        lines = render_master(view)
+        shares = ", ".join(f"host {n} masters {len(c.mastered(n))}" for n in sorted(c.hosts))
+        assert f"directory in {PARTS} partitions: {shares}" in lines[1]
+
+
 def published_masks(vol: Path) -> dict[int, set[int]]:
     """Per live host, the partitions its slot says it masters."""
     st = json.loads(sharedfs("status", str(vol), "--json").stdout)
@@ -336,6 +379,16 @@ def test_three_mounts_spread_the_directory_and_a_killed_one_loses_nothing() -> N
         for m in mounts:
             for n in range(3):
                 assert (m.mnt / f"d{n}" / "f2").read_bytes() == b"%d" % n * 9000
+        # status, with no --master: every host's partitions, in one view.
+        view = json.loads(sharedfs("status", str(vol), "--json").stdout)["master"]
+        masters = {int(k): part["master"] for k, part in view["partitions"].items()}
+        assert masters == {k: n for n, ks in expected_masters([0, 1, 2]).items() for k in ks}
+        assert sorted(view["hosts"]) == ["0", "1", "2"]
+        assert all(view["held"][n]["X"] > 0 for n in ("0", "1", "2")), view["held"]
+        assert (
+            f"directory in {PARTS} partitions: host 0 masters"
+            in sharedfs("status", str(vol)).stdout
+        )
         h2 = mounts.pop()
         h2.proc.kill()
         h2.proc.wait()

@@ -20,7 +20,6 @@ runs the master, whose successor the others elect (failover.py).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import random
@@ -42,9 +41,9 @@ import xxhash
 
 from sharedfs.errors import QuietError
 from sharedfs.link import parse_address
-from sharedfs.status import ask_master
+from sharedfs.status import ask_master, ask_spread, merge_spread, spread_listeners
 from sharedfs.storage import open_volume
-from sharedfs.volume import live_slots, master_address, open_superblock, published_master
+from sharedfs.volume import open_superblock, published_master
 
 PY = sys.executable
 
@@ -295,31 +294,22 @@ class Cluster:
                 return trio.run(ask_master, self.key, self.master_address())
             except QuietError as e:
                 raise TortureFailed(str(e)) from None
-        infos = []
-        for addr in self._listeners():
-            with contextlib.suppress(QuietError):  # a host just killed
-                infos.append(trio.run(ask_master, self.key, addr))
-        if not infos:
-            raise TortureFailed("no host's master listener answers")
-        hosts = set.intersection(*(set(i["hosts"]) for i in infos)) if infos else set()
-        counters: dict[str, int] = {}
-        for info in infos:
-            for name, value in info["counters"].items():
-                counters[name] = counters.get(name, 0) + value
-        return {
-            "counters": counters,
-            "hosts": {n: infos[0]["hosts"][n] for n in hosts},
-            "recovering": sorted(set().union(*(i["recovering"] for i in infos))),
-            "rebuilding": any(i["rebuilding"] for i in infos),
-        }
+        try:
+            view = merge_spread(trio.run(ask_spread, self.key, self._listeners()))
+        except QuietError as e:  # every host just killed, or none masters yet
+            raise TortureFailed(str(e)) from None
+        # Joined: to every partition's master.
+        parts = view["partitions"].values()
+        joined = set.intersection(*(set(part["hosts"]) for part in parts))
+        view["hosts"] = {n: h for n, h in view["hosts"].items() if n in joined}
+        return view
 
-    def _listeners(self) -> list[tuple[str, int]]:
+    def _listeners(self) -> dict[int, tuple[str, int]]:
         storage = open_volume(str(self.vol))
         try:
-            slots = live_slots(storage, open_superblock(storage), watch=0)
+            return spread_listeners(storage, open_superblock(storage))
         finally:
             storage.close()
-        return [parse_address(master_address(s)) for s in slots.values() if s.master]
 
     def _published(self) -> tuple[int, str] | None:
         storage = open_volume(str(self.vol))
