@@ -251,6 +251,8 @@ def log_errors(c: Cluster) -> list[str]:
     or tracebacks in it: how many, and the first."""
     found = []
     for path in [c.master_log] + [h.log for h in c.hosts]:
+        if not path.exists():  # no master of our own: embedded, or --spread
+            continue
         bad = [
             line.strip()
             for line in path.read_text(errors="replace").splitlines()
@@ -313,7 +315,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     for sub in (sw.FEEDS, sw.STATS, sw.MODELS, "workers"):
         (work / sub).mkdir()
     c = Cluster.for_run(
-        work, args, writers=False, mount_args=("--cache-size", str(args.cache_size))
+        work,
+        args,
+        writers=False,
+        mount_args=("--cache-size", str(args.cache_size)),
+        peer_reads=args.peer_reads,
+        spread=args.spread,
     )
     ok = False
     tasks: list[Task] = []
@@ -458,6 +465,18 @@ def parse(argv: list[str]) -> argparse.Namespace:
     )
     ap.add_argument(
         "--lease", type=float, default=10.0, help="the master's lease (default 10 s, as mounts)"
+    )
+    ap.add_argument(
+        "--peer-reads",
+        action="store_true",
+        help="the master ships reads from the hosts' caches, and evicted blocks move (handoffs)",
+    )
+    ap.add_argument(
+        "--spread",
+        type=int,
+        default=0,
+        metavar="N",
+        help="mount every host with --spread N: the directory in N partitions over the hosts",
     )
     ap.add_argument(
         "--skip",
