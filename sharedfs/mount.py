@@ -268,16 +268,23 @@ async def serve(
         # mirror's too: once fenced, it writes nothing more.
         gate = Fence(storage)
         keeper = SlotKeeper(gate, sb, node, slot)
+        clean = False
         try:
             # The mirror wraps everything this host writes, the replay too.
             async with mirrored(gate, sb, node) as volume:
                 await _serve_host(
                     volume, gate, sb, mountpoint, node, options, args, ready, signals, keeper
                 )
+            clean = True
         finally:
             try:
+                # Freed after a failure too: the slot of a process that is
+                # gone is dead either way (the journal has what it committed).
                 keeper.release()
-                log.info("host %d: unmounted %s, volume clean", node, mountpoint)
+                if clean:
+                    log.info("host %d: unmounted %s, volume clean", node, mountpoint)
+                else:
+                    log.info("host %d: stopped on an error, slot freed", node)
             except Fenced:
                 # The slot frees itself: this process gone, its heartbeat old.
                 log.info("host %d: unmounted %s, fenced", node, mountpoint)

@@ -417,3 +417,11 @@ def test_the_scene_survived(scene: Scene, results) -> None:  # type: ignore[no-u
     """No failed command disturbed the cluster it failed against."""
     (scene.mnt / "after-errors").write_text("still here")
     assert (scene.mnt / "after-errors").read_text() == "still here"
+
+
+def test_a_mount_that_failed_never_says_it_left_the_volume_clean(scene: Scene, results) -> None:  # type: ignore[no-untyped-def]
+    """The failed mounts' log: each freed the slot it claimed, and says it
+    stopped on an error, not that it unmounted a clean volume."""
+    log = (scene.d / "failed-mount.log").read_text()
+    assert "stopped on an error, slot freed" in log
+    assert "volume clean" not in log
