@@ -45,7 +45,7 @@ from .master import MasterPort, MasterService
 from .protocol import HostId, Mode, partition_of
 from .storage import Storage
 from .tls import Tls
-from .volume import HEARTBEAT_INTERVAL, HEARTBEAT_TIMEOUT, SlotWatch, master_address
+from .volume import HEARTBEAT_INTERVAL, HEARTBEAT_TIMEOUT, SlotWatch, master_address, read_slot
 
 if TYPE_CHECKING:
     from .cache import BlockCache
@@ -381,6 +381,13 @@ class Spread:
                     await self._take(k, server, live)
             task_status.started()
 
+    async def _left(self, node: int) -> bool:
+        """Whether `node` freed its slot (it unmounted, or stopped on an
+        error) rather than died holding it.  Only the log line differs: its
+        records are swept as a dead host's all the same, in case it left some."""
+        slot = await trio.to_thread.run_sync(read_slot, self.storage, self.sb, node)
+        return not slot.in_use
+
     async def _live(self) -> dict[int, fmt.HostSlot]:
         return await trio.to_thread.run_sync(self._slots.live, self.storage, self.sb)
 
@@ -535,7 +542,14 @@ class _PartFailover:
         if old in live and old != s.node and self.k not in s._handed:
             return None  # the handover is under way: wait for its end
         dead = frozenset({old}) - set(live)
-        if dead:
+        if dead and await s._left(old):
+            log.info(
+                "host %d: partition %d's master, host %d, has left (its slot is free): taking it",
+                s.node,
+                self.k,
+                old,
+            )
+        elif dead:
             log.warning(
                 "host %d: partition %d's master, host %d, is dead: taking it", s.node, self.k, old
             )

@@ -401,10 +401,19 @@ def test_three_mounts_spread_the_directory_and_a_killed_one_loses_nothing() -> N
                     assert got == b"%d" % n * (3000 * (i + 1))
         (mounts[0].mnt / "d0" / "after").write_text("goes on")
         assert (mounts[1].mnt / "d0" / "after").read_text() == "goes on"
-        for m in list(mounts):
+        h0, h1 = mounts
+        assert "host 2, is dead: taking it" in h0.log.read_text() + h1.log.read_text()
+        for m in mounts:
             assert "fenced" not in m.log.read_text(), m.log.read_text()
-            m.umount()
-            mounts.remove(m)
+        # h1 takes the partitions of h0, which unmounted: not of a dead host.
+        h0.umount()
+        mounts.remove(h0)
+        left = "partition {}'s master, host 0, has left (its slot is free): taking it"
+        want = {left.format(k) for k in expected_masters([0, 1])[0]}
+        wait_for(lambda: all(w in h1.log.read_text() for w in want), what="h1 to take over")
+        assert "host 0, is dead" not in h1.log.read_text()
+        h1.umount()
+        mounts.remove(h1)
     finally:
         for m in mounts:
             m.kill()
