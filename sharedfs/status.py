@@ -220,7 +220,11 @@ def merge_spread(replies: dict[int, dict[str, Any] | str]) -> dict[str, Any]:
             "hosts": {n: r for st in statuses for n, r in st["rates"]["hosts"].items()},
         },
         "partitions": {
-            k: {"master": node, "hosts": sorted(st["hosts"])}
+            k: {
+                "master": node,
+                "hosts": sorted(st["hosts"]),
+                "blocks_tracked": st["blocks_tracked"],
+            }
             for k, (node, st) in sorted(parts.items())
         },
         "unanswered": {n: r for n, r in replies.items() if isinstance(r, str)},
