@@ -128,6 +128,13 @@ class _Snapshot:
     version: int
     role_global: bool
     btype: fmt.BlockType | None
+    private: bool
+
+
+def _snapshot(buf: Buffer) -> _Snapshot:
+    return _Snapshot(
+        bytes(buf.data), buf.mode, buf.dirty, buf.version, buf.role_global, buf.btype, buf.private
+    )
 
 
 @dataclass(eq=False)
@@ -362,6 +369,13 @@ class BlockCache:
             buf.role_global, buf.btype = snap.role_global, snap.btype
             if buf.dirty:
                 self._dirty.add(b)
+            if buf.private and not snap.private:
+                # Allocated (new()) over a copy we held, the allocation now
+                # undone: that copy again, not ours to register.  Left
+                # private, a later registration would take X with it and
+                # keep its stale contents over the next allocator's.
+                buf.private = False
+                self._private.discard(b)
         self.stats.retries += 1
         self.end_op()
 
@@ -377,9 +391,7 @@ class BlockCache:
             return
         op.pinned.add(buf.blockno)
         if mode is Mode.X and buf.blockno not in op.undo:
-            op.undo[buf.blockno] = _Snapshot(
-                bytes(buf.data), buf.mode, buf.dirty, buf.version, buf.role_global, buf.btype
-            )
+            op.undo[buf.blockno] = _snapshot(buf)
 
     async def wait_for_grant(self, pend: Pending) -> None:
         """Wait for a lock request, unless the operation is asked to back off."""
@@ -670,13 +682,7 @@ class BlockCache:
         if old is not None and old.leaving:
             raise OpRetry
         if self._op is not None and blockno not in self._op.undo:
-            self._op.undo[blockno] = (
-                None
-                if old is None
-                else _Snapshot(
-                    bytes(old.data), old.mode, old.dirty, old.version, old.role_global, old.btype
-                )
-            )
+            self._op.undo[blockno] = None if old is None else _snapshot(old)
         if old is not None:
             self._bufs.pop(blockno)
             self._dirty.discard(blockno)
@@ -782,12 +788,7 @@ class BlockCache:
         if self._op is not None:
             # Pinned too: an undo must not bring back a block that left.
             self._op.pinned.add(blockno)
-            self._op.undo.setdefault(
-                blockno,
-                _Snapshot(
-                    bytes(buf.data), buf.mode, buf.dirty, buf.version, buf.role_global, buf.btype
-                ),
-            )
+            self._op.undo.setdefault(blockno, _snapshot(buf))
         # The lock stays ours: the block may come back to us through the
         # allocator, private, before a Release could reach the master.
         if self._op is not None:

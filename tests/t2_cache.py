@@ -828,6 +828,23 @@ async def test_blocks_allocated_by_the_operation_a_ping_waited_for_are_registere
     assert registered_at_ship == [True] and not child.private
 
 
+async def test_an_undone_allocation_over_a_read_copy_leaves_it_not_private():
+    """new() over a read copy we still held (of a block freed elsewhere),
+    then the operation undone: the copy is back as it was, and not ours to
+    register (a registration would take X with its stale contents, and keep
+    them over those of the next host to allocate the block)."""
+    cache = make_cache()
+    await cache.get(3, Mode.S)
+    cache.begin_op()
+    cache.new(3, BlockType.INDIRECT)
+    assert 3 in cache._private
+    cache.abort_op()
+    buf = cache._bufs[3]
+    assert buf.mode is Mode.S and not buf.private and 3 not in cache._private
+    await cache.register_private()
+    assert held(cache, 3) is Mode.S
+
+
 async def test_an_undone_operation_gets_back_the_blocks_it_freed():
     """A block freed by an operation that is then undone (OpRetry) is in use
     again; its contents, never written, must come back with it (else a
