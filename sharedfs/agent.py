@@ -94,6 +94,9 @@ class LocalAgent:
     def release_block(self, blockno: int) -> None:
         self.master.release(self.host, block_resource(blockno))
 
+    def asking(self, blockno: int) -> bool:
+        return False  # granted at once: never in flight
+
     @property
     def retention(self) -> dict[int, float]:
         return {}  # no other host to hand a block to
@@ -642,6 +645,11 @@ class ClusterAgent:
     def _used(self, pend: Pending) -> None:
         self._pending.pop(pend.req, None)
         pend.used.set()
+
+    def asking(self, blockno: int) -> bool:
+        """Whether a request of ours for `blockno` is in flight (an
+        abandoned one too: its grant still comes, and makes us its holder)."""
+        return any(blockno in pend.blocks for pend in self._pending.values())
 
     def release_block(self, blockno: int) -> None:
         self._releases.append(blockno)

@@ -181,6 +181,9 @@ class SpreadAgent:
             for k, pend in pends.items():
                 self.parts[k]._used(pend)
 
+    def asking(self, blockno: int) -> bool:
+        return self.part(blockno).asking(blockno)
+
     def release_block(self, blockno: int) -> None:
         self.part(blockno).release_block(blockno)
 

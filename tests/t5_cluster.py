@@ -17,6 +17,7 @@ from conftest import CTX, ROOT, make_volume
 
 from sharedfs import journal
 from sharedfs.fsck import run_fsck
+from sharedfs.protocol import Mode
 from sharedfs.volume import read_superblock
 
 
@@ -566,3 +567,41 @@ async def test_with_peer_reads_hosts_read_each_others_caches_instead_of_storage(
     assert on_moved > off_moved
     # Measured: 2,507 blocks from storage without, 260 with.
     assert on_misses * 3 < off_misses, (on_misses, off_misses)
+
+
+async def test_a_block_asked_for_in_x_stays_cached_until_granted():
+    """Host 1 holds a block in S and asks X for it; host 0's ping for it
+    waits for host 0's running operation.  A trim on host 1 meanwhile must
+    not evict the S copy: that Release goes after the request, and reached
+    the master after the grant, which it undid: host 1 then held X on a
+    block the master thought nobody held, and host 0 read it from storage
+    (the soak's lost creates with --peer-reads and 4 MiB caches)."""
+    vol = await make_volume()
+    async with cluster(vol, 2) as c:
+        a, b = c.hosts
+        blk = a.sb.group_start(1) + 64  # a free block: raw, nobody's
+        await a.cache.get(blk, Mode.S)
+        await b.cache.get(blk, Mode.S)
+        a.cache.begin_op()
+        await a.cache.get(blk, Mode.S)  # pinned: the ping waits for the op
+        async with trio.open_nursery() as n:
+            got: list = []
+
+            async def upgrade() -> None:
+                got.append(await b.cache.get(blk, Mode.X))
+
+            n.start_soon(upgrade)
+            with trio.fail_after(5):
+                while not c.directory.blocks[blk].acks:  # noqa: ASYNC110 - no event for it
+                    await trio.sleep(0.01)
+            b.cache.capacity = 0
+            await b.cache.trim()
+            assert blk in b.cache._bufs
+            a.cache.end_op()
+        (buf,) = got
+        buf.data[:4] = b"new!"
+        b.cache.mark_dirty(buf)
+        await settle(c)
+        await trio.sleep(0.2)  # host 1's batched Releases go out
+        assert c.directory.blocks[blk].holders == {1: Mode.X}
+        assert bytes((await a.cache.get(blk, Mode.S)).data[:4]) == b"new!"
