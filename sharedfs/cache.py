@@ -1143,11 +1143,15 @@ class BlockCache:
         try:
             # Only now, with no operation left to change it: the operation we
             # waited for may have linked blocks it allocated into this one.
-            # (Not for the log's header: it points only at log pages, which
-            # are never registered; and it leaves holding the append
-            # semaphore, which a recovery the registration may wait for
-            # needs.)
-            if b != self.llol_block:
+            # Not for a block we hold in S: we cannot have changed it since
+            # it last left in X (which registered what it pointed at), and
+            # a registration can wait for another host that is giving up a
+            # block we hold in S, for its own registration (a hang in the
+            # soak with --spread).  Nor for the log's header: it points only
+            # at log pages, which are never registered; and it leaves
+            # holding the append semaphore, which a recovery the
+            # registration may wait for needs.
+            if buf.mode is Mode.X and b != self.llol_block:
                 await self.register_private()
             if buf.going:
                 # A copy we keep cannot change elsewhere: the kernel's caches

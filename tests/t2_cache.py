@@ -309,6 +309,22 @@ async def test_private_blocks_stay_private_until_registered():
     assert cache.agent.master.holders[("block", 9)] == {cache.agent.host: Mode.X}
 
 
+async def test_a_block_held_in_s_leaves_without_registering_ours():
+    """Only a block we hold in X can point at blocks we allocated: one in S
+    leaves with no registration (which could wait for a host giving up a
+    block we hold in S, for its own registration: a cycle)."""
+    cache = make_cache()
+    master = cache.agent.master
+    await cache.get(3, Mode.S)
+    await cache.get(4, Mode.X)
+    new = cache.new(9)
+    shipped = await cache._leave(3, Mode.N)
+    assert new.private and ("block", 9) not in master.holders
+    assert shipped.data == blk(cache.storage, 3) and 3 not in cache._bufs  # type: ignore[arg-type]
+    await cache._leave(4, Mode.N)
+    assert not new.private and master.holders[("block", 9)] == {cache.agent.host: Mode.X}
+
+
 async def test_overwrite_takes_no_storage_read():
     storage = MemoryStorage(1 << 20)
     storage.write_sync(12 * BS, b"\x11" * BS)
