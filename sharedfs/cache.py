@@ -1330,11 +1330,12 @@ class BlockCache:
         return victims
 
     def _evictable(self, b: int, buf: Buffer) -> bool:
-        # Nor one we asked X for (from S) and wait for: its Release would
-        # go after the request, and could reach the master after the grant,
-        # which it would then undo; we would hold X on a block the master
-        # thinks nobody holds, and another host would read it from storage
-        # (lost creates in the soak with --peer-reads and small caches).
+        # Not one we have a request in flight for (an upgrade from S): its
+        # Release would go after the request, and could reach the master
+        # after the grant, which it would then undo; we would hold X on a
+        # block the master thinks nobody holds, and another host would read
+        # it from storage (lost creates in the soak with --peer-reads and
+        # small caches).
         return (
             not buf.dirty
             and b not in self._inflight
